@@ -1,0 +1,232 @@
+"""Gemma 3 text model in Flax NNX.
+
+Module tree (Tunix-compatible names, which LoRA checkpoints refer to):
+
+    embedder/input_embedding                          [V, D]
+    layers/{i}/pre_attention_norm/scale               [D]
+    layers/{i}/attn/q_einsum/w                        [N, D, H]
+    layers/{i}/attn/kv_einsum/w                       [2, K, D, H]
+    layers/{i}/attn/_query_norm/scale, _key_norm/scale  [H]
+    layers/{i}/attn/attn_vec_einsum/w                 [N, H, D]
+    layers/{i}/post_attention_norm/scale              [D]
+    layers/{i}/pre_ffw_norm/scale                     [D]
+    layers/{i}/mlp/{gate_proj,up_proj}/kernel         [D, F]
+    layers/{i}/mlp/down_proj/kernel                   [F, D]
+    layers/{i}/post_ffw_norm/scale                    [D]
+    final_norm/scale                                  [D]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gsm8k_jax.models.gemma3.cache import KVCache, attention_masks
+from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
+from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
+
+# Large finite negative: fully masked rows (pads) give a uniform softmax, not NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Attention(nnx.Module):
+    """Multi-query / grouped-query attention with q/k RMSNorm and RoPE."""
+
+    def __init__(
+        self,
+        config: Gemma3Config,
+        attention_type: AttentionType,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        c = config
+        self.config = config
+        self.attention_type = attention_type
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_einsum = Einsum(
+            "BTD,NDH->BTNH", (c.num_heads, c.embed_dim, c.head_dim), **kw
+        )
+        self.kv_einsum = Einsum(
+            "BSD,CKDH->CBSKH", (2, c.num_kv_heads, c.embed_dim, c.head_dim), **kw
+        )
+        self.attn_vec_einsum = Einsum(
+            "BTNH,NHD->BTD", (c.num_heads, c.head_dim, c.embed_dim), **kw
+        )
+        self._query_norm = RMSNorm(
+            c.head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype
+        )
+        self._key_norm = RMSNorm(
+            c.head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype
+        )
+        if attention_type == AttentionType.GLOBAL:
+            self.rope_base, self.rope_scale = c.global_rope_base, c.global_rope_scale
+        else:
+            self.rope_base, self.rope_scale = c.local_rope_base, 1.0
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T]
+        mask: jax.Array,  # [B, T, S]
+        cache_kv: tuple[jax.Array, jax.Array] | None,  # [B, S, K, H] each
+        cache_index: jax.Array | int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        c = self.config
+        q = self._query_norm(self.q_einsum(x))  # [B, T, N, H]
+        k, v = self.kv_einsum(x)  # [B, T, K, H] each
+        k = self._key_norm(k)
+        q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale)
+        k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
+        q = q * jnp.asarray(c.query_pre_attn_scalar**-0.5, q.dtype)
+
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            cache_kv = (k, v)
+
+        b, t, _, h = q.shape
+        q = q.reshape(b, t, c.num_kv_heads, c.num_query_groups, h)  # [B, T, K, G, H]
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype))
+        logits = logits.astype(jnp.float32)
+        if c.attn_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+        logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+        encoded = encoded.reshape(b, t, c.num_heads, h).astype(x.dtype)
+        return self.attn_vec_einsum(encoded), cache_kv
+
+
+class FeedForward(nnx.Module):
+    """Gated GELU MLP: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(
+        self,
+        config: Gemma3Config,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = nnx.Linear(config.embed_dim, config.hidden_dim, **kw)
+        self.up_proj = nnx.Linear(config.embed_dim, config.hidden_dim, **kw)
+        self.down_proj = nnx.Linear(config.hidden_dim, config.embed_dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(
+            jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
+        )
+
+
+class Block(nnx.Module):
+    """One transformer layer with Gemma's four norms (pre and post, twice)."""
+
+    def __init__(
+        self,
+        config: Gemma3Config,
+        attention_type: AttentionType,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        norm = lambda: RMSNorm(
+            config.embed_dim, eps=config.rms_norm_eps, param_dtype=param_dtype
+        )
+        self.attention_type = attention_type
+        self.pre_attention_norm = norm()
+        self.attn = Attention(
+            config, attention_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.post_attention_norm = norm()
+        self.pre_ffw_norm = norm()
+        self.mlp = FeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_ffw_norm = norm()
+
+    def __call__(self, x, positions, mask, cache_kv, cache_index):
+        attn_out, cache_kv = self.attn(
+            self.pre_attention_norm(x), positions, mask, cache_kv, cache_index
+        )
+        x = x + self.post_attention_norm(attn_out)
+        x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+        return x, cache_kv
+
+
+class Gemma3(nnx.Module):
+    """Gemma 3 decoder. `__call__` returns final hidden states; `logits` projects them.
+
+    Keeping the vocabulary projection separate lets the sampler compute logits
+    only where it needs them (never a [B, T, V] float32 tensor in prefill).
+    """
+
+    def __init__(
+        self,
+        config: Gemma3Config,
+        *,
+        dtype: jnp.dtype = jnp.bfloat16,
+        param_dtype: jnp.dtype = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.embedder = Embedder(
+            config.vocab_size,
+            config.embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            Block(config, t, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for t in config.layer_types
+        )
+        self.final_norm = RMSNorm(
+            config.embed_dim, eps=config.rms_norm_eps, param_dtype=param_dtype
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int
+        positions: jax.Array,  # [B, T] int, RoPE positions
+        valid: jax.Array,  # [B, T] bool, False for padding
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs T tokens; with a cache, writes them at slots [cache_index, +T)
+        and attends over the whole cache. Returns ([B, T, D] hidden, cache)."""
+        t = tokens.shape[1]
+        query_slots = cache_index + jnp.arange(t)
+        if cache is None:
+            key_positions, key_valid = positions, valid
+        else:
+            cache = cache.write_slots(positions, valid, cache_index)
+            key_positions, key_valid = cache.positions, cache.valid
+        masks = attention_masks(
+            self.config, positions, query_slots, key_positions, key_valid
+        )
+
+        x = self.embedder.encode(tokens)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_kv = layer(
+                x, positions, masks[layer.attention_type], layer_kv, cache_index
+            )
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        if cache is not None:
+            cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
+        return self.final_norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., D] hidden -> [..., V] float32 logits."""
+        logits = self.embedder.decode(hidden).astype(jnp.float32)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
