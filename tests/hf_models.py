@@ -54,8 +54,11 @@ def make_tiny_hf_model(
     model = transformers.Gemma3ForCausalLM(tiny_hf_config(variant, **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # Non-zero norm scales, so a wrong (1 + w) convention would show.
-            scale = 0.5 if "norm" in name else 0.2
+            # Non-zero norm scales, so a wrong (1 + w) convention would show;
+            # small embeddings, so attention (not the residual copy of the
+            # input token) drives the output and greedy text is not one
+            # token repeated.
+            scale = 1.0 if "norm" in name else 0.1 if "embed" in name else 0.5
             p.copy_(torch.randn_like(p) * scale)
     model = model.float().eval()
     model.save_pretrained(path)

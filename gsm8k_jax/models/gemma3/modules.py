@@ -26,7 +26,7 @@ class RMSNorm(nnx.Module):
         normed = x32 * jax.lax.rsqrt(
             jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps
         )
-        return (normed * (1.0 + self.scale.value.astype(jnp.float32))).astype(x.dtype)
+        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
 class Einsum(nnx.Module):
@@ -52,7 +52,7 @@ class Einsum(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum(
-            self.equation, x.astype(self.dtype), self.w.value.astype(self.dtype)
+            self.equation, x.astype(self.dtype), self.w[...].astype(self.dtype)
         )
 
 
@@ -76,13 +76,13 @@ class Embedder(nnx.Module):
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """[B, T] ids -> [B, T, D], scaled by sqrt(D) in the activation dtype."""
-        table = self.input_embedding.value
+        table = self.input_embedding[...]
         x = table[tokens].astype(self.dtype)
         return x * jnp.sqrt(jnp.float32(table.shape[1])).astype(self.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] logits with the transposed embedding."""
-        table = self.input_embedding.value.astype(self.dtype)
+        table = self.input_embedding[...].astype(self.dtype)
         return jnp.einsum("...D,VD->...V", x.astype(self.dtype), table)
 
 

@@ -161,14 +161,16 @@ def load_hf_model(
     for path, names, convert in _hf_tensors(config):
         expected = flat[path]
         value = convert(*(reader.get(name) for name in names))
-        if value.shape != expected.value.shape:
+        if value.shape != expected.get_value().shape:
             raise CheckpointError(
                 f"Tensor(s) {', '.join(reader.prefix + n for n in names)} in {model_dir}"
                 f" give shape {value.shape} for {'/'.join(map(str, path))}, expected"
-                f" {expected.value.shape} from config.json."
+                f" {expected.get_value().shape} from config.json."
             )
         flat[path] = expected.replace(jax.device_put(value.astype(param_dtype)))
-    unfilled = [p for p, v in flat.items() if isinstance(v.value, jax.ShapeDtypeStruct)]
+    unfilled = [
+        p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    ]
     if unfilled:
         raise CheckpointError(f"No weights were loaded for {unfilled}.")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

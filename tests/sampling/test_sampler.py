@@ -1,0 +1,243 @@
+"""The sampler: batch invariance, agreement with transformers' generate, stopping,
+padding safety, reproducible sampling and a bounded number of compilations."""
+
+import dataclasses
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
+from hf_models import make_tiny_hf_model
+
+EOS = 1
+# Prompt + generation (up to 45 + 24) is far longer than the window of 8.
+GREEDY = SamplingParams(max_generation_steps=24, eos_ids=(EOS,))
+SAMPLED = dataclasses.replace(GREEDY, temperature=0.8, top_p=0.9, top_k=50, seed=7)
+
+
+@dataclasses.dataclass
+class IdTokenizer:
+    """Stands in for a tokenizer: prompts here are token ids already."""
+
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_mqa")
+    ref = make_tiny_hf_model(path, "mqa")
+    return ref, load_hf_model(path, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny):
+    return Sampler(tiny[1], IdTokenizer())
+
+
+def make_prompts(count, seed=0):
+    rng = np.random.RandomState(seed)
+    # Lengths 3..45 span two prompt buckets (32, 64): rows get different
+    # amounts of left padding depending on which batch they land in.
+    return [
+        [2, *rng.randint(3, 512, size=n).tolist()]
+        for n in rng.randint(2, 45, size=count)
+    ]
+
+
+PROMPTS = make_prompts(32)
+
+
+def generate_in_batches(sampler, prompts, ids, batch, params):
+    out = []
+    for start in range(0, len(prompts), batch):
+        out += sampler.generate(
+            prompts[start : start + batch],
+            params,
+            example_ids=ids[start : start + batch],
+            batch_size=batch * params.num_samples,
+        )
+    return {(c.example_id, c.sample_index): c for c in out}
+
+
+def as_tokens(results):
+    return {key: c.tokens for key, c in results.items()}
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_results_identical_at_any_batch_size_and_order(sampler, params):
+    ids = list(range(len(PROMPTS)))
+    baseline = as_tokens(generate_in_batches(sampler, PROMPTS, ids, 1, params))
+    for batch in (2, 8, 32):
+        assert (
+            as_tokens(generate_in_batches(sampler, PROMPTS, ids, batch, params))
+            == baseline
+        )
+    order = ids[:]
+    random.Random(0).shuffle(order)
+    shuffled = generate_in_batches(
+        sampler, [PROMPTS[i] for i in order], order, 8, params
+    )
+    assert as_tokens(shuffled) == baseline
+
+
+def test_greedy_equals_transformers_generate(tiny, sampler):
+    ref, _ = tiny
+    prompts = PROMPTS[:8]
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    with torch.no_grad():
+        expected = ref.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=GREEDY.max_generation_steps,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=0,
+        )[:, width:].numpy()
+    for row, completion in enumerate(sampler.generate(prompts, GREEDY)):
+        assert completion.tokens == expected[row, : completion.num_tokens].tolist()
+
+
+def test_stops_at_any_eos_and_settings_are_not_stale(sampler):
+    prompt = PROMPTS[0]
+    (free,) = sampler.generate([prompt], GREEDY)
+    assert (
+        free.finish_reason == "length"
+        and free.num_tokens == GREEDY.max_generation_steps
+    )
+    # Make a later generated token an eos id: generation must stop there.
+    cut = next(t for t in range(3, 20) if free.tokens[t] not in free.tokens[:t])
+    stopping = dataclasses.replace(GREEDY, eos_ids=(EOS, free.tokens[cut]))
+    (stopped,) = sampler.generate([prompt], stopping)
+    assert stopped.finish_reason == "eos"
+    assert stopped.tokens == free.tokens[: cut + 1] and stopped.num_tokens == cut + 1
+    # Back to the first eos ids in the same process: no stale constant.
+    (again,) = sampler.generate([prompt], GREEDY)
+    assert again.tokens == free.tokens
+
+
+def test_rows_finish_independently(sampler):
+    free = sampler.generate(PROMPTS[:4], GREEDY)
+    stop_token = free[1].tokens[2]
+    stopping = dataclasses.replace(GREEDY, eos_ids=(stop_token,))
+    for before, after in zip(free, sampler.generate(PROMPTS[:4], stopping)):
+        if stop_token in before.tokens:
+            cut = before.tokens.index(stop_token) + 1
+            assert (after.tokens, after.finish_reason) == (before.tokens[:cut], "eos")
+        else:
+            assert (after.tokens, after.finish_reason) == (before.tokens, "length")
+
+
+def test_pad_id_that_the_model_emits_changes_nothing(tiny, sampler):
+    """Validity is explicit: a pad id equal to a generated token (or to eos)
+    must not alter masking."""
+    baseline = sampler.generate(PROMPTS[:8], GREEDY)
+    emitted = baseline[0].tokens[0]
+    for pad in (emitted, EOS):
+        other = Sampler(tiny[1], IdTokenizer(pad_token_id=pad))
+        assert [c.tokens for c in other.generate(PROMPTS[:8], GREEDY)] == [
+            c.tokens for c in baseline
+        ]
+
+
+def test_padding_rows_and_fully_masked_queries_are_finite(tiny, sampler):
+    model = tiny[1]
+    valid = jnp.zeros((2, 16), bool).at[1, 10:].set(True)
+    hidden, _ = model(
+        jnp.zeros((2, 16), jnp.int32), jnp.zeros((2, 16), jnp.int32), valid
+    )
+    assert np.isfinite(np.asarray(model.logits(hidden))).all()
+    padded = sampler.generate(PROMPTS[:3], GREEDY, batch_size=8)
+    assert all(np.isfinite(c.logprob) for c in padded)
+    assert [c.tokens for c in padded] == [
+        c.tokens for c in sampler.generate(PROMPTS[:3], GREEDY)
+    ]
+
+
+def test_sampling_is_reproducible_and_seeded(sampler):
+    first = sampler.generate(PROMPTS[:8], SAMPLED)
+    assert [c.tokens for c in sampler.generate(PROMPTS[:8], SAMPLED)] == [
+        c.tokens for c in first
+    ]
+    reseeded = sampler.generate(PROMPTS[:8], dataclasses.replace(SAMPLED, seed=8))
+    assert [c.tokens for c in reseeded] != [c.tokens for c in first]
+    greedy = sampler.generate(PROMPTS[:8], GREEDY)
+    assert [c.tokens for c in first] != [c.tokens for c in greedy]
+
+
+def test_num_samples_draws_distinct_samples_per_prompt(sampler):
+    params = dataclasses.replace(
+        SAMPLED, num_samples=3, temperature=1.5, top_p=1.0, top_k=0
+    )
+    out = sampler.generate(PROMPTS[:2], params, example_ids=[10, 11])
+    assert [(c.example_id, c.sample_index) for c in out] == [
+        (i, j) for i in (10, 11) for j in range(3)
+    ]
+    assert len({tuple(c.tokens) for c in out[:3]}) == 3
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(sampler):
+    greedy = [c.tokens for c in sampler.generate(PROMPTS[:4], GREEDY)]
+    for restricted in (
+        dataclasses.replace(SAMPLED, top_k=1, top_p=1.0),
+        dataclasses.replace(SAMPLED, top_k=0, top_p=1e-6),
+    ):
+        assert [c.tokens for c in sampler.generate(PROMPTS[:4], restricted)] == greedy
+
+
+def test_logprob_is_sum_of_chosen_token_log_probs(tiny, sampler):
+    model = tiny[1]
+    (c,) = sampler.generate([PROMPTS[0]], GREEDY)
+    ids = jnp.asarray([PROMPTS[0] + c.tokens])
+    n = ids.shape[1]
+    hidden, _ = model(ids, jnp.arange(n)[None], jnp.ones((1, n), bool))
+    logp = jax.nn.log_softmax(model.logits(hidden)[0], axis=-1)
+    start = len(PROMPTS[0]) - 1
+    expected = sum(float(logp[start + t, tok]) for t, tok in enumerate(c.tokens))
+    assert c.logprob == pytest.approx(expected, abs=1e-3)
+
+
+def test_compiles_once_per_shape(tiny):
+    sampler = Sampler(tiny[1], IdTokenizer())
+    lengths = [3, 9, 20, 31, 32]  # all in the 32 bucket
+    for n in lengths:
+        sampler.generate([[2] * n] * 3, GREEDY, batch_size=4)
+    assert sampler.num_compilations == 1
+    sampler.generate([[2] * 40], GREEDY, batch_size=4)  # 64 bucket
+    sampler.generate(
+        [[2] * 50], dataclasses.replace(GREEDY, temperature=1.0, seed=3), batch_size=4
+    )
+    assert sampler.num_compilations == 2
+
+
+def test_prompt_buckets():
+    assert [prompt_bucket(n) for n in (1, 32, 33, 64, 65, 300)] == [
+        32,
+        32,
+        64,
+        64,
+        128,
+        512,
+    ]
+
+
+def test_bad_settings_are_rejected(sampler):
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        sampler.generate(PROMPTS[:3], GREEDY, batch_size=2)
+    with pytest.raises(ValueError, match="Empty prompt"):
+        sampler.generate([[]], GREEDY)
