@@ -1,0 +1,108 @@
+"""Loading GSM8K problems from JSONL files.
+
+The GSM8K test split (1,319 problems, MIT license) ships with the package, so
+evaluation needs no download. Other files in the same format (one
+`{"question": ..., "answer": ...}` object per line) load from local or
+`gs://` paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import IO
+
+import fsspec
+
+from gsm8k_jax.eval.extraction import gold_answer
+
+__all__ = ["BUNDLED_TEST_SET", "GSM8KExample", "load_gsm8k"]
+
+_FIELDS = ("question", "answer")
+
+BUNDLED_TEST_SET = Path(__file__).resolve().parent.parent / "data" / "test.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class GSM8KExample:
+    """One GSM8K problem.
+
+    Attributes:
+        id: 0-based line index in the source file; stable across runs, so results
+            can be matched up and resumed.
+        question: The problem statement.
+        answer: The reference solution, ending in `#### N`.
+    """
+
+    id: int
+    question: str
+    answer: str
+
+    @property
+    def gold(self) -> str:
+        """The gold final answer, e.g. `18`."""
+        return gold_answer(self.answer)
+
+
+def _open_text(path: str) -> IO[str]:
+    """Opens a local or `gs://` file for reading text."""
+    if path.startswith("gs://"):
+        return fsspec.open(path, "r", encoding="utf-8").open()
+    return open(path, encoding="utf-8")
+
+
+def load_gsm8k(
+    path: str | os.PathLike[str] | None = None,
+    num_examples: int | None = None,
+) -> list[GSM8KExample]:
+    """Loads GSM8K problems from a JSONL file.
+
+    Args:
+        path: A local or `gs://` JSONL file; defaults to the bundled test set.
+        num_examples: If set, only the first `num_examples` problems are loaded.
+
+    Returns:
+        The problems in file order. Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If `num_examples` is not positive, or a line is not a JSON
+            object with string `question` and `answer` fields.
+    """
+    if num_examples is not None and num_examples <= 0:
+        raise ValueError(f"num_examples must be positive, got {num_examples}.")
+    path = os.fspath(BUNDLED_TEST_SET if path is None else path)
+    try:
+        f = _open_text(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"GSM8K data file not found: {path}. Pass --data_path pointing at a"
+            ' JSONL file with one {"question": ..., "answer": ...} object per line.'
+        ) from e
+    examples = []
+    with f:
+        for index, line in enumerate(f):
+            if num_examples is not None and len(examples) == num_examples:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}, line {index + 1}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON: {e}.") from e
+            fields = record if isinstance(record, dict) else {}
+            invalid = [k for k in _FIELDS if not isinstance(fields.get(k), str)]
+            if invalid:
+                raise ValueError(
+                    f"{where}: expected a JSON object with string {_FIELDS} fields;"
+                    f" missing or not a string: {invalid}."
+                )
+            examples.append(
+                GSM8KExample(
+                    id=index, question=record["question"], answer=record["answer"]
+                )
+            )
+    return examples

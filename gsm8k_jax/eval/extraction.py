@@ -1,0 +1,210 @@
+"""Answer extraction and scoring for GSM8K.
+
+Extraction follows lm-eval's `gsm8k` filters, extended with the `\\boxed{...}`
+convention that instruction-tuned models use:
+
+* `strict`: the last brace-balanced `\\boxed{...}`, else the first
+  `#### N` (lm-eval's strict-match regex).
+* `flexible`: `strict`, else the last number in the text (lm-eval's
+  flexible-extract regex).
+
+Unlike lm-eval, answers are compared numerically after normalisation, so
+`18.00`, `$18` and `18 dollars` all match a gold answer of `18`.
+"""
+
+from __future__ import annotations
+
+import fractions
+import re
+from decimal import Decimal, InvalidOperation
+
+__all__ = [
+    "EXTRACTION_METHODS",
+    "canonical_number",
+    "extract_answer",
+    "gold_answer",
+    "is_correct",
+]
+
+EXTRACTION_METHODS = ("strict", "flexible")
+
+# lm-eval gsm8k strict-match and flexible-extract patterns.
+_STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_BOXED_RE = re.compile(r"\\boxed\s*\{")
+
+# LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `) and `{,}` thousands separators.
+_LATEX_SPACING_RE = re.compile(r"\\+[!,;: ]|\{,\}")
+_CURRENCY_PERCENT_RE = re.compile(r"\\*[$%]")
+_TEXT_COMMAND_RE = re.compile(
+    r"\\+(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+)
+# `\frac{a}{b}`, also with single-digit arguments as in `\frac12`.
+_FRAC_ARG = r"\s*(?:\{([^{}]*)\}|([0-9]))"
+_FRAC_RE = re.compile(rf"\\+[dt]?frac{_FRAC_ARG}{_FRAC_ARG}")
+# Unit words and leftover LaTeX commands (`dollars`, `\approx`, ...).
+_WORD_RE = re.compile(r"\\*[^\W\d_]+")
+_DECIMAL = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
+_NUMBER_RE = re.compile(rf"({_DECIMAL})(?:\s*/\s*({_DECIMAL}))?")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Returns the content of the last brace-balanced, non-empty `\\boxed{}`."""
+    for match in reversed(list(_BOXED_RE.finditer(text))):
+        depth = 1
+        for end in range(match.end(), len(text)):
+            if text[end] == "{":
+                depth += 1
+            elif text[end] == "}":
+                depth -= 1
+                if depth == 0:
+                    content = text[match.end() : end].strip()
+                    if content:
+                        return content
+                    break
+    return None
+
+
+def extract_answer(text: str, method: str = "strict") -> str | None:
+    """Extracts the final answer from a model response.
+
+    Args:
+        text: The model's response.
+        method: One of `EXTRACTION_METHODS`. `strict` takes the last
+            `\\boxed{...}`, else the first `#### N`; `flexible` falls back
+            further to the last number in the text.
+
+    Returns:
+        The extracted answer, stripped but otherwise raw (see `canonical_number`),
+        or None if nothing was found.
+    """
+    if method not in EXTRACTION_METHODS:
+        raise ValueError(
+            f"Unknown extraction method {method!r}; expected one of"
+            f" {EXTRACTION_METHODS}."
+        )
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    match = _STRICT_RE.search(text)
+    if match:
+        return match.group(1).strip()
+    if method == "flexible":
+        # Skip matches without digits such as an ellipsis ("...").
+        numbers = [m.group(0) for m in _FLEXIBLE_RE.finditer(text)]
+        numbers = [n for n in numbers if any(c.isdigit() for c in n)]
+        if numbers:
+            return numbers[-1].strip()
+    return None
+
+
+def _clean(s: str) -> str:
+    """Removes formatting that never changes an answer's value, and lowercases."""
+    s = _LATEX_SPACING_RE.sub("", s)
+    s = _CURRENCY_PERCENT_RE.sub("", s)
+    s = _TEXT_COMMAND_RE.sub(r" \1 ", s)
+    s = s.replace(",", "").replace("\u2212", "-")
+    s = " ".join(s.split()).rstrip(". ")
+    return s.casefold()
+
+
+def _frac_to_division(match: re.Match[str]) -> str:
+    """Rewrites a `_FRAC_RE` match as ` (a)/(b) `."""
+    numerator, denominator = (
+        braced if braced is not None else digit
+        for braced, digit in (match.group(1, 2), match.group(3, 4))
+    )
+    return f" ({numerator})/({denominator}) "
+
+
+def _to_fraction(s: str) -> fractions.Fraction:
+    return fractions.Fraction(Decimal(s.replace(" ", "")))
+
+
+def _parse_number(s: str) -> fractions.Fraction | None:
+    """Parses an answer such as `$1,000.00`, `-5 apples` or `\\frac{3}{4}`."""
+    s = _clean(s)
+    # Spaces keep a mixed number such as `1\frac{1}{2}` from reading as `11/2`.
+    s = _FRAC_RE.sub(_frac_to_division, s)
+    s = _WORD_RE.sub(" ", s)
+    s = re.sub(r"[{}()]", "", s).strip().rstrip(". ")
+    match = _NUMBER_RE.fullmatch(s)
+    if match is None:
+        return None
+    numerator, denominator = match.groups()
+    try:
+        value = _to_fraction(numerator)
+        if denominator is not None:
+            value /= _to_fraction(denominator)
+    except (InvalidOperation, ZeroDivisionError):
+        return None
+    return value
+
+
+def _format_number(value: fractions.Fraction) -> str:
+    """Formats as an integer, an exact decimal, or `p/q` if not terminating."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    q = value.denominator
+    while q % 2 == 0:
+        q //= 2
+    while q % 5 == 0:
+        q //= 5
+    if q != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = 1
+    while 10**places % value.denominator:
+        places += 1
+    digits = str(abs(value.numerator) * (10**places // value.denominator))
+    digits = digits.rjust(places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return f"{sign}{digits[:-places]}.{digits[-places:]}"
+
+
+def canonical_number(s: str) -> str | None:
+    """Returns the canonical form of a numeric answer, or None if not a number.
+
+    Currency signs, commas, percent signs, LaTeX spacing, `\\text{...}` and
+    unit words are dropped, and simple fractions are evaluated, so that e.g.
+    `\\$1,000.00` and `1000 dollars` both give `1000`, and `\\frac{1}{2}` and
+    `1/2` both give `0.5`.
+
+    Args:
+        s: An extracted or gold answer.
+
+    Returns:
+        An integer (`18`), exact decimal (`0.25`) or reduced fraction (`1/3`)
+        string, or None.
+    """
+    value = _parse_number(s)
+    return None if value is None else _format_number(value)
+
+
+def gold_answer(answer_text: str) -> str:
+    """Returns the gold answer of a GSM8K answer text (or of a bare number).
+
+    GSM8K convention: the text after the last `####`, commas removed.
+    """
+    return answer_text.rpartition("####")[2].replace(",", "").strip()
+
+
+def is_correct(response: str, gold: str, method: str = "strict") -> bool:
+    """Whether `response` answers a GSM8K problem correctly.
+
+    Args:
+        response: The model's response.
+        gold: A GSM8K answer text (ending in `#### N`) or a bare answer.
+        method: How to extract the answer, one of `EXTRACTION_METHODS`.
+
+    Returns:
+        Whether the extracted answer equals the gold one numerically, or, if
+        either is not a number, as text after normalisation.
+    """
+    predicted = extract_answer(response, method)
+    if predicted is None:
+        return False
+    target = gold_answer(gold)
+    predicted_value, target_value = _parse_number(predicted), _parse_number(target)
+    if predicted_value is not None and target_value is not None:
+        return predicted_value == target_value
+    return _clean(predicted) == _clean(target)

@@ -1,0 +1,469 @@
+"""Statistics for reporting and comparing GSM8K accuracies honestly.
+
+Everything here is plain numpy + the standard library (no scipy at runtime):
+
+* :func:`accuracy_interval` / :func:`standard_error`: uncertainty of a single
+  accuracy measured on ``n`` items.
+* :func:`mcnemar_exact` / :func:`paired_bootstrap_diff`: comparing two models
+  (or checkpoints) evaluated on the *same* items, using the paired view.
+* :func:`pass_at_k`, :func:`majority_vote`, :func:`maj_at_k`,
+  :func:`clustered_mean_accuracy`: summaries when several samples are drawn per
+  question.
+
+Conventions: "A" is the baseline and "B" the candidate; differences are always
+reported as ``B - A``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+__all__ = [
+    "BootstrapResult",
+    "McNemarResult",
+    "accuracy_interval",
+    "clustered_mean_accuracy",
+    "maj_at_k",
+    "majority_vote",
+    "mcnemar_exact",
+    "paired_bootstrap_diff",
+    "pass_at_k",
+    "standard_error",
+]
+
+# Upper bound on the number of int64 indices materialised at once by the
+# bootstrap (4M * 8 bytes = 32 MiB); resamples are processed in chunks.
+_BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------- #
+# Validation helpers
+# --------------------------------------------------------------------------- #
+
+
+def _check_confidence(confidence: float) -> float:
+    confidence = float(confidence)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return confidence
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _as_bool_vector(name: str, values: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Converts a 1-D sequence of booleans (or 0/1 numbers) to a bool array."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty; need at least one item")
+    return _to_bool(name, arr)
+
+
+def _to_bool(name: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.bool_:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.number)):
+        raise ValueError(f"{name} must contain booleans or 0/1, got dtype {arr.dtype}")
+    if not np.all((arr == 0) | (arr == 1)):
+        raise ValueError(f"{name} must contain only booleans or 0/1 values")
+    return arr.astype(bool)
+
+
+def _paired(
+    a_correct: Sequence[bool] | np.ndarray, b_correct: Sequence[bool] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    a = _as_bool_vector("a_correct", a_correct)
+    b = _as_bool_vector("b_correct", b_correct)
+    if a.shape != b.shape:
+        raise ValueError(
+            "a_correct and b_correct must score the same items: got lengths "
+            f"{a.shape[0]} and {b.shape[0]}"
+        )
+    return a, b
+
+
+# --------------------------------------------------------------------------- #
+# One accuracy
+# --------------------------------------------------------------------------- #
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error ``sqrt(p * (1 - p) / n)`` of an accuracy.
+
+    Args:
+      p: the observed accuracy, in ``[0, 1]``.
+      n: the number of items it was measured on (``>= 1``).
+
+    At ``p = 0.6`` and ``n = 1319`` (the GSM8K test set) this is about 0.0135,
+    i.e. 1.35 accuracy points.
+    """
+    n = _check_int("n", n, 1)
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def accuracy_interval(
+    correct: int, total: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Wilson score interval for an accuracy of ``correct / total``.
+
+    The Wilson score interval (without continuity correction) behaves well near
+    0 and 1 and for small ``total``, unlike the normal ("Wald") interval; it is
+    what ``scipy.stats.binomtest(correct, total).proportion_ci(method="wilson")``
+    returns.
+
+    Args:
+      correct: number of correct items, ``0 <= correct <= total``.
+      total: number of items, ``>= 1``.
+      confidence: two-sided confidence level in ``(0, 1)``.
+
+    Returns:
+      ``(low, high)``, both in ``[0, 1]``.
+    """
+    total = _check_int("total", total, 1)
+    correct = _check_int("correct", correct, 0)
+    if correct > total:
+        raise ValueError(f"correct ({correct}) must not exceed total ({total})")
+    confidence = _check_confidence(confidence)
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    n = float(total)
+    p = correct / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2.0 * n)) / denom
+    half = (z / denom) * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    low = 0.0 if correct == 0 else max(0.0, center - half)
+    high = 1.0 if correct == total else min(1.0, center + half)
+    return low, high
+
+
+# --------------------------------------------------------------------------- #
+# Two models on the same items
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Outcome of :func:`mcnemar_exact`.
+
+    Attributes:
+      b: items A got right and B got wrong.
+      c: items A got wrong and B got right.
+      num_items: total number of paired items (concordant ones included).
+      p_value: two-sided exact p-value (binomial with ``b + c`` trials at 0.5).
+    """
+
+    b: int
+    c: int
+    num_items: int
+    p_value: float
+
+    @property
+    def num_discordant(self) -> int:
+        """``b + c``, the number of items on which A and B disagree."""
+        return self.b + self.c
+
+
+def _binom_half_lower_tail(k: int, n: int) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(n, 1/2)``, computed exactly.
+
+    Sums binomial coefficients as Python integers (exact for any ``n``) and
+    divides by ``2**n`` once; int/int true division is correctly rounded and
+    underflows gracefully to 0.0 for astronomically small tails.
+    """
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    term = 1  # C(n, 0)
+    total = 1
+    for i in range(k):
+        term = term * (n - i) // (i + 1)  # C(n, i + 1), exact
+        total += term
+    return total / (1 << n)
+
+
+def mcnemar_exact(
+    a_correct: Sequence[bool] | np.ndarray, b_correct: Sequence[bool] | np.ndarray
+) -> McNemarResult:
+    """Exact McNemar test for two models scored on the same items.
+
+    Only the discordant items carry information: ``b`` (A right, B wrong) and
+    ``c`` (A wrong, B right). Under the null hypothesis that both models are
+    equally accurate, ``b ~ Binomial(b + c, 1/2)``. The two-sided p-value is
+    ``min(1, 2 * P(X <= min(b, c)))`` (the binomial at 0.5 is symmetric, so
+    this equals scipy's ``binomtest(b, b + c, 0.5).pvalue``); it is ``1.0`` when
+    ``b + c == 0``. Computed with exact integer arithmetic, so it is accurate
+    for any number of items.
+
+    Args:
+      a_correct: per-item correctness of model A (bools or 0/1).
+      b_correct: per-item correctness of model B, same items in the same order.
+    """
+    a, b_arr = _paired(a_correct, b_correct)
+    b = int(np.count_nonzero(a & ~b_arr))
+    c = int(np.count_nonzero(~a & b_arr))
+    n = b + c
+    if n == 0:
+        p_value = 1.0
+    else:
+        p_value = min(1.0, 2.0 * _binom_half_lower_tail(min(b, c), n))
+    return McNemarResult(b=b, c=c, num_items=int(a.shape[0]), p_value=p_value)
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Outcome of :func:`paired_bootstrap_diff`.
+
+    Attributes:
+      diff: observed ``mean(b_correct) - mean(a_correct)`` (B minus A).
+      low: lower end of the percentile interval for the difference.
+      high: upper end of the percentile interval for the difference.
+      std_error: standard deviation of the bootstrap differences.
+      confidence: the two-sided confidence level of ``(low, high)``.
+      num_resamples: number of bootstrap resamples drawn.
+    """
+
+    diff: float
+    low: float
+    high: float
+    std_error: float
+    confidence: float
+    num_resamples: int
+
+
+def paired_bootstrap_diff(
+    a_correct: Sequence[bool] | np.ndarray,
+    b_correct: Sequence[bool] | np.ndarray,
+    num_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """Paired bootstrap confidence interval of the accuracy difference B - A.
+
+    Each resample draws ``n`` item indices with replacement and uses the *same*
+    indices for both models, so the interval reflects the paired design (it is
+    much narrower than treating the two accuracies as independent when the
+    models agree on most items). The interval is the percentile interval of the
+    resampled differences. Resamples are processed in chunks so memory stays
+    bounded (about 32 MiB of indices) whatever ``num_resamples`` is; the result
+    depends only on ``seed``, not on the chunking.
+
+    Args:
+      a_correct: per-item correctness of model A (bools or 0/1).
+      b_correct: per-item correctness of model B, same items in the same order.
+      num_resamples: number of bootstrap resamples (``>= 1``).
+      confidence: two-sided confidence level in ``(0, 1)``.
+      seed: seed for ``numpy.random.default_rng``.
+    """
+    a, b = _paired(a_correct, b_correct)
+    num_resamples = _check_int("num_resamples", num_resamples, 1)
+    confidence = _check_confidence(confidence)
+
+    # Per-item difference in {-1, 0, 1}; mean over resampled indices equals
+    # mean(b[idx]) - mean(a[idx]) for the same idx.
+    d = b.astype(np.int8) - a.astype(np.int8)
+    n = d.shape[0]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    diffs = np.empty(num_resamples, dtype=np.float64)
+    for start in range(0, num_resamples, chunk):
+        stop = min(start + chunk, num_resamples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        diffs[start:stop] = d[idx].sum(axis=1, dtype=np.int64) / n
+
+    alpha = 1.0 - confidence
+    low, high = np.quantile(diffs, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return BootstrapResult(
+        diff=float(d.mean(dtype=np.float64)),
+        low=float(low),
+        high=float(high),
+        std_error=float(diffs.std(ddof=1)) if num_resamples > 1 else 0.0,
+        confidence=confidence,
+        num_resamples=num_resamples,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Several samples per question
+# --------------------------------------------------------------------------- #
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimator of Chen et al. (2021), "Evaluating LLMs Trained on Code".
+
+    Given ``n`` samples of which ``c`` are correct, estimates the probability
+    that at least one of ``k`` samples is correct as ``1 - C(n-c, k) / C(n, k)``,
+    evaluated in the numerically stable product form
+    ``1 - prod_{i=n-c+1}^{n} (1 - k / i)``.
+
+    Args:
+      n: samples drawn for the question (``>= 1``).
+      c: how many of them are correct, ``0 <= c <= n``.
+      k: the budget, ``1 <= k <= n``.
+
+    Raises:
+      ValueError: if ``k > n`` or any argument is out of range.
+    """
+    n = _check_int("n", n, 1)
+    c = _check_int("c", c, 0)
+    k = _check_int("k", k, 1)
+    if c > n:
+        raise ValueError(f"c ({c}) must not exceed n ({n})")
+    if k > n:
+        raise ValueError(f"k ({k}) must not exceed n ({n}); draw at least k samples")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def majority_vote(
+    answers: Sequence[str | None],
+    equal: Callable[[str, str], bool] | None = None,
+) -> str | None:
+    """Most common non-``None`` answer; ties go to the answer seen first.
+
+    ``None`` entries (samples from which no answer could be extracted) are
+    ignored. Returns ``None`` when every entry is ``None``.
+
+    Args:
+      answers: the candidate answers for one question, in sampling order.
+      equal: optional equivalence for grouping answers (e.g. numeric
+        equality so that "18" and "18.0" vote together). Each answer joins the
+        first group whose first member it equals; the winning group is
+        represented by its first member. Defaults to exact string equality.
+
+    Raises:
+      ValueError: if ``answers`` is empty.
+    """
+    if len(answers) == 0:
+        raise ValueError("answers is empty; need at least one candidate")
+    # Groups as [representative, count], kept in order of first appearance.
+    groups: list[list] = []
+    if equal is None:
+        index: dict[str, int] = {}
+        for ans in answers:
+            if ans is None:
+                continue
+            if ans in index:
+                groups[index[ans]][1] += 1
+            else:
+                index[ans] = len(groups)
+                groups.append([ans, 1])
+    else:
+        for ans in answers:
+            if ans is None:
+                continue
+            for group in groups:
+                if equal(ans, group[0]):
+                    group[1] += 1
+                    break
+            else:
+                groups.append([ans, 1])
+    if not groups:
+        return None
+    best = groups[0]
+    for group in groups[1:]:
+        if group[1] > best[1]:  # strict: earlier groups win ties
+            best = group
+    return best[0]
+
+
+def maj_at_k(
+    candidates: Sequence[Sequence[str | None]],
+    golds: Sequence[str],
+    k: int | None = None,
+    equal: Callable[[str, str], bool] | None = None,
+) -> float:
+    """maj@k: fraction of questions whose majority-vote answer is correct.
+
+    Args:
+      candidates: per question, the sampled answers (``None`` = unparseable).
+      golds: per question, the reference answer.
+      k: vote over the first ``k`` candidates of every question; ``None`` uses
+        all of them. Every question must have at least ``k`` candidates.
+      equal: ``equal(answer, other)`` decides both which answers vote together
+        and whether the winner matches the gold; defaults to ``==``.
+
+    A question whose candidates are all ``None`` counts as wrong.
+    """
+    if len(candidates) == 0:
+        raise ValueError("candidates is empty; need at least one question")
+    if len(candidates) != len(golds):
+        raise ValueError(
+            f"candidates and golds must have the same length: got {len(candidates)} "
+            f"and {len(golds)}"
+        )
+    if k is not None:
+        k = _check_int("k", k, 1)
+    eq = equal if equal is not None else (lambda x, y: x == y)
+    num_correct = 0
+    for q, (cands, gold) in enumerate(zip(candidates, golds)):
+        if k is not None:
+            if len(cands) < k:
+                raise ValueError(
+                    f"question {q} has {len(cands)} candidates, fewer than k={k}"
+                )
+            cands = cands[:k]
+        winner = majority_vote(cands, equal=equal)
+        if winner is not None and eq(winner, gold):
+            num_correct += 1
+    return num_correct / len(candidates)
+
+
+def clustered_mean_accuracy(correct: np.ndarray) -> tuple[float, float]:
+    """Mean accuracy over all samples, with a question-clustered standard error.
+
+    Samples of the same question are correlated (an easy question is solved by
+    almost every sample), so treating all ``questions * samples`` outcomes as
+    independent understates the uncertainty. Instead each question is one
+    cluster:
+
+    * ``mean`` is the accuracy over all samples (equal to the mean of the
+      per-question accuracies, since every question has the same number of
+      samples);
+    * ``SE = std(per_question_means, ddof=1) / sqrt(num_questions)``.
+
+    Args:
+      correct: array of shape ``[questions, samples]`` of bools or 0/1.
+
+    Returns:
+      ``(mean, standard_error)``.
+
+    Raises:
+      ValueError: if the array is not 2-D, is empty, or has fewer than two
+        questions (the sample standard deviation needs at least two).
+    """
+    arr = np.asarray(correct)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"correct must have shape [questions, samples], got shape {arr.shape}"
+        )
+    num_questions, num_samples = arr.shape
+    if num_questions == 0 or num_samples == 0:
+        raise ValueError(f"correct is empty (shape {arr.shape})")
+    if num_questions < 2:
+        raise ValueError("need at least two questions for a clustered standard error")
+    per_question = _to_bool("correct", arr).mean(axis=1, dtype=np.float64)
+    mean = float(per_question.mean())
+    se = float(per_question.std(ddof=1) / math.sqrt(num_questions))
+    return mean, se

@@ -1,0 +1,218 @@
+"""Answer extraction, number normalisation and scoring."""
+
+import pytest
+
+from gsm8k_jax.eval.data import load_gsm8k
+from gsm8k_jax.eval.extraction import (
+    EXTRACTION_METHODS,
+    canonical_number,
+    extract_answer,
+    gold_answer,
+    is_correct,
+)
+
+
+@pytest.mark.parametrize("method", EXTRACTION_METHODS)
+def test_recovers_gold_from_every_reference_answer(method):
+    examples = load_gsm8k()
+    assert len(examples) == 1319
+    for ex in examples:
+        extracted = extract_answer(ex.answer, method)
+        assert canonical_number(extracted) == ex.gold, ex.id
+        assert is_correct(ex.answer, ex.answer, method), ex.id
+        assert is_correct(ex.answer, ex.gold, method), ex.id
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"So the answer is \boxed{18}.", "18"),
+        (r"\boxed {42}", "42"),
+        (r"\boxed{ 7 }", "7"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\text{\$}1{,}000}", r"\text{\$}1{,}000"),
+        # JSON-escaped backslashes still mark a box.
+        (r"\\boxed{5}", "5"),
+        ("#### 18", "18"),
+        ("#### -3.5", "-3.5"),
+        ("#### 1,000", "1,000"),
+        ("The answer is 18.", None),
+        ("", None),
+        (r"\boxed{}", None),
+        # Truncated box: nothing balanced to take.
+        (r"\boxed{12", None),
+    ],
+)
+def test_extract_strict(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_last_boxed_wins():
+    text = r"First \boxed{3}, then \boxed{\frac{4}{5}}, finally \boxed{6}. #### 9"
+    assert extract_answer(text) == "6"
+
+
+def test_truncated_last_box_falls_back_to_earlier_balanced_box():
+    assert extract_answer(r"\boxed{3} and then \boxed{4") == "3"
+
+
+def test_first_hash_answer_wins():
+    assert extract_answer("#### 5\nwait, no\n#### 7") == "5"
+
+
+def test_boxed_beats_hash():
+    assert extract_answer(r"#### 5 ... \boxed{7}") == "7"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She makes $18 a day... so 9 * 2 = 18.", "18."),
+        ("I have 3 apples and then 1,000 more", "1,000"),
+        ("owes -5 now", "-5"),
+        ("It costs $25", "$25"),
+        ("#### 4 and then 8", "4"),
+        (r"\boxed{2} and then 8", "2"),
+        ("no digits at all...", None),
+    ],
+)
+def test_extract_flexible(text, expected):
+    assert extract_answer(text, "flexible") == expected
+
+
+def test_strict_does_not_fall_back_to_last_number():
+    assert extract_answer("The answer is 18.", "strict") is None
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="strict.*flexible"):
+        extract_answer("#### 1", "lenient")
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("18", "18"),
+        ("18.00", "18"),
+        ("18.", "18"),
+        ("+18", "18"),
+        ("-5", "-5"),
+        ("- 5", "-5"),
+        ("\u22125", "-5"),
+        ("-0", "0"),
+        ("0.50", "0.5"),
+        (".25", "0.25"),
+        ("1,000", "1000"),
+        ("1,450,000", "1450000"),
+        ("$1,000.00", "1000"),
+        (r"\$18", "18"),
+        (r"\\$18", "18"),
+        ("$18.", "18"),
+        (r"1\,000", "1000"),
+        ("1{,}000", "1000"),
+        (r"1\!000", "1000"),
+        ("50%", "50"),
+        (r"50\%", "50"),
+        ("18 dollars", "18"),
+        (r"18 \text{ dollars}", "18"),
+        (r"\text{18}", "18"),
+        (r"\textbf{18 cm}", "18"),
+        ("  18  ", "18"),
+        (r"\text{\$}1{,}000", "1000"),
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac{3}{4}", "0.75"),
+        (r"\frac12", "0.5"),
+        (r"-\frac{1}{4}", "-0.25"),
+        (r"\frac{10}{2}", "5"),
+        (r"\frac{1}{3}", "1/3"),
+        ("1/2", "0.5"),
+        ("6/3", "2"),
+        ("2/6", "1/3"),
+        ("123456789012345678901234567890.5", "123456789012345678901234567890.5"),
+    ],
+)
+def test_canonical_number(raw, expected):
+    assert canonical_number(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "abc",
+        "...",
+        "1.2.3",
+        "5 apples and 3 pears",
+        r"1\frac{1}{2}",  # Mixed number: not read as 11/2.
+        "1/0",
+        r"2 \cdot 3",
+    ],
+)
+def test_canonical_number_rejects_non_numbers(raw):
+    assert canonical_number(raw) is None
+
+
+@pytest.mark.parametrize(
+    "answer_text, expected",
+    [
+        ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
+        ("Total: 2,125 dollars\n#### 2,125", "2125"),
+        ("#### 1\n#### -7 ", "-7"),
+        ("42", "42"),
+        (" 1,000 ", "1000"),
+    ],
+)
+def test_gold_answer(answer_text, expected):
+    assert gold_answer(answer_text) == expected
+
+
+GOLD_TEXT = "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
+
+
+@pytest.mark.parametrize("gold", [GOLD_TEXT, "18", " 18 "])
+@pytest.mark.parametrize(
+    "response",
+    [
+        r"The answer is \boxed{18}.",
+        r"\boxed{\$18.00}",
+        r"\boxed{18 \text{ dollars}}",
+        r"\boxed{\frac{36}{2}}",
+        "#### 18",
+        "#### 18.00",
+    ],
+)
+def test_is_correct(response, gold):
+    assert is_correct(response, gold)
+
+
+@pytest.mark.parametrize("gold", [GOLD_TEXT, "18"])
+@pytest.mark.parametrize(
+    "response",
+    [
+        r"\boxed{17}",
+        r"\boxed{-18}",
+        r"\boxed{1.8}",
+        r"\boxed{18} is wrong, it is \boxed{19}",
+        "The answer is 18.",  # Strict: no box and no `####`.
+        "",
+    ],
+)
+def test_is_not_correct(response, gold):
+    assert not is_correct(response, gold)
+
+
+def test_is_correct_with_commas_in_gold():
+    assert is_correct(r"\boxed{1,450,000}", "...\n#### 1,450,000")
+    assert is_correct("#### 1450000", "1,450,000")
+
+
+def test_is_correct_flexible():
+    assert is_correct("The answer is 18.", GOLD_TEXT, "flexible")
+    assert not is_correct("The answer is 18, not 17.", GOLD_TEXT, "flexible")
+
+
+def test_is_correct_falls_back_to_text_comparison():
+    assert is_correct(r"\boxed{Yes}", "yes.")
+    assert is_correct(r"\boxed{\text{B}}", "b")
+    assert not is_correct(r"\boxed{No}", "yes")
+    assert not is_correct(r"\boxed{eighteen}", "18")
