@@ -1,0 +1,32 @@
+"""Shared pytest fixtures for gsm8k_jax tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+# Make `tests/` importable (e.g. `from gcs_emulator import upload_dir`) whatever
+# the rootdir / import mode.
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+# Importing it early also sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false before
+# anything imports gcsfs (see its docstring).
+from gcs_emulator import running_gcs_emulator
+
+GCS_TEST_BUCKET = "gsm8k-jax-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket() -> Iterator[str]:
+    """`gs://<bucket>` served by an in-process GCS emulator for the session.
+
+    The bucket is shared by every test in the session: write under a
+    test-specific prefix (e.g. `f"{gcs_bucket}/{request.node.name}"`).
+    """
+    with running_gcs_emulator(GCS_TEST_BUCKET):
+        yield f"gs://{GCS_TEST_BUCKET}"
