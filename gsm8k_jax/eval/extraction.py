@@ -19,6 +19,7 @@ import re
 from decimal import Decimal, InvalidOperation
 
 __all__ = [
+    "answers_match",
     "EXTRACTION_METHODS",
     "canonical_number",
     "extract_answer",
@@ -201,10 +202,13 @@ def is_correct(response: str, gold: str, method: str = "strict") -> bool:
         either is not a number, as text after normalisation.
     """
     predicted = extract_answer(response, method)
-    if predicted is None:
-        return False
-    target = gold_answer(gold)
-    predicted_value, target_value = _parse_number(predicted), _parse_number(target)
-    if predicted_value is not None and target_value is not None:
-        return predicted_value == target_value
-    return _clean(predicted) == _clean(target)
+    return predicted is not None and answers_match(predicted, gold_answer(gold))
+
+
+def answers_match(a: str, b: str) -> bool:
+    """Whether two extracted answers agree: numerically when both are numbers,
+    else as text after normalisation."""
+    value_a, value_b = _parse_number(a), _parse_number(b)
+    if value_a is not None and value_b is not None:
+        return value_a == value_b
+    return _clean(a) == _clean(b)

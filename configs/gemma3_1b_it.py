@@ -1,0 +1,7 @@
+"""Model config for gemma3-1b-it: `--model=configs/gemma3_1b_it.py`; fields overridable."""
+
+from gsm8k_jax.eval.cli import model_config
+
+
+def get_config():
+    return model_config("gemma3-1b-it")

@@ -1,0 +1,115 @@
+"""Where base weights come from: a local folder, `gs://`, or the Hugging Face hub.
+
+Every source ends as a local Hugging Face folder (config.json, safetensors,
+tokenizer files) that `load_hf_model` and `AutoTokenizer` read. Credentials
+come from the environment (HF_TOKEN; Google application-default credentials)
+and are never logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Only what a Gemma 3 text evaluation needs from a model repository.
+HF_FILE_PATTERNS = (
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.jinja",
+)
+
+
+class SourceError(RuntimeError):
+    """A model source cannot be found or read."""
+
+
+def cache_dir() -> Path:
+    """Local cache for copies of remote folders ($GSM8K_JAX_CACHE, else ~/.cache)."""
+    default = Path.home() / ".cache" / "gsm8k_jax"
+    return Path(os.environ.get("GSM8K_JAX_CACHE", default))
+
+
+def is_gcs_path(path: str | os.PathLike) -> bool:
+    return str(path).startswith("gs://")
+
+
+def gcs_filesystem():
+    """The fsspec `gs` filesystem (gcsfs), credentials from the environment."""
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def download_gcs_folder(url: str) -> Path:
+    """Copies a gs:// folder into the local cache (skipping files already there)."""
+    fs = gcs_filesystem()
+    bucket = url[len("gs://") :].split("/", 1)[0]
+    try:
+        files = [f for f in fs.find(url) if not f.endswith("/")]
+    except Exception as e:  # gcsfs raises several types for auth/network errors.
+        raise SourceError(
+            f"Cannot read {url} ({type(e).__name__}: {e}). Check that bucket"
+            f" '{bucket}' exists and that credentials are set up"
+            " (`gcloud auth application-default login`, or"
+            " GOOGLE_APPLICATION_CREDENTIALS)."
+        ) from e
+    if not files:
+        raise SourceError(f"{url} is empty or does not exist.")
+    prefix = url[len("gs://") :].rstrip("/")
+    target = cache_dir() / "gcs" / prefix
+    for remote in files:
+        local = target / remote[len(prefix) :].lstrip("/")
+        if not local.exists() or local.stat().st_size != fs.size(remote):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(local))
+    return target
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """Downloads a hub model's config, weights and tokenizer (HF_TOKEN for gated models)."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id,
+                allow_patterns=list(HF_FILE_PATTERNS),
+                token=os.environ.get("HF_TOKEN"),
+            )
+        )
+    except errors.GatedRepoError as e:
+        hint = (
+            "HF_TOKEN is not set: create a token at huggingface.co/settings/tokens"
+            if not os.environ.get("HF_TOKEN")
+            else "your HF_TOKEN has no access: accept the licence on the model page"
+        )
+        raise SourceError(f"{repo_id} is a gated model and {hint}.") from e
+    except errors.RepositoryNotFoundError as e:
+        raise SourceError(
+            f"{repo_id} is neither a local folder nor a model on the Hugging Face hub"
+            " (or it is private and HF_TOKEN is missing)."
+        ) from e
+    except (errors.LocalEntryNotFoundError, OSError) as e:
+        raise SourceError(
+            f"Could not download {repo_id}: the hub is unreachable and no cached copy"
+            f" exists ({e}). Pass a local folder or gs:// path with --model.model_path."
+        ) from e
+
+
+def resolve_model_dir(source: str | os.PathLike) -> Path:
+    """Returns a local folder for a local path, a gs:// folder or a hub id."""
+    text = str(source)
+    if is_gcs_path(text):
+        return download_gcs_folder(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
+    if path.exists() or looks_like_path:
+        raise SourceError(
+            f"Model folder {text} does not exist (expected a folder with config.json"
+            " and *.safetensors, a gs:// folder, or a hub id like google/gemma-3-1b-it)."
+        )
+    return download_hub_model(text)

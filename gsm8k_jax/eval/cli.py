@@ -1,0 +1,253 @@
+"""Command-line flags of the evaluation scripts, and the run they describe.
+
+Model settings are an ml_collections config (`--model=configs/<model>.py`,
+overridden field by field: `--model.model_name=gemma3-1b-it`,
+`--model.lora_config.rank=16`); evaluation settings are plain absl flags.
+Both scripts in research/script/ are thin wrappers over `main`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
+from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
+from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
+from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.models.registry import (
+    MODELS,
+    SUPPORTED_FAMILIES,
+    default_eos_ids,
+    load_pretrained,
+    model_spec,
+    parse_dtype,
+)
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+
+FLAGS = flags.FLAGS
+DEFAULT_LORA_MODULES = (
+    ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
+)
+
+
+def model_config(model_name: str) -> ml_collections.ConfigDict:
+    """The `--model` config of a named model; configs/*.py files return this."""
+    model_spec(model_name)
+    return ml_collections.ConfigDict(
+        {
+            "model_family": "Gemma3",
+            "model_name": model_name,
+            "model_path": "",  # Empty: the model's default source (see registry.MODELS).
+            "dtype": "bfloat16",
+            "lora_config": {
+                "rank": 16,
+                "alpha": 2.0,
+                "module_path": DEFAULT_LORA_MODULES,
+            },
+            "lora_checkpoint_path": "",
+        }
+    )
+
+
+def define_flags(default_model_config: str | Path) -> None:
+    config_flags.DEFINE_config_file(
+        "model", str(default_model_config), "Model config file; fields overridable."
+    )
+    flags.DEFINE_integer(
+        "batch_size", 32, "Prompts decoded in parallel (x num_samples rows)."
+    )
+    flags.DEFINE_string(
+        "output_dir", "results", "Folder for rollouts and summary files."
+    )
+    flags.DEFINE_integer("max_generation_steps", 768, "Most new tokens per answer.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+    flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+    flags.DEFINE_integer("num_samples", 1, "Samples per question (pass@k, maj@k).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string(
+        "eos_tokens",
+        "",
+        "Comma-separated stop ids; default from generation_config.json.",
+    )
+    flags.DEFINE_enum(
+        "extraction_method", "strict", list(EXTRACTION_METHODS), "Answer extraction."
+    )
+    flags.DEFINE_integer("num_examples", None, "Evaluate only the first N problems.")
+    flags.DEFINE_string(
+        "data_path",
+        "",
+        f"GSM8K JSONL (local or gs://); default {BUNDLED_TEST_SET.name} bundled.",
+    )
+    flags.DEFINE_string("system_prompt", "", "Optional system turn.")
+    flags.DEFINE_string(
+        "prompt_template",
+        DEFAULT_PROMPT_TEMPLATE,
+        "User turn; must contain {question}.",
+    )
+    flags.DEFINE_bool(
+        "use_chat_template", True, "Wrap prompts in the tokenizer's chat template."
+    )
+    flags.DEFINE_bool("resume", True, "Continue a run found in --output_dir.")
+    flags.DEFINE_bool("overwrite", False, "Replace a run found in --output_dir.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with a flag error (not a traceback) for unknown --model.* keys."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        known = ", ".join(sorted(model_config("gemma3-tiny").keys()))
+        print(
+            f"FATAL Flags parsing error: unknown --model field {e}. Known fields: {known}"
+            " (lora_config has rank, alpha, module_path).",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _parse_eos(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(
+            f"--eos_tokens must be comma-separated integers, got {text!r}."
+        ) from None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def checkpoint_tag(lora_path: str) -> str:
+    """A short name for a LoRA checkpoint: its last three path components."""
+    return (
+        _slug("-".join(lora_path.rstrip("/").split("/")[-3:])) if lora_path else "base"
+    )
+
+
+def _file_digest(path: str) -> str:
+    if path.startswith("gs://"):
+        return "gcs"  # Not hashed: reading it twice is not worth it.
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# Input problems reported as one clear line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def run_script(*, lora: bool, default_model_config: str | Path) -> None:
+    """Entry point of eval_gsm8k.py (lora=True) and eval_gsm8k_base.py."""
+    define_flags(default_model_config)
+
+    def _main(argv):
+        try:
+            main(argv, lora=lora)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(_main, flags_parser=parse_flags)
+
+
+def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
+    """Runs one evaluation from the parsed flags; returns the summary."""
+    del argv
+    cfg = FLAGS.model
+    if cfg.model_family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"--model.model_family={cfg.model_family!r}; supported: {SUPPORTED_FAMILIES}."
+        )
+    if cfg.model_name not in MODELS:
+        raise ValueError(
+            f"--model.model_name={cfg.model_name!r}; choose one of {sorted(MODELS)}."
+        )
+    parse_dtype(cfg.dtype)
+    if lora and not cfg.lora_checkpoint_path:
+        raise ValueError(
+            "eval_gsm8k.py evaluates a LoRA checkpoint: pass --model.lora_checkpoint_path."
+            " For the base model use eval_gsm8k_base.py."
+        )
+    if not lora and cfg.lora_checkpoint_path:
+        raise ValueError(
+            "eval_gsm8k_base.py evaluates the base model and takes no"
+            " --model.lora_checkpoint_path; use eval_gsm8k.py for LoRA checkpoints."
+        )
+    data_path = FLAGS.data_path or str(BUNDLED_TEST_SET)
+    examples = load_gsm8k(data_path, FLAGS.num_examples)
+    lora_config, lora_path = None, ""
+    if lora:
+        from gsm8k_jax.checkpoints import lora as lora_lib
+
+        lora_config = lora_lib.LoraConfig(**cfg.lora_config.to_dict())
+        lora_path = lora_lib.resolve_lora_checkpoint(cfg.lora_checkpoint_path)
+
+    model_dir = resolve_model_dir(
+        cfg.model_path or model_spec(cfg.model_name).default_path
+    )
+    eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
+    eval_config = EvalConfig(
+        batch_size=FLAGS.batch_size,
+        sampling=SamplingParams(
+            max_generation_steps=FLAGS.max_generation_steps,
+            temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p,
+            top_k=FLAGS.top_k,
+            num_samples=FLAGS.num_samples,
+            seed=FLAGS.seed,
+            eos_ids=eos_ids,
+        ),
+        extraction_method=FLAGS.extraction_method,
+        prompt_template=FLAGS.prompt_template,
+        system_prompt=FLAGS.system_prompt or None,
+        use_chat_template=FLAGS.use_chat_template,
+    )
+    tag = f"{_slug(cfg.model_name)}_{checkpoint_tag(lora_path)}_bs{FLAGS.batch_size}"
+    run_info = {
+        "model": cfg.to_dict(),
+        "model_dir": str(model_dir),
+        "lora_checkpoint": lora_path,
+        "data_path": data_path,
+        "data_sha256": _file_digest(data_path),
+        "num_examples": len(examples),
+        "eval": {
+            "batch_size": eval_config.batch_size,
+            "sampling": {**vars(eval_config.sampling), "eos_ids": list(eos_ids)},
+            "extraction_method": eval_config.extraction_method,
+            "prompt_template": eval_config.prompt_template,
+            "system_prompt": eval_config.system_prompt,
+            "use_chat_template": eval_config.use_chat_template,
+        },
+    }
+    files = RunFiles(FLAGS.output_dir, tag)
+    files.prepare(run_info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    print(f"Run tag: {tag}\nResults: {files.rollouts_path}", flush=True)
+
+    model, tokenizer, _ = load_pretrained(cfg.model_name, model_dir, dtype=cfg.dtype)
+    if lora:
+        lora_lib.load_lora(model, lora_path, lora_config, merge=True)
+    summary = evaluate(
+        Sampler(model, tokenizer), examples, eval_config, files, run_info=run_info
+    )
+    low, high = summary["accuracy_ci95"]
+    print(
+        f"{tag}: {summary['correct']}/{summary['total']} correct ="
+        f" {summary['accuracy']:.2%} (95% CI {low:.2%}-{high:.2%}),"
+        f" {summary['extraction_failures']} without an answer, {summary['truncations']}"
+        f" truncated. Summary: {files.summary_path}"
+    )
+    logging.info("Finished %s", tag)
+    return summary

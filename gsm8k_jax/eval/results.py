@@ -1,0 +1,156 @@
+"""Crash-safe, resumable result files of one evaluation run.
+
+An output folder holds, per run tag:
+- `run_<tag>.json`: what produced the results (model, checkpoint, settings);
+  a rerun with other settings is refused rather than mixed in;
+- `rollouts_<tag>.jsonl`: one line per (example, sample), appended and
+  fsync'ed after every batch, so a crash loses at most the batch in flight;
+- `summary_<tag>.json`: written at the end from the rollouts file alone.
+
+Resuming keeps every example whose samples are all on disk (a torn last
+line from a crash is dropped), and the run continues with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class ResultsError(RuntimeError):
+    """Result files cannot be written, or do not belong to this run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One generated answer to one GSM8K problem, with its score."""
+
+    id: int
+    sample_index: int
+    question: str
+    gold: str
+    prompt: str
+    response: str
+    extracted_answer: str | None
+    correct: bool
+    num_tokens: int
+    finish_reason: str
+    logprob: float
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunFiles:
+    """The files of one run (one tag) inside an output folder."""
+
+    def __init__(self, output_dir: str | os.PathLike, tag: str):
+        self.output_dir = Path(output_dir)
+        self.tag = tag
+        self.run_path = self.output_dir / f"run_{tag}.json"
+        self.rollouts_path = self.output_dir / f"rollouts_{tag}.jsonl"
+        self.summary_path = self.output_dir / f"summary_{tag}.json"
+
+    def prepare(
+        self, run_info: dict[str, Any], *, resume: bool, overwrite: bool
+    ) -> None:
+        """Checks the folder is writable and the files belong to this run.
+
+        Raises before anything is changed on disk, so bad input never damages
+        results already written.
+        """
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.output_dir / f".write_probe_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ResultsError(
+                f"Cannot write to output folder {self.output_dir}: {e.strerror or e}."
+                " Choose another --output_dir."
+            ) from e
+        existing = self.run_path.exists() or self.rollouts_path.exists()
+        if existing and not overwrite:
+            if not resume:
+                raise ResultsError(
+                    f"{self.output_dir} already holds results for run '{self.tag}'. Pass"
+                    " --resume to continue them or --overwrite to replace them."
+                )
+            previous = (
+                json.loads(self.run_path.read_text())
+                if self.run_path.exists()
+                else None
+            )
+            if previous != run_info:
+                changed = sorted(
+                    k
+                    for k in set(previous or {}) | set(run_info)
+                    if (previous or {}).get(k) != run_info.get(k)
+                )
+                raise ResultsError(
+                    f"{self.output_dir} holds results of run '{self.tag}' made with other"
+                    f" settings (differing: {', '.join(changed)}). Use another"
+                    " --output_dir, or --overwrite to replace them."
+                )
+        if overwrite:
+            for path in (self.rollouts_path, self.summary_path):
+                path.unlink(missing_ok=True)
+        _write_atomically(
+            self.run_path, json.dumps(run_info, indent=2, sort_keys=True) + "\n"
+        )
+
+    def load_finished(self, num_samples: int) -> list[dict[str, Any]]:
+        """Rollouts of fully finished examples; rewrites the file if a crash
+        left a torn line or a partial example behind."""
+        if not self.rollouts_path.exists():
+            return []
+        lines = self.rollouts_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if number == len(lines):
+                    break  # Torn final line from an interrupted write.
+                raise ResultsError(
+                    f"{self.rollouts_path}, line {number}: not valid JSON ({e.msg}). The"
+                    " file was edited or damaged; use --overwrite to start again."
+                ) from e
+        counts: dict[int, int] = {}
+        for r in records:
+            counts[r["id"]] = counts.get(r["id"], 0) + 1
+        kept = [r for r in records if counts[r["id"]] == num_samples]
+        if len(kept) != len(lines):
+            _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in kept))
+        return kept
+
+    def append(self, rollouts: Iterable[Rollout]) -> None:
+        """Appends one batch in a single write, then fsyncs."""
+        text = "".join(_json_line(dataclasses.asdict(r)) for r in rollouts)
+        with open(self.rollouts_path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_rollouts(self) -> list[dict[str, Any]]:
+        with open(self.rollouts_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _write_atomically(
+            self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        )

@@ -1,0 +1,222 @@
+"""The GSM8K evaluation loop: prompts -> batched generation -> scored rollouts.
+
+`evaluate` is what both scripts and notebooks call. It writes results batch
+by batch (see `results.py`), resumes an interrupted run, and summarises the
+rollouts file into accuracy with a 95% interval and the run's identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from gsm8k_jax.eval.data import GSM8KExample
+from gsm8k_jax.eval.extraction import (
+    EXTRACTION_METHODS,
+    answers_match,
+    extract_answer,
+    is_correct,
+)
+from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
+from gsm8k_jax.eval.results import Rollout, RunFiles
+from gsm8k_jax.eval.stats import (
+    accuracy_interval,
+    clustered_mean_accuracy,
+    maj_at_k,
+    pass_at_k,
+)
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+
+_VERSIONED_PACKAGES = (
+    "gsm8k_jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "transformers",
+    "qwix",
+    "orbax-checkpoint",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings of an evaluation that affect its results (batch_size does not,
+    by construction, but is recorded)."""
+
+    batch_size: int = 32
+    sampling: SamplingParams = SamplingParams()
+    extraction_method: str = "strict"
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    system_prompt: str | None = None
+    use_chat_template: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.extraction_method not in EXTRACTION_METHODS:
+            raise ValueError(
+                f"extraction_method must be one of {EXTRACTION_METHODS}, got"
+                f" {self.extraction_method!r}."
+            )
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def summarize(
+    rollouts: Sequence[dict[str, Any]], num_samples: int, method: str
+) -> dict[str, Any]:
+    """Accuracy (over all samples) with a Wilson 95% interval, failure counts,
+    and pass@k / maj@k when several samples were drawn per question."""
+    correct = sum(r["correct"] for r in rollouts)
+    total = len(rollouts)
+    low, high = accuracy_interval(correct, total) if total else (0.0, 0.0)
+    summary: dict[str, Any] = {
+        "correct": correct,
+        "total": total,
+        "num_examples": len({r["id"] for r in rollouts}),
+        "accuracy": correct / total if total else 0.0,
+        "accuracy_ci95": [low, high],
+        "extraction_failures": sum(r["extracted_answer"] is None for r in rollouts),
+        "truncations": sum(r["finish_reason"] == "length" for r in rollouts),
+        "generated_tokens": sum(r["num_tokens"] for r in rollouts),
+    }
+    if num_samples > 1 and total:
+        by_id: dict[int, list[dict[str, Any]]] = {}
+        for r in sorted(rollouts, key=lambda r: (r["id"], r["sample_index"])):
+            by_id.setdefault(r["id"], []).append(r)
+        groups = list(by_id.values())
+        grid = np.array([[r["correct"] for r in g] for g in groups], dtype=float)
+        mean, se = (
+            clustered_mean_accuracy(grid) if len(groups) > 1 else (grid.mean(), 0.0)
+        )
+        summary |= {
+            f"pass@{num_samples}": float(
+                np.mean(
+                    [
+                        pass_at_k(num_samples, int(row.sum()), num_samples)
+                        for row in grid
+                    ]
+                )
+            ),
+            f"maj@{num_samples}": maj_at_k(
+                [[r["extracted_answer"] for r in g] for g in groups],
+                [g[0]["gold"] for g in groups],
+                equal=answers_match,
+            ),
+            "mean_accuracy": float(mean),
+            "mean_accuracy_clustered_se": float(se),
+        }
+    return summary
+
+
+def evaluate(
+    sampler: Sampler,
+    examples: Sequence[GSM8KExample],
+    config: EvalConfig,
+    files: RunFiles,
+    *,
+    run_info: dict[str, Any],
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluates `examples`, skipping those already in `files`; returns the summary.
+
+    `files.prepare` must have been called (it validates the output folder).
+    """
+    params = config.sampling
+    done = files.load_finished(params.num_samples)
+    finished_ids = {r["id"] for r in done}
+    todo = [e for e in examples if e.id not in finished_ids]
+    correct_so_far = sum(r["correct"] for r in done)
+    rows_so_far = len(done)
+
+    start = time.perf_counter()
+    new_tokens = 0
+    bar = tqdm(
+        total=len(examples),
+        initial=len(examples) - len(todo),
+        unit="ex",
+        desc=f"GSM8K {files.tag}",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    for offset in range(0, len(todo), config.batch_size):
+        batch = todo[offset : offset + config.batch_size]
+        prompts = [
+            format_prompt(
+                e.question,
+                sampler.tokenizer,
+                template=config.prompt_template,
+                system_prompt=config.system_prompt,
+                use_chat_template=config.use_chat_template,
+            )
+            for e in batch
+        ]
+        completions = sampler.generate(
+            prompts,
+            params,
+            example_ids=[e.id for e in batch],
+            batch_size=config.batch_size * params.num_samples,
+        )
+        by_id = {e.id: (e, p) for e, p in zip(batch, prompts)}
+        rollouts = []
+        for c in completions:
+            example, prompt = by_id[c.example_id]
+            rollouts.append(
+                Rollout(
+                    id=example.id,
+                    sample_index=c.sample_index,
+                    question=example.question,
+                    gold=example.gold,
+                    prompt=prompt,
+                    response=c.text,
+                    extracted_answer=extract_answer(c.text, config.extraction_method),
+                    correct=is_correct(c.text, example.gold, config.extraction_method),
+                    num_tokens=c.num_tokens,
+                    finish_reason=c.finish_reason,
+                    logprob=c.logprob,
+                )
+            )
+        files.append(rollouts)
+        new_tokens += sum(r.num_tokens for r in rollouts)
+        correct_so_far += sum(r.correct for r in rollouts)
+        rows_so_far += len(rollouts)
+        elapsed = time.perf_counter() - start
+        bar.update(len(batch))
+        bar.set_postfix(
+            acc=f"{correct_so_far / rows_so_far:.2%}",
+            tok_s=f"{new_tokens / elapsed:.0f}",
+        )
+    bar.close()
+
+    wall = time.perf_counter() - start
+    summary = summarize(
+        files.read_rollouts(), params.num_samples, config.extraction_method
+    )
+    summary |= {
+        "tag": files.tag,
+        "run": run_info,
+        "versions": library_versions(),
+        "devices": [str(d) for d in jax.devices()],
+        "resumed_examples": len(finished_ids),
+        "wall_time_s": wall,
+        "tokens_per_s": new_tokens / wall if wall > 0 else 0.0,
+    }
+    files.write_summary(summary)
+    return summary

@@ -1,0 +1,92 @@
+"""Named models: where their weights live by default, and loading them.
+
+`load_pretrained("gemma3-1b-it")` fetches google/gemma-3-1b-it from the hub;
+`model_path` overrides the source with a local folder, a gs:// folder or
+another hub id. `gemma3-tiny` ships inside the package, so it works offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import transformers
+
+from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.models.gemma3.model import Gemma3
+from gsm8k_jax.models.gemma3.params import load_hf_model
+
+TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "gemma3_tiny"
+SUPPORTED_FAMILIES = ("Gemma3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its default source and whether it expects chat turns."""
+
+    name: str
+    default_path: str
+    instruction_tuned: bool
+
+
+def _hub(size: str, kind: str) -> ModelSpec:
+    return ModelSpec(
+        f"gemma3-{size}-{kind}", f"google/gemma-3-{size}-{kind}", kind == "it"
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("gemma3-tiny", str(TINY_MODEL_DIR), instruction_tuned=True),
+        *(
+            _hub(size, kind)
+            for size in ("270m", "1b", "4b", "12b", "27b")
+            for kind in ("it", "pt")
+        ),
+    )
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(
+            f"Unknown model_name {name!r}; choose one of {sorted(MODELS)}."
+        )
+    return MODELS[name]
+
+
+def parse_dtype(name: str) -> jnp.dtype:
+    if name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"Unknown dtype {name!r}; use bfloat16, float32 or float16.")
+    return jnp.dtype(name)
+
+
+def load_pretrained(
+    model_name: str,
+    model_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | jnp.dtype = "bfloat16",
+) -> tuple[Gemma3, transformers.PreTrainedTokenizerBase, Path]:
+    """Loads a model and its tokenizer from the same source.
+
+    Returns (model, tokenizer, local model folder).
+    """
+    spec = model_spec(model_name)
+    model_dir = resolve_model_dir(model_path or spec.default_path)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    model = load_hf_model(model_dir, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer, model_dir
+
+
+def default_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    """Stop ids from the checkpoint's generation_config.json (Gemma 3 it: 1, 106)."""
+    try:
+        config = transformers.GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return (1, 106)
+    eos = config.eos_token_id
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)

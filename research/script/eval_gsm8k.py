@@ -1,0 +1,20 @@
+"""Evaluates a Gemma 3 model with a LoRA checkpoint (Tunix layout) on GSM8K.
+
+    python research/script/eval_gsm8k.py --model.model_name=gemma3-1b-it \
+        --model.lora_config.rank=16 --model.lora_checkpoint_path=gs://bucket/run/actor \
+        --output_dir=results/lora --batch_size=32
+
+The LoRA weights are merged into the base weights once at load time.
+"""
+
+from pathlib import Path
+
+from gsm8k_jax.eval import cli
+
+if __name__ == "__main__":
+    cli.run_script(
+        lora=True,
+        default_model_config=Path(__file__).resolve().parents[2]
+        / "configs"
+        / "gemma3_tiny.py",
+    )
