@@ -102,18 +102,22 @@ def define_flags(default_model_config: str | Path) -> None:
     flags.DEFINE_bool("overwrite", False, "Replace a run found in --output_dir.")
 
 
+def _exit_on_unknown_model_field(error: Exception) -> None:
+    known = ", ".join(sorted(model_config("gemma3-tiny").keys()))
+    print(
+        f"FATAL Flags parsing error: unknown --model field {error}. Known fields: {known}"
+        " (lora_config has rank, alpha, module_path).",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with a flag error (not a traceback) for unknown --model.* keys."""
+    """absl parsing, with a flag error (not a traceback) for bad --model.* keys."""
     try:
         return FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        known = ", ".join(sorted(model_config("gemma3-tiny").keys()))
-        print(
-            f"FATAL Flags parsing error: unknown --model field {e}. Known fields: {known}"
-            " (lora_config has rank, alpha, module_path).",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+        _exit_on_unknown_model_field(e)
     except flags.Error as e:
         print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -151,7 +155,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
 
 def run_script(*, lora: bool, default_model_config: str | Path) -> None:
     """Entry point of eval_gsm8k.py (lora=True) and eval_gsm8k_base.py."""
-    define_flags(default_model_config)
+    try:  # ml_collections applies --model.* overrides while defining the flag.
+        define_flags(default_model_config)
+    except (AttributeError, KeyError) as e:
+        _exit_on_unknown_model_field(e)
 
     def _main(argv):
         try:

@@ -1,0 +1,191 @@
+"""End to end: the evaluation scripts as a user runs them, crashes included."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from hf_models import make_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"
+LORA_SCRIPT = REPO / "research" / "script" / "eval_gsm8k.py"
+QUICK = ["--num_examples=6", "--batch_size=4", "--max_generation_steps=12"]
+TIMING_KEYS = {"wall_time_s", "tokens_per_s", "resumed_examples"}
+ROLLOUT_KEYS = {
+    "id",
+    "sample_index",
+    "question",
+    "gold",
+    "prompt",
+    "response",
+    "extracted_answer",
+    "correct",
+    "num_tokens",
+    "finish_reason",
+    "logprob",
+}
+
+
+def run_script(*args, script=BASE_SCRIPT, check=True, **kwargs):
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_outputs(out_dir: Path, tag: str):
+    rollouts = (out_dir / f"rollouts_{tag}.jsonl").read_text()
+    summary = json.loads((out_dir / f"summary_{tag}.json").read_text())
+    return rollouts, summary
+
+
+def test_tiny_model_run_writes_rollouts_and_summary(tmp_path):
+    proc = run_script(*QUICK, f"--output_dir={tmp_path}")
+    tag = "gemma3-tiny_base_bs4"
+    assert f"Run tag: {tag}" in proc.stdout
+    rollouts, summary = read_outputs(tmp_path, tag)
+    lines = [json.loads(line) for line in rollouts.splitlines()]
+    assert [r["id"] for r in lines] == list(range(6))
+    assert all(set(r) == ROLLOUT_KEYS for r in lines)
+    first = lines[0]
+    assert first["gold"] == "18" and first["question"].startswith("Janet")
+    assert first["prompt"].startswith("<bos><start_of_turn>user\nJanet")
+    assert first["prompt"].endswith("<end_of_turn>\n<start_of_turn>model\n")
+    assert "\\boxed{}" in first["prompt"]
+    assert all(
+        r["num_tokens"] <= 12 and r["finish_reason"] in ("eos", "length") for r in lines
+    )
+    assert summary["total"] == 6 and summary["correct"] == sum(
+        r["correct"] for r in lines
+    )
+    low, high = summary["accuracy_ci95"]
+    assert low <= summary["accuracy"] <= high
+    assert summary["truncations"] == sum(r["finish_reason"] == "length" for r in lines)
+    assert summary["run"]["eval"]["sampling"]["eos_ids"] == [1, 106]
+    assert summary["versions"]["jax"] and summary["tokens_per_s"] > 0
+
+
+def test_hf_folder_model_path(tmp_path):
+    """A local Hugging Face folder (weights made by transformers) as --model.model_path."""
+    model_dir = tmp_path / "hf"
+    make_tiny_hf_model(model_dir, vocab_size=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(TINY_MODEL_DIR / name, model_dir / name)
+    run_script(
+        *QUICK,
+        "--model.model_name=gemma3-1b-it",
+        f"--model.model_path={model_dir}",
+        "--model.dtype=float32",
+        f"--output_dir={tmp_path / 'out'}",
+    )
+    rollouts, summary = read_outputs(tmp_path / "out", "gemma3-1b-it_base_bs4")
+    assert summary["run"]["model_dir"] == str(model_dir)
+    assert len(rollouts.splitlines()) == 6
+
+
+def test_kill_and_resume_gives_the_uninterrupted_files(tmp_path):
+    args = ["--num_examples=16", "--batch_size=2", "--max_generation_steps=48"]
+    tag = "gemma3-tiny_base_bs2"
+    run_script(*args, f"--output_dir={tmp_path / 'clean'}")
+    expected_rollouts, expected_summary = read_outputs(tmp_path / "clean", tag)
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(
+        [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={crashed}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rollouts_path = crashed / f"rollouts_{tag}.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if rollouts_path.exists() and len(rollouts_path.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(rollouts_path.read_text().splitlines())
+    assert 4 <= finished < 16, "the kill must land mid-run"
+    # A torn line, as a crash during a write leaves it.
+    with open(rollouts_path, "a") as f:
+        f.write('{"id": 99, "corr')
+
+    run_script(*args, f"--output_dir={crashed}")
+    rollouts, summary = read_outputs(crashed, tag)
+    assert rollouts == expected_rollouts
+    assert summary["resumed_examples"] == finished
+    assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in expected_summary.items() if k not in TIMING_KEYS
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    run_script(*QUICK, f"--output_dir={out}")
+    return out, (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.bogus=1"], "unknown --model field"),
+        (["--model.lora_config.rank=abc"], "invalid literal"),
+        (["--batchsize=3"], "Unknown command line flag 'batchsize'"),
+        (["--model.model_name=gemma9"], "--model.model_name='gemma9'"),
+        (["--data_path=/nonexistent/test.jsonl"], "--data_path"),
+        (["--model.lora_checkpoint_path=/tmp/x"], "use eval_gsm8k.py"),
+        (["--max_generation_steps=13"], "other settings \\(differing: eval"),
+        (["--noresume"], "--resume to continue them or --overwrite"),
+        (["--extraction_method=fuzzy"], "extraction_method"),
+    ],
+)
+def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, message):
+    out, rollouts = finished_run
+    settings = {a.split("=")[0]: a for a in QUICK}
+    settings.update({a.split("=")[0]: a for a in args})
+    proc = run_script(*settings.values(), f"--output_dir={out}", check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
+
+
+def test_malformed_data_line_is_named(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 1"}\n{"question": oops}\n')
+    proc = run_script(
+        f"--data_path={data}", f"--output_dir={tmp_path / 'out'}", check=False
+    )
+    assert (
+        proc.returncode == 1 and "line 2" in proc.stderr and "bad.jsonl" in proc.stderr
+    )
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_script(*QUICK, f"--output_dir={blocker / 'out'}", check=False)
+    assert proc.returncode == 1 and "Cannot write to output folder" in proc.stderr
+
+
+def test_lora_script_requires_a_checkpoint(tmp_path):
+    proc = run_script(
+        *QUICK, f"--output_dir={tmp_path}", script=LORA_SCRIPT, check=False
+    )
+    assert proc.returncode == 1 and "--model.lora_checkpoint_path" in proc.stderr
