@@ -4,7 +4,8 @@ An output folder holds, per run tag:
 - `run_<tag>.json`: what produced the results (model, checkpoint, settings);
   a rerun with other settings is refused rather than mixed in;
 - `rollouts_<tag>.jsonl`: one line per (example, sample), appended and
-  fsync'ed after every batch, so a crash loses at most the batch in flight;
+  fsync'ed as sequences finish, so a crash loses only sequences in flight,
+  and sorted by (id, sample) once the run is complete;
 - `summary_<tag>.json`: written at the end from the rollouts file alone.
 
 Resuming keeps every example whose samples are all on disk (a torn last
@@ -145,6 +146,14 @@ class RunFiles:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+    def sort_rollouts(self) -> None:
+        """Puts the rollouts in (id, sample) order: sequences finish out of
+        order, but the finished file is the same however the run went."""
+        records = sorted(
+            self.read_rollouts(), key=lambda r: (r["id"], r["sample_index"])
+        )
+        _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in records))
 
     def read_rollouts(self) -> list[dict[str, Any]]:
         with open(self.rollouts_path, encoding="utf-8") as f:

@@ -126,6 +126,22 @@ def summarize(
     return summary
 
 
+def _score(example: GSM8KExample, prompt: str, completion, method: str) -> Rollout:
+    return Rollout(
+        id=example.id,
+        sample_index=completion.sample_index,
+        question=example.question,
+        gold=example.gold,
+        prompt=prompt,
+        response=completion.text,
+        extracted_answer=extract_answer(completion.text, method),
+        correct=is_correct(completion.text, example.gold, method),
+        num_tokens=completion.num_tokens,
+        finish_reason=completion.finish_reason,
+        logprob=completion.logprob,
+    )
+
+
 def evaluate(
     sampler: Sampler,
     examples: Sequence[GSM8KExample],
@@ -145,9 +161,24 @@ def evaluate(
     todo = [e for e in examples if e.id not in finished_ids]
     correct_so_far = sum(r["correct"] for r in done)
     rows_so_far = len(done)
+    prompts = {
+        e.id: format_prompt(
+            e.question,
+            sampler.tokenizer,
+            template=config.prompt_template,
+            system_prompt=config.system_prompt,
+            use_chat_template=config.use_chat_template,
+        )
+        for e in examples
+    }
+    by_id = {e.id: e for e in examples}
+    # Pad every prompt to the bucket of the longest one in the whole run, so a
+    # resumed run compiles and computes exactly what an uninterrupted one does.
+    pad_to = max(len(sampler.encode(p)) for p in prompts.values())
 
     start = time.perf_counter()
     new_tokens = 0
+    samples_left = {e.id: params.num_samples for e in todo}
     bar = tqdm(
         total=len(examples),
         initial=len(examples) - len(todo),
@@ -156,54 +187,34 @@ def evaluate(
         disable=not show_progress,
         dynamic_ncols=True,
     )
-    for offset in range(0, len(todo), config.batch_size):
-        batch = todo[offset : offset + config.batch_size]
-        prompts = [
-            format_prompt(
-                e.question,
-                sampler.tokenizer,
-                template=config.prompt_template,
-                system_prompt=config.system_prompt,
-                use_chat_template=config.use_chat_template,
+    stream = sampler.generate_stream(
+        [prompts[e.id] for e in todo],
+        params,
+        example_ids=[e.id for e in todo],
+        batch_size=config.batch_size * params.num_samples,
+        pad_to=pad_to,
+    )
+    for completions in stream:
+        rollouts = [
+            _score(
+                by_id[c.example_id], prompts[c.example_id], c, config.extraction_method
             )
-            for e in batch
+            for c in completions
         ]
-        completions = sampler.generate(
-            prompts,
-            params,
-            example_ids=[e.id for e in batch],
-            batch_size=config.batch_size * params.num_samples,
-        )
-        by_id = {e.id: (e, p) for e, p in zip(batch, prompts)}
-        rollouts = []
-        for c in completions:
-            example, prompt = by_id[c.example_id]
-            rollouts.append(
-                Rollout(
-                    id=example.id,
-                    sample_index=c.sample_index,
-                    question=example.question,
-                    gold=example.gold,
-                    prompt=prompt,
-                    response=c.text,
-                    extracted_answer=extract_answer(c.text, config.extraction_method),
-                    correct=is_correct(c.text, example.gold, config.extraction_method),
-                    num_tokens=c.num_tokens,
-                    finish_reason=c.finish_reason,
-                    logprob=c.logprob,
-                )
-            )
         files.append(rollouts)
         new_tokens += sum(r.num_tokens for r in rollouts)
         correct_so_far += sum(r.correct for r in rollouts)
         rows_so_far += len(rollouts)
+        for r in rollouts:
+            samples_left[r.id] -= 1
+        bar.update(sum(samples_left[i] == 0 for i in {r.id for r in rollouts}))
         elapsed = time.perf_counter() - start
-        bar.update(len(batch))
         bar.set_postfix(
             acc=f"{correct_so_far / rows_so_far:.2%}",
             tok_s=f"{new_tokens / elapsed:.0f}",
         )
     bar.close()
+    files.sort_rollouts()
 
     wall = time.perf_counter() - start
     summary = summarize(

@@ -1,15 +1,21 @@
-"""The on-device generation program: prefill, then a lax.while_loop decode.
+"""The on-device programs of the sampler: prefill into slots, and decode.
 
-Pure function of (model state, prompt batch, settings): everything that may
-change between calls is an argument, so no value survives as a stale jit
-constant. Shapes (batch, prompt bucket, generation budget) are the only
-compile-time keys.
+The batch is a set of B slots (continuous batching). `prefill` runs a
+group of new prompts and installs them into free slots; `decode` advances
+every live slot one token at a time inside a `lax.while_loop` and returns
+when a slot frees up (so the host can refill it) or when all are done.
+Each slot keeps its own write cursor, position and generation step, so a
+sequence's computation never depends on what shares the batch with it.
+
+Both are pure functions of (model state, decode state, settings): whatever
+may change between calls is an argument, never a stale jit constant.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,20 +33,38 @@ class DecodeSettings(NamedTuple):
     top_p: jax.Array  # scalar float32; 1 = off
 
 
-class DecodeOutput(NamedTuple):
-    tokens: jax.Array  # [B, max_steps] int32; pad after a row's eos
-    num_tokens: jax.Array  # [B] int32, generated tokens including the eos
+@flax.struct.dataclass
+class DecodeState:
+    """Everything about the B slots that lives on device between calls."""
+
+    cache: KVCache  # [B, S, ...]; S = prompt width + max_steps
+    logits: jax.Array  # [B, V] float32: distribution of each slot's next token
+    positions: jax.Array  # [B] RoPE position of the next token
+    cursor: jax.Array  # [B] cache slot the next token is written to
+    keys: jax.Array  # [B] PRNG key of the sequence in the slot
+    done: jax.Array  # [B] bool; empty slots are done
+    tokens: jax.Array  # [B, max_steps] int32 generated ids, pad after the end
+    num_tokens: jax.Array  # [B] int32 generated so far (including an eos)
     hit_eos: jax.Array  # [B] bool: finished on an eos id (else: length)
-    logprob: jax.Array  # [B] float32, sum of log p(chosen token)
+    logprob: jax.Array  # [B] float32 sum of log p(chosen token)
 
-
-class _LoopState(NamedTuple):
-    step: jax.Array
-    cache: KVCache
-    logits: jax.Array  # [B, V] for the token about to be chosen
-    positions: jax.Array  # [B] position of that token
-    done: jax.Array  # [B]
-    out: DecodeOutput
+    @classmethod
+    def empty(
+        cls, model, batch: int, width: int, max_steps: int, pad_id: int
+    ) -> "DecodeState":
+        config = model.config
+        return cls(
+            cache=KVCache.empty(config, batch, width + max_steps, model.dtype),
+            logits=jnp.zeros((batch, config.vocab_size), jnp.float32),
+            positions=jnp.zeros((batch,), jnp.int32),
+            cursor=jnp.zeros((batch,), jnp.int32),
+            keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
+            done=jnp.ones((batch,), bool),
+            tokens=jnp.full((batch, max_steps), pad_id, jnp.int32),
+            num_tokens=jnp.zeros((batch,), jnp.int32),
+            hit_eos=jnp.zeros((batch,), bool),
+            logprob=jnp.zeros((batch,), jnp.float32),
+        )
 
 
 def prompt_positions(valid: jax.Array) -> jax.Array:
@@ -48,30 +72,75 @@ def prompt_positions(valid: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def generate(
+def prefill(
     graphdef: nnx.GraphDef,
-    state: nnx.State,
-    tokens: jax.Array,  # [B, T] left-padded prompts
-    valid: jax.Array,  # [B, T] bool
-    row_keys: jax.Array,  # [B] PRNG keys, one per (example, sample)
-    settings: DecodeSettings,
+    params: nnx.State,
+    state: DecodeState,
+    tokens: jax.Array,  # [G, W] left-padded prompts
+    valid: jax.Array,  # [G, W] bool
+    slots: jax.Array,  # [G] target slots; an out-of-range slot drops the row
+    keys: jax.Array,  # [G] PRNG keys of the new sequences
     *,
-    max_steps: int,
     pad_id: int,
-) -> DecodeOutput:
-    model = nnx.merge(graphdef, state)
-    batch, prompt_len = tokens.shape
+) -> DecodeState:
+    """Runs G prompts and installs them, with a fresh history, into `slots`."""
+    model = nnx.merge(graphdef, params)
+    group, width = tokens.shape
     positions = prompt_positions(valid)
-    cache = KVCache.empty(model.config, batch, prompt_len + max_steps, model.dtype)
-    hidden, cache = model(tokens, positions, valid, cache, 0)
-    # Left padding puts every row's last prompt token in the last slot.
+    fresh = KVCache.empty(model.config, group, width, model.dtype)
+    hidden, fresh = model(tokens, positions, valid, fresh, 0)
+    # Left padding puts every prompt's last token in the last column.
     logits = model.logits(hidden[:, -1])
 
-    def cond(s: _LoopState):
-        return (s.step < max_steps) & ~jnp.all(s.done)
+    def install(full: jax.Array, new: jax.Array) -> jax.Array:
+        # Slots beyond the prompt become invalid: no key of a previous
+        # occupant can leak into the new sequence.
+        pad = [(0, 0), (0, full.shape[1] - width)] + [(0, 0)] * (full.ndim - 2)
+        return full.at[slots].set(jnp.pad(new.astype(full.dtype), pad), mode="drop")
 
-    def body(s: _LoopState) -> _LoopState:
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
+    set_rows = lambda full, new: full.at[slots].set(new, mode="drop")
+    cache = state.cache
+    return state.replace(
+        cache=cache.replace(
+            k=tuple(map(install, cache.k, fresh.k)),
+            v=tuple(map(install, cache.v, fresh.v)),
+            positions=install(cache.positions, fresh.positions),
+            valid=install(cache.valid, fresh.valid),
+        ),
+        logits=set_rows(state.logits, logits),
+        positions=set_rows(state.positions, positions[:, -1] + 1),
+        cursor=set_rows(state.cursor, jnp.full((group,), width, jnp.int32)),
+        keys=set_rows(state.keys, keys),
+        done=set_rows(state.done, jnp.zeros((group,), bool)),
+        tokens=set_rows(state.tokens, jnp.full((group, state.tokens.shape[1]), pad_id)),
+        num_tokens=set_rows(state.num_tokens, jnp.zeros((group,), jnp.int32)),
+        hit_eos=set_rows(state.hit_eos, jnp.zeros((group,), bool)),
+        logprob=set_rows(state.logprob, jnp.zeros((group,), jnp.float32)),
+    )
+
+
+def decode(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    state: DecodeState,
+    settings: DecodeSettings,
+    return_when_a_slot_frees: jax.Array,  # bool scalar: prompts are waiting
+    *,
+    pad_id: int,
+) -> DecodeState:
+    """Generates until every slot is done, or, if asked, until one finishes."""
+    model = nnx.merge(graphdef, params)
+    batch, max_steps = state.tokens.shape
+    rows = jnp.arange(batch)
+
+    def cond(carry):
+        s, freed = carry
+        return ~jnp.all(s.done) & ~(return_when_a_slot_frees & freed)
+
+    def body(carry):
+        s, freed = carry
+        step = s.num_tokens  # [B] per-slot generation step
+        step_keys = jax.vmap(jax.random.fold_in)(s.keys, step)
         chosen = choose_tokens(
             s.logits, step_keys, settings.temperature, settings.top_k, settings.top_p
         )
@@ -80,39 +149,24 @@ def generate(
         )[:, 0]
         live = ~s.done
         is_eos = jnp.any(chosen[:, None] == settings.eos_ids[None, :], axis=-1)
-        out = DecodeOutput(
-            tokens=s.out.tokens.at[:, s.step].set(jnp.where(live, chosen, pad_id)),
-            num_tokens=s.out.num_tokens + live,
-            hit_eos=s.out.hit_eos | (live & is_eos),
-            logprob=s.out.logprob + jnp.where(live, logprob, 0.0),
-        )
+        finished = live & (is_eos | (step + 1 >= max_steps))
         hidden, cache = model(
-            chosen[:, None],
-            s.positions[:, None],
-            jnp.ones((batch, 1), bool),
-            s.cache,
-            prompt_len + s.step,
+            chosen[:, None], s.positions[:, None], live[:, None], s.cache, s.cursor
         )
-        return _LoopState(
-            step=s.step + 1,
+        s = s.replace(
             cache=cache,
             logits=model.logits(hidden[:, 0]),
-            positions=s.positions + 1,
-            done=s.done | is_eos,
-            out=out,
+            positions=s.positions + live,
+            cursor=s.cursor + live,
+            done=s.done | finished,
+            tokens=s.tokens.at[rows, step].set(
+                jnp.where(live, chosen, pad_id), mode="drop"
+            ),
+            num_tokens=s.num_tokens + live,
+            hit_eos=s.hit_eos | (live & is_eos),
+            logprob=s.logprob + jnp.where(live, logprob, 0.0),
         )
+        return s, freed | jnp.any(finished)
 
-    init = _LoopState(
-        step=jnp.int32(0),
-        cache=cache,
-        logits=logits,
-        positions=positions[:, -1] + 1,
-        done=jnp.zeros((batch,), bool),
-        out=DecodeOutput(
-            tokens=jnp.full((batch, max_steps), pad_id, jnp.int32),
-            num_tokens=jnp.zeros((batch,), jnp.int32),
-            hit_eos=jnp.zeros((batch,), bool),
-            logprob=jnp.zeros((batch,), jnp.float32),
-        ),
-    )
-    return jax.lax.while_loop(cond, body, init).out
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.bool_(False)))
+    return state

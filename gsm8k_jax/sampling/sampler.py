@@ -1,8 +1,9 @@
 """Batched generation over a Gemma 3 model: prompts in, completions out.
 
 The host side of sampling: tokenises, left-pads into a bucketed length,
-derives one random key per (example id, sample index), runs the jitted
-program in `decode.py` and turns its arrays back into `Completion`s.
+derives one random key per (example id, sample index), schedules sequences
+into the slots of the jitted programs in `decode.py` (continuous batching)
+and turns their arrays back into `Completion`s.
 Results do not depend on batch size, row order or padding: the masks and
 positions come from explicit validity, and each row's randomness from its
 own key.
@@ -10,9 +11,10 @@ own key.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -21,10 +23,14 @@ import numpy as np
 from flax import nnx
 
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.sampling.decode import DecodeSettings, generate
+from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
 
 MIN_PROMPT_BUCKET = 32
 MAX_EOS_IDS = 8
+# Prompts are prefilled in groups of num_slots // PREFILL_FRACTION (at least 1).
+# One group size for every prefill keeps each sequence's computation the same
+# whichever schedule it lands in.
+PREFILL_FRACTION = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +87,10 @@ def row_key(seed: int, example_id: int, sample_index: int) -> jax.Array:
 
 
 class Sampler:
-    """Generates completions for batches of prompts with a KV cache.
+    """Generates completions for prompts with a KV cache and continuous batching.
+
+    `batch_size` slots decode in parallel; when a sequence finishes, the next
+    waiting prompt is prefilled into its slot without recompiling.
 
     Args:
       model: the Gemma 3 model (its current weights are used at each call).
@@ -95,15 +104,21 @@ class Sampler:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
         graphdef, _ = nnx.split(model)
-        self._generate = jax.jit(
-            functools.partial(generate, graphdef),
-            static_argnames=("max_steps", "pad_id"),
+        self._prefill = jax.jit(
+            functools.partial(prefill, graphdef),
+            static_argnames="pad_id",
+            donate_argnums=1,
+        )
+        self._decode = jax.jit(
+            functools.partial(decode, graphdef),
+            static_argnames="pad_id",
+            donate_argnums=1,
         )
 
     @property
     def num_compilations(self) -> int:
         """How many programs were compiled so far (one per distinct shape)."""
-        return self._generate._cache_size()
+        return self._prefill._cache_size() + self._decode._cache_size()
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Text is used as is (chat-templated text keeps
@@ -122,14 +137,35 @@ class Sampler:
         example_ids: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> list[Completion]:
-        """Generates `params.num_samples` completions per prompt, in one batch.
+        """Generates `params.num_samples` completions per prompt, in prompt order.
 
         example_ids identify prompts for their random keys (default 0..n-1).
-        batch_size pads the batch with empty rows to a fixed number of rows
-        (prompts x samples), so a short last batch reuses the compiled program.
+        batch_size is the number of slots decoded in parallel (default: all
+        prompts x samples at once).
+        """
+        stream = self.generate_stream(
+            prompts, params, example_ids=example_ids, batch_size=batch_size
+        )
+        completions = [c for finished in stream for c in finished]
+        order = {e: i for i, e in enumerate(example_ids or range(len(prompts)))}
+        return sorted(completions, key=lambda c: (order[c.example_id], c.sample_index))
+
+    def generate_stream(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams = SamplingParams(),
+        *,
+        example_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        pad_to: int | None = None,
+    ) -> Iterator[list[Completion]]:
+        """Like `generate`, but yields completions in groups as they finish.
+
+        pad_to: pad prompts to at least this many tokens, so that calls with
+        different prompt sets share one compiled program (and its numerics).
         """
         if not prompts:
-            return []
+            return
         example_ids = (
             list(range(len(prompts))) if example_ids is None else list(example_ids)
         )
@@ -140,58 +176,89 @@ class Sampler:
         encoded = [self.encode(p) for p in prompts]
         if any(not ids for ids in encoded):
             raise ValueError("Empty prompt: every prompt needs at least one token.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.num_samples)]
-        num_rows = batch_size or len(rows)
-        if num_rows < len(rows):
-            raise ValueError(
-                f"batch_size={batch_size} rows cannot hold {len(prompts)} prompts x"
-                f" {params.num_samples} samples."
-            )
-
-        width = prompt_bucket(max(len(ids) for ids in encoded))
-        tokens = np.full((num_rows, width), self.pad_id, np.int32)
-        valid = np.zeros((num_rows, width), bool)
-        keys = [row_key(params.seed, 0, 0)] * num_rows  # padding rows: any key
-        for r, (i, j) in enumerate(rows):
-            ids = encoded[i]
-            tokens[r, width - len(ids) :] = ids
-            valid[r, width - len(ids) :] = True
-            keys[r] = row_key(params.seed, example_ids[i], j)
-
-        eos = np.full((MAX_EOS_IDS,), -1, np.int32)
-        eos[: len(params.eos_ids)] = params.eos_ids
-        settings = DecodeSettings(
-            eos_ids=jnp.asarray(eos),
-            temperature=jnp.float32(params.temperature),
-            top_k=jnp.int32(params.top_k),
-            top_p=jnp.float32(params.top_p),
+        num_slots = batch_size or len(rows)
+        width = prompt_bucket(max(pad_to or 0, *(len(ids) for ids in encoded)))
+        settings = _settings(params)
+        weights = nnx.state(self.model)
+        state = DecodeState.empty(
+            self.model, num_slots, width, params.max_generation_steps, self.pad_id
         )
-        out = self._generate(
-            nnx.state(self.model),
-            jnp.asarray(tokens),
-            jnp.asarray(valid),
-            jnp.stack(keys),
-            settings,
-            max_steps=params.max_generation_steps,
-            pad_id=self.pad_id,
-        )
-        out = jax.device_get(out)
-
-        completions = []
-        for r, (i, j) in enumerate(rows):
-            n = int(out.num_tokens[r])
-            hit_eos = bool(out.hit_eos[r])
-            generated = out.tokens[r, :n].tolist()
-            text_ids = generated[:-1] if hit_eos else generated
-            completions.append(
-                Completion(
-                    example_id=example_ids[i],
-                    sample_index=j,
-                    text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                    tokens=generated,
-                    num_tokens=n,
-                    finish_reason="eos" if hit_eos else "length",
-                    logprob=float(out.logprob[r]),
+        waiting = collections.deque(range(len(rows)))
+        owner: list[int | None] = [None] * num_slots  # row index held by each slot
+        group_size = max(1, num_slots // PREFILL_FRACTION)
+        while True:
+            free = [slot for slot, row in enumerate(owner) if row is None]
+            while waiting and free:
+                group = [
+                    waiting.popleft()
+                    for _ in range(min(len(free), group_size, len(waiting)))
+                ]
+                tokens = np.full((group_size, width), self.pad_id, np.int32)
+                valid = np.zeros((group_size, width), bool)
+                slots = np.full(
+                    (group_size,), num_slots, np.int32
+                )  # out of range: dropped
+                keys = [row_key(params.seed, 0, 0)] * group_size
+                for g, row in enumerate(group):
+                    i, j = rows[row]
+                    ids = encoded[i]
+                    tokens[g, width - len(ids) :] = ids
+                    valid[g, width - len(ids) :] = True
+                    slots[g] = free[g]
+                    keys[g] = row_key(params.seed, example_ids[i], j)
+                    owner[free[g]] = row
+                free = free[len(group) :]
+                state = self._prefill(
+                    weights,
+                    state,
+                    tokens,
+                    valid,
+                    slots,
+                    jnp.stack(keys),
+                    pad_id=self.pad_id,
                 )
+            if all(row is None for row in owner):
+                return
+            state = self._decode(
+                weights, state, settings, jnp.bool_(bool(waiting)), pad_id=self.pad_id
             )
-        return completions
+            done, num_tokens, hit_eos, logprob = jax.device_get(
+                (state.done, state.num_tokens, state.hit_eos, state.logprob)
+            )
+            finished = [
+                slot for slot, row in enumerate(owner) if row is not None and done[slot]
+            ]
+            tokens_out = jax.device_get(state.tokens) if finished else None
+            completions = []
+            for slot in finished:
+                i, j = rows[owner[slot]]
+                n = int(num_tokens[slot])
+                generated = tokens_out[slot, :n].tolist()
+                text_ids = generated[:-1] if hit_eos[slot] else generated
+                completions.append(
+                    Completion(
+                        example_id=example_ids[i],
+                        sample_index=j,
+                        text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                        tokens=generated,
+                        num_tokens=n,
+                        finish_reason="eos" if hit_eos[slot] else "length",
+                        logprob=float(logprob[slot]),
+                    )
+                )
+                owner[slot] = None
+            yield completions
+
+
+def _settings(params: SamplingParams) -> DecodeSettings:
+    eos = np.full((MAX_EOS_IDS,), -1, np.int32)
+    eos[: len(params.eos_ids)] = params.eos_ids
+    return DecodeSettings(
+        eos_ids=jnp.asarray(eos),
+        temperature=jnp.float32(params.temperature),
+        top_k=jnp.int32(params.top_k),
+        top_p=jnp.float32(params.top_p),
+    )

@@ -1,6 +1,7 @@
 """The sampler: batch invariance, agreement with transformers' generate, stopping,
 padding safety, reproducible sampling and a bounded number of compilations."""
 
+import collections
 import dataclasses
 import random
 
@@ -211,16 +212,45 @@ def test_logprob_is_sum_of_chosen_token_log_probs(tiny, sampler):
 
 
 def test_compiles_once_per_shape(tiny):
+    """One prefill and one decode program per (slots, prompt bucket), also
+    when continuous batching refills slots."""
     sampler = Sampler(tiny[1], IdTokenizer())
     lengths = [3, 9, 20, 31, 32]  # all in the 32 bucket
     for n in lengths:
         sampler.generate([[2] * n] * 3, GREEDY, batch_size=4)
-    assert sampler.num_compilations == 1
+    assert sampler.num_compilations == 2
     sampler.generate([[2] * 40], GREEDY, batch_size=4)  # 64 bucket
     sampler.generate(
         [[2] * 50], dataclasses.replace(GREEDY, temperature=1.0, seed=3), batch_size=4
     )
-    assert sampler.num_compilations == 2
+    assert sampler.num_compilations == 4
+    sampler.generate([[2] * 50] * 9, GREEDY, batch_size=4)  # refills slots
+    assert sampler.num_compilations == 4
+
+
+def test_continuous_batching_equals_batch_size_one(sampler):
+    """32 sequences through 4 slots, finishing at different times (a common
+    token made an eos id), give exactly the batch-size-1 results."""
+    free = sampler.generate(PROMPTS, GREEDY)
+    counts = collections.Counter(t for c in free for t in set(c.tokens[1:]))
+    early_stop = dataclasses.replace(GREEDY, eos_ids=(EOS, counts.most_common(1)[0][0]))
+    for params in (
+        early_stop,
+        dataclasses.replace(early_stop, temperature=0.9, seed=3),
+    ):
+        ids = list(range(len(PROMPTS)))
+        alone = generate_in_batches(sampler, PROMPTS, ids, 1, params)
+        lengths = {c.num_tokens for c in alone.values()}
+        assert len(lengths) > 3, "sequences must finish at different steps"
+        slotted = sampler.generate(PROMPTS, params, example_ids=ids, batch_size=4)
+        assert len(slotted) == len(alone)
+        for c in slotted:
+            expected = alone[(c.example_id, c.sample_index)]
+            assert (c.tokens, c.finish_reason) == (
+                expected.tokens,
+                expected.finish_reason,
+            )
+            assert c.logprob == pytest.approx(expected.logprob, abs=1e-3)
 
 
 def test_prompt_buckets():

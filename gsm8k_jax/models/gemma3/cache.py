@@ -39,10 +39,10 @@ class KVCache:
         cls, config: Gemma3Config, batch_size: int, length: int, dtype: jnp.dtype
     ) -> "KVCache":
         shape = (batch_size, length, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(
-            k=zeros,
-            v=zeros,
+            k=zeros(),
+            v=zeros(),
             positions=jnp.zeros((batch_size, length), jnp.int32),
             valid=jnp.zeros((batch_size, length), bool),
         )
@@ -52,15 +52,23 @@ class KVCache:
         return self.positions.shape[1]
 
     def write_slots(
-        self, positions: jax.Array, valid: jax.Array, start: jax.Array | int
+        self, positions: jax.Array, valid: jax.Array, starts: jax.Array
     ) -> "KVCache":
-        """Records positions/validity of T new tokens at slots [start, start+T)."""
+        """Records positions/validity of T new tokens at slots [starts[b], +T) of each row."""
         return self.replace(
-            positions=jax.lax.dynamic_update_slice(
-                self.positions, positions.astype(jnp.int32), (0, start)
-            ),
-            valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, start)),
+            positions=write_rows(self.positions, positions.astype(jnp.int32), starts),
+            valid=write_rows(self.valid, valid, starts),
         )
+
+
+def write_rows(array: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+    """array[b, starts[b] : starts[b] + T] = update[b] for every row b.
+
+    array: [B, S, ...]; update: [B, T, ...]; starts: [B] (rows decode at
+    different slots under continuous batching).
+    """
+    write = lambda a, u, s: jax.lax.dynamic_update_slice_in_dim(a, u, s, axis=0)
+    return jax.vmap(write)(array, update.astype(array.dtype), starts)
 
 
 def attention_masks(
@@ -72,12 +80,12 @@ def attention_masks(
 ) -> dict[AttentionType, jax.Array]:
     """Boolean [B, T, S] masks for each attention type.
 
-    query_positions: [B, T]; query_slots: [T] (the slots queries occupy);
+    query_positions, query_slots: [B, T] (positions and slots of the queries);
     key_positions, key_valid: [B, S].
     """
     key_slots = jnp.arange(key_valid.shape[1])
     causal = key_valid[:, None, :] & (
-        key_slots[None, None, :] <= query_slots[None, :, None]
+        key_slots[None, None, :] <= query_slots[:, :, None]
     )
     distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
     return {

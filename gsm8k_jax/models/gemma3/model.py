@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsm8k_jax.models.gemma3.cache import KVCache, attention_masks
+from gsm8k_jax.models.gemma3.cache import KVCache, attention_masks, write_rows
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
 
@@ -72,7 +72,7 @@ class Attention(nnx.Module):
         positions: jax.Array,  # [B, T]
         mask: jax.Array,  # [B, T, S]
         cache_kv: tuple[jax.Array, jax.Array] | None,  # [B, S, K, H] each
-        cache_index: jax.Array | int,
+        cache_index: jax.Array,  # [B] first slot written, per row
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         q = self._query_norm(self.q_einsum(x))  # [B, T, N, H]
@@ -83,10 +83,7 @@ class Attention(nnx.Module):
         q = q * jnp.asarray(c.query_pre_attn_scalar**-0.5, q.dtype)
 
         if cache_kv is not None:
-            cache_k, cache_v = cache_kv
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            k, v = (write_rows(c, new, cache_index) for c, new in zip(cache_kv, (k, v)))
             cache_kv = (k, v)
 
         b, t, _, h = q.shape
@@ -198,10 +195,12 @@ class Gemma3(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Runs T tokens; with a cache, writes them at slots [cache_index, +T)
-        and attends over the whole cache. Returns ([B, T, D] hidden, cache)."""
-        t = tokens.shape[1]
-        query_slots = cache_index + jnp.arange(t)
+        """Runs T tokens; with a cache, writes row b's tokens at slots
+        [cache_index[b], +T) (a scalar applies to all rows) and attends over
+        the whole cache. Returns ([B, T, D] hidden, cache)."""
+        b, t = tokens.shape
+        cache_index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
+        query_slots = cache_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
         if cache is None:
             key_positions, key_valid = positions, valid
         else:
