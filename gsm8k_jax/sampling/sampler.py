@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from gsm8k_jax.models.gemma3.model import Gemma3
+from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_model
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
 
 MIN_PROMPT_BUCKET = 32
@@ -95,11 +97,16 @@ class Sampler:
     Args:
       model: the Gemma 3 model (its current weights are used at each call).
       tokenizer: a Hugging Face tokenizer for text prompts and decoding.
+      mesh: optional (data, model) device mesh (`models.gemma3.sharding`):
+        slots are split over `data`, heads and MLP over `model`.
     """
 
-    def __init__(self, model: Gemma3, tokenizer):
+    def __init__(self, model: Gemma3, tokenizer, *, mesh: Mesh | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.mesh = mesh
+        if mesh is not None:
+            shard_model(model, mesh)
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
@@ -180,12 +187,16 @@ class Sampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.num_samples)]
         num_slots = batch_size or len(rows)
+        if self.mesh is not None:  # Whole slots per data shard; extra slots idle.
+            num_slots = -(-num_slots // self.mesh.shape[DATA]) * self.mesh.shape[DATA]
         width = prompt_bucket(max(pad_to or 0, *(len(ids) for ids in encoded)))
         settings = _settings(params)
         weights = nnx.state(self.model)
         state = DecodeState.empty(
             self.model, num_slots, width, params.max_generation_steps, self.pad_id
         )
+        if self.mesh is not None:
+            state = shard_decode_state(state, self.mesh)
         waiting = collections.deque(range(len(rows)))
         owner: list[int | None] = [None] * num_slots  # row index held by each slot
         group_size = max(1, num_slots // PREFILL_FRACTION)

@@ -1,0 +1,32 @@
+"""Run in a subprocess with 8 host CPU devices (XLA_FLAGS must be set before
+jax is imported): prints greedy and sampled completions per mesh as JSON."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.models.gemma3.sharding import make_mesh
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+from sampling.test_sampler import GREEDY, PROMPTS, SAMPLED, IdTokenizer
+
+model_dir = sys.argv[1]
+assert jax.device_count() == 8, jax.devices()
+results = {}
+for name, mesh in [
+    ("single", None),
+    ("data8", make_mesh(data=8, model=1)),
+    ("data4_model2", make_mesh(data=4, model=2)),
+    ("data2_model4", make_mesh(data=2, model=4)),
+]:
+    model = load_hf_model(model_dir, dtype=jnp.float32)
+    sampler = Sampler(model, IdTokenizer(), mesh=mesh)
+    results[name] = {
+        kind: [c.tokens for c in sampler.generate(PROMPTS[:16], params, batch_size=8)]
+        for kind, params in (("greedy", GREEDY), ("sampled", SAMPLED))
+    }
+    kernel = model.layers[0].mlp.gate_proj.kernel[...]
+    results[name]["gate_proj_spec"] = str(kernel.sharding.spec) if mesh else None
+print(json.dumps(results))
