@@ -1,0 +1,556 @@
+"""LoRA adapters trained with Tunix: find, restore, check, then merge or apply.
+
+Tunix trains LoRA with qwix and saves only the adapter factors, with Orbax:
+
+    <root>/actor/<step>/model_params/   (PyTree checkpoint; also
+                                         optimizer_state/ and step metadata)
+
+Keys mirror the model: `layers/3/attn/q_einsum/w_lora_a`,
+`layers/3/mlp/down_proj/kernel_lora_b`, ... (possibly with a trailing
+`value` level per leaf, depending on the flax version that saved them).
+A weight W gets two factors: `lora_a` holds W's axes that the layer input
+shares (the contracting axes) then the rank r; `lora_b` holds r then W's
+other axes. The layer computes `W x + (x . a . b) * alpha / r`.
+
+Two ways to use an adapter:
+
+* merged (`merge_lora`): W' = W + (a . b) * alpha / r, in place. Same
+  function, no runtime cost, works with everything (the Sampler included).
+* unmerged (`apply_lora`): qwix's LoRA, as in training: its provider
+  intercepts the einsums / dot_generals of the layers `module_path`
+  selects. The interception survives `nnx.split` / `nnx.merge` and
+  `jax.jit` (the graphdef keeps qwix's subclass of the model), but qwix's
+  LoRA einsum rewrites a debugging attribute (`<param>_lora_einsum_str`) on
+  its layer at every call, and NNX forbids mutating a module outside the
+  trace it was merged in: the Sampler merges the model in its jitted
+  function and calls it in a `lax.while_loop` body, which raised
+  `TraceContextError`. `apply_lora` makes those layers skip rewrites of an
+  unchanged value, so the unmerged model samples too.
+
+alpha is not stored in checkpoints: it must be the value used in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import qwix
+from absl import logging
+from etils import epath
+from flax import nnx
+from orbax.checkpoint import v1 as ocp_v1
+
+from gsm8k_jax.checkpoints.paths import existing_path, storage_call
+from gsm8k_jax.models.gemma3.model import Gemma3
+from gsm8k_jax.models.gemma3.modules import Einsum
+from gsm8k_jax.models.gemma3.params import CheckpointError
+
+# Tunix's usual target modules (older configs omit attn_vec_einsum).
+DEFAULT_MODULE_PATH = (
+    ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
+)
+ACTOR_DIR = "actor"
+PARAMS_DIR = "model_params"
+# Names the settings in messages, as the command line spells them.
+CONFIG_FLAG = "--model.lora_config"
+
+_PYTREE_METADATA_FILE = "_METADATA"  # Written by Orbax in every PyTree checkpoint.
+_FACTOR = re.compile(r"(.+)_lora_([ab])")
+_EINSUM_STR_SUFFIX = "_lora_einsum_str"
+
+LoraParams = dict[str, np.ndarray | jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """How the adapter was trained; rank and alpha must match training.
+
+    Attributes:
+      rank: r, the inner dimension of the factors (checked against the
+        checkpoint).
+      alpha: scales the update by alpha / rank; not stored in checkpoints.
+        The default 2.0 is the Tunix CLI's; Tunix's GSM8K GRPO examples use
+        rank 64, alpha 64.0.
+      module_path: regex that qwix matches (re.fullmatch) against '/'-joined
+        module paths such as `layers/0/attn/q_einsum`.
+    """
+
+    rank: int = 16
+    alpha: float = 2.0
+    module_path: str = DEFAULT_MODULE_PATH
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"{CONFIG_FLAG}.rank must be >= 1, got {self.rank}.")
+        try:
+            re.compile(self.module_path)
+        except re.error as e:
+            raise ValueError(
+                f"{CONFIG_FLAG}.module_path={self.module_path!r} is not a valid"
+                f" regex: {e}."
+            ) from e
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# --------------------------------------------------------------------------
+# Finding and reading checkpoints
+# --------------------------------------------------------------------------
+
+
+def _is_pytree_checkpoint(path: epath.Path) -> bool:
+    return storage_call(path, (path / _PYTREE_METADATA_FILE).exists)
+
+
+def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
+    """The `model_params` folder that `path` designates.
+
+    Args:
+      path: local or `gs://`; one of `<root>/actor` (its latest integer step
+        is used), a step folder `<root>/actor/<step>`, or a `model_params`
+        folder.
+
+    Raises:
+      CheckpointError: the path is missing or unreadable, or holds no step
+        folders or no `model_params`.
+    """
+    folder = existing_path(path, "LoRA checkpoint")
+    if _is_pytree_checkpoint(folder):
+        return str(folder)
+    params = folder / PARAMS_DIR
+    if storage_call(params, params.exists):
+        if not _is_pytree_checkpoint(params):
+            raise CheckpointError(
+                f"{params} is not an Orbax PyTree checkpoint (no"
+                f" {_PYTREE_METADATA_FILE}): an unfinished save?"
+            )
+        return str(params)
+
+    children = storage_call(folder, lambda: sorted(c.name for c in folder.iterdir()))
+    steps = [int(name) for name in children if name.isdigit()]
+    if not steps:
+        hint = f" Did you mean {folder / ACTOR_DIR}?" if ACTOR_DIR in children else ""
+        found = f"it holds {children[:10]}" if children else "it is empty"
+        raise CheckpointError(
+            f"No LoRA checkpoint in {path}: expected integer step folders"
+            f" (<root>/{ACTOR_DIR}/<step>/{PARAMS_DIR}), a step folder or a"
+            f" {PARAMS_DIR} folder, but {found}.{hint}"
+        )
+    latest = folder / str(max(steps))
+    params = latest / PARAMS_DIR
+    if not _is_pytree_checkpoint(params):
+        raise CheckpointError(
+            f"The latest step folder {latest} has no {PARAMS_DIR} checkpoint: an"
+            " unfinished save? Pass an earlier step folder explicitly."
+        )
+    return str(params)
+
+
+def _key(path: tuple[Any, ...]) -> str:
+    """'/'-joined tree path, without the trailing `value` some flax versions add."""
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    return key.removesuffix("/value")
+
+
+def restore_lora_params(path: str | os.PathLike) -> LoraParams:
+    """Reads the LoRA factors of a checkpoint as host arrays.
+
+    Args:
+      path: anything `resolve_lora_checkpoint` accepts, local or `gs://`.
+
+    Returns:
+      {'layers/3/attn/q_einsum/w_lora_a': array, ...}, sorted by key. Other
+      leaves (a checkpoint of the full model state) are skipped unread.
+    """
+    params_dir = epath.Path(resolve_lora_checkpoint(path))
+    handler = ocp.PyTreeCheckpointHandler()
+    tree = storage_call(params_dir, lambda: handler.metadata(params_dir).tree)
+
+    def is_factor(keypath: tuple[Any, ...]) -> bool:
+        return _FACTOR.fullmatch(_key(keypath).rsplit("/", 1)[-1]) is not None
+
+    # Restore the factors only, as numpy (no device or sharding assumptions).
+    item = jax.tree_util.tree_map_with_path(
+        lambda p, meta: meta if is_factor(p) else ocp.PLACEHOLDER, tree
+    )
+    restore_args = jax.tree_util.tree_map_with_path(
+        lambda p, _: (
+            ocp.RestoreArgs(restore_type=np.ndarray)
+            if is_factor(p)
+            else ocp.PLACEHOLDER
+        ),
+        tree,
+    )
+    checkpointer = ocp.Checkpointer(handler)
+    restored = storage_call(
+        params_dir,
+        lambda: checkpointer.restore(
+            params_dir,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
+        ),
+    )
+    flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+    params = {_key(p): v for p, v in flat if is_factor(p)}
+    logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
+    return dict(sorted(params.items()))
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def save_lora_params(
+    model_or_params: nnx.Module | Mapping[str, np.ndarray | jax.Array],
+    root: str | os.PathLike,
+    step: int,
+) -> str:
+    """Writes LoRA factors as Tunix does: `<root>/actor/<step>/model_params`.
+
+    Args:
+      model_or_params: a model with LoRA applied (its `nnx.LoRAParam`s are
+        saved, as Tunix saves them) or a flat dict as `restore_lora_params`
+        returns.
+      root: local folder, or `gs://` (Orbax writes to Cloud Storage directly).
+      step: the training step, the name of the step folder.
+
+    Returns:
+      The path of the `model_params` folder written.
+    """
+    if isinstance(model_or_params, nnx.Module):
+        tree = nnx.state(model_or_params, nnx.LoRAParam)
+        if not nnx.to_flat_state(tree):
+            raise CheckpointError(
+                "The model has no LoRA parameters to save (merged already, or"
+                " LoRA never applied?)."
+            )
+    else:
+        tree = _nest(model_or_params)
+    checkpointer = ocp_v1.training.Checkpointer(epath.Path(root) / ACTOR_DIR)
+    try:
+        checkpointer.save_checkpointables(step, {PARAMS_DIR: tree})
+    finally:
+        checkpointer.close()
+    return str(epath.Path(root) / ACTOR_DIR / str(step) / PARAMS_DIR)
+
+
+# --------------------------------------------------------------------------
+# Matching factors to the model's weights
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A weight qwix gives LoRA factors to, with the axes of each factor.
+
+    Axes are einsum letters: `w_axes` name the weight's axes; lora_a has
+    `a_axes` (those the layer input shares) then the rank, lora_b has the
+    rank then the others, in the weight's order (as qwix creates them).
+    """
+
+    variable: nnx.Variable
+    w_axes: str
+    a_axes: str
+
+    @property
+    def b_axes(self) -> str:
+        return "".join(c for c in self.w_axes if c not in self.a_axes)
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        size = dict(zip(self.w_axes, self.variable.get_value().shape))
+        return (
+            (*(size[c] for c in self.a_axes), rank),
+            (rank, *(size[c] for c in self.b_axes)),
+        )
+
+    def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """a . b laid out like the weight."""
+        r = next(c for c in "rstuvwxyz" if c not in self.w_axes)
+        return jnp.einsum(
+            f"{self.a_axes}{r},{r}{self.b_axes}->{self.w_axes}",
+            a,
+            b,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+
+def _target(module: nnx.Module) -> tuple[str, _Target] | None:
+    """(param name, target) for the layer types qwix attaches LoRA to here."""
+    if isinstance(module, Einsum):  # y = einsum('<x axes>,<w axes>->...', x, w)
+        x_axes, rest = module.equation.split(",")
+        w_axes = rest.split("->")[0]
+        a_axes = "".join(c for c in w_axes if c in x_axes)
+        return "w", _Target(module.w, w_axes, a_axes)
+    if isinstance(module, nnx.Linear):  # kernel [in, out]
+        return "kernel", _Target(module.kernel, "io", "i")
+    return None
+
+
+def _targets(model: nnx.Module, module_path: str) -> dict[str, _Target]:
+    """Weights (by '/'-joined path) that `module_path` gives LoRA factors to."""
+    pattern = re.compile(module_path)
+    targets = {}
+    for path, module in nnx.iter_modules(model):
+        name = "/".join(map(str, path))
+        found = _target(module)
+        if found is not None and pattern.fullmatch(name):
+            targets[f"{name}/{found[0]}"] = found[1]
+    return targets
+
+
+def _weight_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Every base (non-LoRA) parameter of the model, by '/'-joined path."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    return {
+        "/".join(map(str, path)): tuple(var.get_value().shape)
+        for path, var in nnx.to_flat_state(state)
+    }
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _preview(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _factors(params: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{weight path: {'a': shape, 'b': shape}}; rejects keys that are not factors."""
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    others = []
+    for key, value in params.items():
+        match = _FACTOR.fullmatch(key)
+        if match is None:
+            others.append(key)
+        else:
+            factors.setdefault(match[1], {})[match[2]] = tuple(np.shape(value))
+    if others:
+        raise CheckpointError(
+            f"Not LoRA factors (names must end in _lora_a / _lora_b): {_preview(others)}."
+        )
+    return factors
+
+
+def validate_lora_params(
+    model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
+) -> None:
+    """Checks that the factors fit the model and config, before anything runs.
+
+    Every factor must belong to a weight of the model that
+    `config.module_path` selects, come with its partner, have rank
+    `config.rank` and the shape qwix would create.
+
+    Raises:
+      CheckpointError: saying what does not fit and the likely cause
+        (another model size, another rank, another module_path).
+    """
+    if not params:
+        raise CheckpointError(
+            "The checkpoint has no LoRA parameters (no keys ending in _lora_a /"
+            " _lora_b): not a LoRA checkpoint?"
+        )
+    factors = _factors(params)
+
+    weights = _weight_shapes(model)
+    unknown = sorted(w for w in factors if w not in weights)
+    if unknown:
+        num_layers = model.config.num_layers
+        layers = [int(m[1]) for w in unknown if (m := re.match(r"layers/(\d+)/", w))]
+        if layers and max(layers) >= num_layers:
+            cause = (
+                f"checkpoint has layers/{max(layers)}/... but the model has"
+                f" {num_layers} layers: a checkpoint for another model size?"
+            )
+        else:
+            cause = "a checkpoint for another model?"
+        raise CheckpointError(
+            f"LoRA factors for weights this model does not have"
+            f" ({_preview(unknown)}): {cause}"
+        )
+
+    targets = _targets(model, config.module_path)
+    unselected = sorted(w for w in factors if w not in targets)
+    if unselected:
+        raise CheckpointError(
+            f"{CONFIG_FLAG}.module_path={config.module_path!r} does not select"
+            f" {_preview(unselected)}, which the checkpoint has LoRA factors for:"
+            " use the module_path the adapter was trained with."
+        )
+
+    unpaired = sorted(
+        f"{w}_lora_{'b' if 'a' in f else 'a'}" for w, f in factors.items() if len(f) < 2
+    )
+    if unpaired:
+        raise CheckpointError(
+            f"The checkpoint lacks {_preview(unpaired)}: every LoRA weight needs"
+            " both factors."
+        )
+
+    for weight, shapes in sorted(factors.items()):
+        a_shape = shapes["a"]
+        if not a_shape or a_shape[-1] != config.rank:
+            raise CheckpointError(
+                f"LoRA rank mismatch: {CONFIG_FLAG}.rank={config.rank} but"
+                f" checkpoint has rank {a_shape[-1] if a_shape else '?'}"
+                f" ({weight}_lora_a {_fmt(a_shape)}). Set the rank (and alpha)"
+                " the adapter was trained with."
+            )
+    for weight, shapes in sorted(factors.items()):
+        expected = dict(zip("ab", targets[weight].factor_shapes(config.rank)))
+        for which in "ab":
+            if shapes[which] != expected[which]:
+                raise CheckpointError(
+                    f"LoRA shape mismatch: {weight}_lora_{which} is"
+                    f" {_fmt(shapes[which])} in the checkpoint, but this model"
+                    f" ({weight} {_fmt(weights[weight])}) expects"
+                    f" {_fmt(expected[which])} at rank {config.rank}: a"
+                    " checkpoint for another model size?"
+                )
+
+
+# --------------------------------------------------------------------------
+# Using the factors
+# --------------------------------------------------------------------------
+
+
+def merge_lora(
+    model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
+) -> None:
+    """W += (a . b) * alpha / rank for each factor pair, in place.
+
+    Validates first. The update is computed in float32 and cast back to
+    each weight's dtype.
+    """
+    validate_lora_params(model, params, config)
+    targets = _targets(model, config.module_path)
+    for weight in _factors(params):
+        target = targets[weight]
+        a = jnp.asarray(params[f"{weight}_lora_a"], jnp.float32)
+        b = jnp.asarray(params[f"{weight}_lora_b"], jnp.float32)
+        w = target.variable.get_value()
+        merged = w.astype(jnp.float32) + target.delta(a, b) * config.scale
+        target.variable.set_value(merged.astype(w.dtype))
+
+
+_SAMPLEABLE_CLASSES: dict[type, type] = {}
+
+
+def _sampleable_class(cls: type) -> type:
+    """`cls` where rewriting qwix's debug attribute with the same value is a no-op.
+
+    qwix's LoRA einsum sets `<param>_lora_einsum_str` on its layer at every
+    call; the value is fixed at apply time, and skipping the rewrite lets the
+    layer run where NNX forbids mutating it (a `lax.while_loop` body, for one).
+    """
+    if cls not in _SAMPLEABLE_CLASSES:
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name.endswith(_EINSUM_STR_SUFFIX) and vars(self).get(name) == value:
+                return
+            super(sampleable, self).__setattr__(name, value)
+
+        sampleable = type(cls.__name__, (cls,), {"__setattr__": __setattr__})
+        _SAMPLEABLE_CLASSES[cls] = sampleable
+    return _SAMPLEABLE_CLASSES[cls]
+
+
+def _make_sampleable(model: nnx.Module) -> None:
+    """Gives qwix's LoRA einsum layers their `_sampleable_class`, in place."""
+    for _, module in nnx.iter_modules(model):
+        cls = type(module)
+        uses_einsum_str = any(n.endswith(_EINSUM_STR_SUFFIX) for n in vars(module))
+        if uses_einsum_str and cls not in _SAMPLEABLE_CLASSES.values():
+            module.__class__ = _sampleable_class(cls)
+
+
+def apply_lora(
+    model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
+) -> Gemma3:
+    """A copy of `model` running the factors unmerged, through qwix.
+
+    Validates first. Base weights are shared with `model`, not copied. Factors
+    are stored in the dtype of the weights they adapt (as qwix creates them).
+    Modules that `config.module_path` selects but the checkpoint has no
+    factors for get zero factors (no update).
+    """
+    validate_lora_params(model, params, config)
+    provider = qwix.LoraProvider(
+        module_path=config.module_path, rank=config.rank, alpha=config.alpha
+    )
+    # qwix creates the factors by running the model once, on any input.
+    # Tracing that run abstractly gives the structure without computing
+    # anything; the values come from `model` and the checkpoint.
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    positions = jnp.arange(4, dtype=jnp.int32)[None]
+    valid = jnp.ones((1, 4), bool)
+    abstract = nnx.eval_shape(
+        lambda: qwix.apply_lora_to_model(
+            model, provider, tokens, positions, valid, rngs=nnx.Rngs(0)
+        )
+    )
+    graphdef, abstract_state = nnx.split(abstract)
+    base = dict(nnx.to_flat_state(nnx.state(model)))
+    filled = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        key = "/".join(map(str, path))
+        spec = variable.get_value()
+        if path in base:
+            value = base[path].get_value()
+        elif not isinstance(variable, nnx.LoRAParam):
+            raise CheckpointError(f"qwix added {key}, which is not a LoRA factor.")
+        elif key not in params:
+            value = jnp.zeros(spec.shape, spec.dtype)
+        elif tuple(np.shape(params[key])) != spec.shape:
+            # Validation mirrors qwix: this is a bug, not a user error.
+            raise CheckpointError(
+                f"qwix creates {key} as {_fmt(spec.shape)}, the checkpoint has"
+                f" {_fmt(np.shape(params[key]))}."
+            )
+        else:
+            value = jnp.asarray(params[key], spec.dtype)
+        filled.append((path, variable.replace(value)))
+    lora_model = nnx.merge(graphdef, nnx.from_flat_state(filled))
+    _make_sampleable(lora_model)
+    return lora_model
+
+
+def load_lora(
+    model: Gemma3,
+    path: str | os.PathLike,
+    config: LoraConfig,
+    *,
+    merge: bool = True,
+) -> Gemma3:
+    """Restores a Tunix LoRA checkpoint and merges it into `model` (or applies it).
+
+    Args:
+      model: the base model the adapter was trained on.
+      path: anything `resolve_lora_checkpoint` accepts, local or `gs://`.
+      config: rank, alpha and module_path of the training run.
+      merge: True: merge in place and return `model`. False: return a qwix
+        LoRA model that runs the factors unmerged (`model` is unchanged).
+    """
+    params = restore_lora_params(path)
+    if merge:
+        merge_lora(model, params, config)
+        return model
+    return apply_lora(model, params, config)

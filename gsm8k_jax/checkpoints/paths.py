@@ -1,0 +1,79 @@
+"""Local and `gs://` checkpoint paths, with errors that say what to fix.
+
+Paths go through `etils.epath`, as Orbax's do, so one code path serves local
+folders and Cloud Storage (through gcsfs). Storage errors on `gs://` paths
+become `CheckpointError`s naming the bucket and how to get credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from etils import epath
+
+from gsm8k_jax.models.gemma3.params import CheckpointError
+
+GCS_SCHEME = "gs://"
+_CREDENTIALS_HINT = (
+    "Check the bucket name, that your account may read it, and your"
+    " credentials: run `gcloud auth application-default login` or set"
+    " GOOGLE_APPLICATION_CREDENTIALS to a service account key file."
+)
+
+T = TypeVar("T")
+
+
+def is_gcs(path: str | os.PathLike) -> bool:
+    return os.fspath(path).startswith(GCS_SCHEME)
+
+
+def gcs_bucket(path: str | os.PathLike) -> str:
+    """The bucket of a `gs://bucket/...` path."""
+    return os.fspath(path)[len(GCS_SCHEME) :].split("/", 1)[0]
+
+
+def storage_call(path: str | os.PathLike, fn: Callable[[], T]) -> T:
+    """Runs `fn` (file system work on `path`); turns GCS failures into clear errors.
+
+    A missing object is not a failure (FileNotFoundError passes through);
+    anything else on `gs://` (no credentials, permission denied, network) is
+    reported with the bucket's name. Messages from the storage client carry
+    no credentials.
+    """
+    try:
+        return fn()
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if not is_gcs(path):
+            raise
+        raise CheckpointError(
+            f"Cannot read {path}: {type(e).__name__}: {e}. Bucket"
+            f" gs://{gcs_bucket(path)} is unreachable or unreadable."
+            f" {_CREDENTIALS_HINT}"
+        ) from e
+
+
+def existing_path(path: str | os.PathLike, what: str) -> epath.Path:
+    """`path` as an epath.Path, or a CheckpointError saying why it cannot be read.
+
+    Args:
+      path: a local path or `gs://bucket/...`.
+      what: what the caller expected there, for the message
+        (e.g. "LoRA checkpoint").
+    """
+    if not os.fspath(path):
+        raise CheckpointError(f"Empty {what} path.")
+    epath_path = epath.Path(path)
+    if storage_call(path, epath_path.exists):
+        return epath_path
+    if is_gcs(path):
+        bucket = f"{GCS_SCHEME}{gcs_bucket(path)}"
+        if not storage_call(bucket, epath.Path(bucket).exists):
+            raise CheckpointError(
+                f"Cannot read {what} {path}: bucket {bucket} does not exist or is"
+                f" not visible to your credentials. {_CREDENTIALS_HINT}"
+            )
+    raise CheckpointError(f"No {what} at {path}: the path does not exist.")

@@ -1,0 +1,351 @@
+"""Tunix-layout LoRA checkpoints: restore, validate, merge and apply.
+
+Checkpoints are written here with plain Orbax, as Tunix lays them out, and
+the reference is transformers' Gemma 3 with the LoRA updates added to its
+torch weights by code independent of gsm8k_jax.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from flax import nnx
+from gcs_emulator import upload_dir
+from hf_models import make_tiny_hf_model, tiny_hf_config
+
+from gsm8k_jax.checkpoints import lora
+from gsm8k_jax.checkpoints.lora import LoraConfig
+from gsm8k_jax.models.gemma3.params import CheckpointError, load_hf_model
+from gsm8k_jax.sampling.decode import prompt_positions
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+
+TOLERANCE = 1e-4
+# Two layers (one of each attention type) keep compilation short.
+MODEL = {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
+RANK = 4
+CONFIG = LoraConfig(rank=RANK, alpha=8.0)  # alpha / rank = 2
+IDS = np.array(
+    [
+        [2, 17, 300, 45, 9, 88, 120, 7, 64, 5, 211, 33],
+        [2, 8, 19, 400, 3, 77, 6, 250, 91, 14, 2, 60],
+    ]
+)
+
+
+def factor_shapes(hf_config, rank):
+    """LoRA factor shapes per module, written out by hand (REFERENCE.md §3)."""
+    d, f = hf_config.hidden_size, hf_config.intermediate_size
+    n, k, h = (
+        hf_config.num_attention_heads,
+        hf_config.num_key_value_heads,
+        hf_config.head_dim,
+    )
+    return {
+        "attn/q_einsum/w": ((d, rank), (rank, n, h)),
+        "attn/kv_einsum/w": ((d, rank), (rank, 2, k, h)),
+        "attn/attn_vec_einsum/w": ((n, h, rank), (rank, d)),
+        "mlp/gate_proj/kernel": ((d, rank), (rank, f)),
+        "mlp/up_proj/kernel": ((d, rank), (rank, f)),
+        "mlp/down_proj/kernel": ((f, rank), (rank, d)),
+    }
+
+
+def random_factors(hf_config, rank=RANK, seed=0):
+    """{(layer, 'attn/q_einsum/w'): (a, b)} with non-zero a and b."""
+    rng = np.random.default_rng(seed)
+    return {
+        (i, name): tuple(
+            (rng.standard_normal(shape) * 0.2).astype(np.float32) for shape in shapes
+        )
+        for i in range(hf_config.num_hidden_layers)
+        for name, shapes in factor_shapes(hf_config, rank).items()
+    }
+
+
+def write_tunix_checkpoint(directory, factors, *, value_key=True, int_layers=False):
+    """Saves factors with plain Orbax, nested as Tunix's nnx.State saves them."""
+    tree = {"layers": {}}
+    for (i, name), pair in factors.items():
+        node = tree["layers"].setdefault(i if int_layers else str(i), {})
+        *modules, param = name.split("/")
+        for module in modules:
+            node = node.setdefault(module, {})
+        for suffix, array in zip("ab", pair):
+            node[f"{param}_lora_{suffix}"] = {"value": array} if value_key else array
+    ocp.PyTreeCheckpointer().save(directory, tree)
+
+
+def flat_factors(factors):
+    return {
+        f"layers/{i}/{name}_lora_{s}": x
+        for (i, name), pair in factors.items()
+        for s, x in zip("ab", pair)
+    }
+
+
+def reference_logits(ref, factors, scale):
+    """transformers' logits with W += a @ b * scale added to `ref` (in place)."""
+    c = ref.config
+    n, k, h, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+
+    def add(param, delta):
+        param.add_(torch.from_numpy(np.ascontiguousarray(delta) * scale))
+
+    with torch.no_grad():
+        for (i, name), (a, b) in factors.items():
+            layer = ref.model.layers[i]
+            attn, mlp = layer.self_attn, layer.mlp
+            if name == "attn/q_einsum/w":  # q_proj (N*H, D)
+                add(
+                    attn.q_proj.weight, np.einsum("dr,rnh->nhd", a, b).reshape(n * h, d)
+                )
+            elif name == "attn/kv_einsum/w":  # k_proj, v_proj (K*H, D)
+                for proj, part in ((attn.k_proj, b[:, 0]), (attn.v_proj, b[:, 1])):
+                    add(
+                        proj.weight, np.einsum("dr,rkh->khd", a, part).reshape(k * h, d)
+                    )
+            elif name == "attn/attn_vec_einsum/w":  # o_proj (D, N*H)
+                add(
+                    attn.o_proj.weight, np.einsum("nhr,rd->dnh", a, b).reshape(d, n * h)
+                )
+            else:  # gate/up/down_proj (out, in); a @ b is (in, out)
+                add(getattr(mlp, name.split("/")[1]).weight, (a @ b).T)
+        return ref(torch.tensor(IDS)).logits.numpy()
+
+
+@nnx.jit
+def _forward(model, ids):
+    valid = jnp.ones(ids.shape, bool)
+    hidden, _ = model(ids, prompt_positions(valid), valid)
+    return model.logits(hidden)
+
+
+def our_logits(model):
+    return np.asarray(_forward(model, jnp.asarray(IDS)))
+
+
+@dataclasses.dataclass
+class IdTokenizer:
+    """Stands in for a tokenizer: prompts here are token ids already."""
+
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@dataclasses.dataclass
+class Setup:
+    base: object  # our model; clone before merging into it
+    factors: dict  # the latest step's
+    run: object  # <tmp>/run, holding actor/100 and actor/200
+    expected: np.ndarray  # reference logits with `factors` merged
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    hf_dir = tmp / "hf"
+    ref = make_tiny_hf_model(hf_dir, "gqa", **MODEL)
+    run = tmp / "run"
+    write_tunix_checkpoint(
+        run / "actor" / "100" / "model_params", random_factors(ref.config, seed=1)
+    )
+    factors = random_factors(ref.config, seed=2)
+    write_tunix_checkpoint(run / "actor" / "200" / "model_params", factors)
+    return Setup(
+        base=load_hf_model(hf_dir, dtype=jnp.float32),
+        factors=factors,
+        run=run,
+        expected=reference_logits(ref, factors, CONFIG.scale),
+    )
+
+
+@pytest.fixture(scope="module")
+def unmerged(setup):
+    return lora.load_lora(setup.base, setup.run / "actor", CONFIG, merge=False)
+
+
+def test_merged_and_unmerged_match_transformers(setup, unmerged):
+    base_logits = our_logits(setup.base)
+    merged = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
+    merged_logits, unmerged_logits = our_logits(merged), our_logits(unmerged)
+    # The adapter matters, the base model is untouched, and both paths agree
+    # with transformers given the latest step (200), not step 100.
+    assert np.abs(setup.expected - base_logits).max() > 0.1
+    np.testing.assert_array_equal(our_logits(setup.base), base_logits)
+    np.testing.assert_allclose(merged_logits, setup.expected, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(unmerged_logits, merged_logits, atol=TOLERANCE, rtol=0)
+
+
+def test_step_and_params_folders_and_layouts(setup, tmp_path):
+    actor = setup.run / "actor"
+    assert lora.resolve_lora_checkpoint(actor) == str(actor / "200" / "model_params")
+    assert lora.resolve_lora_checkpoint(actor / "100") == str(
+        actor / "100" / "model_params"
+    )
+    expected = flat_factors(setup.factors)
+    for path in (actor / "200", actor / "200" / "model_params"):
+        restored = lora.restore_lora_params(path)
+        assert list(restored) == sorted(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(restored[key], value)
+    # No trailing `value` key, integer layer keys: same result.
+    write_tunix_checkpoint(
+        tmp_path / "plain", setup.factors, value_key=False, int_layers=True
+    )
+    restored = lora.restore_lora_params(tmp_path / "plain")
+    assert restored.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(restored[key], value)
+
+
+def test_full_state_checkpoint_restores_only_factors(setup, tmp_path):
+    tree = {"layers": {"0": {"attn": {"q_einsum": {"w": np.ones((4, 64, 32))}}}}}
+    a, b = setup.factors[(0, "attn/q_einsum/w")]
+    tree["layers"]["0"]["attn"]["q_einsum"].update(w_lora_a=a, w_lora_b=b)
+    ocp.PyTreeCheckpointer().save(tmp_path / "full", tree)
+    restored = lora.restore_lora_params(tmp_path / "full")
+    assert list(restored) == [
+        "layers/0/attn/q_einsum/w_lora_a",
+        "layers/0/attn/q_einsum/w_lora_b",
+    ]
+
+
+def test_unmerged_model_samples_like_merged(setup, unmerged):
+    merged = nnx.clone(setup.base)
+    lora.merge_lora(merged, lora.restore_lora_params(setup.run / "actor"), CONFIG)
+    params = SamplingParams(max_generation_steps=6, eos_ids=(1,))
+    prompts = [IDS[0].tolist(), IDS[1, :5].tolist()]
+    from_merged = Sampler(merged, IdTokenizer()).generate(prompts, params)
+    from_unmerged = Sampler(unmerged, IdTokenizer()).generate(prompts, params)
+    assert [c.tokens for c in from_unmerged] == [c.tokens for c in from_merged]
+    np.testing.assert_allclose(
+        [c.logprob for c in from_unmerged], [c.logprob for c in from_merged], atol=1e-3
+    )
+
+
+def test_load_from_gcs(setup, gcs_bucket):
+    # Saved locally with Orbax, then uploaded (docs/REFERENCE.md section 4).
+    remote = f"{gcs_bucket}/test_lora/run"
+    upload_dir(str(setup.run), remote)
+    assert lora.resolve_lora_checkpoint(f"{remote}/actor") == (
+        f"{remote}/actor/200/model_params"
+    )
+    merged = lora.load_lora(nnx.clone(setup.base), f"{remote}/actor", CONFIG)
+    unmerged = lora.load_lora(setup.base, f"{remote}/actor/200", CONFIG, merge=False)
+    for model in (merged, unmerged):
+        np.testing.assert_allclose(
+            our_logits(model), setup.expected, atol=TOLERANCE, rtol=0
+        )
+
+
+def test_save_load_round_trip(setup, unmerged, tmp_path):
+    written = lora.save_lora_params(unmerged, tmp_path / "from_model", 7)
+    assert written == str(tmp_path / "from_model" / "actor" / "7" / "model_params")
+    from_model = lora.restore_lora_params(tmp_path / "from_model" / "actor")
+    expected = flat_factors(setup.factors)
+    assert from_model.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(from_model[key], value)
+
+    lora.save_lora_params(from_model, tmp_path / "from_dict", 3)
+    from_dict = lora.restore_lora_params(tmp_path / "from_dict" / "actor" / "3")
+    for key, value in expected.items():
+        np.testing.assert_array_equal(from_dict[key], value)
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+def test_wrong_rank(setup):
+    params = lora.restore_lora_params(setup.run / "actor")
+    with pytest.raises(
+        CheckpointError,
+        match=r"LoRA rank mismatch: --model\.lora_config\.rank=16 but checkpoint has"
+        r" rank 4 \(layers/0/attn/\w+/w_lora_a \[.*, 4\]\)",
+    ):
+        lora.merge_lora(nnx.clone(setup.base), params, LoraConfig(rank=16))
+
+
+def test_checkpoint_for_more_layers(setup):
+    config = tiny_hf_config("gqa", num_hidden_layers=4)
+    params = flat_factors(random_factors(config))
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not have \(layers/2/.*\(12 in all\)\): checkpoint has"
+        r" layers/3/\.\.\. but the model has 2 layers: a checkpoint for another"
+        r" model size\?",
+    ):
+        lora.validate_lora_params(setup.base, params, CONFIG)
+
+
+def test_checkpoint_for_wider_model(setup):
+    config = tiny_hf_config("gqa", hidden_size=96, **MODEL)
+    params = flat_factors(random_factors(config))
+    with pytest.raises(
+        CheckpointError,
+        match=r"LoRA shape mismatch: layers/0/\S+ is \[.*96.*\] in the checkpoint,"
+        r" but this model .* expects \[.*64.*\] at rank 4: a checkpoint for another"
+        r" model size\?",
+    ):
+        lora.validate_lora_params(setup.base, params, CONFIG)
+
+
+def test_module_path_missing_trained_modules(setup):
+    params = flat_factors(setup.factors)
+    config = dataclasses.replace(CONFIG, module_path=".*q_einsum|.*kv_einsum")
+    with pytest.raises(
+        CheckpointError,
+        match=r"module_path='\.\*q_einsum\|\.\*kv_einsum' does not select"
+        r" layers/0/attn/attn_vec_einsum/w, .* use the module_path the adapter was"
+        " trained with",
+    ):
+        lora.validate_lora_params(setup.base, params, config)
+
+
+def test_unpaired_and_empty_params(setup):
+    params = flat_factors(setup.factors)
+    del params["layers/1/mlp/up_proj/kernel_lora_b"]
+    with pytest.raises(
+        CheckpointError, match=r"lacks layers/1/mlp/up_proj/kernel_lora_b"
+    ):
+        lora.validate_lora_params(setup.base, params, CONFIG)
+    with pytest.raises(CheckpointError, match="no LoRA parameters"):
+        lora.validate_lora_params(setup.base, {}, CONFIG)
+
+
+def test_missing_and_empty_paths(tmp_path):
+    with pytest.raises(
+        CheckpointError, match=r"No LoRA checkpoint at .*/nope: the path"
+    ):
+        lora.resolve_lora_checkpoint(tmp_path / "nope")
+    (tmp_path / "run" / "actor").mkdir(parents=True)
+    with pytest.raises(
+        CheckpointError, match=r"expected integer step folders .* but it is empty"
+    ):
+        lora.resolve_lora_checkpoint(tmp_path / "run" / "actor")
+    with pytest.raises(CheckpointError, match=r"Did you mean .*/run/actor\?"):
+        lora.resolve_lora_checkpoint(tmp_path / "run")
+    (tmp_path / "run" / "actor" / "5").mkdir()
+    with pytest.raises(CheckpointError, match=r"step folder .*/5 has no model_params"):
+        lora.resolve_lora_checkpoint(tmp_path / "run" / "actor")
+
+
+def test_unreachable_bucket(gcs_bucket):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bucket gs://no-such-bucket-gsm8k does not exist or is not visible.*"
+        r"gcloud auth application-default login",
+    ):
+        lora.restore_lora_params("gs://no-such-bucket-gsm8k/run/actor")
+    with pytest.raises(
+        CheckpointError, match=r"No LoRA checkpoint at gs://.*: the path"
+    ):
+        lora.resolve_lora_checkpoint(f"{gcs_bucket}/test_lora/absent")
