@@ -8,9 +8,11 @@ Both scripts in research/script/ are thin wrappers over `main`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +139,14 @@ def _slug(text: str) -> str:
 
 
 def checkpoint_tag(lora_path: str) -> str:
-    """A short name for a LoRA checkpoint: its last three path components."""
-    return (
-        _slug("-".join(lora_path.rstrip("/").split("/")[-3:])) if lora_path else "base"
-    )
+    """A short name for a LoRA checkpoint, e.g. `run-actor-500` for
+    `.../run/actor/500/model_params`."""
+    if not lora_path:
+        return "base"
+    parts = lora_path.rstrip("/").split("/")
+    if parts[-1] == "model_params":
+        parts = parts[:-1]
+    return _slug("-".join(parts[-3:]))
 
 
 def _file_digest(path: str) -> str:
@@ -153,8 +159,11 @@ def _file_digest(path: str) -> str:
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
 
 
-def run_script(*, lora: bool, default_model_config: str | Path) -> None:
-    """Entry point of eval_gsm8k.py (lora=True) and eval_gsm8k_base.py."""
+def run_app(
+    main_fn: Callable[[list[str]], Any], *, default_model_config: str | Path
+) -> None:
+    """Defines the flags, then runs `main_fn` under absl; user errors are
+    reported as one line (exit status 1), not a traceback."""
     try:  # ml_collections applies --model.* overrides while defining the flag.
         define_flags(default_model_config)
     except (AttributeError, KeyError) as e:
@@ -162,7 +171,7 @@ def run_script(*, lora: bool, default_model_config: str | Path) -> None:
 
     def _main(argv):
         try:
-            main(argv, lora=lora)
+            main_fn(argv)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
@@ -170,10 +179,15 @@ def run_script(*, lora: bool, default_model_config: str | Path) -> None:
     app.run(_main, flags_parser=parse_flags)
 
 
-def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
-    """Runs one evaluation from the parsed flags; returns the summary."""
-    del argv
-    cfg = FLAGS.model
+def run_script(*, lora: bool, default_model_config: str | Path) -> None:
+    """Entry point of eval_gsm8k.py (lora=True) and eval_gsm8k_base.py."""
+    run_app(
+        functools.partial(main, lora=lora), default_model_config=default_model_config
+    )
+
+
+def check_model_config(cfg: ml_collections.ConfigDict) -> None:
+    """Rejects an unsupported `--model` family, name or dtype with a clear error."""
     if cfg.model_family not in SUPPORTED_FAMILIES:
         raise ValueError(
             f"--model.model_family={cfg.model_family!r}; supported: {SUPPORTED_FAMILIES}."
@@ -183,6 +197,85 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
             f"--model.model_name={cfg.model_name!r}; choose one of {sorted(MODELS)}."
         )
     parse_dtype(cfg.dtype)
+
+
+def eval_config_from_flags(model_dir: Path) -> EvalConfig:
+    """The evaluation settings of the flags; stop ids default to `model_dir`'s."""
+    eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
+    return EvalConfig(
+        batch_size=FLAGS.batch_size,
+        sampling=SamplingParams(
+            max_generation_steps=FLAGS.max_generation_steps,
+            temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p,
+            top_k=FLAGS.top_k,
+            num_samples=FLAGS.num_samples,
+            seed=FLAGS.seed,
+            eos_ids=eos_ids,
+        ),
+        extraction_method=FLAGS.extraction_method,
+        prompt_template=FLAGS.prompt_template,
+        system_prompt=FLAGS.system_prompt or None,
+        use_chat_template=FLAGS.use_chat_template,
+    )
+
+
+def run_tag(model_name: str, lora_path: str, batch_size: int) -> str:
+    """The tag naming a run's files: `<model>_<checkpoint>_bs<batch_size>`.
+
+    Args:
+      model_name: a name from `registry.MODELS`.
+      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      batch_size: prompts decoded in parallel.
+    """
+    return f"{_slug(model_name)}_{checkpoint_tag(lora_path)}_bs{batch_size}"
+
+
+def run_info(
+    model: Mapping[str, Any],
+    *,
+    model_dir: str | Path,
+    lora_path: str,
+    data_path: str,
+    num_examples: int,
+    eval_config: EvalConfig,
+) -> dict[str, Any]:
+    """What produced a run's results, as `run_<tag>.json` records it.
+
+    Args:
+      model: the `--model` config as a dict (`model_config(...).to_dict()`).
+      model_dir: the local folder the weights were loaded from.
+      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      data_path: the GSM8K file (local or gs://).
+      num_examples: how many problems are evaluated.
+      eval_config: the evaluation settings.
+    """
+    return {
+        "model": dict(model),
+        "model_dir": str(model_dir),
+        "lora_checkpoint": lora_path,
+        "data_path": data_path,
+        "data_sha256": _file_digest(data_path),
+        "num_examples": num_examples,
+        "eval": {
+            "batch_size": eval_config.batch_size,
+            "sampling": {
+                **vars(eval_config.sampling),
+                "eos_ids": list(eval_config.sampling.eos_ids),
+            },
+            "extraction_method": eval_config.extraction_method,
+            "prompt_template": eval_config.prompt_template,
+            "system_prompt": eval_config.system_prompt,
+            "use_chat_template": eval_config.use_chat_template,
+        },
+    }
+
+
+def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
+    """Runs one evaluation from the parsed flags; returns the summary."""
+    del argv
+    cfg = FLAGS.model
+    check_model_config(cfg)
     if lora and not cfg.lora_checkpoint_path:
         raise ValueError(
             "eval_gsm8k.py evaluates a LoRA checkpoint: pass --model.lora_checkpoint_path."
@@ -205,49 +298,25 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
-    eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
-    eval_config = EvalConfig(
-        batch_size=FLAGS.batch_size,
-        sampling=SamplingParams(
-            max_generation_steps=FLAGS.max_generation_steps,
-            temperature=FLAGS.temperature,
-            top_p=FLAGS.top_p,
-            top_k=FLAGS.top_k,
-            num_samples=FLAGS.num_samples,
-            seed=FLAGS.seed,
-            eos_ids=eos_ids,
-        ),
-        extraction_method=FLAGS.extraction_method,
-        prompt_template=FLAGS.prompt_template,
-        system_prompt=FLAGS.system_prompt or None,
-        use_chat_template=FLAGS.use_chat_template,
+    eval_config = eval_config_from_flags(model_dir)
+    tag = run_tag(cfg.model_name, lora_path, FLAGS.batch_size)
+    info = run_info(
+        cfg.to_dict(),
+        model_dir=model_dir,
+        lora_path=lora_path,
+        data_path=data_path,
+        num_examples=len(examples),
+        eval_config=eval_config,
     )
-    tag = f"{_slug(cfg.model_name)}_{checkpoint_tag(lora_path)}_bs{FLAGS.batch_size}"
-    run_info = {
-        "model": cfg.to_dict(),
-        "model_dir": str(model_dir),
-        "lora_checkpoint": lora_path,
-        "data_path": data_path,
-        "data_sha256": _file_digest(data_path),
-        "num_examples": len(examples),
-        "eval": {
-            "batch_size": eval_config.batch_size,
-            "sampling": {**vars(eval_config.sampling), "eos_ids": list(eos_ids)},
-            "extraction_method": eval_config.extraction_method,
-            "prompt_template": eval_config.prompt_template,
-            "system_prompt": eval_config.system_prompt,
-            "use_chat_template": eval_config.use_chat_template,
-        },
-    }
     files = RunFiles(FLAGS.output_dir, tag)
-    files.prepare(run_info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     print(f"Run tag: {tag}\nResults: {files.rollouts_path}", flush=True)
 
     model, tokenizer, _ = load_pretrained(cfg.model_name, model_dir, dtype=cfg.dtype)
     if lora:
         lora_lib.load_lora(model, lora_path, lora_config, merge=True)
     summary = evaluate(
-        Sampler(model, tokenizer), examples, eval_config, files, run_info=run_info
+        Sampler(model, tokenizer), examples, eval_config, files, run_info=info
     )
     low, high = summary["accuracy_ci95"]
     print(

@@ -15,6 +15,7 @@ import torch
 from flax import nnx
 from gcs_emulator import upload_dir
 from hf_models import make_tiny_hf_model, tiny_hf_config
+from lora_checkpoints import random_factors, write_tunix_checkpoint
 
 from gsm8k_jax.checkpoints import lora
 from gsm8k_jax.checkpoints.lora import LoraConfig
@@ -33,49 +34,6 @@ IDS = np.array(
         [2, 8, 19, 400, 3, 77, 6, 250, 91, 14, 2, 60],
     ]
 )
-
-
-def factor_shapes(hf_config, rank):
-    """LoRA factor shapes per module, written out by hand (REFERENCE.md §3)."""
-    d, f = hf_config.hidden_size, hf_config.intermediate_size
-    n, k, h = (
-        hf_config.num_attention_heads,
-        hf_config.num_key_value_heads,
-        hf_config.head_dim,
-    )
-    return {
-        "attn/q_einsum/w": ((d, rank), (rank, n, h)),
-        "attn/kv_einsum/w": ((d, rank), (rank, 2, k, h)),
-        "attn/attn_vec_einsum/w": ((n, h, rank), (rank, d)),
-        "mlp/gate_proj/kernel": ((d, rank), (rank, f)),
-        "mlp/up_proj/kernel": ((d, rank), (rank, f)),
-        "mlp/down_proj/kernel": ((f, rank), (rank, d)),
-    }
-
-
-def random_factors(hf_config, rank=RANK, seed=0):
-    """{(layer, 'attn/q_einsum/w'): (a, b)} with non-zero a and b."""
-    rng = np.random.default_rng(seed)
-    return {
-        (i, name): tuple(
-            (rng.standard_normal(shape) * 0.2).astype(np.float32) for shape in shapes
-        )
-        for i in range(hf_config.num_hidden_layers)
-        for name, shapes in factor_shapes(hf_config, rank).items()
-    }
-
-
-def write_tunix_checkpoint(directory, factors, *, value_key=True, int_layers=False):
-    """Saves factors with plain Orbax, nested as Tunix's nnx.State saves them."""
-    tree = {"layers": {}}
-    for (i, name), pair in factors.items():
-        node = tree["layers"].setdefault(i if int_layers else str(i), {})
-        *modules, param = name.split("/")
-        for module in modules:
-            node = node.setdefault(module, {})
-        for suffix, array in zip("ab", pair):
-            node[f"{param}_lora_{suffix}"] = {"value": array} if value_key else array
-    ocp.PyTreeCheckpointer().save(directory, tree)
 
 
 def flat_factors(factors):
@@ -153,9 +111,9 @@ def setup(tmp_path_factory):
     ref = make_tiny_hf_model(hf_dir, "gqa", **MODEL)
     run = tmp / "run"
     write_tunix_checkpoint(
-        run / "actor" / "100" / "model_params", random_factors(ref.config, seed=1)
+        run / "actor" / "100" / "model_params", random_factors(ref.config, RANK, seed=1)
     )
-    factors = random_factors(ref.config, seed=2)
+    factors = random_factors(ref.config, RANK, seed=2)
     write_tunix_checkpoint(run / "actor" / "200" / "model_params", factors)
     return Setup(
         base=load_hf_model(hf_dir, dtype=jnp.float32),
@@ -276,7 +234,7 @@ def test_wrong_rank(setup):
 
 def test_checkpoint_for_more_layers(setup):
     config = tiny_hf_config("gqa", num_hidden_layers=4)
-    params = flat_factors(random_factors(config))
+    params = flat_factors(random_factors(config, RANK))
     with pytest.raises(
         CheckpointError,
         match=r"does not have \(layers/2/.*\(12 in all\)\): checkpoint has"
@@ -288,7 +246,7 @@ def test_checkpoint_for_more_layers(setup):
 
 def test_checkpoint_for_wider_model(setup):
     config = tiny_hf_config("gqa", hidden_size=96, **MODEL)
-    params = flat_factors(random_factors(config))
+    params = flat_factors(random_factors(config, RANK))
     with pytest.raises(
         CheckpointError,
         match=r"LoRA shape mismatch: layers/0/\S+ is \[.*96.*\] in the checkpoint,"

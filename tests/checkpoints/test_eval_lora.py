@@ -1,0 +1,82 @@
+"""eval_gsm8k.py end to end with a Tunix LoRA checkpoint, local and on gs://."""
+
+import json
+
+import transformers
+from gcs_emulator import upload_dir
+from lora_checkpoints import random_factors, write_tunix_checkpoint
+
+from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
+from gsm8k_jax.models.registry import TINY_MODEL_DIR
+
+RANK = 4
+
+
+def rollouts(out_dir):
+    (path,) = out_dir.glob("rollouts_*.jsonl")
+    return path.name, [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
+    factors = random_factors(
+        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
+    )
+    run = tmp_path / "run"
+    write_tunix_checkpoint(run / "actor" / "50" / "model_params", factors)
+    gcs_run = f"{gcs_bucket}/eval-lora/run"
+    upload_dir(run, gcs_run)
+    lora = ["--model.lora_config.rank=4", "--model.lora_config.alpha=8"]
+
+    run_script(*QUICK, f"--output_dir={tmp_path / 'base'}")
+    run_script(
+        *QUICK,
+        *lora,
+        f"--model.lora_checkpoint_path={run / 'actor'}",
+        f"--output_dir={tmp_path / 'local'}",
+        script=LORA_SCRIPT,
+    )
+    run_script(
+        *QUICK,
+        *lora,
+        f"--model.lora_checkpoint_path={gcs_run}/actor",
+        f"--output_dir={tmp_path / 'gcs'}",
+        script=LORA_SCRIPT,
+    )
+    base_name, base = rollouts(tmp_path / "base")
+    local_name, local = rollouts(tmp_path / "local")
+    gcs_name, gcs = rollouts(tmp_path / "gcs")
+    assert local_name == "rollouts_gemma3-tiny_run-actor-50_bs4.jsonl" == gcs_name
+    assert [r["response"] for r in local] == [r["response"] for r in gcs]
+    assert [r["response"] for r in local] != [r["response"] for r in base]
+    summary = json.loads(next((tmp_path / "gcs").glob("summary_*.json")).read_text())
+    assert summary["run"]["lora_checkpoint"] == f"{gcs_run}/actor/50/model_params"
+    assert summary["run"]["model"]["lora_config"]["rank"] == RANK
+
+
+def test_lora_eval_rank_mismatch_is_clear(tmp_path):
+    factors = random_factors(
+        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
+    )
+    write_tunix_checkpoint(tmp_path / "run" / "actor" / "7" / "model_params", factors)
+    proc = run_script(
+        *QUICK,
+        "--model.lora_config.rank=16",
+        f"--model.lora_checkpoint_path={tmp_path / 'run' / 'actor'}",
+        f"--output_dir={tmp_path / 'out'}",
+        script=LORA_SCRIPT,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "rank" in proc.stderr and "16" in proc.stderr and "4" in proc.stderr
+
+
+def test_lora_eval_unreachable_bucket(tmp_path, gcs_bucket):
+    proc = run_script(
+        *QUICK,
+        "--model.lora_checkpoint_path=gs://no-such-bucket-xyz/run/actor",
+        f"--output_dir={tmp_path / 'out'}",
+        script=LORA_SCRIPT,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no-such-bucket-xyz" in proc.stderr
