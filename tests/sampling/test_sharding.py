@@ -38,7 +38,9 @@ def test_sharded_runs_match_single_device(tmp_path):
         for kind in ("greedy", "sampled"):
             assert result[kind] == single[kind], (name, kind)
     # The MLP really is split over the model axis.
-    assert results["data4_model2"]["gate_proj_spec"] == str(PartitionSpec(None, "model"))
+    assert results["data4_model2"]["gate_proj_spec"] == str(
+        PartitionSpec(None, "model")
+    )
 
 
 def test_mesh_must_fit_the_devices():
