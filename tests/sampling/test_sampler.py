@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.sampling.decode import DecodeState, prefill
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
 from hf_models import make_tiny_hf_model
 
@@ -271,3 +273,28 @@ def test_bad_settings_are_rejected(sampler):
         sampler.generate(PROMPTS[:3], GREEDY, batch_size=2)
     with pytest.raises(ValueError, match="Empty prompt"):
         sampler.generate([[]], GREEDY)
+
+
+def test_prefill_never_materialises_logits_for_every_position(tiny):
+    """Only the last prompt position is projected onto the vocabulary."""
+    model = tiny[1]
+    graphdef, params = nnx.split(model)
+    state = DecodeState.empty(model, 4, 32, 8, pad_id=0)
+    tokens, valid = jnp.zeros((4, 32), jnp.int32), jnp.ones((4, 32), bool)
+    slots, keys = jnp.arange(4), jax.vmap(jax.random.key)(jnp.arange(4))
+    jaxpr = jax.make_jaxpr(
+        lambda p, s: prefill(graphdef, p, s, tokens, valid, slots, keys, pad_id=0)
+    )(params, state)
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for param in eqn.params.values():  # Nested jaxprs (jit, custom_jvp...).
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from shapes(inner)
+
+    vocab = model.config.vocab_size
+    all_shapes = list(shapes(jaxpr.jaxpr))
+    assert (4, vocab) in all_shapes  # the last position's logits
+    assert not [s for s in all_shapes if len(s) >= 2 and s[-1] == vocab and s[-2] == 32]
