@@ -269,8 +269,8 @@ def test_prompt_buckets():
 def test_bad_settings_are_rejected(sampler):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="batch_size=2"):
-        sampler.generate(PROMPTS[:3], GREEDY, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        sampler.generate(PROMPTS[:3], GREEDY, batch_size=0)
     with pytest.raises(ValueError, match="Empty prompt"):
         sampler.generate([[]], GREEDY)
 
