@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags, logging
+from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
@@ -25,7 +27,8 @@ from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import RunFiles
-from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.eval.runner import EvalConfig, evaluate, merge_shards, shard_tag
+from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.models.registry import (
     MODELS,
     SUPPORTED_FAMILIES,
@@ -102,6 +105,20 @@ def define_flags(default_model_config: str | Path) -> None:
     )
     flags.DEFINE_bool("resume", True, "Continue a run found in --output_dir.")
     flags.DEFINE_bool("overwrite", False, "Replace a run found in --output_dir.")
+    flags.DEFINE_integer(
+        "mesh_model", 1, "Devices per tensor-parallel group; the rest split the batch."
+    )
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Multi-host: jax.distributed.initialize(); each process evaluates its share"
+        " and process 0 merges the shards (--output_dir must be shared storage).",
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "jax.distributed coordinator host:port."
+    )
+    flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
+    flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
 
 
 def _exit_on_unknown_model_field(error: Exception) -> None:
@@ -271,9 +288,23 @@ def run_info(
     }
 
 
+def local_mesh(model_parallel: int) -> Mesh | None:
+    """A (data, model) mesh over this process's devices; None for one device."""
+    devices = jax.local_devices()
+    if len(devices) == 1 and model_parallel == 1:
+        return None
+    return make_mesh(data=-1, model=model_parallel, devices=devices)
+
+
 def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     """Runs one evaluation from the parsed flags; returns the summary."""
     del argv
+    if FLAGS.distributed:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     cfg = FLAGS.model
     check_model_config(cfg)
     if lora and not cfg.lora_checkpoint_path:
@@ -308,16 +339,30 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
         num_examples=len(examples),
         eval_config=eval_config,
     )
-    files = RunFiles(FLAGS.output_dir, tag)
+    shard_index, num_shards = jax.process_index(), jax.process_count()
+    shard = shard_tag(tag, shard_index, num_shards) if num_shards > 1 else tag
+    files = RunFiles(FLAGS.output_dir, shard)
     files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-    print(f"Run tag: {tag}\nResults: {files.rollouts_path}", flush=True)
+    print(f"Run tag: {shard}\nResults: {files.rollouts_path}", flush=True)
 
     model, tokenizer, _ = load_pretrained(cfg.model_name, model_dir, dtype=cfg.dtype)
     if lora:
         lora_lib.load_lora(model, lora_path, lora_config, merge=True)
+    sampler = Sampler(model, tokenizer, mesh=local_mesh(FLAGS.mesh_model))
     summary = evaluate(
-        Sampler(model, tokenizer), examples, eval_config, files, run_info=info
+        sampler,
+        examples,
+        eval_config,
+        files,
+        run_info=info,
+        shard_index=shard_index,
+        num_shards=num_shards,
     )
+    if num_shards > 1:
+        if shard_index != 0:
+            return summary
+        files = RunFiles(FLAGS.output_dir, tag)
+        summary = merge_shards(FLAGS.output_dir, tag, num_shards, eval_config, info)
     low, high = summary["accuracy_ci95"]
     print(
         f"{tag}: {summary['correct']}/{summary['total']} correct ="

@@ -150,9 +150,11 @@ class RunFiles:
     def sort_rollouts(self) -> None:
         """Puts the rollouts in (id, sample) order: sequences finish out of
         order, but the finished file is the same however the run went."""
-        records = sorted(
-            self.read_rollouts(), key=lambda r: (r["id"], r["sample_index"])
-        )
+        self.write_rollouts(self.read_rollouts())
+
+    def write_rollouts(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replaces the rollouts file with `records` in (id, sample) order."""
+        records = sorted(records, key=lambda r: (r["id"], r["sample_index"]))
         _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in records))
 
     def read_rollouts(self) -> list[dict[str, Any]]:

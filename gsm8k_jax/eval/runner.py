@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import platform
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from gsm8k_jax.eval.extraction import (
     is_correct,
 )
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
-from gsm8k_jax.eval.results import Rollout, RunFiles
+from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
 from gsm8k_jax.eval.stats import (
     accuracy_interval,
     clustered_mean_accuracy,
@@ -150,15 +151,20 @@ def evaluate(
     *,
     run_info: dict[str, Any],
     show_progress: bool = True,
+    shard_index: int = 0,
+    num_shards: int = 1,
 ) -> dict[str, Any]:
     """Evaluates `examples`, skipping those already in `files`; returns the summary.
 
     `files.prepare` must have been called (it validates the output folder).
+    With num_shards > 1 (one shard per host) only examples[shard_index::num_shards]
+    are evaluated, padded exactly as a single-host run pads them.
     """
     params = config.sampling
     done = files.load_finished(params.num_samples)
     finished_ids = {r["id"] for r in done}
-    todo = [e for e in examples if e.id not in finished_ids]
+    shard = examples[shard_index::num_shards]
+    todo = [e for e in shard if e.id not in finished_ids]
     correct_so_far = sum(r["correct"] for r in done)
     rows_so_far = len(done)
     prompts = {
@@ -180,8 +186,8 @@ def evaluate(
     new_tokens = 0
     samples_left = {e.id: params.num_samples for e in todo}
     bar = tqdm(
-        total=len(examples),
-        initial=len(examples) - len(todo),
+        total=len(shard),
+        initial=len(shard) - len(todo),
         unit="ex",
         desc=f"GSM8K {files.tag}",
         disable=not show_progress,
@@ -220,14 +226,61 @@ def evaluate(
     summary = summarize(
         files.read_rollouts(), params.num_samples, config.extraction_method
     )
-    summary |= {
-        "tag": files.tag,
+    summary |= _run_metadata(files.tag, run_info, wall, new_tokens)
+    summary["resumed_examples"] = len(finished_ids)
+    files.write_summary(summary)
+    return summary
+
+
+def _run_metadata(
+    tag: str, run_info: dict[str, Any], wall: float, tokens: int
+) -> dict[str, Any]:
+    return {
+        "tag": tag,
         "run": run_info,
         "versions": library_versions(),
-        "devices": [str(d) for d in jax.devices()],
-        "resumed_examples": len(finished_ids),
+        "devices": [str(d) for d in jax.local_devices()],
         "wall_time_s": wall,
-        "tokens_per_s": new_tokens / wall if wall > 0 else 0.0,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
     }
-    files.write_summary(summary)
+
+
+def shard_tag(tag: str, shard_index: int, num_shards: int) -> str:
+    return f"{tag}.shard{shard_index}of{num_shards}"
+
+
+def merge_shards(
+    output_dir: str,
+    tag: str,
+    num_shards: int,
+    config: EvalConfig,
+    run_info: dict[str, Any],
+    *,
+    timeout_s: float = 24 * 3600,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
+    """Waits for every shard's summary, then writes the merged rollouts and
+    summary under `tag`: the files a single-host run would write."""
+    shards = [
+        RunFiles(output_dir, shard_tag(tag, i, num_shards)) for i in range(num_shards)
+    ]
+    deadline = time.monotonic() + timeout_s
+    while not all(f.summary_path.exists() for f in shards):
+        if time.monotonic() > deadline:
+            missing = [f.tag for f in shards if not f.summary_path.exists()]
+            raise ResultsError(
+                f"Timed out waiting for shards {missing} in {output_dir}."
+            )
+        time.sleep(poll_s)
+    shard_summaries = [json.loads(f.summary_path.read_text()) for f in shards]
+    rollouts = [r for f in shards for r in f.read_rollouts()]
+    merged = RunFiles(output_dir, tag)
+    merged.write_rollouts(rollouts)
+    summary = summarize(rollouts, config.sampling.num_samples, config.extraction_method)
+    summary |= _run_metadata(
+        tag, run_info, max(s["wall_time_s"] for s in shard_summaries), 0
+    )
+    summary["tokens_per_s"] = sum(s["tokens_per_s"] for s in shard_summaries)
+    summary["num_shards"] = num_shards
+    merged.write_summary(summary)
     return summary
