@@ -1,0 +1,103 @@
+"""Compares GSM8K runs: finished ones, or LoRA checkpoints it evaluates first.
+
+Finished runs (results folders, or their rollouts/summary files):
+
+    python research/script/compare_checkpoints.py \
+        --results=results/base,results/lora --baseline=0 --output_dir=results/cmp
+
+Evaluate a base model and its LoRA checkpoints (base weights loaded once;
+model and evaluation flags as for eval_gsm8k.py), then compare them:
+
+    python research/script/compare_checkpoints.py --model.model_name=gemma3-1b-it \
+        --model.lora_config.rank=16 --model.lora_config.alpha=2.0 \
+        --lora_checkpoints=gs://bucket/run/actor/500,gs://bucket/run/actor/1000 \
+        --output_dir=results/sweep --batch_size=32
+
+Writes comparison.md, comparison.json and accuracy.png into --output_dir
+and prints the Markdown report.
+"""
+
+import json
+from pathlib import Path
+
+from absl import flags
+
+from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.eval import cli, compare
+from gsm8k_jax.models.registry import model_spec
+
+_RESULTS = flags.DEFINE_list(
+    "results", [], "Results folders or files to compare (instead of evaluating)."
+)
+_BASELINE = flags.DEFINE_string("baseline", "0", "Index or tag of the baseline run.")
+_LORA_CHECKPOINTS = flags.DEFINE_list(
+    "lora_checkpoints", [], "LoRA checkpoints to evaluate (local or gs://)."
+)
+_INCLUDE_BASE = flags.DEFINE_bool(
+    "include_base", True, "Also evaluate the base model (with --lora_checkpoints)."
+)
+_NUM_RESAMPLES = flags.DEFINE_integer(
+    "num_resamples", 10_000, "Paired bootstrap resamples."
+)
+
+
+def _evaluate() -> list[compare.RunResult]:
+    from gsm8k_jax.checkpoints.lora import LoraConfig  # qwix, orbax: heavy.
+
+    cfg = cli.FLAGS.model
+    cli.check_model_config(cfg)
+    model_dir = resolve_model_dir(
+        cfg.model_path or model_spec(cfg.model_name).default_path
+    )
+    return compare.evaluate_checkpoints(
+        cfg.model_name,
+        cfg.model_path,
+        _LORA_CHECKPOINTS.value,
+        LoraConfig(**cfg.lora_config.to_dict()),
+        cli.eval_config_from_flags(model_dir),
+        cli.FLAGS.output_dir,
+        include_base=_INCLUDE_BASE.value,
+        data_path=cli.FLAGS.data_path,
+        num_examples=cli.FLAGS.num_examples,
+        dtype=cfg.dtype,
+        resume=cli.FLAGS.resume,
+        overwrite=cli.FLAGS.overwrite,
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _RESULTS.value and _LORA_CHECKPOINTS.value:
+        raise ValueError("Pass either --results or --lora_checkpoints, not both.")
+    if _RESULTS.value:
+        runs = [run for path in _RESULTS.value for run in compare.load_runs(path)]
+    elif _LORA_CHECKPOINTS.value:
+        runs = _evaluate()
+    else:
+        raise ValueError(
+            "Nothing to compare: pass --results=<folders or files> to compare finished"
+            " runs, or --lora_checkpoints=<paths> to evaluate checkpoints first."
+        )
+    baseline = int(_BASELINE.value) if _BASELINE.value.isdigit() else _BASELINE.value
+    report = compare.compare_runs(runs, baseline, num_resamples=_NUM_RESAMPLES.value)
+
+    out = Path(cli.FLAGS.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = report.to_markdown()
+    (out / "comparison.md").write_text(markdown, encoding="utf-8")
+    (out / "comparison.json").write_text(
+        json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    compare.plot_accuracies(report, out / "accuracy.png")
+    print(markdown)
+    print(f"Wrote comparison.md, comparison.json and accuracy.png to {out}.")
+
+
+if __name__ == "__main__":
+    cli.run_app(
+        main,
+        default_model_config=Path(__file__).resolve().parents[2]
+        / "configs"
+        / "gemma3_tiny.py",
+    )

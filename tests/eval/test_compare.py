@@ -1,0 +1,571 @@
+"""Comparing runs: statistics on constructed results against independent
+computations, loading, rendering, and real tiny-model runs end to end."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from gsm8k_jax.checkpoints.lora import LoraConfig
+from gsm8k_jax.eval import compare
+from gsm8k_jax.eval.compare import RunResult
+from gsm8k_jax.eval.runner import EvalConfig
+from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.sampling.sampler import SamplingParams
+
+REPO = Path(__file__).resolve().parents[2]
+EVAL_SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"
+COMPARE_SCRIPT = REPO / "research" / "script" / "compare_checkpoints.py"
+QUICK = ["--num_examples=6", "--max_generation_steps=12"]
+
+
+def rollout(
+    i, correct, *, sample=0, response=None, answer=None, logprob=-1.0, tokens=1
+):
+    return {
+        "id": i,
+        "sample_index": sample,
+        "question": f"question {i}",
+        "gold": "7",
+        "prompt": f"prompt {i}",
+        "response": response if response is not None else ("7" if correct else "x"),
+        "extracted_answer": answer
+        if answer is not None
+        else ("7" if correct else None),
+        "correct": correct,
+        "num_tokens": tokens,
+        "finish_reason": "eos",
+        "logprob": logprob,
+    }
+
+
+def make_run(rollouts, *, tag="run", batch_size=4, num_samples=1, temperature=0.0):
+    run_info = {
+        "model": {"model_name": "gemma3-tiny", "model_path": ""},
+        "lora_checkpoint": "",
+        "data_sha256": "abc",
+        "eval": {
+            "batch_size": batch_size,
+            "sampling": {"num_samples": num_samples, "temperature": temperature},
+        },
+    }
+    return RunResult(
+        tag=tag,
+        model_name="gemma3-tiny",
+        checkpoint="",
+        batch_size=batch_size,
+        num_samples=num_samples,
+        rollouts=rollouts,
+        summary=None,
+        run_info=run_info,
+        source="memory",
+    )
+
+
+def single(correct, **kwargs):
+    return make_run([rollout(i, bool(c)) for i, c in enumerate(correct)], **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# Paired comparison
+# --------------------------------------------------------------------------- #
+
+
+def test_mcnemar_and_bootstrap_against_independent_computations():
+    rng = np.random.default_rng(1)
+    a = rng.random(60) < 0.5
+    b = a.copy()
+    b[:9] = ~a[:9]  # Nine discordant items.
+    report = compare.compare_runs(
+        [single(a, tag="a"), single(b, tag="b", temperature=1.0)], num_resamples=4000
+    )
+    (paired,) = report.paired
+    b_count, c_count = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    assert (paired.mcnemar.b, paired.mcnemar.c) == (b_count, c_count)
+    assert paired.mcnemar.p_value == pytest.approx(
+        scipy.stats.binomtest(b_count, b_count + c_count, 0.5).pvalue, rel=1e-12
+    )
+    d = b.astype(float) - a.astype(float)
+    assert paired.difference.diff == pytest.approx(d.mean())
+    # The percentile interval is close to the normal one of the paired differences.
+    half = 1.96 * d.std(ddof=0) / math.sqrt(len(d))
+    assert paired.difference.low == pytest.approx(d.mean() - half, abs=0.02)
+    assert paired.difference.high == pytest.approx(d.mean() + half, abs=0.02)
+    assert paired.baseline_accuracy == pytest.approx(a.mean())
+    assert paired.candidate_accuracy == pytest.approx(b.mean())
+    assert not report.consistency  # Other sampling settings: not grouped.
+
+
+def test_disagreements_by_hand():
+    # ids:         0  1  2  3  4  5 (5 only in the baseline), 9 (only candidate)
+    base = [rollout(i, c) for i, c in zip(range(6), [1, 1, 0, 0, 1, 0])]
+    cand = [rollout(i, c) for i, c in zip(range(5), [1, 0, 1, 0, 0])]
+    cand.append(rollout(9, True))
+    cand[2] = rollout(2, True, response="so \\boxed{7}", answer="7")
+    report = compare.compare_runs(
+        [make_run(base, tag="base"), make_run(cand, tag="lora")], num_resamples=100
+    )
+    (p,) = report.paired
+    assert p.num_common == 5 and not p.question_mismatches
+    assert p.baseline_only_correct == [1, 4]
+    assert p.candidate_only_correct == [2]
+    assert (p.mcnemar.b, p.mcnemar.c, p.mcnemar.num_items) == (2, 1, 5)
+    assert [d.id for d in p.disagreements] == [1, 2, 4]
+    two = p.disagreements[1]
+    assert (two.question, two.gold) == ("question 2", "7")
+    assert two.baseline == compare.Answer(
+        response="x", extracted_answer=None, correct=False
+    )
+    assert two.candidate == compare.Answer(
+        response="so \\boxed{7}", extracted_answer="7", correct=True
+    )
+    assert not p.first_sample_only
+
+
+def test_question_mismatch_is_left_out_and_reported():
+    base = single([1, 1, 1], tag="a")
+    other = [rollout(i, True) for i in range(3)]
+    other[1]["question"] = "something else"
+    report = compare.compare_runs([base, make_run(other, tag="b")], num_resamples=10)
+    (p,) = report.paired
+    assert p.question_mismatches == [1] and p.num_common == 2
+    assert "1 ids have different questions" in report.to_markdown()
+
+
+def test_pairing_uses_sample_zero_with_several_samples():
+    base = single([1, 0, 1], tag="greedy")
+    sampled = make_run(
+        [
+            rollout(i, c, sample=s)
+            for i, row in enumerate([[0, 1], [1, 1], [1, 0]])
+            for s, c in enumerate(row)
+        ],
+        tag="k2",
+        num_samples=2,
+        temperature=1.0,
+    )
+    report = compare.compare_runs([base, sampled], num_resamples=10)
+    (p,) = report.paired
+    assert p.first_sample_only
+    assert (p.baseline_only_correct, p.candidate_only_correct) == ([0], [1])
+    assert "paired on sample 0" in report.to_markdown()
+
+
+def test_baseline_by_tag_and_bad_baselines():
+    runs = [single([1], tag="a"), single([0], tag="b")]
+    assert compare.compare_runs(runs, baseline="b", num_resamples=10).baseline == 1
+    with pytest.raises(ValueError, match="no run has that tag"):
+        compare.compare_runs(runs, baseline="c")
+    with pytest.raises(ValueError, match="out of range"):
+        compare.compare_runs(runs, baseline=2)
+    with pytest.raises(ValueError, match="No runs"):
+        compare.compare_runs([])
+
+
+# --------------------------------------------------------------------------- #
+# Batch-size consistency
+# --------------------------------------------------------------------------- #
+
+
+def test_batch_size_consistency_shares():
+    rows = [rollout(i, c) for i, c in enumerate([1, 0, 1, 0])]
+    other_text = [dict(r) for r in rows]
+    other_text[1]["response"] = "y"  # Wrong either way: same correctness.
+    other_correct = [dict(r) for r in rows]
+    other_correct[0] = rollout(0, False)
+    other_correct[3] = rollout(3, True)
+    runs = [
+        make_run(rows, tag="bs1", batch_size=1),
+        make_run(other_text, tag="bs2", batch_size=2),
+        make_run(other_correct, tag="bs8", batch_size=8),
+        make_run(rows, tag="hot", batch_size=1, temperature=0.7),
+    ]
+    report = compare.compare_runs(runs, num_resamples=10)
+    shares = {
+        c.runs: (c.identical_responses_share, c.identical_correctness_share)
+        for c in report.consistency
+    }
+    assert shares == {
+        (0, 1): (3 / 4, 1.0),
+        (0, 2): (2 / 4, 2 / 4),
+        (1, 2): (1 / 4, 2 / 4),
+    }
+    assert report.consistency[0].batch_sizes == (1, 2)
+    assert "| #0 vs #1 | 1 vs 2 | 4 | 75.00% (3/4) | 100.00% (4/4) |" in (
+        report.to_markdown()
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Several samples per question
+# --------------------------------------------------------------------------- #
+
+# Correct samples per question (k = 4): c = 0, 1, 2, 4.
+GRID = [[0, 0, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1]]
+
+
+def sampled_run():
+    answers = [
+        [None, "3", "3", "5"],  # maj: 3 (wrong)
+        ["4", "4", "7", None],  # maj: 4 (wrong); 7 is right
+        ["7", "2", "9", "7.0"],  # maj: 7 (right)
+        ["7", "7", "7", "7"],
+    ]
+    logprobs = [
+        [-1.0, -2.0, -3.0, -4.0],
+        [-9.0, -9.0, -0.5, -9.0],  # mean log-prob picks the right one
+        [-9.0, -1.0, -1.0, -9.0],  # ... and here a wrong one
+        [-1.0, -1.0, -1.0, -1.0],
+    ]
+    rollouts = [
+        rollout(
+            i, bool(c), sample=s, answer=answers[i][s], logprob=logprobs[i][s], tokens=2
+        )
+        for i, row in enumerate(GRID)
+        for s, c in enumerate(row)
+    ]
+    return make_run(rollouts, tag="k4", num_samples=4, temperature=1.0)
+
+
+def test_pass_at_k_maj_and_clustered_mean_known_values():
+    run = sampled_run()
+    (m,) = compare.compare_runs([run], num_resamples=10).multi_sample
+    counts = [sum(row) for row in GRID]
+    for j in (1, 2, 4):
+        expected = np.mean([1 - math.comb(4 - c, j) / math.comb(4, j) for c in counts])
+        assert m.pass_at[f"pass@{j}"] == pytest.approx(expected)
+    assert m.pass_at == pytest.approx(
+        {"pass@1": 7 / 16, "pass@2": (0 + 1 / 2 + 5 / 6 + 1) / 4, "pass@4": 3 / 4}
+    )
+    assert m.maj_at_k == 2 / 4
+    per_question = np.mean(GRID, axis=1)
+    se = per_question.std(ddof=1) / 2
+    assert m.mean_accuracy == pytest.approx(7 / 16)
+    assert m.mean_accuracy_ci95 == pytest.approx(
+        (max(0, 7 / 16 - 1.959964 * se), 7 / 16 + 1.959964 * se), abs=1e-6
+    )
+    assert m.selection == pytest.approx(
+        {
+            "sample 0 (baseline)": 2 / 4,
+            "majority vote": 2 / 4,
+            "mean log-prob per token": 2 / 4,
+            "oracle (any correct = pass@4)": 3 / 4,
+        }
+    )
+    row = compare.compare_runs([run], num_resamples=10).runs[0]
+    assert (row.correct, row.total, row.interval) == (7, 16, "clustered")
+    assert row.accuracy_ci95 == pytest.approx(m.mean_accuracy_ci95)
+
+
+def test_reranker_built_ins_on_constructed_candidates():
+    def cands(answers, logprobs=None, tokens=None):
+        n = len(answers)
+        return [
+            rollout(0, False, sample=s, answer=a, logprob=lp, tokens=t)
+            for s, (a, lp, t) in enumerate(
+                zip(answers, logprobs or [-1.0] * n, tokens or [1] * n)
+            )
+        ]
+
+    # Numeric equality groups 7 and 7.0; the tie with 5 goes to the first seen.
+    assert compare.majority_vote_scorer(cands(["5", "7", "7.0", None, "5"])) == 0
+    assert compare.majority_vote_scorer(cands([None, "3", "4", "4.00"])) == 2
+    assert compare.majority_vote_scorer(cands([None, None])) == 0
+    # Mean log-prob per token: -2, -3, -1 -> the last.
+    assert (
+        compare.mean_logprob_scorer(
+            cands(["1", "2", "3"], logprobs=[-10.0, -3.0, -4.0], tokens=[5, 1, 4])
+        )
+        == 2
+    )
+    run = sampled_run()
+    assert compare.rerank(run, compare.majority_vote_scorer) == pytest.approx(
+        compare.compare_runs([run], num_resamples=10).multi_sample[0].maj_at_k
+    )
+    assert compare.rerank(run, lambda c: 3) == 2 / 4
+    with pytest.raises(ValueError, match="chose candidate 4 of 4"):
+        compare.rerank(run, lambda c: 4)
+
+
+# --------------------------------------------------------------------------- #
+# Rendering
+# --------------------------------------------------------------------------- #
+
+
+def test_markdown_json_and_png(tmp_path):
+    runs = [
+        single([1, 0, 1, 1], tag="base"),
+        single([1, 1, 0, 1], tag="lora"),
+        sampled_run(),
+    ]
+    report = compare.compare_runs(runs, baseline="base", num_resamples=200)
+    markdown = report.to_markdown(max_disagreements=1)
+    assert markdown.startswith("# GSM8K comparison")
+    assert (
+        "| Run | Model | Checkpoint | batch_size | Samples | Correct | Total |"
+        in markdown
+    )
+    assert (
+        "| #0 `base` (baseline) | gemma3-tiny | base | 4 | 1 | 3 | 4 | 75.00% ("
+        in markdown
+    )
+    assert "Disagreements to read (1 of 2; all 2 in comparison.json)" in markdown
+    assert "McNemar exact test: b = 1" in markdown
+    assert "| maj@4 | 50.00% |" in markdown
+    assert "| mean log-prob per token | 50.00% |" in markdown
+
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["baseline"] == 0 and len(data["runs"]) == 3
+    assert data["paired"][0]["mcnemar"]["b"] == 1
+    assert len(data["paired"][0]["disagreements"]) == 2
+    assert data["multi_sample"][0]["pass_at"]["pass@4"] == 0.75
+
+    png = tmp_path / "accuracy.png"
+    compare.plot_accuracies(report, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+
+
+def write_run(folder, tag, rollouts, *, summary=True, run_info=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    info = run_info or make_run([]).run_info
+    (folder / f"run_{tag}.json").write_text(json.dumps(info))
+    (folder / f"rollouts_{tag}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rollouts)
+    )
+    if summary:
+        (folder / f"summary_{tag}.json").write_text(json.dumps({"run": info}))
+
+
+def test_load_run_from_folder_or_files(tmp_path):
+    write_run(tmp_path / "one", "a", [rollout(1, True), rollout(0, False)])
+    run = compare.load_run(tmp_path / "one")
+    assert (run.tag, run.model_name, run.checkpoint, run.batch_size) == (
+        "a",
+        "gemma3-tiny",
+        "",
+        4,
+    )
+    assert [r["id"] for r in run.rollouts] == [0, 1]
+    for name in ("rollouts_a.jsonl", "summary_a.json", "run_a.json"):
+        assert compare.load_run(tmp_path / "one" / name).rollouts == run.rollouts
+
+    write_run(tmp_path / "one", "b", [rollout(0, True)], summary=False)
+    with pytest.raises(ValueError, match="holds 2 runs \\(a, b\\)"):
+        compare.load_run(tmp_path / "one")
+    a, b = compare.load_runs(tmp_path / "one")
+    assert b.summary is None and b.run_info == a.run_info  # Unfinished: run file.
+
+
+def test_load_keeps_finished_examples_only(tmp_path):
+    info = make_run([], num_samples=2).run_info
+    rows = [rollout(0, True, sample=0), rollout(0, True, sample=1), rollout(1, True)]
+    write_run(tmp_path, "k2", rows, run_info=info)
+    assert [r["id"] for r in compare.load_run(tmp_path).rollouts] == [0, 0]
+
+
+def no_files(folder):
+    folder.mkdir()
+
+
+def empty_rollouts(folder):
+    write_run(folder, "a", [])
+
+
+def rollouts_only(folder):
+    write_run(folder, "a", [rollout(0, True)])
+    (folder / "run_a.json").unlink()
+    (folder / "summary_a.json").unlink()
+
+
+def torn_last_line(folder):
+    write_run(folder, "a", [rollout(0, True)])
+    with open(folder / "rollouts_a.jsonl", "a") as f:
+        f.write('{"id": 1, "corr')
+
+
+@pytest.mark.parametrize(
+    "setup, error, message",
+    [
+        (lambda folder: None, FileNotFoundError, "Results path not found"),
+        (no_files, FileNotFoundError, "it is empty"),
+        (empty_rollouts, ValueError, "no finished example"),
+        (rollouts_only, FileNotFoundError, "neither summary_a.json nor run_a.json"),
+        (torn_last_line, ValueError, "rollouts_a.jsonl, line 2: not valid JSON"),
+    ],
+)
+def test_clear_load_errors(tmp_path, setup, error, message):
+    folder = tmp_path / "results"
+    setup(folder)
+    with pytest.raises(error, match=message):
+        compare.load_runs(folder)
+
+
+def test_load_run_rejects_other_files(tmp_path):
+    other = tmp_path / "notes.txt"
+    other.write_text("hi")
+    with pytest.raises(ValueError, match="not a results file"):
+        compare.load_run(other)
+
+
+# --------------------------------------------------------------------------- #
+# Real runs on the tiny model
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """eval_gsm8k_base.py at batch sizes 2 and 4 (run concurrently)."""
+    out = tmp_path_factory.mktemp("cli_runs")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(EVAL_SCRIPT),
+                *QUICK,
+                f"--batch_size={bs}",
+                f"--output_dir={out}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for bs in (2, 4)
+    ]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{stdout}\n{stderr}"
+    return out
+
+
+def test_compare_script_on_two_real_runs(cli_runs, tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(COMPARE_SCRIPT),
+            f"--results={cli_runs / 'rollouts_gemma3-tiny_base_bs2.jsonl'},{cli_runs / 'summary_gemma3-tiny_base_bs4.json'}",
+            f"--output_dir={out}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    markdown = (out / "comparison.md").read_text()
+    assert markdown in proc.stdout
+    assert "| #0 vs #1 | 2 vs 4 | 6 | 100.00% (6/6) | 100.00% (6/6) |" in markdown
+    data = json.loads((out / "comparison.json").read_text())
+    (consistency,) = data["consistency"]
+    assert consistency["identical_responses_share"] == 1.0
+    assert [r["tag"] for r in data["runs"]] == [
+        "gemma3-tiny_base_bs2",
+        "gemma3-tiny_base_bs4",
+    ]
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_script_needs_something_to_compare(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(COMPARE_SCRIPT), f"--output_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Nothing to compare" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def fake_checkpoint(root, step):
+    """The folder layout `resolve_lora_checkpoint` accepts (no real factors)."""
+    params = root / "actor" / str(step) / "model_params"
+    params.mkdir(parents=True)
+    (params / "_METADATA").write_text("{}")
+    return root / "actor"
+
+
+def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
+    checkpoints = [
+        fake_checkpoint(tmp_path / "a", 100),
+        fake_checkpoint(tmp_path / "b", 200),
+    ]
+    base_model, _, _ = load_pretrained("gemma3-tiny")
+    base_leaves = jax.tree.leaves(nnx.state(base_model, nnx.Param))
+    seen = []
+
+    def fake_load_lora(model, path, config, *, merge=True):
+        """Checks the model holds the base weights, then perturbs one weight."""
+        assert merge and config.rank == 16
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        seen.append(
+            (path, all(np.array_equal(x, y) for x, y in zip(leaves, base_leaves)))
+        )
+        kernel = model.layers[0].mlp.down_proj.kernel
+        noise = jax.random.normal(jax.random.key(len(seen)), kernel.get_value().shape)
+        kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+        return model
+
+    out = tmp_path / "sweep"
+    runs = compare.evaluate_checkpoints(
+        "gemma3-tiny",
+        None,
+        [str(c) for c in checkpoints],
+        LoraConfig(),
+        EvalConfig(batch_size=2, sampling=SamplingParams(max_generation_steps=12)),
+        out,
+        num_examples=6,
+        show_progress=False,
+        load_lora_fn=fake_load_lora,
+    )
+    assert [r.tag for r in runs] == [
+        "gemma3-tiny_base_bs2",
+        "gemma3-tiny_a-actor-100_bs2",
+        "gemma3-tiny_b-actor-200_bs2",
+    ]
+    assert seen == [
+        (str(checkpoints[0] / "100" / "model_params"), True),
+        (str(checkpoints[1] / "200" / "model_params"), True),
+    ]
+    # The base run is the one eval_gsm8k_base.py writes, byte for byte.
+    for name in (
+        "run_gemma3-tiny_base_bs2.json",
+        "rollouts_gemma3-tiny_base_bs2.jsonl",
+    ):
+        assert (out / name).read_text() == (cli_runs / name).read_text()
+    assert runs[1].run_info["model"]["lora_checkpoint_path"] == str(checkpoints[0])
+    base_responses = [r["response"] for r in runs[0].rollouts]
+    assert all(
+        [r["response"] for r in run.rollouts] != base_responses for run in runs[1:]
+    )
+
+    report = compare.compare_runs(runs, num_resamples=100)
+    assert [p.candidate for p in report.paired] == [1, 2] and not report.consistency
+
+
+def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
+    same_step = [fake_checkpoint(tmp_path / name / "run", 100) for name in ("a", "b")]
+    with pytest.raises(ValueError, match="would share run tags"):
+        compare.evaluate_checkpoints(
+            "gemma3-tiny",
+            None,
+            [str(c) for c in same_step],
+            LoraConfig(),
+            EvalConfig(),
+            tmp_path / "out",
+            load_lora_fn=lambda *a, **k: pytest.fail("nothing may load"),
+        )
+    assert not (tmp_path / "out").exists()
