@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.extraction import (
