@@ -32,7 +32,7 @@ MAX_EOS_IDS = 8
 # Prompts are prefilled in groups of num_slots // PREFILL_FRACTION (at least 1).
 # One group size for every prefill keeps each sequence's computation the same
 # whichever schedule it lands in.
-PREFILL_FRACTION = 8
+PREFILL_FRACTION = 4
 
 
 @dataclasses.dataclass(frozen=True)
