@@ -1,0 +1,78 @@
+"""Where base weights come from: local folders, gs:// and the hub (errors)."""
+
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gcs_emulator import upload_dir
+from huggingface_hub import errors
+
+from gsm8k_jax.checkpoints import sources
+from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_pretrained
+
+
+def test_missing_local_folder_is_clear(tmp_path):
+    with pytest.raises(sources.SourceError, match="does not exist"):
+        sources.resolve_model_dir(tmp_path / "no-such-model")
+
+
+def test_hf_folder_on_gcs_loads_like_the_local_one(tmp_path, gcs_bucket, monkeypatch):
+    monkeypatch.setenv("GSM8K_JAX_CACHE", str(tmp_path / "cache"))
+    url = f"{gcs_bucket}/sources/gemma3-tiny"
+    upload_dir(TINY_MODEL_DIR, url)
+    remote_model, remote_tok, remote_dir = load_pretrained(
+        "gemma3-tiny", url, dtype="float32"
+    )
+    local_model, local_tok, _ = load_pretrained("gemma3-tiny", dtype="float32")
+    assert remote_dir.is_relative_to(tmp_path / "cache")
+    ids = jnp.asarray([remote_tok.encode("Janet has 16 eggs.")])
+    positions, valid = jnp.arange(ids.shape[1])[None], jnp.ones(ids.shape, bool)
+    np.testing.assert_array_equal(
+        remote_model.logits(remote_model(ids, positions, valid)[0]),
+        local_model.logits(local_model(ids, positions, valid)[0]),
+    )
+    assert remote_tok.chat_template == local_tok.chat_template
+
+
+def test_empty_gcs_folder_is_clear(gcs_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("GSM8K_JAX_CACHE", str(tmp_path))
+    with pytest.raises(sources.SourceError, match="empty or does not exist"):
+        sources.resolve_model_dir(f"{gcs_bucket}/sources/nothing-here")
+
+
+class _FakeResponse:
+    """Just enough of an HTTP response for huggingface_hub's error classes."""
+
+    headers: dict = {}
+    request = None
+
+
+@pytest.mark.parametrize(
+    "error, token, message",
+    [
+        (errors.GatedRepoError, None, "gated model and HF_TOKEN is not set"),
+        (errors.GatedRepoError, "hf_x", "has no access: accept the licence"),
+        (errors.RepositoryNotFoundError, None, "neither a local folder nor a model"),
+        (errors.LocalEntryNotFoundError, None, "hub is unreachable"),
+    ],
+)
+def test_hub_errors_are_clear(monkeypatch, error, token, message):
+    def fail(*args, **kwargs):
+        if error is errors.LocalEntryNotFoundError:
+            raise error("offline")
+        raise error("denied", response=_FakeResponse())
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fail)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(sources.SourceError, match=message) as info:
+        sources.resolve_model_dir("google/gemma-3-1b-it")
+    assert not token or token not in str(info.value)  # never echo credentials
+
+
+def test_local_folder_is_used_in_place(tmp_path):
+    shutil.copytree(TINY_MODEL_DIR, tmp_path / "m")
+    assert sources.resolve_model_dir(tmp_path / "m") == tmp_path / "m"
