@@ -8,6 +8,7 @@ model itself is created abstractly (`nnx.eval_shape`): no random init.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -78,17 +79,35 @@ class _SafetensorsReader:
             return f.get_tensor(full)
 
 
-def _hf_tensors(config: Gemma3Config) -> Iterator[tuple[tuple, list[str], Callable]]:
-    """Yields (our param path, HF tensor names, HF arrays -> our layout)."""
+@dataclasses.dataclass(frozen=True)
+class _TensorMapping:
+    """One parameter of ours and the Hugging Face tensor(s) it comes from.
+
+    `to_ours(*hf_arrays)` gives our layout; `to_hf(ours)` gives the HF
+    arrays back, in `hf_names` order. Both directions live here so that
+    loading and exporting can never disagree.
+    """
+
+    path: tuple[str | int, ...]
+    hf_names: tuple[str, ...]
+    to_ours: Callable[..., np.ndarray]
+    to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
+    """The layout table: every parameter, its HF names and both conversions."""
     n, k, d, h = (
         config.num_heads,
         config.num_kv_heads,
         config.embed_dim,
         config.head_dim,
     )
-    same = lambda w: w
-    yield ("embedder", "input_embedding"), ["embed_tokens.weight"], same
-    yield ("final_norm", "scale"), ["norm.weight"], same
+
+    def same(path: tuple[str | int, ...], name: str) -> _TensorMapping:
+        return _TensorMapping(path, (name,), lambda w: w, lambda w: (w,))
+
+    yield same(("embedder", "input_embedding"), "embed_tokens.weight")
+    yield same(("final_norm", "scale"), "norm.weight")
     norms = {
         "pre_attention_norm": "input_layernorm",
         "post_attention_norm": "post_attention_layernorm",
@@ -98,37 +117,35 @@ def _hf_tensors(config: Gemma3Config) -> Iterator[tuple[tuple, list[str], Callab
     for i in range(config.num_layers):
         hf = f"layers.{i}."
         for ours, theirs in norms.items():
-            yield ("layers", i, ours, "scale"), [hf + theirs + ".weight"], same
-        yield (
+            yield same(("layers", i, ours, "scale"), hf + theirs + ".weight")
+        yield _TensorMapping(  # (N*H, D) <-> [N, D, H]
             ("layers", i, "attn", "q_einsum", "w"),
-            [hf + "self_attn.q_proj.weight"],  # (N*H, D) -> [N, D, H]
+            (hf + "self_attn.q_proj.weight",),
             lambda w: w.reshape(n, h, d).transpose(0, 2, 1),
+            lambda w: (w.transpose(0, 2, 1).reshape(n * h, d),),
         )
-        yield (
+        yield _TensorMapping(  # 2 x (K*H, D) <-> [2, K, D, H]
             ("layers", i, "attn", "kv_einsum", "w"),
-            [hf + "self_attn.k_proj.weight", hf + "self_attn.v_proj.weight"],
+            (hf + "self_attn.k_proj.weight", hf + "self_attn.v_proj.weight"),
             lambda wk, wv: np.stack([wk, wv]).reshape(2, k, h, d).transpose(0, 1, 3, 2),
+            lambda w: tuple(w.transpose(0, 1, 3, 2).reshape(2, k * h, d)),
         )
-        yield (
+        yield _TensorMapping(  # (D, N*H) <-> [N, H, D]
             ("layers", i, "attn", "attn_vec_einsum", "w"),
-            [hf + "self_attn.o_proj.weight"],  # (D, N*H) -> [N, H, D]
+            (hf + "self_attn.o_proj.weight",),
             lambda w: w.T.reshape(n, h, d),
+            lambda w: (w.reshape(n * h, d).T,),
         )
-        yield (
-            ("layers", i, "attn", "_query_norm", "scale"),
-            [hf + "self_attn.q_norm.weight"],
-            same,
-        )
-        yield (
-            ("layers", i, "attn", "_key_norm", "scale"),
-            [hf + "self_attn.k_norm.weight"],
-            same,
-        )
-        for proj in ("gate_proj", "up_proj", "down_proj"):  # (out, in) -> [in, out]
-            yield (
+        for norm, theirs in (("_query_norm", "q_norm"), ("_key_norm", "k_norm")):
+            yield same(
+                ("layers", i, "attn", norm, "scale"), hf + f"self_attn.{theirs}.weight"
+            )
+        for proj in ("gate_proj", "up_proj", "down_proj"):  # (out, in) <-> [in, out]
+            yield _TensorMapping(
                 ("layers", i, "mlp", proj, "kernel"),
-                [hf + f"mlp.{proj}.weight"],
+                (hf + f"mlp.{proj}.weight",),
                 np.transpose,
+                lambda w: (w.T,),
             )
 
 
@@ -158,9 +175,10 @@ def load_hf_model(
     )
     graphdef, abstract_state = nnx.split(model)
     flat = dict(nnx.to_flat_state(abstract_state))
-    for path, names, convert in _hf_tensors(config):
+    for mapping in _hf_tensors(config):
+        path, names = mapping.path, mapping.hf_names
         expected = flat[path]
-        value = convert(*(reader.get(name) for name in names))
+        value = mapping.to_ours(*(reader.get(name) for name in names))
         if value.shape != expected.get_value().shape:
             raise CheckpointError(
                 f"Tensor(s) {', '.join(reader.prefix + n for n in names)} in {model_dir}"
@@ -174,3 +192,116 @@ def load_hf_model(
     if unfilled:
         raise CheckpointError(f"No weights were loaded for {unfilled}.")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# --------------------------------------------------------------------------
+# Exporting: the inverse of loading, through the same table
+# --------------------------------------------------------------------------
+
+# Gemma 3's special token ids (every size, and the tiny tokenizer).
+PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 106
+
+
+def hf_config(
+    config: Gemma3Config, *, max_position_embeddings: int = 131_072, **overrides
+) -> transformers.Gemma3TextConfig:
+    """The transformers config that `Gemma3Config.from_hf` reads back as `config`.
+
+    `max_position_embeddings` is not part of our config (the model has no
+    position table); `overrides` go to `Gemma3TextConfig` as they are.
+    """
+    scalar = config.query_pre_attn_scalar
+    global_rope = {"rope_type": "default", "rope_theta": config.global_rope_base}
+    if config.global_rope_scale != 1.0:
+        global_rope = {
+            **global_rope,
+            "rope_type": "linear",
+            "factor": config.global_rope_scale,
+        }
+    kwargs = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.embed_dim,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "sliding_window": config.sliding_window,
+        "layer_types": [t.value for t in config.layer_types],
+        # HF declares an int (27b: 168); a fractional value stays as it is.
+        "query_pre_attn_scalar": int(scalar) if scalar == int(scalar) else scalar,
+        "rope_parameters": {
+            "full_attention": global_rope,
+            "sliding_attention": {
+                "rope_type": "default",
+                "rope_theta": config.local_rope_base,
+            },
+        },
+        "rms_norm_eps": config.rms_norm_eps,
+        "attn_logit_softcapping": config.attn_logit_softcap,
+        "final_logit_softcapping": config.final_logit_softcap,
+        "max_position_embeddings": max_position_embeddings,
+        "pad_token_id": PAD_ID,
+        "eos_token_id": [EOS_ID, END_OF_TURN_ID],
+        "bos_token_id": BOS_ID,
+        "torch_dtype": "bfloat16",
+    }
+    return transformers.Gemma3TextConfig(**(kwargs | overrides))
+
+
+def export_hf_weights(
+    model: Gemma3, *, dtype: jnp.dtype | None = None
+) -> dict[str, np.ndarray]:
+    """The model's weights as Gemma3ForCausalLM safetensors tensors (`model.*`).
+
+    Args:
+      model: a Gemma3 (a qwix LoRA model too: its base weights are exported,
+        the LoRA factors are not; merge them first to include them).
+      dtype: the tensors' dtype (default: each parameter's own).
+
+    Returns:
+      {'model.embed_tokens.weight': array, ...}, host numpy arrays that
+      `load_hf_model` reads back into the same parameters.
+    """
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for mapping in _hf_tensors(model.config):
+        value = np.asarray(flat[mapping.path].get_value())
+        if dtype is not None:
+            value = value.astype(dtype)
+        for name, array in zip(mapping.hf_names, mapping.to_hf(value), strict=True):
+            tensors["model." + name] = np.ascontiguousarray(array)
+    return tensors
+
+
+def save_hf_model(
+    model: Gemma3,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: transformers.PreTrainedTokenizerBase | None = None,
+    dtype: jnp.dtype | str = jnp.bfloat16,
+    max_position_embeddings: int = 131_072,
+) -> Path:
+    """Writes a Hugging Face folder that `load_hf_model` (and transformers) loads.
+
+    config.json, generation_config.json and model.safetensors (one file, in
+    `dtype`), plus the tokenizer's files when one is given.
+    """
+    from safetensors.numpy import save_file  # Writing only.
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = jnp.dtype(dtype)
+    config = hf_config(
+        model.config,
+        max_position_embeddings=max_position_embeddings,
+        torch_dtype=dtype.name,
+    )
+    config.to_json_file(out_dir / "config.json")
+    transformers.GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID
+    ).save_pretrained(out_dir)
+    save_file(export_hf_weights(model, dtype=dtype), out_dir / "model.safetensors")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,133 @@
+"""Fine-tunes a Gemma 3 on GSM8K solutions: LoRA (default) or every weight.
+
+    python research/script/train_lora_sft.py --model=configs/gemma3_tiny.py \
+        --model.lora_config.rank=16 --model.lora_config.alpha=16.0 \
+        --output_dir=runs/tiny-lora --num_steps=200 --batch_size=8
+
+LoRA checkpoints land in `<output_dir>/actor/<step>/model_params` (Tunix's
+layout; evaluate with `eval_gsm8k.py --model.lora_checkpoint_path=<output_dir>/actor`
+and the same rank, alpha and module_path); `--full_finetune` writes Hugging
+Face folders `<output_dir>/hf/<step>/` instead (evaluate with
+`eval_gsm8k_base.py --model.model_path=<output_dir>/hf/<step>`). Rerunning the
+same command resumes from the latest step. Parameters train in float32
+(`--model.dtype` is not used). See gsm8k_jax/training/sft.py.
+
+The package bundles only the GSM8K test set: --data_path defaults to
+../shared/data/gsm8k/train.jsonl next to the repository, when it exists.
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gsm8k_jax.eval import cli
+from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TRAIN_SET = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+try:  # ml_collections applies --model.* overrides while defining the flag.
+    config_flags.DEFINE_config_file(
+        "model",
+        str(REPO / "configs" / "gemma3_tiny.py"),
+        "Model config file; fields overridable.",
+    )
+except (AttributeError, KeyError) as e:
+    cli._exit_on_unknown_model_field(e)
+
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Checkpoint root (LoRA: local or gs://).", required=True
+)
+_DATA_PATH = flags.DEFINE_string(
+    "data_path",
+    str(DEFAULT_TRAIN_SET) if DEFAULT_TRAIN_SET.is_file() else "",
+    "GSM8K training JSONL (local or gs://).",
+)
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    "num_examples", None, "Use only the first N problems."
+)
+_FULL_FINETUNE = flags.DEFINE_bool(
+    "full_finetune", False, "Train every weight instead of LoRA factors."
+)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 10, "Linear warmup steps.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 100, "Total optimizer steps.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+_MAX_LENGTH = flags.DEFINE_integer(
+    "max_length", 384, "Model input length; longer examples are dropped."
+)
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 0, "Save every N steps (0: at the end only)."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Batch order and LoRA initialisation.")
+_PROMPT_TEMPLATE = flags.DEFINE_string(
+    "prompt_template", DEFAULT_PROMPT_TEMPLATE, "User turn; must contain {question}."
+)
+
+
+def main(argv):
+    del argv
+    # Heavy imports after flag parsing: --help stays fast.
+    from gsm8k_jax.checkpoints.lora import LoraConfig
+    from gsm8k_jax.eval.data import load_gsm8k
+    from gsm8k_jax.models.registry import load_pretrained
+    from gsm8k_jax.training import sft
+
+    cfg = flags.FLAGS.model
+    cli.check_model_config(cfg)
+    if cfg.lora_checkpoint_path:
+        raise ValueError(
+            "train_lora_sft.py writes checkpoints to --output_dir and takes no"
+            " --model.lora_checkpoint_path."
+        )
+    if not _DATA_PATH.value:
+        raise ValueError(
+            f"No GSM8K training set: pass --data_path (the package bundles only the"
+            f" test set; {DEFAULT_TRAIN_SET} does not exist)."
+        )
+    config = sft.SFTConfig(
+        learning_rate=_LEARNING_RATE.value,
+        warmup_steps=_WARMUP_STEPS.value,
+        num_steps=_NUM_STEPS.value,
+        batch_size=_BATCH_SIZE.value,
+        max_length=_MAX_LENGTH.value,
+        weight_decay=_WEIGHT_DECAY.value,
+        checkpoint_every=_CHECKPOINT_EVERY.value,
+        seed=_SEED.value,
+        lora=None if _FULL_FINETUNE.value else LoraConfig(**cfg.lora_config.to_dict()),
+    )
+    examples = load_gsm8k(_DATA_PATH.value, _NUM_EXAMPLES.value)
+    model, tokenizer, _ = load_pretrained(
+        cfg.model_name, cfg.model_path or None, dtype="float32"
+    )
+    if config.lora is not None:
+        model = sft.add_lora(model, config.lora, seed=config.seed)
+    losses = sft.train(
+        model,
+        tokenizer,
+        examples,
+        config,
+        output_dir=_OUTPUT_DIR.value,
+        template=_PROMPT_TEMPLATE.value,
+    )
+    where = sft.checkpoint_dir(_OUTPUT_DIR.value, config)
+    if losses:
+        print(f"Trained {len(losses)} steps, last loss {losses[-1]:.4f}.")
+    else:
+        print(f"Nothing to do: {where} is already at step {config.num_steps}.")
+    print(f"Checkpoints: {where}")
+
+
+def _main(argv):
+    try:
+        main(argv)
+    except cli.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(_main, flags_parser=cli.parse_flags)

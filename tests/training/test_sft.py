@@ -1,0 +1,258 @@
+"""LoRA SFT: data, a falling loss, Tunix-layout checkpoints that restore, resume."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from hf_models import make_tiny_hf_model
+from safetensors.numpy import load_file
+
+from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora, restore_lora_params
+from gsm8k_jax.eval.data import load_gsm8k
+from gsm8k_jax.eval.extraction import extract_answer
+from gsm8k_jax.eval.prompts import format_prompt
+from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
+from gsm8k_jax.models.gemma3.params import export_hf_weights, hf_config, load_hf_model
+from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.sampling.decode import prompt_positions
+from gsm8k_jax.training import sft
+
+REPO = Path(__file__).resolve().parents[2]
+LORA = LoraConfig(rank=4, alpha=8.0)
+CONFIG = sft.SFTConfig(
+    learning_rate=3e-2,
+    warmup_steps=2,
+    num_steps=16,
+    batch_size=4,
+    max_length=256,
+    checkpoint_every=12,
+    seed=0,
+    lora=LORA,
+)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random HF Gemma 3 with the packaged 4,096-token tokenizer."""
+    path = tmp_path_factory.mktemp("base")
+    make_tiny_hf_model(path, vocab_size=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TINY_MODEL_DIR / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_gsm8k(num_examples=32)
+
+
+def lora_model(base_dir, config=CONFIG):
+    base = load_hf_model(base_dir, dtype=jnp.float32)
+    return sft.add_lora(base, config.lora, seed=config.seed)
+
+
+def logits(model, batch):
+    valid = jnp.asarray(batch["valid"])
+    hidden, _ = model(jnp.asarray(batch["tokens"]), prompt_positions(valid), valid)
+    return np.asarray(model.logits(hidden))
+
+
+def test_format_answer_ends_in_boxed_answer():
+    solution = (
+        "She sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"
+    )
+    text = sft.format_answer(solution)
+    assert text == (
+        "She sold 48/2 = 24 clips.\nIn all 48+24 = 72.\nThe final answer is \\boxed{72}."
+    )
+    assert extract_answer(text, "strict") == "72"
+    with pytest.raises(ValueError, match="####"):
+        sft.format_answer("no final line")
+
+
+def test_make_examples_masks_the_answer_only(tokenizer, examples):
+    data = sft.make_examples(tokenizer, examples[:4], max_length=256)
+    assert {k: v.shape for k, v in data.items()} == {
+        k: (4, 256) for k in ("tokens", "targets", "loss_mask", "valid")
+    }
+    row = 0
+    valid, mask = data["valid"][row], data["loss_mask"][row] > 0
+    np.testing.assert_array_equal(
+        data["tokens"][row, 1:][valid[1:]], data["targets"][row][valid][:-1]
+    )
+    assert not mask[~valid].any()
+    # Inputs up to the first answer target are exactly the evaluation prompt.
+    start = int(np.argmax(mask))
+    assert tokenizer.decode(data["tokens"][row][: start + 1]) == format_prompt(
+        examples[0].question, tokenizer
+    )
+    answer = tokenizer.decode(data["targets"][row][mask])
+    assert answer == sft.format_answer(examples[0].answer) + "<end_of_turn>"
+    # Longer than max_length + 1 tokens: dropped, never truncated.
+    lengths = data["valid"].sum(1) + 1  # Tokens per example.
+    cut = int(np.sort(lengths)[1])
+    short = sft.make_examples(tokenizer, examples[:4], max_length=cut - 1)
+    kept = lengths <= cut
+    assert 2 <= len(short["tokens"]) == kept.sum() < 4
+    for key in data:
+        np.testing.assert_array_equal(short[key], data[key][kept][:, : cut - 1])
+
+
+def test_batches_are_reshuffled_each_epoch_and_reproducible():
+    order = [sft.batch_indices(10, 4, step, seed=3) for step in range(5)]
+    flat = np.concatenate(order)
+    assert sorted(flat[:10]) == list(range(10)) == sorted(flat[10:20])
+    assert not np.array_equal(flat[:10], flat[10:20])
+    np.testing.assert_array_equal(sft.batch_indices(10, 4, 3, seed=3), order[3])
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tokenizer, examples, tmp_path_factory):
+    """One run: CONFIG, saving at steps 12 and 16.
+
+    Its LoRA model is reused by the resume test: qwix gives every LoRA
+    model a class of its own, so a second model would compile again.
+    """
+    root = tmp_path_factory.mktemp("lora_run")
+    model = lora_model(base_dir)
+    initial = nnx.to_pure_dict(nnx.state(model))
+    losses = sft.train(
+        model, tokenizer, examples, CONFIG, output_dir=root, progress=False
+    )
+    batch = sft.make_examples(tokenizer, examples[:3], max_length=256)
+    return SimpleNamespace(
+        model=model,
+        initial=initial,
+        losses=losses,
+        root=root,
+        batch=batch,
+        logits=logits(model, batch),
+    )
+
+
+def test_lora_training_lowers_the_loss(trained):
+    losses = trained.losses
+    assert len(losses) == CONFIG.num_steps and np.isfinite(losses).all()
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first - 1.0, " ".join(f"{loss:.2f}" for loss in losses)
+
+
+def test_checkpoint_restores_through_load_lora(trained, base_dir):
+    params = restore_lora_params(trained.root / "actor")
+    assert "layers/0/attn/q_einsum/w_lora_a" in params
+    assert all(np.abs(v).max() > 0 for k, v in params.items() if k.endswith("_lora_b"))
+    base = load_hf_model(base_dir, dtype=jnp.float32)
+    base_logits = logits(base, trained.batch)
+    restored = load_lora(base, trained.root / "actor", LORA)  # Merged.
+    valid = trained.batch["valid"]
+    restored_logits = logits(restored, trained.batch)
+    np.testing.assert_allclose(
+        restored_logits[valid], trained.logits[valid], atol=1e-4, rtol=0
+    )
+    # Training changed the function: the base model's logits differ.
+    assert np.abs(base_logits[valid] - trained.logits[valid]).max() > 1e-2
+
+
+def checkpoint_steps(root):
+    return sorted(int(p.name) for p in (root / "actor").iterdir() if p.name.isdigit())
+
+
+def test_rerun_resumes_from_the_latest_step(trained, tokenizer, examples, tmp_path):
+    assert checkpoint_steps(trained.root) == [12, 16]
+    # A run interrupted after step 12, rerun with the same root and settings,
+    # on a model back at its initial state.
+    shutil.copytree(trained.root / "actor/12", tmp_path / "actor/12")
+    model = trained.model
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, trained.initial)
+    nnx.update(model, state)
+    run = lambda: sft.train(
+        model, tokenizer, examples, CONFIG, output_dir=tmp_path, progress=False
+    )
+    resumed = run()
+    # It continues from step 12, exactly: weights, optimizer state, batches.
+    assert len(resumed) == 4
+    np.testing.assert_allclose(resumed, trained.losses[12:], rtol=1e-5)
+    assert checkpoint_steps(tmp_path) == [12, 16]
+    expected = restore_lora_params(trained.root / "actor/16")
+    for key, value in restore_lora_params(tmp_path / "actor/16").items():
+        np.testing.assert_allclose(value, expected[key], atol=1e-6, err_msg=key)
+    assert run() == []  # Finished already: nothing to do.
+
+
+def test_export_inverts_loading(base_dir):
+    exported = export_hf_weights(load_hf_model(base_dir, dtype=jnp.float32))
+    original = load_file(base_dir / "model.safetensors")
+    assert exported.keys() == original.keys()
+    for name, value in original.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    for name, make_config in CONFIGS.items():
+        config = make_config()
+        assert Gemma3Config.from_hf(hf_config(config)) == config, name
+
+
+def test_script_full_finetune_writes_hf_folders(tmp_path):
+    """The script, in full fine-tune mode (LoRA mode runs in-process above)."""
+    data = tmp_path / "train.jsonl"
+    lines = (REPO / "gsm8k_jax/data/test.jsonl").read_text().splitlines()[:8]
+    data.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "research/script/train_lora_sft.py"),
+            "--full_finetune",
+            f"--data_path={data}",
+            f"--output_dir={tmp_path / 'run'}",
+            "--num_steps=2",
+            "--checkpoint_every=1",
+            "--batch_size=2",
+            "--max_length=256",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Trained 2 steps" in proc.stdout
+    folder = tmp_path / "run/hf/2"
+    assert sorted(p.name for p in (tmp_path / "run/hf").iterdir()) == ["1", "2"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "optimizer_state").is_dir()
+    trained = load_hf_model(folder, dtype=jnp.float32)
+    shipped = load_hf_model(TINY_MODEL_DIR, dtype=jnp.float32)
+    assert trained.config == shipped.config
+    assert not np.array_equal(
+        trained.embedder.input_embedding.get_value(),
+        shipped.embedder.input_embedding.get_value(),
+    )
+
+
+def test_script_needs_training_data(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "research/script/train_lora_sft.py"),
+            "--data_path=",
+            f"--output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 1 and "--data_path" in proc.stderr
+    assert "Traceback" not in proc.stderr
