@@ -50,11 +50,9 @@ from flax import nnx
 
 from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.models.gemma3.params import BOS_ID, PAD_ID, hf_config, load_hf_model
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
 
-PAD_ID = 0
-BOS_ID = 2
 FIRST_PROMPT_ID = 3  # prompt tokens are drawn from [3, vocab): no pad, eos or bos
 
 # A small random HF config, bigger than the parity-test ones (tests/hf_models.py)
@@ -148,42 +146,6 @@ class SideResult:
 # Weights and prompts.
 
 
-def hf_text_config_kwargs(config: Gemma3Config) -> dict[str, Any]:
-    """`Gemma3TextConfig` keyword arguments describing one of our configs."""
-    global_rope: dict[str, Any] = {
-        "rope_type": "default",
-        "rope_theta": config.global_rope_base,
-    }
-    if config.global_rope_scale != 1.0:
-        global_rope = {
-            "rope_type": "linear",
-            "factor": config.global_rope_scale,
-            "rope_theta": config.global_rope_base,
-        }
-    return {
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.embed_dim,
-        "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "sliding_window": config.sliding_window,
-        "layer_types": [t.value for t in config.layer_types],
-        "query_pre_attn_scalar": config.query_pre_attn_scalar,
-        "rms_norm_eps": config.rms_norm_eps,
-        "attn_logit_softcapping": config.attn_logit_softcap,
-        "final_logit_softcapping": config.final_logit_softcap,
-        "rope_parameters": {
-            "full_attention": global_rope,
-            "sliding_attention": {
-                "rope_type": "default",
-                "rope_theta": config.local_rope_base,
-            },
-        },
-    }
-
-
 def hf_text_config(model: str | dict[str, Any]):
     """The `transformers.Gemma3TextConfig` of a benchmark model.
 
@@ -191,12 +153,11 @@ def hf_text_config(model: str | dict[str, Any]):
     """
     import transformers
 
-    if isinstance(model, dict):
-        kwargs = dict(model)
-    elif model == "hf-tiny":
-        kwargs = dict(HF_TINY)
-    else:
-        kwargs = hf_text_config_kwargs(CONFIGS[model]())
+    if isinstance(model, str) and model in CONFIGS:
+        return hf_config(
+            CONFIGS[model](), max_position_embeddings=8192, eos_token_id=None
+        )
+    kwargs = dict(model) if isinstance(model, dict) else dict(HF_TINY)
     kwargs = (
         {
             "max_position_embeddings": 8192,
@@ -209,7 +170,7 @@ def hf_text_config(model: str | dict[str, Any]):
     return transformers.Gemma3TextConfig(**kwargs)
 
 
-def make_random_hf_model(hf_config, path: str | os.PathLike, seed: int = 0) -> None:
+def make_random_hf_model(text_config, path: str | os.PathLike, seed: int = 0) -> None:
     """Saves a random `Gemma3ForCausalLM` (float32) to `path`.
 
     Same recipe as tests/hf_models.py: non-zero norm scales, small embeddings
@@ -220,7 +181,7 @@ def make_random_hf_model(hf_config, path: str | os.PathLike, seed: int = 0) -> N
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(hf_config)
+    model = transformers.Gemma3ForCausalLM(text_config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             scale = 1.0 if "norm" in name else 0.1 if "embed" in name else 0.5
