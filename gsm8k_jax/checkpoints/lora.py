@@ -48,7 +48,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import v1 as ocp_v1
 
-from gsm8k_jax.checkpoints.paths import existing_path, storage_call
+from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum
 from gsm8k_jax.models.gemma3.params import CheckpointError
@@ -243,6 +243,7 @@ def save_lora_params(
             )
     else:
         tree = _nest(model_or_params)
+    root = absolute(root)
     checkpointer = ocp_v1.training.Checkpointer(epath.Path(root) / ACTOR_DIR)
     try:
         checkpointer.save_checkpointables(step, {PARAMS_DIR: tree})

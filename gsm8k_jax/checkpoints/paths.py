@@ -56,6 +56,12 @@ def storage_call(path: str | os.PathLike, fn: Callable[[], T]) -> T:
         ) from e
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute (Orbax refuses relative ones); gs:// unchanged."""
+    path = os.fspath(path)
+    return path if is_gcs(path) else os.path.abspath(path)
+
+
 def existing_path(path: str | os.PathLike, what: str) -> epath.Path:
     """`path` as an epath.Path, or a CheckpointError saying why it cannot be read.
 
@@ -66,7 +72,7 @@ def existing_path(path: str | os.PathLike, what: str) -> epath.Path:
     """
     if not os.fspath(path):
         raise CheckpointError(f"Empty {what} path.")
-    epath_path = epath.Path(path)
+    epath_path = epath.Path(absolute(path))
     if storage_call(path, epath_path.exists):
         return epath_path
     if is_gcs(path):

@@ -57,6 +57,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from gsm8k_jax.checkpoints import lora as lora_lib
+from gsm8k_jax.checkpoints.paths import absolute
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
 from gsm8k_jax.models.gemma3.model import Gemma3
@@ -294,7 +295,7 @@ def make_optimizer(model: Gemma3, config: SFTConfig) -> nnx.Optimizer:
 def checkpoint_dir(root: str | os.PathLike, config: SFTConfig) -> epath.Path:
     """`<root>/actor` (LoRA) or `<root>/hf` (full fine-tune): the step folders."""
     sub = lora_lib.ACTOR_DIR if config.lora is not None else HF_DIR
-    return epath.Path(root) / sub
+    return epath.Path(absolute(root)) / sub
 
 
 def latest_step(root: str | os.PathLike, config: SFTConfig) -> int | None:

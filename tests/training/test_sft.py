@@ -169,25 +169,29 @@ def checkpoint_steps(root):
     return sorted(int(p.name) for p in (root / "actor").iterdir() if p.name.isdigit())
 
 
-def test_rerun_resumes_from_the_latest_step(trained, tokenizer, examples, tmp_path):
+def test_rerun_resumes_from_the_latest_step(
+    trained, tokenizer, examples, tmp_path, monkeypatch
+):
     assert checkpoint_steps(trained.root) == [12, 16]
-    # A run interrupted after step 12, rerun with the same root and settings,
-    # on a model back at its initial state.
-    shutil.copytree(trained.root / "actor/12", tmp_path / "actor/12")
+    # A run interrupted after step 12, rerun with the same root (relative,
+    # as on a command line) and settings, on a model back at its initial state.
+    monkeypatch.chdir(tmp_path)
+    root = Path("resumed")
+    shutil.copytree(trained.root / "actor/12", root / "actor/12")
     model = trained.model
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, trained.initial)
     nnx.update(model, state)
     run = lambda: sft.train(
-        model, tokenizer, examples, CONFIG, output_dir=tmp_path, progress=False
+        model, tokenizer, examples, CONFIG, output_dir=root, progress=False
     )
     resumed = run()
     # It continues from step 12, exactly: weights, optimizer state, batches.
     assert len(resumed) == 4
     np.testing.assert_allclose(resumed, trained.losses[12:], rtol=1e-5)
-    assert checkpoint_steps(tmp_path) == [12, 16]
+    assert checkpoint_steps(root) == [12, 16]
     expected = restore_lora_params(trained.root / "actor/16")
-    for key, value in restore_lora_params(tmp_path / "actor/16").items():
+    for key, value in restore_lora_params(tmp_path / root / "actor/16").items():
         np.testing.assert_allclose(value, expected[key], atol=1e-6, err_msg=key)
     assert run() == []  # Finished already: nothing to do.
 
