@@ -154,7 +154,8 @@ class Sampler:
             prompts, params, example_ids=example_ids, batch_size=batch_size
         )
         completions = [c for finished in stream for c in finished]
-        order = {e: i for i, e in enumerate(example_ids or range(len(prompts)))}
+        ids = range(len(prompts)) if example_ids is None else example_ids
+        order = {e: i for i, e in enumerate(ids)}
         return sorted(completions, key=lambda c: (order[c.example_id], c.sample_index))
 
     def generate_stream(
