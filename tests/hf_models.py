@@ -6,6 +6,7 @@ and our model on the same random weights is how correctness is proven.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -63,3 +64,14 @@ def make_tiny_hf_model(
     model = model.float().eval()
     model.save_pretrained(path)
     return model
+
+
+@dataclasses.dataclass
+class IdTokenizer:
+    """Stands in for a tokenizer: prompts here are token ids already."""
+
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))

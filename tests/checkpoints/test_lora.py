@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 from gcs_emulator import upload_dir
-from hf_models import make_tiny_hf_model, tiny_hf_config
+from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
 from gsm8k_jax.checkpoints import lora
@@ -83,17 +83,6 @@ def _forward(model, ids):
 
 def our_logits(model):
     return np.asarray(_forward(model, jnp.asarray(IDS)))
-
-
-@dataclasses.dataclass
-class IdTokenizer:
-    """Stands in for a tokenizer: prompts here are token ids already."""
-
-    pad_token_id: int = 0
-    bos_token_id: int = 2
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 @dataclasses.dataclass

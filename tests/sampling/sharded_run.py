@@ -6,11 +6,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from sampling.test_sampler import GREEDY, PROMPTS, SAMPLED, IdTokenizer
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.models.gemma3.sharding import make_mesh
-from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
-from sampling.test_sampler import GREEDY, PROMPTS, SAMPLED, IdTokenizer
+from gsm8k_jax.sampling.sampler import Sampler
 
 model_dir = sys.argv[1]
 assert jax.device_count() == 8, jax.devices()

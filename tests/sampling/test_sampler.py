@@ -11,27 +11,16 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_models import IdTokenizer, make_tiny_hf_model
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.sampling.decode import DecodeState, prefill
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
-from hf_models import make_tiny_hf_model
 
 EOS = 1
 # Prompt + generation (up to 45 + 24) is far longer than the window of 8.
 GREEDY = SamplingParams(max_generation_steps=24, eos_ids=(EOS,))
 SAMPLED = dataclasses.replace(GREEDY, temperature=0.8, top_p=0.9, top_k=50, seed=7)
-
-
-@dataclasses.dataclass
-class IdTokenizer:
-    """Stands in for a tokenizer: prompts here are token ids already."""
-
-    pad_token_id: int = 0
-    bos_token_id: int = 2
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 @pytest.fixture(scope="module")
