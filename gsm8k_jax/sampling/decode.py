@@ -37,16 +37,18 @@ class DecodeSettings(NamedTuple):
 class DecodeState:
     """Everything about the B slots that lives on device between calls."""
 
-    cache: KVCache  # [B, S, ...]; S = prompt width + max_steps
+    cache: KVCache  # S = prompt width + max_steps tokens per slot
     logits: jax.Array  # [B, V] float32: distribution of each slot's next token
     positions: jax.Array  # [B] RoPE position of the next token
-    cursor: jax.Array  # [B] cache slot the next token is written to
+    cursor: jax.Array  # [B] write cursor of the next token (see KVCache)
     keys: jax.Array  # [B] PRNG key of the sequence in the slot
     done: jax.Array  # [B] bool; empty slots are done
     tokens: jax.Array  # [B, max_steps] int32 generated ids, pad after the end
     num_tokens: jax.Array  # [B] int32 generated so far (including an eos)
+    limit: jax.Array  # [B] int32 most tokens the sequence may generate
     hit_eos: jax.Array  # [B] bool: finished on an eos id (else: length)
     logprob: jax.Array  # [B] float32 sum of log p(chosen token)
+    decode_steps: jax.Array  # scalar int32: decode iterations run so far
 
     @classmethod
     def empty(
@@ -62,8 +64,10 @@ class DecodeState:
             done=jnp.ones((batch,), bool),
             tokens=jnp.full((batch, max_steps), pad_id, jnp.int32),
             num_tokens=jnp.zeros((batch,), jnp.int32),
+            limit=jnp.zeros((batch,), jnp.int32),
             hit_eos=jnp.zeros((batch,), bool),
             logprob=jnp.zeros((batch,), jnp.float32),
+            decode_steps=jnp.int32(0),
         )
 
 
@@ -80,6 +84,7 @@ def prefill(
     valid: jax.Array,  # [G, W] bool
     slots: jax.Array,  # [G] target slots; an out-of-range slot drops the row
     keys: jax.Array,  # [G] PRNG keys of the new sequences
+    limits: jax.Array,  # [G] most tokens each new sequence may generate
     *,
     pad_id: int,
 ) -> DecodeState:
@@ -87,26 +92,16 @@ def prefill(
     model = nnx.merge(graphdef, params)
     group, width = tokens.shape
     positions = prompt_positions(valid)
-    fresh = KVCache.empty(model.config, group, width, model.dtype)
+    # Every prompt token at once: the fresh cache keeps all of them in every
+    # layer; installing it into the slots keeps what each layer's table holds.
+    fresh = KVCache.empty(model.config, group, width, model.dtype, ring=False)
     hidden, fresh = model(tokens, positions, valid, fresh, 0)
     # Left padding puts every prompt's last token in the last column.
     logits = model.logits(hidden[:, -1])
 
-    def install(full: jax.Array, new: jax.Array) -> jax.Array:
-        # Slots beyond the prompt become invalid: no key of a previous
-        # occupant can leak into the new sequence.
-        pad = [(0, 0), (0, full.shape[1] - width)] + [(0, 0)] * (full.ndim - 2)
-        return full.at[slots].set(jnp.pad(new.astype(full.dtype), pad), mode="drop")
-
     set_rows = lambda full, new: full.at[slots].set(new, mode="drop")
-    cache = state.cache
     return state.replace(
-        cache=cache.replace(
-            k=tuple(map(install, cache.k, fresh.k)),
-            v=tuple(map(install, cache.v, fresh.v)),
-            positions=install(cache.positions, fresh.positions),
-            valid=install(cache.valid, fresh.valid),
-        ),
+        cache=state.cache.install_rows(slots, fresh),
         logits=set_rows(state.logits, logits),
         positions=set_rows(state.positions, positions[:, -1] + 1),
         cursor=set_rows(state.cursor, jnp.full((group,), width, jnp.int32)),
@@ -114,6 +109,7 @@ def prefill(
         done=set_rows(state.done, jnp.zeros((group,), bool)),
         tokens=set_rows(state.tokens, jnp.full((group, state.tokens.shape[1]), pad_id)),
         num_tokens=set_rows(state.num_tokens, jnp.zeros((group,), jnp.int32)),
+        limit=set_rows(state.limit, limits.astype(jnp.int32)),
         hit_eos=set_rows(state.hit_eos, jnp.zeros((group,), bool)),
         logprob=set_rows(state.logprob, jnp.zeros((group,), jnp.float32)),
     )
@@ -130,8 +126,7 @@ def decode(
 ) -> DecodeState:
     """Generates until every slot is done, or, if asked, until one finishes."""
     model = nnx.merge(graphdef, params)
-    batch, max_steps = state.tokens.shape
-    rows = jnp.arange(batch)
+    rows = jnp.arange(state.tokens.shape[0])
 
     def cond(carry):
         s, freed = carry
@@ -149,7 +144,7 @@ def decode(
         )[:, 0]
         live = ~s.done
         is_eos = jnp.any(chosen[:, None] == settings.eos_ids[None, :], axis=-1)
-        finished = live & (is_eos | (step + 1 >= max_steps))
+        finished = live & (is_eos | (step + 1 >= s.limit))
         hidden, cache = model(
             chosen[:, None], s.positions[:, None], live[:, None], s.cache, s.cursor
         )
@@ -165,6 +160,7 @@ def decode(
             num_tokens=s.num_tokens + live,
             hit_eos=s.hit_eos | (live & is_eos),
             logprob=s.logprob + jnp.where(live, logprob, 0.0),
+            decode_steps=s.decode_steps + 1,
         )
         return s, freed | jnp.any(finished)
 

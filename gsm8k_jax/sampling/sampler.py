@@ -107,6 +107,9 @@ class Sampler:
         self.mesh = mesh
         if mesh is not None:
             shard_model(model, mesh)
+        # Decode iterations run by this sampler (all calls): each runs the
+        # model once for every slot, busy or not.
+        self.decode_steps = 0
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
@@ -143,15 +146,22 @@ class Sampler:
         *,
         example_ids: Sequence[int] | None = None,
         batch_size: int | None = None,
+        max_tokens: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Generates `params.num_samples` completions per prompt, in prompt order.
 
         example_ids identify prompts for their random keys (default 0..n-1).
         batch_size is the number of slots decoded in parallel (default: all
-        prompts x samples at once).
+        prompts x samples at once). max_tokens caps each prompt's completions
+        below `params.max_generation_steps` (like lm-evaluation-harness'
+        per-request max_gen_toks).
         """
         stream = self.generate_stream(
-            prompts, params, example_ids=example_ids, batch_size=batch_size
+            prompts,
+            params,
+            example_ids=example_ids,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
         )
         completions = [c for finished in stream for c in finished]
         ids = range(len(prompts)) if example_ids is None else example_ids
@@ -166,6 +176,7 @@ class Sampler:
         example_ids: Sequence[int] | None = None,
         batch_size: int | None = None,
         pad_to: int | None = None,
+        max_tokens: Sequence[int] | None = None,
     ) -> Iterator[list[Completion]]:
         """Like `generate`, but yields completions in groups as they finish.
 
@@ -184,6 +195,16 @@ class Sampler:
         encoded = [self.encode(p) for p in prompts]
         if any(not ids for ids in encoded):
             raise ValueError("Empty prompt: every prompt needs at least one token.")
+        limits = [params.max_generation_steps] * len(prompts)
+        if max_tokens is not None:
+            limits = list(max_tokens)
+            if len(limits) != len(prompts) or not all(
+                1 <= n <= params.max_generation_steps for n in limits
+            ):
+                raise ValueError(
+                    f"max_tokens needs one value in [1, max_generation_steps ="
+                    f" {params.max_generation_steps}] per prompt ({len(prompts)})."
+                )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.num_samples)]
@@ -200,6 +221,7 @@ class Sampler:
             state = shard_decode_state(state, self.mesh)
         waiting = collections.deque(range(len(rows)))
         owner: list[int | None] = [None] * num_slots  # row index held by each slot
+        steps_counted = 0
         group_size = max(1, num_slots // PREFILL_FRACTION)
         while True:
             free = [slot for slot, row in enumerate(owner) if row is None]
@@ -214,6 +236,7 @@ class Sampler:
                     (group_size,), num_slots, np.int32
                 )  # out of range: dropped
                 keys = [row_key(params.seed, 0, 0)] * group_size
+                group_limits = np.ones((group_size,), np.int32)
                 for g, row in enumerate(group):
                     i, j = rows[row]
                     ids = encoded[i]
@@ -221,6 +244,7 @@ class Sampler:
                     valid[g, width - len(ids) :] = True
                     slots[g] = free[g]
                     keys[g] = row_key(params.seed, example_ids[i], j)
+                    group_limits[g] = limits[i]
                     owner[free[g]] = row
                 free = free[len(group) :]
                 state = self._prefill(
@@ -230,6 +254,7 @@ class Sampler:
                     valid,
                     slots,
                     jnp.stack(keys),
+                    group_limits,
                     pad_id=self.pad_id,
                 )
             if all(row is None for row in owner):
@@ -237,9 +262,17 @@ class Sampler:
             state = self._decode(
                 weights, state, settings, jnp.bool_(bool(waiting)), pad_id=self.pad_id
             )
-            done, num_tokens, hit_eos, logprob = jax.device_get(
-                (state.done, state.num_tokens, state.hit_eos, state.logprob)
+            done, num_tokens, hit_eos, logprob, steps = jax.device_get(
+                (
+                    state.done,
+                    state.num_tokens,
+                    state.hit_eos,
+                    state.logprob,
+                    state.decode_steps,
+                )
             )
+            self.decode_steps += int(steps) - steps_counted
+            steps_counted = int(steps)
             finished = [
                 slot for slot, row in enumerate(owner) if row is not None and done[slot]
             ]

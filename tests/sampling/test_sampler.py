@@ -244,6 +244,26 @@ def test_continuous_batching_equals_batch_size_one(sampler):
             assert c.logprob == pytest.approx(expected.logprob, abs=1e-3)
 
 
+def test_per_prompt_token_limits(sampler):
+    """max_tokens stops each prompt at its own limit, with the tokens it would
+    have produced anyway; one slot runs one decode step per token."""
+    prompts = PROMPTS[:6]
+    free = sampler.generate(prompts, GREEDY)
+    limits = [1, 5, 24, 2, 13, 7]
+    steps_before = sampler.decode_steps
+    capped = sampler.generate(prompts, GREEDY, max_tokens=limits, batch_size=1)
+    for full, short, limit in zip(free, capped, limits):
+        assert short.num_tokens == min(limit, full.num_tokens)
+        assert short.tokens == full.tokens[:limit]
+        if full.num_tokens > limit:
+            assert short.finish_reason == "length"
+    assert sampler.decode_steps - steps_before == sum(c.num_tokens for c in capped)
+    with pytest.raises(ValueError, match="max_tokens"):
+        sampler.generate(prompts, GREEDY, max_tokens=[25] * 6)
+    with pytest.raises(ValueError, match="max_tokens"):
+        sampler.generate(prompts, GREEDY, max_tokens=[3])
+
+
 def test_prompt_buckets():
     assert [prompt_bucket(n) for n in (1, 32, 33, 64, 65, 300)] == [
         32,
@@ -271,8 +291,11 @@ def test_prefill_never_materialises_logits_for_every_position(tiny):
     state = DecodeState.empty(model, 4, 32, 8, pad_id=0)
     tokens, valid = jnp.zeros((4, 32), jnp.int32), jnp.ones((4, 32), bool)
     slots, keys = jnp.arange(4), jax.vmap(jax.random.key)(jnp.arange(4))
+    limits = jnp.full((4,), 8)
     jaxpr = jax.make_jaxpr(
-        lambda p, s: prefill(graphdef, p, s, tokens, valid, slots, keys, pad_id=0)
+        lambda p, s: prefill(
+            graphdef, p, s, tokens, valid, slots, keys, limits, pad_id=0
+        )
     )(params, state)
 
     def shapes(jaxpr):

@@ -1,15 +1,20 @@
 """The key/value cache and the attention masks derived from it.
 
-The cache records, for every slot, the token position used for RoPE and
-whether the slot holds a real key. Masks are built from those two arrays
-alone, never from token ids, so padding can never leak into attention:
+Token number c of a row (its write cursor, counting prompt padding) lives
+in slot c of the global layers' cache and in slot c mod W of the
+sliding-window layers' cache, a ring buffer of W = sliding_window slots:
+a local layer never looks further back than its window, so it never keeps
+more. For gemma3-1b at 256 + 768 tokens that halves 22 of its 26 layers.
 
-- a query sees a key only if the key is valid and its slot is not later
-  than the query's slot (causal in slots, which is causal in positions
-  because valid slots hold increasing positions);
-- sliding-window layers also require q_pos - k_pos < window, comparing
-  token positions with token positions (never with slot indices, which is
-  the bug that widened the window by the number of left pads).
+Each of the two slot tables records, per slot, the token position used
+for RoPE and whether the slot holds a real key. Masks come from those two
+arrays alone, never from token ids or slot indices, so padding never leaks
+into attention and the window is measured in token positions (measuring it
+in slots was the bug that widened it by the number of left pads):
+
+- a query sees a key if the key is valid and not later than the query
+  (k_pos <= q_pos; valid slots of a row hold increasing positions);
+- sliding-window layers also require q_pos - k_pos < sliding_window.
 """
 
 from __future__ import annotations
@@ -17,48 +22,151 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 
 
 @flax.struct.dataclass
-class KVCache:
-    """Per-layer keys and values, and per-slot positions and validity.
+class SlotTable:
+    """Position and validity of every slot of one cache layout."""
 
-    k, v: one [B, S, K, H] array per layer. positions: [B, S] int32.
-    valid: [B, S] bool; a slot is valid once a real token was written to it.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    positions: jax.Array
-    valid: jax.Array
-
-    @classmethod
-    def empty(
-        cls, config: Gemma3Config, batch_size: int, length: int, dtype: jnp.dtype
-    ) -> "KVCache":
-        shape = (batch_size, length, config.num_kv_heads, config.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(
-            k=zeros(),
-            v=zeros(),
-            positions=jnp.zeros((batch_size, length), jnp.int32),
-            valid=jnp.zeros((batch_size, length), bool),
-        )
+    positions: jax.Array  # [B, L] int32
+    valid: jax.Array  # [B, L] bool; True once a real token was written
 
     @property
     def length(self) -> int:
         return self.positions.shape[1]
 
-    def write_slots(
-        self, positions: jax.Array, valid: jax.Array, starts: jax.Array
-    ) -> "KVCache":
-        """Records positions/validity of T new tokens at slots [starts[b], +T) of each row."""
-        return self.replace(
-            positions=write_rows(self.positions, positions.astype(jnp.int32), starts),
-            valid=write_rows(self.valid, valid, starts),
+    def write(self, positions: jax.Array, valid: jax.Array, slots: jax.Array):
+        """Records T new tokens at slots [slots[b], +T) of each row b."""
+        return SlotTable(
+            positions=write_rows(self.positions, positions.astype(jnp.int32), slots),
+            valid=write_rows(self.valid, valid, slots),
         )
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values, and the slot tables they are indexed by.
+
+    k, v: one [B, L, K, H] array per layer, where L is the length of the
+    layer's table: `full` for global layers, `window` for sliding ones.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    full: SlotTable  # [B, S]: one slot per token
+    window: SlotTable  # [B, min(S, sliding_window)]: a ring buffer
+
+    @classmethod
+    def empty(
+        cls,
+        config: Gemma3Config,
+        batch_size: int,
+        length: int,
+        dtype: jnp.dtype,
+        *,
+        ring: bool = True,
+    ) -> "KVCache":
+        """A cache for `length` tokens per row. ring=False keeps every token
+        in the sliding layers too (for writing many tokens in one call)."""
+        window = min(length, config.sliding_window) if ring else length
+        table = lambda n: SlotTable(
+            positions=jnp.zeros((batch_size, n), jnp.int32),
+            valid=jnp.zeros((batch_size, n), bool),
+        )
+        lengths = [
+            window if t == AttentionType.LOCAL_SLIDING else length
+            for t in config.layer_types
+        ]
+        zeros = lambda: tuple(
+            jnp.zeros((batch_size, n, config.num_kv_heads, config.head_dim), dtype)
+            for n in lengths
+        )
+        return cls(k=zeros(), v=zeros(), full=table(length), window=table(window))
+
+    def table(self, attention_type: AttentionType) -> SlotTable:
+        if attention_type == AttentionType.LOCAL_SLIDING:
+            return self.window
+        return self.full
+
+    @property
+    def is_ring(self) -> bool:
+        """Whether the sliding layers wrap around (hold fewer slots than tokens)."""
+        return self.window.length < self.full.length
+
+    def write_slots(
+        self, attention_type: AttentionType, cursors: jax.Array
+    ) -> jax.Array:
+        """[B] slots of the tokens at write cursors `cursors` in one table."""
+        return cursors % self.table(attention_type).length
+
+    def write(
+        self, positions: jax.Array, valid: jax.Array, cursors: jax.Array
+    ) -> "KVCache":
+        """Records T new tokens ([B, T] positions and validity) at `cursors`."""
+        if self.is_ring and positions.shape[1] != 1:
+            raise ValueError(
+                f"A ring-buffer cache takes one token per call, got"
+                f" {positions.shape[1]}: write prompts into a cache made with"
+                " KVCache.empty(..., ring=False) and install it with"
+                " `install_rows`."
+            )
+        return self.replace(
+            full=self.full.write(
+                positions, valid, self.write_slots(AttentionType.GLOBAL, cursors)
+            ),
+            window=self.window.write(
+                positions,
+                valid,
+                self.write_slots(AttentionType.LOCAL_SLIDING, cursors),
+            ),
+        )
+
+    def install_rows(self, rows: jax.Array, fresh: "KVCache") -> "KVCache":
+        """Replaces rows `rows` ([G]; out-of-range rows are dropped) with the
+        G rows of `fresh`, a ring=False cache holding their first T tokens.
+
+        Every slot past the new tokens becomes invalid: nothing of a row's
+        previous occupant can leak into the new sequence.
+        """
+        if fresh.is_ring:
+            raise ValueError("install_rows takes a cache made with ring=False.")
+
+        def arrange(new: jax.Array, length: int) -> tuple[jax.Array, np.ndarray]:
+            source, present = _ring_layout(new.shape[1], length)
+            return jnp.take(new, source, axis=1), present
+
+        def set_rows(old: jax.Array, new: jax.Array) -> jax.Array:
+            return old.at[rows].set(new.astype(old.dtype), mode="drop")
+
+        def install_table(old: SlotTable, new: SlotTable) -> SlotTable:
+            positions, _ = arrange(new.positions, old.length)
+            valid, present = arrange(new.valid, old.length)
+            return SlotTable(
+                set_rows(old.positions, positions), set_rows(old.valid, valid & present)
+            )
+
+        install = lambda old, new: set_rows(old, arrange(new, old.shape[1])[0])
+        return self.replace(
+            k=tuple(map(install, self.k, fresh.k)),
+            v=tuple(map(install, self.v, fresh.v)),
+            full=install_table(self.full, fresh.full),
+            window=install_table(self.window, fresh.window),
+        )
+
+
+def _ring_layout(tokens: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where T tokens land in a ring of `length` slots (slot = cursor mod L).
+
+    Returns, per slot, the cursor of the latest token stored there (clamped
+    to 0 where none is) and whether one is. For L >= T that is cursor = slot
+    for the first T slots; for L < T only the last L tokens remain.
+    """
+    slots = np.arange(length)
+    source = tokens - 1 - (tokens - 1 - slots) % length
+    return np.maximum(source, 0), source >= 0
 
 
 def write_rows(array: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
@@ -74,21 +182,17 @@ def write_rows(array: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Ar
 def attention_masks(
     config: Gemma3Config,
     query_positions: jax.Array,
-    query_slots: jax.Array,
-    key_positions: jax.Array,
-    key_valid: jax.Array,
+    keys: dict[AttentionType, SlotTable],
 ) -> dict[AttentionType, jax.Array]:
-    """Boolean [B, T, S] masks for each attention type.
+    """Boolean [B, T, L] masks for each attention type.
 
-    query_positions, query_slots: [B, T] (positions and slots of the queries);
-    key_positions, key_valid: [B, S].
+    query_positions: [B, T]; keys: the slot table each attention type reads.
     """
-    key_slots = jnp.arange(key_valid.shape[1])
-    causal = key_valid[:, None, :] & (
-        key_slots[None, None, :] <= query_slots[:, :, None]
-    )
-    distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
-    return {
-        AttentionType.GLOBAL: causal,
-        AttentionType.LOCAL_SLIDING: causal & (distance < config.sliding_window),
-    }
+    masks = {}
+    for attention_type, table in keys.items():
+        distance = query_positions[:, :, None] - table.positions[:, None, :]
+        mask = table.valid[:, None, :] & (distance >= 0)
+        if attention_type == AttentionType.LOCAL_SLIDING:
+            mask &= distance < config.sliding_window
+        masks[attention_type] = mask
+    return masks

@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsm8k_jax.models.gemma3.cache import KVCache, attention_masks, write_rows
+from gsm8k_jax.models.gemma3.cache import (
+    KVCache,
+    SlotTable,
+    attention_masks,
+    write_rows,
+)
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
 
@@ -72,7 +77,7 @@ class Attention(nnx.Module):
         positions: jax.Array,  # [B, T]
         mask: jax.Array,  # [B, T, S]
         cache_kv: tuple[jax.Array, jax.Array] | None,  # [B, S, K, H] each
-        cache_index: jax.Array,  # [B] first slot written, per row
+        write_slots: jax.Array,  # [B] first cache slot written, per row
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         q = self._query_norm(self.q_einsum(x))  # [B, T, N, H]
@@ -83,7 +88,7 @@ class Attention(nnx.Module):
         q = q * jnp.asarray(c.query_pre_attn_scalar**-0.5, q.dtype)
 
         if cache_kv is not None:
-            k, v = (write_rows(c, new, cache_index) for c, new in zip(cache_kv, (k, v)))
+            k, v = (write_rows(c, new, write_slots) for c, new in zip(cache_kv, (k, v)))
             cache_kv = (k, v)
 
         b, t, _, h = q.shape
@@ -146,9 +151,9 @@ class Block(nnx.Module):
         self.mlp = FeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_ffw_norm = norm()
 
-    def __call__(self, x, positions, mask, cache_kv, cache_index):
+    def __call__(self, x, positions, mask, cache_kv, write_slots):
         attn_out, cache_kv = self.attn(
-            self.pre_attention_norm(x), positions, mask, cache_kv, cache_index
+            self.pre_attention_norm(x), positions, mask, cache_kv, write_slots
         )
         x = x + self.post_attention_norm(attn_out)
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
@@ -195,28 +200,28 @@ class Gemma3(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Runs T tokens; with a cache, writes row b's tokens at slots
-        [cache_index[b], +T) (a scalar applies to all rows) and attends over
-        the whole cache. Returns ([B, T, D] hidden, cache)."""
-        b, t = tokens.shape
-        cache_index = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
-        query_slots = cache_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+        """Runs T tokens; with a cache, row b's tokens are written at write
+        cursors [cache_index[b], +T) (a scalar applies to all rows; see
+        `cache.py` for where a cursor lands in each layer) and attend over
+        the cache. Returns ([B, T, D] hidden, cache)."""
+        b, _ = tokens.shape
+        cursors = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
         if cache is None:
-            key_positions, key_valid = positions, valid
+            keys = {t: SlotTable(positions, valid) for t in AttentionType}
         else:
-            cache = cache.write_slots(positions, valid, cache_index)
-            key_positions, key_valid = cache.positions, cache.valid
-        masks = attention_masks(
-            self.config, positions, query_slots, key_positions, key_valid
-        )
+            cache = cache.write(positions, valid, cursors)
+            keys = {t: cache.table(t) for t in AttentionType}
+        masks = attention_masks(self.config, positions, keys)
 
         x = self.embedder.encode(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_kv = layer(
-                x, positions, masks[layer.attention_type], layer_kv, cache_index
-            )
+            kind = layer.attention_type
+            layer_kv, write_slots = None, cursors
+            if cache is not None:
+                layer_kv = (cache.k[i], cache.v[i])
+                write_slots = cache.write_slots(kind, cursors)
+            x, layer_kv = layer(x, positions, masks[kind], layer_kv, write_slots)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
