@@ -28,7 +28,8 @@ TINY_VARIANTS = {
 }
 
 
-def tiny_hf_config(variant: str = "mqa", **overrides) -> transformers.Gemma3TextConfig:
+def tiny_hf_kwargs(variant: str = "mqa", **overrides) -> dict:
+    """`Gemma3TextConfig` keyword arguments of a tiny variant."""
     kwargs = dict(
         vocab_size=512,
         hidden_size=64,
@@ -44,7 +45,11 @@ def tiny_hf_config(variant: str = "mqa", **overrides) -> transformers.Gemma3Text
     )
     kwargs.update(TINY_VARIANTS[variant])
     kwargs.update(overrides)
-    return transformers.Gemma3TextConfig(**kwargs)
+    return kwargs
+
+
+def tiny_hf_config(variant: str = "mqa", **overrides) -> transformers.Gemma3TextConfig:
+    return transformers.Gemma3TextConfig(**tiny_hf_kwargs(variant, **overrides))
 
 
 def make_tiny_hf_model(

@@ -191,6 +191,31 @@ def make_random_hf_model(text_config, path: str | os.PathLike, seed: int = 0) ->
     gc.collect()
 
 
+def build_model(
+    model: str | dict[str, Any],
+    dtype: jnp.dtype,
+    seed: int,
+    model_dir: str | os.PathLike,
+    *,
+    with_reference: bool,
+) -> Gemma3:
+    """Our model of a benchmark config, with random weights.
+
+    with_reference: build the weights as a transformers model saved to
+    `model_dir` (for the reference side) and read them back with our loader,
+    so both sides hold identical numbers; else initialise ours directly (no
+    torch allocation at all, for big configs).
+    """
+    if with_reference:
+        make_random_hf_model(hf_text_config(model), model_dir, seed=seed)
+        return load_hf_model(model_dir, dtype=dtype)
+    if isinstance(model, str) and model in CONFIGS:
+        config = CONFIGS[model]()
+    else:
+        config = Gemma3Config.from_hf(hf_text_config(model))
+    return Gemma3(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
+
+
 def random_prompts(
     batch_size: int, prompt_len: int, vocab_size: int, seed: int = 0
 ) -> list[list[int]]:
@@ -218,7 +243,7 @@ def left_pad(
 
 
 @dataclasses.dataclass
-class _IdTokenizer:
+class IdTokenizer:
     """Prompts are token ids already; the sampler only needs pad/bos and decode."""
 
     pad_token_id: int = PAD_ID
@@ -293,7 +318,7 @@ def _ours_runner(
     model: Gemma3, prompts: list[list[int]], vocab_size: int
 ) -> tuple[Callable[[int], np.ndarray], Callable[[], int]]:
     """`run(steps)` -> [B, steps] tokens, and the sampler's compilation count."""
-    sampler = Sampler(model, _IdTokenizer())
+    sampler = Sampler(model, IdTokenizer())
     # One past the vocabulary: argmax never picks it, so every row runs the
     # full budget (SamplingParams only checks how many eos ids there are).
     never = (vocab_size,)
@@ -353,18 +378,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     # the load averages are recorded to tell a quiet run from a contended one.
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as model_dir:
-        if cfg.skip_reference:
-            if isinstance(cfg.model, str) and cfg.model in CONFIGS:
-                config = CONFIGS[cfg.model]()
-            else:
-                config = Gemma3Config.from_hf(hf_text_config(cfg.model))
-            model = Gemma3(
-                config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(cfg.seed)
-            )
-        else:
-            make_random_hf_model(hf_text_config(cfg.model), model_dir, seed=cfg.seed)
-            model = load_hf_model(model_dir, dtype=dtype)
-            config = model.config
+        model = build_model(
+            cfg.model, dtype, cfg.seed, model_dir, with_reference=not cfg.skip_reference
+        )
+        config = model.config
         setup_s = time.perf_counter() - start
 
         prompts = random_prompts(

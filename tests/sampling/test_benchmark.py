@@ -8,20 +8,11 @@ import json
 import math
 
 import pytest
+from hf_models import tiny_hf_kwargs
 
 from gsm8k_jax.sampling.benchmark import BenchmarkConfig, format_table, run_benchmark
 
-MICRO = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 7,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "head_dim": 32,
-    "sliding_window": 8,
-    "query_pre_attn_scalar": 32,
-}
+MICRO = tiny_hf_kwargs()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,353 @@
+"""A full-test-set-shaped throughput benchmark: our sampler against
+transformers' `generate` on GSM8K prompts and answer lengths, in one process.
+
+Prompts are the GSM8K test questions in the chat template and our `\\boxed{}`
+prompt, tokenised with the bundled Gemma-compatible tokenizer. Answer lengths
+come from one of:
+
+- "model": the model's own eos (only meaningful for trained weights: the
+  shipped gemma3-tiny, which writes GSM8K-style solutions);
+- "reference": the token count of each gold solution (+1 for the eos), for
+  random-weight models of the real sizes, which never stop on their own;
+- a rollouts file of an earlier evaluation: each example's `num_tokens`.
+
+Ours is `Sampler.generate` with continuous batching (`batch_size` slots,
+imposed lengths through `max_tokens`). The reference runs static batches of
+`batch_size` prompts in dataset order, each padded to its longest prompt and
+generating until its longest answer ends, which is what `generate` costs when
+rows stop at an eos. Both sides produce the same useful tokens (their sum is
+the tokens/s numerator), and in float32 the same tokens (checked).
+
+Achieved bandwidth = (decode steps x weight bytes + key/value bytes the
+generated tokens attend to) / our wall time (prefill and host work included,
+so it understates the decode loop's own figure); see `sampling/roofline.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import transformers
+
+from gsm8k_jax.eval.data import load_gsm8k
+from gsm8k_jax.eval.prompts import format_prompt
+from gsm8k_jax.models.gemma3.config import CONFIGS
+from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
+from gsm8k_jax.models.registry import TINY_MODEL_DIR, default_eos_ids
+from gsm8k_jax.sampling import roofline
+from gsm8k_jax.sampling.benchmark import (
+    DTYPES,
+    IdTokenizer,
+    build_model,
+    left_pad,
+    peak_memory,
+)
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
+
+TRAINED_MODEL = "gemma3-tiny"  # the shipped weights: real answers, real eos
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadConfig:
+    """What to run. model: "gemma3-tiny" (shipped weights), "hf-tiny", a key
+    of `CONFIGS` (random weights) or a dict of `Gemma3TextConfig` kwargs."""
+
+    model: str | dict[str, Any] = TRAINED_MODEL
+    num_examples: int | None = None  # None: all 1,319 test problems
+    batch_size: int = 32
+    max_generation_steps: int = 768
+    answer_lengths: str = "model"  # "model", "reference" or a rollouts path
+    dtype: str = "float32"
+    skip_reference: bool = False
+    peak_bandwidth_gbps: float | None = None  # None: spec sheet or measured
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}.")
+        trained = self.model == TRAINED_MODEL
+        if self.answer_lengths == "model" and not trained:
+            raise ValueError(
+                f"Random weights never stop on their own: use"
+                f" answer_lengths='reference' (or a rollouts file) with {self.model!r},"
+                f" or model={TRAINED_MODEL!r}."
+            )
+        if (
+            self.answer_lengths not in ("model", "reference")
+            and not Path(self.answer_lengths).is_file()
+        ):
+            raise FileNotFoundError(
+                f"answer_lengths {self.answer_lengths!r} is neither 'model',"
+                " 'reference' nor an existing rollouts .jsonl file."
+            )
+        if isinstance(self.model, str) and self.model not in (
+            TRAINED_MODEL,
+            "hf-tiny",
+            *CONFIGS,
+        ):
+            raise ValueError(f"Unknown model {self.model!r}.")
+
+
+def gsm8k_prompts(num_examples: int | None) -> tuple[list[int], list[list[int]], Any]:
+    """(example ids, prompt token ids, tokenizer) of the bundled test set."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    examples = load_gsm8k(num_examples=num_examples)
+    prompts = [
+        tokenizer.encode(format_prompt(e.question, tokenizer), add_special_tokens=False)
+        for e in examples
+    ]
+    return [e.id for e in examples], prompts, tokenizer
+
+
+def target_lengths(
+    source: str, example_ids: list[int], tokenizer, max_steps: int
+) -> list[int] | None:
+    """Imposed answer lengths, clipped to [1, max_steps]; None for "model"."""
+    if source == "model":
+        return None
+    if source == "reference":
+        examples = {e.id: e for e in load_gsm8k()}
+        lengths = [
+            len(tokenizer.encode(examples[i].answer, add_special_tokens=False)) + 1
+            for i in example_ids
+        ]
+    else:
+        with open(source) as f:
+            counts = {
+                r["id"]: r["num_tokens"]
+                for r in map(json.loads, f)
+                if r.get("sample_index", 0) == 0
+            }
+        missing = [i for i in example_ids if i not in counts]
+        if missing:
+            raise ValueError(
+                f"{source} has no rollout for example ids {missing[:5]}...; pass"
+                " --num_examples no larger than the run it comes from."
+            )
+        lengths = [counts[i] for i in example_ids]
+    return [min(max(n, 1), max_steps) for n in lengths]
+
+
+def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
+    """Runs ours, then the reference (unless skipped); returns a JSON-ready dict."""
+    dtype = DTYPES[cfg.dtype]
+    example_ids, prompts, tokenizer = gsm8k_prompts(cfg.num_examples)
+    lengths = target_lengths(
+        cfg.answer_lengths, example_ids, tokenizer, cfg.max_generation_steps
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.model == TRAINED_MODEL:
+            model_dir, eos_ids = TINY_MODEL_DIR, default_eos_ids(TINY_MODEL_DIR)
+            model = load_hf_model(model_dir, dtype=dtype)
+        else:
+            model_dir = tmp
+            model = build_model(
+                cfg.model, dtype, cfg.seed, tmp, with_reference=not cfg.skip_reference
+            )
+            eos_ids = (model.config.vocab_size,)  # never chosen: lengths imposed
+        config = model.config
+        if max(max(p) for p in prompts) >= config.vocab_size:
+            raise ValueError(
+                f"{cfg.model} has a vocabulary of {config.vocab_size}, smaller than"
+                " the GSM8K tokenizer's: use a model with at least 4096 tokens."
+            )
+        params = SamplingParams(
+            max_generation_steps=cfg.max_generation_steps, eos_ids=eos_ids
+        )
+        ours, our_tokens = _run_ours(model, prompts, lengths, params, cfg)
+        num_tokens = list(map(len, our_tokens))
+        traffic = roofline.weight_bytes(model) * ours["decode_steps"]
+        traffic += roofline.kv_bytes_read(
+            config, list(map(len, prompts)), num_tokens, model.dtype
+        )
+        del model
+        peak, peak_source = (
+            (cfg.peak_bandwidth_gbps, "given")
+            if cfg.peak_bandwidth_gbps
+            else roofline.peak_bandwidth_gbps()
+        )
+        ours["achieved_bandwidth_gbps"] = traffic / ours["wall_s"] / 1e9
+        ours["fraction_of_peak_bandwidth"] = ours["achieved_bandwidth_gbps"] / peak
+        reference = agreement = None
+        if not cfg.skip_reference:
+            reference, ref_tokens = _run_reference(
+                model_dir, prompts, num_tokens, eos_ids, cfg
+            )
+            same = [a == b for a, b in zip(our_tokens, ref_tokens)]
+            agreement = {"dtype": cfg.dtype, "identical_rows_fraction": np.mean(same)}
+    result = {
+        "settings": dataclasses.asdict(cfg)
+        | {"model": cfg.model if isinstance(cfg.model, str) else "custom-hf"},
+        "workload": {
+            "num_prompts": len(prompts),
+            "prompt_tokens_mean": float(np.mean(list(map(len, prompts)))),
+            "prompt_tokens_max": max(map(len, prompts)),
+            "prompt_bucket": prompt_bucket(max(map(len, prompts))),
+            "generated_tokens": int(sum(num_tokens)),
+            "generated_tokens_mean": float(np.mean(num_tokens)),
+            "generated_tokens_max": int(max(num_tokens)),
+        },
+        "environment": {
+            "backend": jax.default_backend(),
+            "device": str(jax.devices()[0]),
+            "cpu_count": os.cpu_count(),
+            "jax_version": jax.__version__,
+            "loadavg_end": os.getloadavg(),
+        },
+        "peak_bandwidth_gbps": peak,
+        "peak_bandwidth_source": peak_source,
+        "bytes_read": traffic,
+        "ours": ours,
+        "reference": reference,
+        "agreement": agreement,
+        "ratio_tokens_per_s": (
+            ours["tokens_per_s"] / reference["tokens_per_s"] if reference else None
+        ),
+    }
+    return result
+
+
+def _run_ours(model, prompts, lengths, params, cfg):
+    """Figures of one timed run after a compiling warm-up, and the tokens."""
+    sampler = Sampler(model, IdTokenizer())
+    width = prompt_bucket(max(map(len, prompts)))
+
+    def run(ids: list[int], caps: list[int] | None):
+        stream = sampler.generate_stream(
+            [prompts[i] for i in ids],
+            params,
+            example_ids=ids,
+            batch_size=cfg.batch_size,
+            pad_to=width,
+            max_tokens=caps,
+        )
+        done = {c.example_id: c for group in stream for c in group}
+        return [done[i] for i in ids]
+
+    rows = list(range(len(prompts)))
+    # Warm-up at the workload's shapes (slots, prompt bucket): compiles both
+    # programs, so the timed run compiles nothing.
+    start = time.perf_counter()
+    run(rows[: cfg.batch_size], [2] * min(cfg.batch_size, len(rows)))
+    warmup_s = time.perf_counter() - start
+    compiled = sampler.num_compilations
+    steps_before = sampler.decode_steps
+    start = time.perf_counter()
+    completions = run(rows, lengths)
+    wall = time.perf_counter() - start
+    generated = sum(c.num_tokens for c in completions)
+    decode_steps = sampler.decode_steps - steps_before
+    memory, memory_source = peak_memory()
+    figures = {
+        "wall_s": wall,
+        "tokens_per_s": generated / wall,
+        "warmup_s": warmup_s,  # compilation, mostly
+        "num_compilations": sampler.num_compilations,
+        "num_compilations_after_warmup": compiled,
+        "decode_steps": decode_steps,
+        # Fraction of slot-steps that produced a token (continuous batching
+        # keeps this near 1 until the queue drains).
+        "slot_occupancy": generated / (decode_steps * cfg.batch_size),
+        "peak_memory_bytes": memory,
+        "peak_memory_source": memory_source,
+    }
+    return figures, [c.tokens for c in completions]
+
+
+def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
+    """Static batches in dataset order; each generates until its longest row
+    ends (at the row's length, forced, or at an eos in "model" mode)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = transformers.Gemma3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.eval()
+    natural = cfg.answer_lengths == "model"
+
+    def generate(batch_prompts, steps):
+        width = max(map(len, batch_prompts))
+        ids, mask = left_pad(batch_prompts, width)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                max_new_tokens=steps,
+                min_new_tokens=None if natural else steps,
+                do_sample=False,
+                eos_token_id=list(eos_ids) if natural else None,
+                pad_token_id=PAD_ID,
+            )
+        return out[:, width:].tolist()
+
+    generate(prompts[:1], 2)  # warm-up
+    tokens, wall, steps_run = [], 0.0, 0
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = slice(start, start + cfg.batch_size)
+        steps = cfg.max_generation_steps if natural else max(num_tokens[batch])
+        begin = time.perf_counter()
+        rows = generate(prompts[batch], steps)
+        wall += time.perf_counter() - begin
+        steps_run += len(rows[0])
+        tokens += [row[:n] for row, n in zip(rows, num_tokens[batch])]
+    return {
+        "wall_s": wall,
+        "tokens_per_s": sum(num_tokens) / wall,
+        "decode_steps": steps_run,
+    }, tokens
+
+
+def format_workload(result: dict[str, Any]) -> str:
+    """A plain-text summary of `run_workload`'s result."""
+    s, w, ours, ref = (
+        result["settings"],
+        result["workload"],
+        result["ours"],
+        result["reference"],
+    )
+    lines = [
+        f"GSM8K workload: model={s['model']} dtype={s['dtype']}"
+        f" batch={s['batch_size']} answers={s['answer_lengths']}"
+        f" backend={result['environment']['backend']}",
+        f"{w['num_prompts']} prompts (mean {w['prompt_tokens_mean']:.0f}, max"
+        f" {w['prompt_tokens_max']} tokens; bucket {w['prompt_bucket']}),"
+        f" {w['generated_tokens']} tokens generated (mean"
+        f" {w['generated_tokens_mean']:.0f}, max {w['generated_tokens_max']})",
+        "",
+        f"{'':34}{'ours':>12}{'transformers':>14}{'ours/ref':>10}",
+        f"{'wall (s)':34}{ours['wall_s']:12.2f}"
+        + (f"{ref['wall_s']:14.2f}" if ref else ""),
+        f"{'tokens/s':34}{ours['tokens_per_s']:12.1f}"
+        + (
+            f"{ref['tokens_per_s']:14.1f}{result['ratio_tokens_per_s']:10.2f}"
+            if ref
+            else ""
+        ),
+        f"{'decode steps':34}{ours['decode_steps']:12d}"
+        + (f"{ref['decode_steps']:14d}" if ref else ""),
+        f"{'slot occupancy':34}{ours['slot_occupancy']:12.2f}",
+        f"{'warm-up incl. compile (s)':34}{ours['warmup_s']:12.2f}",
+        f"{'compilations':34}{ours['num_compilations']:12d}"
+        f"  ({ours['num_compilations_after_warmup']} after warm-up)",
+        f"{'achieved bandwidth (GB/s)':34}{ours['achieved_bandwidth_gbps']:12.2f}"
+        f"  of {result['peak_bandwidth_gbps']:.1f} peak"
+        f" ({result['peak_bandwidth_source']}):"
+        f" {100 * ours['fraction_of_peak_bandwidth']:.1f}%",
+        f"{'peak memory':34}{ours['peak_memory_bytes'] / 2**20:10.0f} MiB"
+        f" ({ours['peak_memory_source']})",
+    ]
+    if result["agreement"]:
+        a = result["agreement"]
+        lines.append(
+            f"rows identical to transformers ({a['dtype']}):"
+            f" {a['identical_rows_fraction']:.3f}"
+        )
+    return "\n".join(lines)
