@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import transformers
 
-from gsm8k_jax.eval.data import load_gsm8k
+from gsm8k_jax.eval.data import GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.models.gemma3.config import CONFIGS
 from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
@@ -48,6 +48,7 @@ from gsm8k_jax.sampling.benchmark import (
     IdTokenizer,
     build_model,
     left_pad,
+    load_reference,
     peak_memory,
 )
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
@@ -96,28 +97,29 @@ class WorkloadConfig:
             raise ValueError(f"Unknown model {self.model!r}.")
 
 
-def gsm8k_prompts(num_examples: int | None) -> tuple[list[int], list[list[int]], Any]:
-    """(example ids, prompt token ids, tokenizer) of the bundled test set."""
+def gsm8k_prompts(
+    num_examples: int | None,
+) -> tuple[list[GSM8KExample], list[list[int]], Any]:
+    """(examples, prompt token ids, tokenizer) of the bundled test set."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     examples = load_gsm8k(num_examples=num_examples)
     prompts = [
         tokenizer.encode(format_prompt(e.question, tokenizer), add_special_tokens=False)
         for e in examples
     ]
-    return [e.id for e in examples], prompts, tokenizer
+    return examples, prompts, tokenizer
 
 
 def target_lengths(
-    source: str, example_ids: list[int], tokenizer, max_steps: int
+    source: str, examples: list[GSM8KExample], tokenizer, max_steps: int
 ) -> list[int] | None:
     """Imposed answer lengths, clipped to [1, max_steps]; None for "model"."""
     if source == "model":
         return None
     if source == "reference":
-        examples = {e.id: e for e in load_gsm8k()}
         lengths = [
-            len(tokenizer.encode(examples[i].answer, add_special_tokens=False)) + 1
-            for i in example_ids
+            len(tokenizer.encode(e.answer, add_special_tokens=False)) + 1
+            for e in examples
         ]
     else:
         with open(source) as f:
@@ -126,6 +128,7 @@ def target_lengths(
                 for r in map(json.loads, f)
                 if r.get("sample_index", 0) == 0
             }
+        example_ids = [e.id for e in examples]
         missing = [i for i in example_ids if i not in counts]
         if missing:
             raise ValueError(
@@ -139,10 +142,11 @@ def target_lengths(
 def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
     """Runs ours, then the reference (unless skipped); returns a JSON-ready dict."""
     dtype = DTYPES[cfg.dtype]
-    example_ids, prompts, tokenizer = gsm8k_prompts(cfg.num_examples)
+    examples, prompts, tokenizer = gsm8k_prompts(cfg.num_examples)
     lengths = target_lengths(
-        cfg.answer_lengths, example_ids, tokenizer, cfg.max_generation_steps
+        cfg.answer_lengths, examples, tokenizer, cfg.max_generation_steps
     )
+    prompt_lengths = list(map(len, prompts))
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.model == TRAINED_MODEL:
             model_dir, eos_ids = TINY_MODEL_DIR, default_eos_ids(TINY_MODEL_DIR)
@@ -166,7 +170,7 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
         num_tokens = list(map(len, our_tokens))
         traffic = roofline.weight_bytes(model) * ours["decode_steps"]
         traffic += roofline.kv_bytes_read(
-            config, list(map(len, prompts)), num_tokens, model.dtype
+            config, prompt_lengths, num_tokens, model.dtype
         )
         del model
         peak, peak_source = (
@@ -182,15 +186,18 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
                 model_dir, prompts, num_tokens, eos_ids, cfg
             )
             same = [a == b for a, b in zip(our_tokens, ref_tokens)]
-            agreement = {"dtype": cfg.dtype, "identical_rows_fraction": np.mean(same)}
+            agreement = {
+                "dtype": cfg.dtype,
+                "identical_rows_fraction": float(np.mean(same)),
+            }
     result = {
         "settings": dataclasses.asdict(cfg)
         | {"model": cfg.model if isinstance(cfg.model, str) else "custom-hf"},
         "workload": {
             "num_prompts": len(prompts),
-            "prompt_tokens_mean": float(np.mean(list(map(len, prompts)))),
-            "prompt_tokens_max": max(map(len, prompts)),
-            "prompt_bucket": prompt_bucket(max(map(len, prompts))),
+            "prompt_tokens_mean": float(np.mean(prompt_lengths)),
+            "prompt_tokens_max": max(prompt_lengths),
+            "prompt_bucket": prompt_bucket(max(prompt_lengths)),
             "generated_tokens": int(sum(num_tokens)),
             "generated_tokens_mean": float(np.mean(num_tokens)),
             "generated_tokens_max": int(max(num_tokens)),
@@ -267,10 +274,7 @@ def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
     ends (at the row's length, forced, or at an eos in "model" mode)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = transformers.Gemma3ForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = model.eval()
+    model = load_reference(model_dir, cfg.dtype)
     natural = cfg.answer_lengths == "model"
 
     def generate(batch_prompts, steps):

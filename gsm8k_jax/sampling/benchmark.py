@@ -332,17 +332,24 @@ def _ours_runner(
     return run, lambda: sampler.num_compilations
 
 
-def _reference_runner(
-    model_dir: str, prompts: list[list[int]], cfg: BenchmarkConfig
-) -> Callable[[int], np.ndarray]:
+def load_reference(model_dir: str | os.PathLike, dtype: str):
+    """transformers' `Gemma3ForCausalLM` from `model_dir` in `dtype` (a key of
+    DTYPES), in eval mode, with torch using every core."""
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 1)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model = transformers.Gemma3ForCausalLM.from_pretrained(
-        model_dir, dtype=dtype
-    ).eval()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = transformers.Gemma3ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    return model.eval()
+
+
+def _reference_runner(
+    model_dir: str, prompts: list[list[int]], cfg: BenchmarkConfig
+) -> Callable[[int], np.ndarray]:
+    import torch
+
+    model = load_reference(model_dir, cfg.dtype)
     model.generation_config.eos_token_id = None
     width = max(map(len, prompts))
     ids, mask = left_pad(prompts, width)

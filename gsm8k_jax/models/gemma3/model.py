@@ -208,20 +208,19 @@ class Gemma3(nnx.Module):
         cursors = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))
         if cache is None:
             keys = {t: SlotTable(positions, valid) for t in AttentionType}
+            write_slots = {t: cursors for t in AttentionType}  # nothing is written
         else:
             cache = cache.write(positions, valid, cursors)
             keys = {t: cache.table(t) for t in AttentionType}
+            write_slots = {t: cache.write_slots(t, cursors) for t in AttentionType}
         masks = attention_masks(self.config, positions, keys)
 
         x = self.embedder.encode(tokens)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kind = layer.attention_type
-            layer_kv, write_slots = None, cursors
-            if cache is not None:
-                layer_kv = (cache.k[i], cache.v[i])
-                write_slots = cache.write_slots(kind, cursors)
-            x, layer_kv = layer(x, positions, masks[kind], layer_kv, write_slots)
+            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_kv = layer(x, positions, masks[kind], layer_kv, write_slots[kind])
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
