@@ -178,9 +178,9 @@ def evaluate(
         for e in examples
     }
     by_id = {e.id: e for e in examples}
-    # Pad every prompt to the bucket of the longest one in the whole run, so a
-    # resumed run compiles and computes exactly what an uninterrupted one does.
-    pad_to = max(len(sampler.encode(p)) for p in prompts.values())
+    # Size the KV cache for the longest prompt of the whole run, so a resumed
+    # run compiles the same decode program as an uninterrupted one.
+    max_prompt_len = max(len(sampler.encode(p)) for p in prompts.values())
 
     start = time.perf_counter()
     new_tokens = 0
@@ -198,7 +198,7 @@ def evaluate(
         params,
         example_ids=[e.id for e in todo],
         batch_size=config.batch_size * params.num_samples,
-        pad_to=pad_to,
+        max_prompt_len=max_prompt_len,
     )
     for completions in stream:
         rollouts = [

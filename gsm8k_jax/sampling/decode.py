@@ -1,11 +1,14 @@
 """The on-device programs of the sampler: prefill into slots, and decode.
 
 The batch is a set of B slots (continuous batching). `prefill` runs a
-group of new prompts and installs them into free slots; `decode` advances
-every live slot one token at a time inside a `lax.while_loop` and returns
-when a slot frees up (so the host can refill it) or when all are done.
-Each slot keeps its own write cursor, position and generation step, so a
-sequence's computation never depends on what shares the batch with it.
+group of new prompts of one length bucket and installs them into free
+slots; `decode` advances every live slot one token at a time inside a
+`lax.while_loop`, a tile of slots at a time, and returns when enough slots
+are free for the next prefill (so the host can refill them) or when all
+are done. Each slot keeps its own write cursor, position and generation
+step, and every program has a shape fixed by constants and the prompt's own
+bucket, so a sequence's computation never depends, to the bit, on what
+shares the batch with it.
 
 Both are pure functions of (model state, decode state, settings): whatever
 may change between calls is an argument, never a stale jit constant.
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsm8k_jax.models.gemma3.cache import KVCache
+from gsm8k_jax.models.gemma3.model import KEY_BLOCK
 from gsm8k_jax.sampling.token_choice import choose_tokens
 
 
@@ -37,7 +41,7 @@ class DecodeSettings(NamedTuple):
 class DecodeState:
     """Everything about the B slots that lives on device between calls."""
 
-    cache: KVCache  # S = prompt width + max_steps tokens per slot
+    cache: KVCache  # S >= widest prompt bucket + max_steps tokens per slot
     logits: jax.Array  # [B, V] float32: distribution of each slot's next token
     positions: jax.Array  # [B] RoPE position of the next token
     cursor: jax.Array  # [B] write cursor of the next token (see KVCache)
@@ -55,8 +59,11 @@ class DecodeState:
         cls, model, batch: int, width: int, max_steps: int, pad_id: int
     ) -> "DecodeState":
         config = model.config
+        # A whole number of attention key blocks: every run's cache splits
+        # into the same blocks (see blocked_attention).
+        length = -(-(width + max_steps) // KEY_BLOCK) * KEY_BLOCK
         return cls(
-            cache=KVCache.empty(config, batch, width + max_steps, model.dtype),
+            cache=KVCache.empty(config, batch, length, model.dtype),
             logits=jnp.zeros((batch, config.vocab_size), jnp.float32),
             positions=jnp.zeros((batch,), jnp.int32),
             cursor=jnp.zeros((batch,), jnp.int32),
@@ -120,20 +127,27 @@ def decode(
     params: nnx.State,
     state: DecodeState,
     settings: DecodeSettings,
-    return_when_a_slot_frees: jax.Array,  # bool scalar: prompts are waiting
+    min_free: jax.Array,  # int32 scalar: return once this many slots are free
+    num_tiles: jax.Array,  # int32 scalar: B // (row_tile * data_shards)
     *,
     pad_id: int,
+    row_tile: int,
+    data_shards: int = 1,
 ) -> DecodeState:
-    """Generates until every slot is done, or, if asked, until one finishes."""
+    """Generates until every slot is done or `min_free` slots are free.
+
+    Each step runs the model on tiles of `row_tile` slots per data shard,
+    one tile after another: every program the model runs has one shape
+    whatever the batch size, so a row's arithmetic never depends on how many
+    rows share the batch (XLA picks kernels by shape). Tiles whose slots are
+    all done are skipped.
+    """
     model = nnx.merge(graphdef, params)
-    rows = jnp.arange(state.tokens.shape[0])
+    tiles_per_shard = state.done.shape[0] // (row_tile * data_shards)
 
-    def cond(carry):
-        s, freed = carry
-        return ~jnp.all(s.done) & ~(return_when_a_slot_frees & freed)
-
-    def body(carry):
-        s, freed = carry
+    def step(s: DecodeState) -> DecodeState:
+        """One token for each live slot of a tile."""
+        rows = jnp.arange(s.tokens.shape[0])
         step = s.num_tokens  # [B] per-slot generation step
         step_keys = jax.vmap(jax.random.fold_in)(s.keys, step)
         chosen = choose_tokens(
@@ -148,7 +162,7 @@ def decode(
         hidden, cache = model(
             chosen[:, None], s.positions[:, None], live[:, None], s.cache, s.cursor
         )
-        s = s.replace(
+        return s.replace(
             cache=cache,
             logits=model.logits(hidden[:, 0]),
             positions=s.positions + live,
@@ -160,9 +174,64 @@ def decode(
             num_tokens=s.num_tokens + live,
             hit_eos=s.hit_eos | (live & is_eos),
             logprob=s.logprob + jnp.where(live, logprob, 0.0),
-            decode_steps=s.decode_steps + 1,
         )
-        return s, freed | jnp.any(finished)
 
-    state, _ = jax.lax.while_loop(cond, body, (state, jnp.bool_(False)))
-    return state
+    def isolated_step(s: DecodeState) -> DecodeState:
+        # Barriers keep XLA from fusing the step with the tile's slicing, so
+        # its kernels are the same whether the batch is one tile or many.
+        barrier = jax.lax.optimization_barrier
+        return barrier(step(barrier(s)))
+
+    def step_tile(j, s: DecodeState) -> DecodeState:
+        tile = _rows_of_tile(s, j, tiles_per_shard, data_shards)
+        tile = jax.lax.cond(jnp.all(tile.done), lambda t: t, isolated_step, tile)
+        return _set_rows_of_tile(s, tile, j, tiles_per_shard, data_shards)
+
+    def cond(s: DecodeState):
+        return ~jnp.all(s.done) & (jnp.sum(s.done) < min_free)
+
+    def body(s: DecodeState) -> DecodeState:
+        # A traced trip count: XLA compiles the same loop body for one tile
+        # as for many (a static loop of one would be inlined and fused
+        # differently).
+        s = jax.lax.fori_loop(0, num_tiles, step_tile, s)
+        return s.replace(decode_steps=s.decode_steps + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _per_slot(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
+    """Maps `fn` over the per-slot arrays of states (all but decode_steps)."""
+    steps = state.decode_steps
+    out = jax.tree.map(
+        fn,
+        state.replace(decode_steps=None),
+        *(o.replace(decode_steps=None) for o in others),
+    )
+    return out.replace(decode_steps=steps)
+
+
+def _rows_of_tile(
+    state: DecodeState, j: jax.Array, num_tiles: int, shards: int
+) -> DecodeState:
+    """Tile j: rows [j*T, (j+1)*T) of every data shard's block of slots."""
+
+    def take(x):
+        blocks = x.reshape(shards, num_tiles, -1, *x.shape[1:])
+        tile = jax.lax.dynamic_index_in_dim(blocks, j, axis=1, keepdims=False)
+        return tile.reshape(-1, *x.shape[1:])
+
+    return _per_slot(take, state)
+
+
+def _set_rows_of_tile(
+    state: DecodeState, tile: DecodeState, j: jax.Array, num_tiles: int, shards: int
+) -> DecodeState:
+    def put(x, t):
+        blocks = x.reshape(shards, num_tiles, -1, *x.shape[1:])
+        t = t.reshape(shards, -1, *x.shape[1:])
+        return jax.lax.dynamic_update_index_in_dim(blocks, t, j, axis=1).reshape(
+            x.shape
+        )
+
+    return _per_slot(put, state, tile)

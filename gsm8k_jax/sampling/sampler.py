@@ -1,17 +1,18 @@
 """Batched generation over a Gemma 3 model: prompts in, completions out.
 
-The host side of sampling: tokenises, left-pads into a bucketed length,
-derives one random key per (example id, sample index), schedules sequences
-into the slots of the jitted programs in `decode.py` (continuous batching)
-and turns their arrays back into `Completion`s.
-Results do not depend on batch size, row order or padding: the masks and
-positions come from explicit validity, and each row's randomness from its
-own key.
+The host side of sampling: tokenises, left-pads each prompt to its own
+bucketed length, derives one random key per (example id, sample index),
+feeds sequences into the slots of the jitted programs in `decode.py`
+(continuous batching, scheduled by `batching.SlotScheduler`) and turns
+their arrays back into `Completion`s.
+Results do not depend, to the bit, on batch size, row order, padding or the
+number of data-parallel devices: the masks and positions come from explicit
+validity, each row's randomness from its own key, and every program's shape
+from constants and the row's own prompt (see `batching.py`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -21,18 +22,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_model
+from gsm8k_jax.sampling.batching import (
+    SlotScheduler,
+    default_row_tile,
+    prefill_rows,
+    prompt_bucket,
+    round_up,
+)
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
 
-MIN_PROMPT_BUCKET = 32
 MAX_EOS_IDS = 8
-# Prompts are prefilled in groups of num_slots // PREFILL_FRACTION (at least 1).
-# One group size for every prefill keeps each sequence's computation the same
-# whichever schedule it lands in.
-PREFILL_FRACTION = 4
+# Every rounding to bfloat16 that the program asks for happens: otherwise XLA
+# may keep a fused intermediate in float32, and whether it fuses depends on
+# shapes and surroundings, so the same row could round differently.
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +84,6 @@ class Completion:
     logprob: float  # sum of log-probs of the chosen tokens under the model
 
 
-def prompt_bucket(length: int) -> int:
-    """Padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
-
-
 def row_key(seed: int, example_id: int, sample_index: int) -> jax.Array:
     """The random key of sample j of example i: a function of (seed, i, j) alone."""
     key = jax.random.fold_in(jax.random.key(seed), example_id)
@@ -98,13 +100,28 @@ class Sampler:
       model: the Gemma 3 model (its current weights are used at each call).
       tokenizer: a Hugging Face tokenizer for text prompts and decoding.
       mesh: optional (data, model) device mesh (`models.gemma3.sharding`):
-        slots are split over `data`, heads and MLP over `model`.
+        slots are split over `data`, heads and MLP over `model`. Data
+        parallelism keeps every row's arithmetic; tensor parallelism
+        (`model` > 1) splits reductions, so results can differ from one
+        device in the last bits.
+      row_tile: slots per decode program and data shard (default: the
+        platform's, `batching.ROW_TILES`). Results are bitwise the same at
+        any batch size for a given row_tile, not across row_tiles.
     """
 
-    def __init__(self, model: Gemma3, tokenizer, *, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        model: Gemma3,
+        tokenizer,
+        *,
+        mesh: Mesh | None = None,
+        row_tile: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.row_tile = row_tile or default_row_tile()
+        self.data_shards = mesh.shape[DATA] if mesh is not None else 1
         if mesh is not None:
             shard_model(model, mesh)
         # Decode iterations run by this sampler (all calls): each runs the
@@ -118,11 +135,18 @@ class Sampler:
             functools.partial(prefill, graphdef),
             static_argnames="pad_id",
             donate_argnums=1,
+            compiler_options=COMPILER_OPTIONS,
         )
         self._decode = jax.jit(
-            functools.partial(decode, graphdef),
+            functools.partial(
+                decode,
+                graphdef,
+                row_tile=self.row_tile,
+                data_shards=self.data_shards,
+            ),
             static_argnames="pad_id",
             donate_argnums=1,
+            compiler_options=COMPILER_OPTIONS,
         )
 
     @property
@@ -152,7 +176,7 @@ class Sampler:
 
         example_ids identify prompts for their random keys (default 0..n-1).
         batch_size is the number of slots decoded in parallel (default: all
-        prompts x samples at once). max_tokens caps each prompt's completions
+        prompts x samples at once), rounded up to whole row tiles. max_tokens caps each prompt's completions
         below `params.max_generation_steps` (like lm-evaluation-harness'
         per-request max_gen_toks).
         """
@@ -175,13 +199,14 @@ class Sampler:
         *,
         example_ids: Sequence[int] | None = None,
         batch_size: int | None = None,
-        pad_to: int | None = None,
+        max_prompt_len: int | None = None,
         max_tokens: Sequence[int] | None = None,
     ) -> Iterator[list[Completion]]:
         """Like `generate`, but yields completions in groups as they finish.
 
-        pad_to: pad prompts to at least this many tokens, so that calls with
-        different prompt sets share one compiled program (and its numerics).
+        max_prompt_len: make room in the KV cache for prompts of up to this
+        many tokens, so that calls with different prompt sets (a resumed
+        run) share one compiled decode program.
         """
         if not prompts:
             return
@@ -208,10 +233,8 @@ class Sampler:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.num_samples)]
-        num_slots = batch_size or len(rows)
-        if self.mesh is not None:  # Whole slots per data shard; extra slots idle.
-            num_slots = -(-num_slots // self.mesh.shape[DATA]) * self.mesh.shape[DATA]
-        width = prompt_bucket(max(pad_to or 0, *(len(ids) for ids in encoded)))
+        num_slots = round_up(batch_size or len(rows), self.row_tile * self.data_shards)
+        width = prompt_bucket(max(max_prompt_len or 0, *map(len, encoded)))
         settings = _settings(params)
         weights = nnx.state(self.model)
         state = DecodeState.empty(
@@ -219,48 +242,35 @@ class Sampler:
         )
         if self.mesh is not None:
             state = shard_decode_state(state, self.mesh)
-        waiting = collections.deque(range(len(rows)))
-        owner: list[int | None] = [None] * num_slots  # row index held by each slot
+        schedule = SlotScheduler(
+            [prompt_bucket(len(encoded[i])) for i, _ in rows],
+            num_slots=num_slots,
+            row_tile=self.row_tile,
+            data_shards=self.data_shards,
+        )
         steps_counted = 0
-        group_size = max(1, num_slots // PREFILL_FRACTION)
         while True:
-            free = [slot for slot, row in enumerate(owner) if row is None]
-            while waiting and free:
-                group = [
-                    waiting.popleft()
-                    for _ in range(min(len(free), group_size, len(waiting)))
-                ]
-                tokens = np.full((group_size, width), self.pad_id, np.int32)
-                valid = np.zeros((group_size, width), bool)
-                slots = np.full(
-                    (group_size,), num_slots, np.int32
-                )  # out of range: dropped
-                keys = [row_key(params.seed, 0, 0)] * group_size
-                group_limits = np.ones((group_size,), np.int32)
-                for g, row in enumerate(group):
-                    i, j = rows[row]
-                    ids = encoded[i]
-                    tokens[g, width - len(ids) :] = ids
-                    valid[g, width - len(ids) :] = True
-                    slots[g] = free[g]
-                    keys[g] = row_key(params.seed, example_ids[i], j)
-                    group_limits[g] = limits[i]
-                    owner[free[g]] = row
-                free = free[len(group) :]
-                state = self._prefill(
+            while (group := schedule.next_group()) is not None:
+                bucket, members = group
+                state = self._prefill_group(
                     weights,
                     state,
-                    tokens,
-                    valid,
-                    slots,
-                    jnp.stack(keys),
-                    group_limits,
-                    pad_id=self.pad_id,
+                    bucket,
+                    [(rows[row], slot) for row, slot in members],
+                    encoded,
+                    example_ids,
+                    limits,
+                    params.seed,
                 )
-            if all(row is None for row in owner):
+            if schedule.idle:
                 return
             state = self._decode(
-                weights, state, settings, jnp.bool_(bool(waiting)), pad_id=self.pad_id
+                weights,
+                state,
+                settings,
+                jnp.int32(schedule.min_free()),
+                jnp.int32(num_slots // (self.row_tile * self.data_shards)),
+                pad_id=self.pad_id,
             )
             done, num_tokens, hit_eos, logprob, steps = jax.device_get(
                 (
@@ -274,12 +284,14 @@ class Sampler:
             self.decode_steps += int(steps) - steps_counted
             steps_counted = int(steps)
             finished = [
-                slot for slot, row in enumerate(owner) if row is not None and done[slot]
+                slot
+                for slot, row in enumerate(schedule.owner)
+                if row is not None and done[slot]
             ]
             tokens_out = jax.device_get(state.tokens) if finished else None
             completions = []
             for slot in finished:
-                i, j = rows[owner[slot]]
+                i, j = rows[schedule.release(slot)]
                 n = int(num_tokens[slot])
                 generated = tokens_out[slot, :n].tolist()
                 text_ids = generated[:-1] if hit_eos[slot] else generated
@@ -294,8 +306,53 @@ class Sampler:
                         logprob=float(logprob[slot]),
                     )
                 )
-                owner[slot] = None
             yield completions
+
+    def _prefill_group(
+        self,
+        weights: nnx.State,
+        state: DecodeState,
+        bucket: int,
+        members: list[tuple[tuple[int, int], int]],
+        encoded: list[list[int]],
+        example_ids: list[int],
+        limits: list[int],
+        seed: int,
+    ) -> DecodeState:
+        """Prefills `members` ([((prompt, sample), slot)]) as one fixed-shape
+        group of `bucket`-token prompts; unused rows of the group are dropped."""
+        size = prefill_rows(bucket, self.row_tile) * self.data_shards
+        num_slots = state.done.shape[0]
+        tokens = np.full((size, bucket), self.pad_id, np.int32)
+        valid = np.zeros((size, bucket), bool)
+        slots = np.full((size,), num_slots, np.int32)  # out of range: dropped
+        keys = [row_key(seed, 0, 0)] * size
+        group_limits = np.ones((size,), np.int32)
+        for g, ((i, j), slot) in enumerate(members):
+            ids = encoded[i]
+            tokens[g, bucket - len(ids) :] = ids
+            valid[g, bucket - len(ids) :] = True
+            slots[g] = slot
+            keys[g] = row_key(seed, example_ids[i], j)
+            group_limits[g] = limits[i]
+        tokens, valid = self._split_rows(tokens), self._split_rows(valid)
+        return self._prefill(
+            weights,
+            state,
+            tokens,
+            valid,
+            slots,
+            jnp.stack(keys),
+            group_limits,
+            pad_id=self.pad_id,
+        )
+
+    def _split_rows(self, array: np.ndarray) -> jax.Array:
+        """Puts a prefill group's rows over the data shards (each shard
+        prefills `prefill_rows` of them, as one device would)."""
+        if self.mesh is None:
+            return jnp.asarray(array)
+        return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(DATA)))
 
 
 def _settings(params: SamplingParams) -> DecodeSettings:

@@ -203,20 +203,25 @@ def test_logprob_is_sum_of_chosen_token_log_probs(tiny, sampler):
 
 
 def test_compiles_once_per_shape(tiny):
-    """One prefill and one decode program per (slots, prompt bucket), also
-    when continuous batching refills slots."""
-    sampler = Sampler(tiny[1], IdTokenizer())
+    """One decode program per (slots, cache length) and one prefill program
+    per (slots, cache length, prompt bucket), also when continuous batching
+    refills slots."""
+    sampler = Sampler(tiny[1], IdTokenizer(), row_tile=4)
     lengths = [3, 9, 20, 31, 32]  # all in the 32 bucket
     for n in lengths:
         sampler.generate([[2] * n] * 3, GREEDY, batch_size=4)
     assert sampler.num_compilations == 2
-    sampler.generate([[2] * 40], GREEDY, batch_size=4)  # 64 bucket
+    sampler.generate([[2] * 40], GREEDY, batch_size=4)  # 64 bucket, same cache
     sampler.generate(
         [[2] * 50], dataclasses.replace(GREEDY, temperature=1.0, seed=3), batch_size=4
     )
-    assert sampler.num_compilations == 4
+    assert sampler.num_compilations == 3
     sampler.generate([[2] * 50] * 9, GREEDY, batch_size=4)  # refills slots
-    assert sampler.num_compilations == 4
+    assert sampler.num_compilations == 3
+    sampler.generate([[2] * 50] * 9, GREEDY, batch_size=8)  # two tiles of slots
+    assert sampler.num_compilations == 5
+    sampler.generate([[2] * 120], GREEDY, batch_size=4)  # 128 bucket, longer cache
+    assert sampler.num_compilations == 7
 
 
 def test_continuous_batching_equals_batch_size_one(sampler):

@@ -18,6 +18,8 @@ Module tree (Tunix-compatible names, which LoRA checkpoints refer to):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,8 +33,61 @@ from gsm8k_jax.models.gemma3.cache import (
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
 
-# Large finite negative: fully masked rows (pads) give a uniform softmax, not NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Keys are reduced over in blocks of at most this many slots (see blocked_attention).
+KEY_BLOCK = 128
+
+
+def key_block(num_slots: int) -> int:
+    """Block size for a key axis of `num_slots`: a divisor of KEY_BLOCK, so a
+    cache of any multiple of KEY_BLOCK slots splits into the same blocks."""
+    return math.gcd(num_slots, KEY_BLOCK)
+
+
+def blocked_attention(
+    q: jax.Array,  # [B, T, K, G, H] queries, scaled
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    mask: jax.Array,  # [B, T, S] bool
+    *,
+    softcap: float | None = None,
+) -> jax.Array:
+    """softmax(q.k) . v over the valid keys, bitwise independent of S.
+
+    The key axis is cut into fixed blocks; each block's scores, exponentials
+    and partial sums have one shape whatever S is, and the block partials
+    are added left to right. Slots past a row's last key add exact zeros, so
+    a row's result is the same bits in a cache of any length (a longer
+    prompt elsewhere in the run, a resumed run) and in any batch.
+    Returns [B, T, K, G, H] in float32; fully masked rows give zeros.
+    """
+    b, s, kh, h = k.shape
+    block = key_block(s)
+    blocks = s // block
+    k = k.reshape(b, blocks, block, kh, h).astype(q.dtype)
+    v = v.reshape(b, blocks, block, kh, h)
+    scores = jnp.einsum(
+        "BTKGH,BNSKH->BNKGTS", q, k, preferred_element_type=jnp.float32
+    )
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    t = mask.shape[1]
+    mask = mask.reshape(b, t, blocks, block).transpose(0, 2, 1, 3)[:, :, None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)  # mask: [B, N, 1, 1, T, S]
+    top = jnp.max(scores, axis=(1, 5), keepdims=True)  # max is exact in any order
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.where(mask, jnp.exp(scores - top), 0.0)  # [B, N, K, G, T, S]
+    partial_sums = jnp.sum(weights, axis=-1)  # [B, N, K, G, T]
+    partial_out = jnp.einsum(
+        "BNKGTS,BNSKH->BNTKGH",
+        weights.astype(v.dtype),
+        v,
+        preferred_element_type=jnp.float32,
+    )
+    total, out = partial_sums[:, 0], partial_out[:, 0]
+    for n in range(1, blocks):  # left to right: trailing zero blocks are exact no-ops
+        total, out = total + partial_sums[:, n], out + partial_out[:, n]
+    total = jnp.moveaxis(total, -1, 1)[..., None]  # [B, T, K, G, 1]
+    return out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
 
 
 class Attention(nnx.Module):
@@ -93,13 +148,7 @@ class Attention(nnx.Module):
 
         b, t, _, h = q.shape
         q = q.reshape(b, t, c.num_kv_heads, c.num_query_groups, h)  # [B, T, K, G, H]
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype))
-        logits = logits.astype(jnp.float32)
-        if c.attn_logit_softcap is not None:
-            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+        encoded = blocked_attention(q, k, v, mask, softcap=c.attn_logit_softcap)
         encoded = encoded.reshape(b, t, c.num_heads, h).astype(x.dtype)
         return self.attn_vec_einsum(encoded), cache_kv
 
