@@ -43,6 +43,7 @@ from gsm8k_jax.models.gemma3.config import CONFIGS
 from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
 from gsm8k_jax.models.registry import TINY_MODEL_DIR, default_eos_ids
 from gsm8k_jax.sampling import roofline
+from gsm8k_jax.sampling.batching import prompt_bucket, round_up
 from gsm8k_jax.sampling.benchmark import (
     DTYPES,
     IdTokenizer,
@@ -51,7 +52,7 @@ from gsm8k_jax.sampling.benchmark import (
     load_reference,
     peak_memory,
 )
-from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 TRAINED_MODEL = "gemma3-tiny"  # the shipped weights: real answers, real eos
 
@@ -70,6 +71,9 @@ class WorkloadConfig:
     skip_reference: bool = False
     peak_bandwidth_gbps: float | None = None  # None: spec sheet or measured
     seed: int = 0
+    # Also run ours at this batch size and count the rows whose tokens and
+    # summed log-probability are bitwise those of the timed run.
+    invariance_batch_size: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -166,8 +170,31 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
         params = SamplingParams(
             max_generation_steps=cfg.max_generation_steps, eos_ids=eos_ids
         )
-        ours, our_tokens = _run_ours(model, prompts, lengths, params, cfg)
+        sampler = Sampler(model, IdTokenizer())
+        ours, completions = _run_ours(sampler, prompts, lengths, params, cfg)
+        our_tokens = [c.tokens for c in completions]
         num_tokens = list(map(len, our_tokens))
+        invariance = None
+        if cfg.invariance_batch_size:
+            other = _generate(
+                sampler, prompts, lengths, params, cfg.invariance_batch_size
+            )
+            invariance = {
+                "dtype": cfg.dtype,
+                "row_tile": sampler.row_tile,
+                "batch_sizes": [cfg.batch_size, cfg.invariance_batch_size],
+                "identical_tokens_fraction": float(
+                    np.mean([a.tokens == b.tokens for a, b in zip(completions, other)])
+                ),
+                "identical_tokens_and_logprob_fraction": float(
+                    np.mean(
+                        [
+                            (a.tokens, a.logprob) == (b.tokens, b.logprob)
+                            for a, b in zip(completions, other)
+                        ]
+                    )
+                ),
+            }
         traffic = roofline.weight_bytes(model) * ours["decode_steps"]
         traffic += roofline.kv_bytes_read(
             config, prompt_lengths, num_tokens, model.dtype
@@ -215,6 +242,7 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
         "ours": ours,
         "reference": reference,
         "agreement": agreement,
+        "batch_invariance": invariance,
         "ratio_tokens_per_s": (
             ours["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         ),
@@ -222,28 +250,36 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
     return result
 
 
-def _run_ours(model, prompts, lengths, params, cfg):
-    """Figures of one timed run after a compiling warm-up, and the tokens."""
-    sampler = Sampler(model, IdTokenizer())
-    width = prompt_bucket(max(map(len, prompts)))
+def _generate(sampler, prompts, caps, params, batch_size, ids=None):
+    """Completions of prompts `ids` (default: all), in that order."""
+    ids = list(range(len(prompts))) if ids is None else ids
+    stream = sampler.generate_stream(
+        [prompts[i] for i in ids],
+        params,
+        example_ids=ids,
+        batch_size=batch_size,
+        max_prompt_len=max(map(len, prompts)),
+        max_tokens=None if caps is None else [caps[i] for i in ids],
+    )
+    done = {c.example_id: c for group in stream for c in group}
+    return [done[i] for i in ids]
 
-    def run(ids: list[int], caps: list[int] | None):
-        stream = sampler.generate_stream(
-            [prompts[i] for i in ids],
-            params,
-            example_ids=ids,
-            batch_size=cfg.batch_size,
-            pad_to=width,
-            max_tokens=caps,
-        )
-        done = {c.example_id: c for group in stream for c in group}
-        return [done[i] for i in ids]
 
+def _run_ours(sampler, prompts, lengths, params, cfg):
+    """Figures of one timed run after a compiling warm-up, and the completions."""
+    run = lambda ids, caps: _generate(
+        sampler, prompts, caps, params, cfg.batch_size, ids
+    )
     rows = list(range(len(prompts)))
-    # Warm-up at the workload's shapes (slots, prompt bucket): compiles both
-    # programs, so the timed run compiles nothing.
+    # Warm-up at the workload's shapes (slots, cache length) with a prompt of
+    # every bucket: compiles decode and each prefill, so the timed run
+    # compiles nothing.
+    first_of_bucket = {}
+    for i, prompt in enumerate(prompts):
+        first_of_bucket.setdefault(prompt_bucket(len(prompt)), i)
+    warm = sorted(set(rows[: cfg.batch_size]) | set(first_of_bucket.values()))
     start = time.perf_counter()
-    run(rows[: cfg.batch_size], [2] * min(cfg.batch_size, len(rows)))
+    run(warm, [2] * len(rows))
     warmup_s = time.perf_counter() - start
     compiled = sampler.num_compilations
     steps_before = sampler.decode_steps
@@ -262,11 +298,12 @@ def _run_ours(model, prompts, lengths, params, cfg):
         "decode_steps": decode_steps,
         # Fraction of slot-steps that produced a token (continuous batching
         # keeps this near 1 until the queue drains).
-        "slot_occupancy": generated / (decode_steps * cfg.batch_size),
+        "slot_occupancy": generated
+        / (decode_steps * round_up(cfg.batch_size, sampler.row_tile)),
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,
     }
-    return figures, [c.tokens for c in completions]
+    return figures, completions
 
 
 def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
@@ -353,5 +390,13 @@ def format_workload(result: dict[str, Any]) -> str:
         lines.append(
             f"rows identical to transformers ({a['dtype']}):"
             f" {a['identical_rows_fraction']:.3f}"
+        )
+    if result["batch_invariance"]:
+        b = result["batch_invariance"]
+        lines.append(
+            f"rows bitwise identical, batch {b['batch_sizes'][0]} vs"
+            f" {b['batch_sizes'][1]} ({b['dtype']}, row tile {b['row_tile']}):"
+            f" tokens {b['identical_tokens_fraction']:.4f}, tokens and logprob"
+            f" {b['identical_tokens_and_logprob_fraction']:.4f}"
         )
     return "\n".join(lines)

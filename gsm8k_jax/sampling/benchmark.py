@@ -51,7 +51,8 @@ from flax import nnx
 from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import BOS_ID, PAD_ID, hf_config, load_hf_model
-from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
+from gsm8k_jax.sampling.batching import prompt_bucket
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 FIRST_PROMPT_ID = 3  # prompt tokens are drawn from [3, vocab): no pad, eos or bos
 

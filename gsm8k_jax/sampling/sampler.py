@@ -170,6 +170,7 @@ class Sampler:
         *,
         example_ids: Sequence[int] | None = None,
         batch_size: int | None = None,
+        max_prompt_len: int | None = None,
         max_tokens: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Generates `params.num_samples` completions per prompt, in prompt order.
@@ -185,6 +186,7 @@ class Sampler:
             params,
             example_ids=example_ids,
             batch_size=batch_size,
+            max_prompt_len=max_prompt_len,
             max_tokens=max_tokens,
         )
         completions = [c for finished in stream for c in finished]

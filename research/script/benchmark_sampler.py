@@ -14,6 +14,9 @@ Two workloads, both timing the two sides in one process:
     python research/script/benchmark_sampler.py --workload gsm8k  # gemma3-tiny
     python research/script/benchmark_sampler.py --workload gsm8k --config gemma3-1b \
         --dtype bfloat16 --answer_lengths reference --skip_reference   # GPU
+    python research/script/benchmark_sampler.py --workload gsm8k --config gemma3-1b \
+        --dtype bfloat16 --answer_lengths reference --skip_reference \
+        --batch_size 1 --invariance_batch_size 64     # batch invariance on a device
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ _REPEATS = flags.DEFINE_integer(
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "First N test problems (default: all 1,319)."
 )
+_INVARIANCE_BATCH_SIZE = flags.DEFINE_integer(
+    "invariance_batch_size",
+    None,
+    "gsm8k workload: also generate at this batch size and report the fraction"
+    " of rows bitwise identical to the --batch_size run (tokens and logprob).",
+)
 _ANSWER_LENGTHS = flags.DEFINE_string(
     "answer_lengths",
     "model",
@@ -98,6 +107,7 @@ def main(argv):
             skip_reference=_SKIP_REFERENCE.value,
             peak_bandwidth_gbps=_PEAK_BANDWIDTH.value,
             seed=_SEED.value,
+            invariance_batch_size=_INVARIANCE_BATCH_SIZE.value,
         )
         result, table = run_workload(cfg), format_workload
     else:

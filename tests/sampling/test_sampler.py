@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 from hf_models import IdTokenizer, make_tiny_hf_model
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.sampling.batching import prompt_bucket
 from gsm8k_jax.sampling.decode import DecodeState, prefill
-from gsm8k_jax.sampling.sampler import Sampler, SamplingParams, prompt_bucket
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 EOS = 1
 # Prompt + generation (up to 45 + 24) is far longer than the window of 8.
@@ -24,15 +26,29 @@ SAMPLED = dataclasses.replace(GREEDY, temperature=0.8, top_p=0.9, top_k=50, seed
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_mqa")
-    ref = make_tiny_hf_model(path, "mqa")
-    return ref, load_hf_model(path, dtype=jnp.float32)
+    make_tiny_hf_model(path, "mqa")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    ref = transformers.Gemma3ForCausalLM.from_pretrained(tiny_path).float().eval()
+    return ref, load_hf_model(tiny_path, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
 def sampler(tiny):
-    return Sampler(tiny[1], IdTokenizer())
+    # Tiles of 4 slots: batch sizes 1 to 32 run 1 to 8 tiles per step.
+    return Sampler(tiny[1], IdTokenizer(), row_tile=4)
+
+
+@pytest.fixture(scope="module")
+def bf16_sampler(tiny_path):
+    return Sampler(
+        load_hf_model(tiny_path, dtype=jnp.bfloat16), IdTokenizer(), row_tile=4
+    )
 
 
 def make_prompts(count, seed=0):
@@ -60,17 +76,20 @@ def generate_in_batches(sampler, prompts, ids, batch, params):
     return {(c.example_id, c.sample_index): c for c in out}
 
 
-def as_tokens(results):
-    return {key: c.tokens for key, c in results.items()}
+def as_bits(results):
+    """Tokens and the exact summed log-probability of every row."""
+    return {key: (c.tokens, c.logprob) for key, c in results.items()}
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_results_identical_at_any_batch_size_and_order(sampler, params):
+@pytest.mark.parametrize("which", ["sampler", "bf16_sampler"], ids=["f32", "bf16"])
+def test_results_identical_at_any_batch_size_and_order(request, which, params):
+    sampler = request.getfixturevalue(which)
     ids = list(range(len(PROMPTS)))
-    baseline = as_tokens(generate_in_batches(sampler, PROMPTS, ids, 1, params))
-    for batch in (2, 8, 32):
+    baseline = as_bits(generate_in_batches(sampler, PROMPTS, ids, 1, params))
+    for batch in (2, 7, 32):
         assert (
-            as_tokens(generate_in_batches(sampler, PROMPTS, ids, batch, params))
+            as_bits(generate_in_batches(sampler, PROMPTS, ids, batch, params))
             == baseline
         )
     order = ids[:]
@@ -78,7 +97,21 @@ def test_results_identical_at_any_batch_size_and_order(sampler, params):
     shuffled = generate_in_batches(
         sampler, [PROMPTS[i] for i in order], order, 8, params
     )
-    assert as_tokens(shuffled) == baseline
+    assert as_bits(shuffled) == baseline
+
+
+@pytest.mark.parametrize("which", ["sampler", "bf16_sampler"], ids=["f32", "bf16"])
+def test_results_do_not_depend_on_the_cache_length(request, which):
+    """A long prompt elsewhere in the call (a 4x longer KV cache), or room
+    reserved for one, changes no bit of a short prompt's completion."""
+    sampler = request.getfixturevalue(which)
+    short = PROMPTS[:4]
+    alone = as_bits(generate_in_batches(sampler, short, [0, 1, 2, 3], 4, GREEDY))
+    long_prompt = [2, *range(3, 300)]
+    mixed = sampler.generate([*short, long_prompt], GREEDY, batch_size=4)
+    assert as_bits({(c.example_id, 0): c for c in mixed[:4]}) == alone
+    roomy = sampler.generate(short, GREEDY, max_prompt_len=1000)
+    assert as_bits({(c.example_id, 0): c for c in roomy}) == alone
 
 
 def test_greedy_equals_transformers_generate(tiny, sampler):
@@ -253,16 +286,17 @@ def test_per_prompt_token_limits(sampler):
     """max_tokens stops each prompt at its own limit, with the tokens it would
     have produced anyway; one slot runs one decode step per token."""
     prompts = PROMPTS[:6]
-    free = sampler.generate(prompts, GREEDY)
     limits = [1, 5, 24, 2, 13, 7]
-    steps_before = sampler.decode_steps
-    capped = sampler.generate(prompts, GREEDY, max_tokens=limits, batch_size=1)
+    one_slot = Sampler(sampler.model, sampler.tokenizer, row_tile=1)
+    free = one_slot.generate(prompts, GREEDY)
+    steps_before = one_slot.decode_steps
+    capped = one_slot.generate(prompts, GREEDY, max_tokens=limits, batch_size=1)
     for full, short, limit in zip(free, capped, limits):
         assert short.num_tokens == min(limit, full.num_tokens)
         assert short.tokens == full.tokens[:limit]
         if full.num_tokens > limit:
             assert short.finish_reason == "length"
-    assert sampler.decode_steps - steps_before == sum(c.num_tokens for c in capped)
+    assert one_slot.decode_steps - steps_before == sum(c.num_tokens for c in capped)
     with pytest.raises(ValueError, match="max_tokens"):
         sampler.generate(prompts, GREEDY, max_tokens=[25] * 6)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -33,8 +33,29 @@ from gsm8k_jax.models.gemma3.cache import (
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
 
+# Large finite negative: fully masked rows (pads) give a uniform softmax, not NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Keys are reduced over in blocks of at most this many slots (see blocked_attention).
 KEY_BLOCK = 128
+
+
+def attention(
+    q: jax.Array,  # [B, T, K, G, H] queries, scaled
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    mask: jax.Array,  # [B, T, S] bool
+    *,
+    softcap: float | None = None,
+) -> jax.Array:
+    """softmax(q.k) . v over the valid keys, in one pass. [B, T, K, G, H]."""
+    logits = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
 def key_block(num_slots: int) -> int:
@@ -53,41 +74,59 @@ def blocked_attention(
 ) -> jax.Array:
     """softmax(q.k) . v over the valid keys, bitwise independent of S.
 
-    The key axis is cut into fixed blocks; each block's scores, exponentials
-    and partial sums have one shape whatever S is, and the block partials
-    are added left to right. Slots past a row's last key add exact zeros, so
-    a row's result is the same bits in a cache of any length (a longer
-    prompt elsewhere in the run, a resumed run) and in any batch.
-    Returns [B, T, K, G, H] in float32; fully masked rows give zeros.
+    A loop over fixed blocks of keys with an online softmax: every block is
+    computed by the same fixed-shape program, and a block with no valid key
+    for a row (the unused end of a longer cache) leaves that row's running
+    max, sum and output exactly as they were. So a row's result is the same
+    bits in a cache of any length (a longer prompt elsewhere in the run, a
+    resumed run) and in any batch, and blocks after the last valid key of
+    every row are not read at all. Returns [B, T, K, G, H] in float32;
+    fully masked rows give zeros.
     """
     b, s, kh, h = k.shape
+    t, g = q.shape[1], q.shape[3]
     block = key_block(s)
-    blocks = s // block
-    k = k.reshape(b, blocks, block, kh, h).astype(q.dtype)
-    v = v.reshape(b, blocks, block, kh, h)
-    scores = jnp.einsum(
-        "BTKGH,BNSKH->BNKGTS", q, k, preferred_element_type=jnp.float32
+
+    def step(n, carry):
+        top, total, out = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, n * block, block, axis)
+        keys, values, valid = take(k, 1), take(v, 1), take(mask, 2)
+        scores = jnp.einsum(
+            "BTKGH,BSKH->BKGTS",
+            q,
+            keys.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if softcap is not None:
+            scores = jnp.tanh(scores / softcap) * softcap
+        valid = valid[:, None, None]  # [B, 1, 1, T, S]
+        scores = jnp.where(valid, scores, -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+        shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        # exp(0) = 1 exactly when the max did not move; 0 before any valid key.
+        rescale = jnp.exp(jnp.where(jnp.isfinite(top), top - shift, -jnp.inf))
+        weights = jnp.where(valid, jnp.exp(scores - shift[..., None]), 0.0)
+        total = total * rescale + jnp.sum(weights, axis=-1)
+        out = out * rescale[..., None] + jnp.einsum(
+            "BKGTS,BSKH->BKGTH",
+            weights.astype(v.dtype),
+            values,
+            preferred_element_type=jnp.float32,
+        )
+        return new_top, total, out
+
+    init = (
+        jnp.full((b, kh, g, t), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kh, g, t), jnp.float32),
+        jnp.zeros((b, kh, g, t, h), jnp.float32),
     )
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    t = mask.shape[1]
-    mask = mask.reshape(b, t, blocks, block).transpose(0, 2, 1, 3)[:, :, None, None]
-    scores = jnp.where(mask, scores, -jnp.inf)  # mask: [B, N, 1, 1, T, S]
-    top = jnp.max(scores, axis=(1, 5), keepdims=True)  # max is exact in any order
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.where(mask, jnp.exp(scores - top), 0.0)  # [B, N, K, G, T, S]
-    partial_sums = jnp.sum(weights, axis=-1)  # [B, N, K, G, T]
-    partial_out = jnp.einsum(
-        "BNKGTS,BNSKH->BNTKGH",
-        weights.astype(v.dtype),
-        v,
-        preferred_element_type=jnp.float32,
-    )
-    total, out = partial_sums[:, 0], partial_out[:, 0]
-    for n in range(1, blocks):  # left to right: trailing zero blocks are exact no-ops
-        total, out = total + partial_sums[:, n], out + partial_out[:, n]
-    total = jnp.moveaxis(total, -1, 1)[..., None]  # [B, T, K, G, 1]
-    return out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+    # Blocks past the last valid key of every row change nothing: skip them
+    # (decode then reads only the occupied part of the cache).
+    any_valid = jnp.any(mask, axis=(0, 1))  # [S]
+    last = jnp.max(jnp.where(any_valid, jnp.arange(s), -1))
+    _, total, out = jax.lax.fori_loop(0, (last + block) // block, step, init)
+    out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
+    return out.transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
 
 
 class Attention(nnx.Module):
@@ -148,7 +187,12 @@ class Attention(nnx.Module):
 
         b, t, _, h = q.shape
         q = q.reshape(b, t, c.num_kv_heads, c.num_query_groups, h)  # [B, T, K, G, H]
-        encoded = blocked_attention(q, k, v, mask, softcap=c.attn_logit_softcap)
+        # Decode reads the run's cache, whose length differs between runs:
+        # its attention must not depend on that length. Elsewhere (prefill,
+        # training) keys are the prompt's own bucket: plain softmax, which
+        # also differentiates.
+        attend = blocked_attention if cache_kv is not None and t == 1 else attention
+        encoded = attend(q, k, v, mask, softcap=c.attn_logit_softcap)
         encoded = encoded.reshape(b, t, c.num_heads, h).astype(x.dtype)
         return self.attn_vec_einsum(encoded), cache_kv
 
@@ -164,15 +208,18 @@ class FeedForward(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # dtype=None: each projection computes in the wider of its input's
+        # and its kernel's dtype (a LoRA merged in float32 keeps its update).
+        kw = dict(use_bias=False, dtype=None, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = nnx.Linear(config.embed_dim, config.hidden_dim, **kw)
         self.up_proj = nnx.Linear(config.embed_dim, config.hidden_dim, **kw)
         self.down_proj = nnx.Linear(config.hidden_dim, config.embed_dim, **kw)
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(
-            jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
-        )
+        x = x.astype(self.dtype)
+        hidden = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
+        return self.down_proj(hidden.astype(self.dtype)).astype(self.dtype)
 
 
 class Block(nnx.Module):

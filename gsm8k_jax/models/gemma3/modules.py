@@ -51,9 +51,13 @@ class Einsum(nnx.Module):
         self.w = nnx.Param(init(rngs.params(), shape, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum(
-            self.equation, x.astype(self.dtype), self.w[...].astype(self.dtype)
-        )
+        """Computed in the wider of the activation and weight dtypes (a
+        float32 weight, such as a LoRA merged in float32, keeps its
+        precision), returned in the activation dtype."""
+        w = self.w[...]
+        compute = jnp.promote_types(self.dtype, w.dtype)
+        y = jnp.einsum(self.equation, x.astype(compute), w.astype(compute))
+        return y.astype(self.dtype)
 
 
 class Embedder(nnx.Module):

@@ -1,0 +1,121 @@
+"""Whole evaluations on the bundled model are bitwise batch invariant, in the
+default dtype (bfloat16) and in float32.
+
+64 test problems of mixed prompt lengths (two prompt buckets), 128 new
+tokens: prompt + generation is longer than the model's 64-token window.
+Every row's response and summed log-probability must be the same bits at
+batch sizes 1, 2, 7, 32 and 64, in shuffled order, after kill -9 and
+resume, and on 8 devices.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval.test_eval_scripts import kill_after
+
+from gsm8k_jax.eval.data import load_gsm8k
+from gsm8k_jax.eval.prompts import format_prompt
+from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.sampling.batching import prompt_bucket
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"
+NUM_EXAMPLES, STEPS = 64, 128
+ROW_KEYS = ("response", "logprob", "num_tokens", "finish_reason")
+DTYPES = ["bfloat16", "float32"]
+
+
+def rows_by_id(rollouts):
+    return {r["id"]: tuple(r[k] for k in ROW_KEYS) for r in rollouts}
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def reference(request, tmp_path_factory):
+    """(dtype, sampler, examples, batch-size-1 rows)."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny", dtype=request.param)
+    sampler = Sampler(model, tokenizer)
+    examples = load_gsm8k()[:NUM_EXAMPLES]
+    rows = run_in_process(sampler, examples, 1, tmp_path_factory.mktemp("bs1"))
+    return request.param, sampler, examples, rows
+
+
+def run_in_process(sampler, examples, batch_size, out_dir):
+    """`evaluate`, as the scripts call it with --batch_size=batch_size."""
+    config = EvalConfig(
+        batch_size=batch_size,
+        sampling=SamplingParams(max_generation_steps=STEPS, eos_ids=(1, 106)),
+    )
+    files = RunFiles(out_dir, f"bs{batch_size}")
+    files.prepare({"batch_size": batch_size}, resume=False, overwrite=True)
+    evaluate(sampler, examples, config, files, run_info={}, show_progress=False)
+    return rows_by_id(files.read_rollouts())
+
+
+def test_workload_is_demanding(reference):
+    _, sampler, examples, rows = reference
+    prompts = [format_prompt(e.question, sampler.tokenizer) for e in examples]
+    lengths = [len(sampler.encode(p)) for p in prompts]
+    assert len({prompt_bucket(n) for n in lengths}) >= 2
+    window = sampler.model.config.sliding_window
+    assert sum(n + rows[e.id][2] > window for n, e in zip(lengths, examples)) >= 32
+    assert len({row[0] for row in rows.values()}) > NUM_EXAMPLES // 2
+
+
+@pytest.mark.parametrize("batch_size", [2, 7, 32, 64])
+def test_any_batch_size_gives_the_same_bits(reference, batch_size, tmp_path):
+    _, sampler, examples, expected = reference
+    assert run_in_process(sampler, examples, batch_size, tmp_path) == expected
+
+
+def test_shuffled_order_gives_the_same_bits(reference, tmp_path):
+    _, sampler, examples, expected = reference
+    shuffled = list(examples)
+    random.Random(0).shuffle(shuffled)
+    assert run_in_process(sampler, shuffled, 7, tmp_path) == expected
+
+
+def _script(dtype, out_dir, batch_size):
+    return [
+        sys.executable,
+        str(SCRIPT),
+        f"--model.dtype={dtype}",
+        f"--num_examples={NUM_EXAMPLES}",
+        f"--max_generation_steps={STEPS}",
+        f"--batch_size={batch_size}",
+        f"--output_dir={out_dir}",
+    ]
+
+
+def _script_rows(out_dir, batch_size):
+    path = out_dir / f"rollouts_gemma3-tiny_base_bs{batch_size}.jsonl"
+    return rows_by_id(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_kill_and_resume_gives_the_same_bits(reference, tmp_path):
+    dtype, _, _, expected = reference
+    command = _script(dtype, tmp_path, 2)
+    rollouts = tmp_path / "rollouts_gemma3-tiny_base_bs2.jsonl"
+    finished = kill_after(command, rollouts, 8)
+    assert 8 <= finished < NUM_EXAMPLES, "the kill must land mid-run"
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    assert _script_rows(tmp_path, 2) == expected
+
+
+def test_eight_devices_give_the_same_bits(reference, tmp_path):
+    dtype, _, _, expected = reference
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        _script(dtype, tmp_path, 32), cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary_gemma3-tiny_base_bs32.json").read_text())
+    assert len(summary["devices"]) == 8
+    assert _script_rows(tmp_path, 32) == expected
