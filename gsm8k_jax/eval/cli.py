@@ -12,6 +12,7 @@ import functools
 import hashlib
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from gsm8k_jax.models.registry import (
     model_spec,
     parse_dtype,
 )
+from gsm8k_jax.sampling.batching import default_row_tile
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 FLAGS = flags.FLAGS
@@ -216,11 +218,22 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
     parse_dtype(cfg.dtype)
 
 
-def eval_config_from_flags(model_dir: Path) -> EvalConfig:
-    """The evaluation settings of the flags; stop ids default to `model_dir`'s."""
+def eval_config_from_flags(
+    model_dir: Path, *, num_problems: int | None = None
+) -> EvalConfig:
+    """The evaluation settings of the flags; stop ids default to `model_dir`'s,
+    and the batch is capped to the work (`num_problems` problems, if given)."""
     eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
+    batch_size = FLAGS.batch_size
+    if num_problems is not None and batch_size > num_problems:
+        batch_size = max(num_problems, 1)
+        print(
+            f"note: --batch_size={FLAGS.batch_size} is more than the"
+            f" {num_problems} problems; using {batch_size}.",
+            file=sys.stderr,
+        )
     return EvalConfig(
-        batch_size=FLAGS.batch_size,
+        batch_size=batch_size,
         sampling=SamplingParams(
             max_generation_steps=FLAGS.max_generation_steps,
             temperature=FLAGS.temperature,
@@ -235,6 +248,18 @@ def eval_config_from_flags(model_dir: Path) -> EvalConfig:
         system_prompt=FLAGS.system_prompt or None,
         use_chat_template=FLAGS.use_chat_template,
     )
+
+
+def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) -> None:
+    """Stop ids outside the vocabulary never match: every answer would run to
+    the length limit."""
+    outside = [e for e in eos_ids if not 0 <= e < vocab_size]
+    if outside:
+        raise ValueError(
+            f"--eos_tokens {outside} are outside the model's vocabulary (0 to"
+            f" {vocab_size - 1}); leave --eos_tokens out for the model's own stop ids"
+            f" {list(default_eos_ids(model_dir))}."
+        )
 
 
 def run_tag(model_name: str, lora_path: str, batch_size: int) -> str:
@@ -274,6 +299,10 @@ def run_info(
         "data_path": data_path,
         "data_sha256": _file_digest(data_path),
         "num_examples": num_examples,
+        # Results are bitwise the same at any batch size for one row tile
+        # (the platform's), and a LoRA is merged in float32.
+        "row_tile": default_row_tile(),
+        "lora_mode": "merged_float32" if lora_path else None,
         "eval": {
             "batch_size": eval_config.batch_size,
             "sampling": {
@@ -318,7 +347,11 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
             " --model.lora_checkpoint_path; use eval_gsm8k.py for LoRA checkpoints."
         )
     data_path = FLAGS.data_path or str(BUNDLED_TEST_SET)
-    examples = load_gsm8k(data_path, FLAGS.num_examples)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples = load_gsm8k(data_path, FLAGS.num_examples)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     lora_config, lora_path = None, ""
     if lora:
         from gsm8k_jax.checkpoints import lora as lora_lib
@@ -329,8 +362,8 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
-    eval_config = eval_config_from_flags(model_dir)
-    tag = run_tag(cfg.model_name, lora_path, FLAGS.batch_size)
+    eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
+    tag = run_tag(cfg.model_name, lora_path, eval_config.batch_size)
     info = run_info(
         cfg.to_dict(),
         model_dir=model_dir,
@@ -342,13 +375,17 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     shard_index, num_shards = jax.process_index(), jax.process_count()
     shard = shard_tag(tag, shard_index, num_shards) if num_shards > 1 else tag
     files = RunFiles(FLAGS.output_dir, shard)
-    files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-    print(f"Run tag: {shard}\nResults: {files.rollouts_path}", flush=True)
+    files.check(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    print(f"Run tag: {shard}", flush=True)
 
     model, tokenizer, _ = load_pretrained(cfg.model_name, model_dir, dtype=cfg.dtype)
+    check_eos_ids(eval_config.sampling.eos_ids, model.config.vocab_size, model_dir)
     if lora:
         lora_lib.load_lora(model, lora_path, lora_config, merge=True)
     sampler = Sampler(model, tokenizer, mesh=local_mesh(FLAGS.mesh_model))
+    # Recorded only now that model, data and checkpoint have loaded.
+    files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    print(f"Results: {files.rollouts_path}", flush=True)
     summary = evaluate(
         sampler,
         examples,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -18,11 +19,14 @@ import fsspec
 
 from gsm8k_jax.eval.extraction import gold_answer
 
-__all__ = ["BUNDLED_TEST_SET", "GSM8KExample", "load_gsm8k"]
+__all__ = ["BUNDLED_TEST_SET", "BUNDLED_TRAIN_SET", "GSM8KExample", "load_gsm8k"]
 
 _FIELDS = ("question", "answer")
 
-BUNDLED_TEST_SET = Path(__file__).resolve().parent.parent / "data" / "test.jsonl"
+_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# GSM8K (MIT licence, data/LICENSE): 1,319 test and 7,473 train problems.
+BUNDLED_TEST_SET = _DATA_DIR / "test.jsonl"
+BUNDLED_TRAIN_SET = _DATA_DIR / "train.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +72,11 @@ def load_gsm8k(
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If `num_examples` is not positive, or a line is not a JSON
-            object with string `question` and `answer` fields.
+        ValueError: If `num_examples` is not positive, the file holds no
+            problems, or a line is not a JSON object with string `question`
+            and `answer` fields whose answer ends in `#### <number>`.
+
+    Asking for more problems than the file holds warns and loads them all.
     """
     if num_examples is not None and num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}.")
@@ -100,9 +107,34 @@ def load_gsm8k(
                     f"{where}: expected a JSON object with string {_FIELDS} fields;"
                     f" missing or not a string: {invalid}."
                 )
+            gold = gold_answer(record["answer"])
+            if not _is_number(gold):
+                raise ValueError(
+                    f"{where}: the answer must end in '#### <number>' (GSM8K's"
+                    f" format); its final answer would be {gold[:40]!r}."
+                )
             examples.append(
                 GSM8KExample(
                     id=index, question=record["question"], answer=record["answer"]
                 )
             )
+    if not examples:
+        raise ValueError(
+            f"{path} holds no GSM8K problems: expected one"
+            ' {"question": ..., "answer": "... #### <number>"} object per line.'
+        )
+    if num_examples is not None and len(examples) < num_examples:
+        warnings.warn(
+            f"Asked for {num_examples} examples; {path} has {len(examples)}:"
+            f" evaluating {len(examples)}.",
+            stacklevel=2,
+        )
     return examples
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace("$", ""))
+    except ValueError:
+        return False
+    return True

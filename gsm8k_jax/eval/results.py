@@ -69,6 +69,16 @@ class RunFiles:
     def prepare(
         self, run_info: dict[str, Any], *, resume: bool, overwrite: bool
     ) -> None:
+        """`check`s, then (re)writes the run record."""
+        self.check(run_info, resume=resume, overwrite=overwrite)
+        if overwrite:
+            for path in (self.rollouts_path, self.summary_path):
+                path.unlink(missing_ok=True)
+        _write_atomically(
+            self.run_path, json.dumps(run_info, indent=2, sort_keys=True) + "\n"
+        )
+
+    def check(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
         """Checks the folder is writable and the files belong to this run.
 
         Raises before anything is changed on disk, so bad input never damages
@@ -84,7 +94,9 @@ class RunFiles:
                 f"Cannot write to output folder {self.output_dir}: {e.strerror or e}."
                 " Choose another --output_dir."
             ) from e
-        existing = self.run_path.exists() or self.rollouts_path.exists()
+        # A record without results (a start that failed before its first
+        # finished sequence) blocks nothing: it is simply rewritten.
+        existing = self.rollouts_path.exists() and self.rollouts_path.stat().st_size
         if existing and not overwrite:
             if not resume:
                 raise ResultsError(
@@ -92,27 +104,15 @@ class RunFiles:
                     " --resume to continue them or --overwrite to replace them."
                 )
             previous = (
-                json.loads(self.run_path.read_text())
-                if self.run_path.exists()
-                else None
+                json.loads(self.run_path.read_text()) if self.run_path.exists() else {}
             )
-            if previous != run_info:
-                changed = sorted(
-                    k
-                    for k in set(previous or {}) | set(run_info)
-                    if (previous or {}).get(k) != run_info.get(k)
-                )
+            changed = _differing_settings(previous, run_info)
+            if changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"
                     f" settings (differing: {', '.join(changed)}). Use another"
                     " --output_dir, or --overwrite to replace them."
                 )
-        if overwrite:
-            for path in (self.rollouts_path, self.summary_path):
-                path.unlink(missing_ok=True)
-        _write_atomically(
-            self.run_path, json.dumps(run_info, indent=2, sort_keys=True) + "\n"
-        )
 
     def load_finished(self, num_samples: int) -> list[dict[str, Any]]:
         """Rollouts of fully finished examples; rewrites the file if a crash
@@ -165,3 +165,18 @@ class RunFiles:
         _write_atomically(
             self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n"
         )
+
+
+def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of the settings that differ, e.g. `eval.sampling.seed`."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out = {}
+        for key, value in d.items():
+            out |= flat(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -31,8 +31,10 @@ from collections.abc import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_TRAIN = pathlib.Path("/work/shared/data/gsm8k/train.jsonl")
+DEFAULT_TRAIN = BUNDLED_TRAIN_SET
 DEFAULT_OUT = REPO_ROOT / "gsm8k_jax" / "assets" / "gemma3_tiny"
 DEFAULT_VOCAB_SIZE = 4096
 

@@ -12,8 +12,7 @@ Face folders `<output_dir>/hf/<step>/` instead (evaluate with
 same command resumes from the latest step. Parameters train in float32
 (`--model.dtype` is not used). See gsm8k_jax/training/sft.py.
 
-The package bundles only the GSM8K test set: --data_path defaults to
-../shared/data/gsm8k/train.jsonl next to the repository, when it exists.
+--data_path defaults to GSM8K's train split, bundled with the package.
 """
 
 import sys
@@ -23,10 +22,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gsm8k_jax.eval import cli
+from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TRAIN_SET = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 try:  # ml_collections applies --model.* overrides while defining the flag.
     config_flags.DEFINE_config_file(
@@ -42,8 +41,8 @@ _OUTPUT_DIR = flags.DEFINE_string(
 )
 _DATA_PATH = flags.DEFINE_string(
     "data_path",
-    str(DEFAULT_TRAIN_SET) if DEFAULT_TRAIN_SET.is_file() else "",
-    "GSM8K training JSONL (local or gs://).",
+    str(BUNDLED_TRAIN_SET),
+    "GSM8K training JSONL (local or gs://); default: the bundled train split.",
 )
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "Use only the first N problems."
@@ -85,8 +84,8 @@ def main(argv):
         )
     if not _DATA_PATH.value:
         raise ValueError(
-            f"No GSM8K training set: pass --data_path (the package bundles only the"
-            f" test set; {DEFAULT_TRAIN_SET} does not exist)."
+            "No GSM8K training set: pass --data_path (a GSM8K-style JSONL file), or"
+            " leave it out for the bundled train split."
         )
     config = sft.SFTConfig(
         learning_rate=_LEARNING_RATE.value,

@@ -98,29 +98,39 @@ def test_hf_folder_model_path(tmp_path):
     assert len(rollouts.splitlines()) == 6
 
 
+def kill_after(command, rollouts_path, lines, *, timeout_s=300):
+    """Runs `command` and kill -9s it once `rollouts_path` holds `lines`
+    lines; returns how many it holds then."""
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if (
+            rollouts_path.exists()
+            and len(rollouts_path.read_text().splitlines()) >= lines
+        ):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(rollouts_path.read_text().splitlines())
+
+
 def test_kill_and_resume_gives_the_uninterrupted_files(tmp_path):
-    args = ["--num_examples=16", "--batch_size=2", "--max_generation_steps=48"]
+    args = ["--num_examples=48", "--batch_size=2", "--max_generation_steps=48"]
     tag = "gemma3-tiny_base_bs2"
     run_script(*args, f"--output_dir={tmp_path / 'clean'}")
     expected_rollouts, expected_summary = read_outputs(tmp_path / "clean", tag)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(
-        [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={crashed}"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     rollouts_path = crashed / f"rollouts_{tag}.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if rollouts_path.exists() and len(rollouts_path.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = len(rollouts_path.read_text().splitlines())
-    assert 4 <= finished < 16, "the kill must land mid-run"
+    finished = kill_after(
+        [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={crashed}"],
+        rollouts_path,
+        4,
+    )
+    assert 4 <= finished < 48, "the kill must land mid-run"
     # A torn line, as a crash during a write leaves it.
     with open(rollouts_path, "a") as f:
         f.write('{"id": 99, "corr')
@@ -150,7 +160,10 @@ def finished_run(tmp_path_factory):
         (["--model.model_name=gemma9"], "--model.model_name='gemma9'"),
         (["--data_path=/nonexistent/test.jsonl"], "--data_path"),
         (["--model.lora_checkpoint_path=/tmp/x"], "use eval_gsm8k.py"),
-        (["--max_generation_steps=13"], "other settings \\(differing: eval"),
+        (
+            ["--max_generation_steps=13"],
+            "other settings \\(differing: eval.sampling.max_generation_steps\\)",
+        ),
         (["--noresume"], "--resume to continue them or --overwrite"),
         (["--extraction_method=fuzzy"], "extraction_method"),
     ],
@@ -175,6 +188,56 @@ def test_malformed_data_line_is_named(tmp_path):
     assert (
         proc.returncode == 1 and "line 2" in proc.stderr and "bad.jsonl" in proc.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "q", "answer": "so it is four"}\n', "line 1: the answer must"),
+        ("\n\n", "holds no GSM8K problems"),
+    ],
+)
+def test_unscorable_data_is_refused(tmp_path, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    proc = run_script(
+        f"--data_path={data}", f"--output_dir={tmp_path / 'out'}", check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr and "data.jsonl" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_more_examples_and_slots_than_the_work_are_capped_with_a_note(tmp_path):
+    data = tmp_path / "six.jsonl"
+    lines = (REPO / "gsm8k_jax" / "data" / "test.jsonl").read_text().splitlines()
+    data.write_text("\n".join(lines[:6]) + "\n")
+    proc = run_script(
+        f"--data_path={data}",
+        "--num_examples=5000",
+        "--batch_size=100000",
+        "--max_generation_steps=4",
+        f"--output_dir={tmp_path}",
+    )
+    assert "Asked for 5000 examples" in proc.stderr and "has 6" in proc.stderr
+    assert "--batch_size=100000 is more than the 6 problems; using 6" in proc.stderr
+    _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs6")
+    assert summary["total"] == 6
+
+
+def test_a_failed_start_does_not_block_its_corrected_rerun(tmp_path):
+    """A start that fails after the model loaded leaves no run record; a
+    record without results (an older failure) does not block either."""
+    failed = run_script(
+        *QUICK, "--eos_tokens=999999", f"--output_dir={tmp_path}", check=False
+    )
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert re.search(r"outside the model's vocabulary .* \[1, 106\]", failed.stderr)
+    assert not list(tmp_path.glob("run_*.json"))
+    (tmp_path / "run_gemma3-tiny_base_bs4.json").write_text('{"other": 1}\n')
+    run_script(*QUICK, f"--output_dir={tmp_path}")
+    _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs4")
+    assert summary["total"] == 6
 
 
 def test_unwritable_output_dir(tmp_path):

@@ -8,16 +8,12 @@ import sys
 import pytest
 import transformers
 
-from gsm8k_jax.eval.data import BUNDLED_TEST_SET
+from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ASSETS = REPO / "gsm8k_jax" / "assets" / "gemma3_tiny"
 BUILD_SCRIPT = REPO / "research" / "script" / "build_tiny_tokenizer.py"
 TEST_JSONL = REPO / "gsm8k_jax" / "data" / "test.jsonl"
-# The GSM8K train set sits beside the repository (../shared), as in CI.
-TRAIN_JSONL = (
-    pathlib.Path(__file__).resolve().parents[3] / "shared/data/gsm8k/train.jsonl"
-)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -170,24 +166,19 @@ def test_digits_one_per_token(tok, test_records):
 
 
 def test_build_is_reproducible(tmp_path):
-    """Rebuilding from the train set reproduces the shipped tokenizer byte for
-    byte (without the train set beside the repo: two builds from the bundled
-    test set are identical)."""
-    source = TRAIN_JSONL if TRAIN_JSONL.exists() else BUNDLED_TEST_SET
-    builds = [tmp_path / "a", tmp_path / "b"]
-    for out in builds:
-        subprocess.run(
-            [
-                sys.executable,
-                str(BUILD_SCRIPT),
-                "--train_path",
-                str(source),
-                "--out_dir",
-                str(out),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    reference = ASSETS if source == TRAIN_JSONL else builds[1]
+    """Rebuilding from the bundled train set reproduces the shipped tokenizer
+    byte for byte."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(BUILD_SCRIPT),
+            "--train_path",
+            str(BUNDLED_TRAIN_SET),
+            "--out_dir",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     for name in TOKENIZER_FILES:
-        assert (builds[0] / name).read_bytes() == (reference / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name
