@@ -35,6 +35,7 @@ alpha is not stored in checkpoints: it must be the value used in training.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -65,6 +66,9 @@ PARAMS_DIR = "model_params"
 CONFIG_FLAG = "--model.lora_config"
 
 _PYTREE_METADATA_FILE = "_METADATA"  # Written by Orbax in every PyTree checkpoint.
+# Rank, alpha and module_path, written by our trainer beside the step folders
+# (`<root>/actor/lora_config.json`); Tunix ignores it and writes none.
+LORA_CONFIG_FILE = "lora_config.json"
 _FACTOR = re.compile(r"(.+)_lora_([ab])")
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
 
@@ -217,6 +221,50 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(name, {})
         node[leaf] = value
     return tree
+
+
+def save_lora_config(actor_dir: str | os.PathLike, config: LoraConfig) -> None:
+    """Records how the adapter is trained, beside its step folders."""
+    folder = epath.Path(absolute(actor_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LORA_CONFIG_FILE).write_text(
+        json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    )
+
+
+def read_lora_config(params_path: str | os.PathLike) -> LoraConfig | None:
+    """The config recorded for a resolved `.../actor/<step>/model_params`
+    checkpoint, or None where none was recorded (Tunix's own checkpoints)."""
+    recorded = epath.Path(params_path).parent.parent / LORA_CONFIG_FILE
+    if not storage_call(recorded, recorded.exists):
+        return None
+    return LoraConfig(**json.loads(storage_call(recorded, recorded.read_text)))
+
+
+def effective_lora_config(
+    flags_config: LoraConfig,
+    recorded: LoraConfig | None,
+    *,
+    given: set[str],
+    where: str,
+) -> LoraConfig:
+    """The rank, alpha and module_path to evaluate a checkpoint with.
+
+    Recorded by our trainer: used, and a flag given (`given`: field names)
+    that contradicts it is refused (the wrong alpha silently changes every
+    answer). Not recorded (Tunix's own checkpoints): the flags.
+    """
+    if recorded is None:
+        return flags_config
+    for field in sorted(given):
+        flag, saved = getattr(flags_config, field), getattr(recorded, field)
+        if flag != saved:
+            raise ValueError(
+                f"{CONFIG_FLAG}.{field}={flag!r}, but the checkpoint was trained with"
+                f" {field}={saved!r} ({epath.Path(where).parent.parent / LORA_CONFIG_FILE}):"
+                " drop the flag or pass the trained value."
+            )
+    return recorded
 
 
 def save_lora_params(

@@ -8,6 +8,7 @@ Both scripts in research/script/ are thin wrappers over `main`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -250,6 +251,12 @@ def eval_config_from_flags(
     )
 
 
+def given_lora_fields(argv: list[str]) -> set[str]:
+    """The `--model.lora_config.<field>` flags given on the command line."""
+    prefix = "--model.lora_config."
+    return {a[len(prefix) :].split("=")[0] for a in argv if a.startswith(prefix)}
+
+
 def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) -> None:
     """Stop ids outside the vocabulary never match: every answer would run to
     the length limit."""
@@ -356,8 +363,22 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     if lora:
         from gsm8k_jax.checkpoints import lora as lora_lib
 
-        lora_config = lora_lib.LoraConfig(**cfg.lora_config.to_dict())
         lora_path = lora_lib.resolve_lora_checkpoint(cfg.lora_checkpoint_path)
+        recorded = lora_lib.read_lora_config(lora_path)
+        lora_config = lora_lib.effective_lora_config(
+            lora_lib.LoraConfig(**cfg.lora_config.to_dict()),
+            recorded,
+            given=given_lora_fields(sys.argv),
+            where=lora_path,
+        )
+        if recorded is None:
+            print(
+                f"LoRA: rank {lora_config.rank}, alpha {lora_config.alpha} from the"
+                " flags (the checkpoint records neither: they must be the training"
+                " run's).",
+                flush=True,
+            )
+        cfg.lora_config.update(dataclasses.asdict(lora_config))
 
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path

@@ -354,6 +354,7 @@ def save_checkpoint(
     """Writes step `step` (see the module docstring); returns its folder."""
     step_dir = checkpoint_dir(root, config) / str(step)
     if config.lora is not None:
+        lora_lib.save_lora_config(checkpoint_dir(root, config), config.lora)
         lora_lib.save_lora_params(model, root, step)
         _save_optimizer(optimizer, step_dir / OPTIMIZER_DIR)
         return str(step_dir)

@@ -3,10 +3,11 @@
 import json
 
 import transformers
+from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
 from gcs_emulator import upload_dir
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
-from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
+from gsm8k_jax.checkpoints.lora import LoraConfig, save_lora_config
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
 
 RANK = 4
@@ -80,3 +81,56 @@ def test_lora_eval_unreachable_bucket(tmp_path, gcs_bucket):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "no-such-bucket-xyz" in proc.stderr
+
+
+def test_recorded_lora_config_is_used_and_enforced(tmp_path):
+    """Our trainer's lora_config.json: its alpha is used when the flag is left
+    out, and a contradicting flag is refused before anything runs."""
+    factors = random_factors(
+        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
+    )
+    actor = tmp_path / "run" / "actor"
+    write_tunix_checkpoint(actor / "3" / "model_params", factors)
+    save_lora_config(actor, LoraConfig(rank=RANK, alpha=8.0))
+    common = [*QUICK, f"--model.lora_checkpoint_path={actor}"]
+    wrong = run_script(
+        *common,
+        f"--model.lora_config.rank={RANK}",
+        "--model.lora_config.alpha=2.0",
+        f"--output_dir={tmp_path / 'wrong'}",
+        script=LORA_SCRIPT,
+        check=False,
+    )
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "alpha=2.0, but the checkpoint was trained with alpha=8.0" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()
+
+    run_script(*common, f"--output_dir={tmp_path / 'recorded'}", script=LORA_SCRIPT)
+    run_script(
+        *common,
+        f"--model.lora_config.rank={RANK}",
+        "--model.lora_config.alpha=8.0",
+        f"--output_dir={tmp_path / 'flags'}",
+        script=LORA_SCRIPT,
+    )
+    summary = json.loads(
+        next((tmp_path / "recorded").glob("summary_*.json")).read_text()
+    )
+    assert summary["run"]["model"]["lora_config"]["alpha"] == 8.0
+    assert summary["run"]["model"]["lora_config"]["rank"] == RANK
+    assert rollouts(tmp_path / "recorded")[1] == rollouts(tmp_path / "flags")[1]
+
+
+def test_unrecorded_lora_config_is_printed(tmp_path):
+    factors = random_factors(
+        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
+    )
+    write_tunix_checkpoint(tmp_path / "run" / "actor" / "1" / "model_params", factors)
+    proc = run_script(
+        *QUICK,
+        f"--model.lora_config.rank={RANK}",
+        f"--model.lora_checkpoint_path={tmp_path / 'run' / 'actor'}",
+        f"--output_dir={tmp_path / 'out'}",
+        script=LORA_SCRIPT,
+    )
+    assert f"LoRA: rank {RANK}, alpha 2.0 from the flags" in proc.stdout

@@ -14,7 +14,12 @@ from flax import nnx
 from hf_models import make_tiny_hf_model
 from safetensors.numpy import load_file
 
-from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora, restore_lora_params
+from gsm8k_jax.checkpoints.lora import (
+    LoraConfig,
+    load_lora,
+    read_lora_config,
+    restore_lora_params,
+)
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.extraction import extract_answer
 from gsm8k_jax.eval.prompts import format_prompt
@@ -152,6 +157,10 @@ def test_lora_training_lowers_the_loss(trained):
 def test_checkpoint_restores_through_load_lora(trained, base_dir):
     params = restore_lora_params(trained.root / "actor")
     assert "layers/0/attn/q_einsum/w_lora_a" in params
+    # The trainer records rank, alpha and module_path beside the steps.
+    step = checkpoint_steps(trained.root)[-1]
+    params_path = trained.root / "actor" / str(step) / "model_params"
+    assert read_lora_config(params_path) == LORA
     assert all(np.abs(v).max() > 0 for k, v in params.items() if k.endswith("_lora_b"))
     base = load_hf_model(base_dir, dtype=jnp.float32)
     base_logits = logits(base, trained.batch)
