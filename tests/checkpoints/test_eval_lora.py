@@ -13,15 +13,18 @@ from gsm8k_jax.models.registry import TINY_MODEL_DIR
 RANK = 4
 
 
+def tiny_factors():
+    """Random rank-RANK factors for every module of the bundled model."""
+    return random_factors(transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK)
+
+
 def rollouts(out_dir):
     (path,) = out_dir.glob("rollouts_*.jsonl")
     return path.name, [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
-    factors = random_factors(
-        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
-    )
+    factors = tiny_factors()
     run = tmp_path / "run"
     write_tunix_checkpoint(run / "actor" / "50" / "model_params", factors)
     gcs_run = f"{gcs_bucket}/eval-lora/run"
@@ -57,9 +60,7 @@ def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
 
 
 def test_lora_eval_rank_mismatch_is_clear(tmp_path):
-    factors = random_factors(
-        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
-    )
+    factors = tiny_factors()
     write_tunix_checkpoint(tmp_path / "run" / "actor" / "7" / "model_params", factors)
     proc = run_script(
         *QUICK,
@@ -88,9 +89,7 @@ def test_lora_eval_unreachable_bucket(tmp_path, gcs_bucket):
 def test_recorded_lora_config_is_used_and_enforced(tmp_path):
     """Our trainer's lora_config.json: its alpha is used when the flag is left
     out, and a contradicting flag is refused before anything runs."""
-    factors = random_factors(
-        transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR), RANK
-    )
+    factors = tiny_factors()
     actor = tmp_path / "run" / "actor"
     write_tunix_checkpoint(actor / "3" / "model_params", factors)
     save_lora_config(actor, LoraConfig(rank=RANK, alpha=8.0))
