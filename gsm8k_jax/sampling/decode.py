@@ -25,6 +25,7 @@ from flax import nnx
 
 from gsm8k_jax.models.gemma3.cache import KVCache
 from gsm8k_jax.models.gemma3.model import KEY_BLOCK
+from gsm8k_jax.sampling.batching import round_up
 from gsm8k_jax.sampling.token_choice import choose_tokens
 
 
@@ -61,7 +62,7 @@ class DecodeState:
         config = model.config
         # A whole number of attention key blocks: every run's cache splits
         # into the same blocks (see blocked_attention).
-        length = -(-(width + max_steps) // KEY_BLOCK) * KEY_BLOCK
+        length = round_up(width + max_steps, KEY_BLOCK)
         return cls(
             cache=KVCache.empty(config, batch, length, model.dtype),
             logits=jnp.zeros((batch, config.vocab_size), jnp.float32),

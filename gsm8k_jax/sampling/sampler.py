@@ -29,7 +29,6 @@ from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_mod
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
     default_row_tile,
-    prefill_rows,
     prompt_bucket,
     round_up,
 )
@@ -258,6 +257,7 @@ class Sampler:
                     weights,
                     state,
                     bucket,
+                    schedule.group_size(bucket),
                     [(rows[row], slot) for row, slot in members],
                     encoded,
                     example_ids,
@@ -315,6 +315,7 @@ class Sampler:
         weights: nnx.State,
         state: DecodeState,
         bucket: int,
+        size: int,
         members: list[tuple[tuple[int, int], int]],
         encoded: list[list[int]],
         example_ids: list[int],
@@ -322,8 +323,7 @@ class Sampler:
         seed: int,
     ) -> DecodeState:
         """Prefills `members` ([((prompt, sample), slot)]) as one fixed-shape
-        group of `bucket`-token prompts; unused rows of the group are dropped."""
-        size = prefill_rows(bucket, self.row_tile) * self.data_shards
+        group of `size` rows of `bucket` tokens; unused rows are dropped."""
         num_slots = state.done.shape[0]
         tokens = np.full((size, bucket), self.pad_id, np.int32)
         valid = np.zeros((size, bucket), bool)

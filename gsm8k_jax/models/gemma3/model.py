@@ -39,6 +39,14 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 KEY_BLOCK = 128
 
 
+def _scores(q: jax.Array, k: jax.Array, softcap: float | None) -> jax.Array:
+    """[B, T, K, G, H] queries . [B, S, K, H] keys -> [B, K, G, T, S] float32."""
+    scores = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+
 def attention(
     q: jax.Array,  # [B, T, K, G, H] queries, scaled
     k: jax.Array,  # [B, S, K, H]
@@ -48,12 +56,7 @@ def attention(
     softcap: float | None = None,
 ) -> jax.Array:
     """softmax(q.k) . v over the valid keys, in one pass. [B, T, K, G, H]."""
-    logits = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-    )
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+    logits = jnp.where(mask[:, None, None, :, :], _scores(q, k, softcap), MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
@@ -91,16 +94,8 @@ def blocked_attention(
         top, total, out = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, n * block, block, axis)
         keys, values, valid = take(k, 1), take(v, 1), take(mask, 2)
-        scores = jnp.einsum(
-            "BTKGH,BSKH->BKGTS",
-            q,
-            keys.astype(q.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        if softcap is not None:
-            scores = jnp.tanh(scores / softcap) * softcap
         valid = valid[:, None, None]  # [B, 1, 1, T, S]
-        scores = jnp.where(valid, scores, -jnp.inf)
+        scores = jnp.where(valid, _scores(q, keys, softcap), -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
         shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
         # exp(0) = 1 exactly when the max did not move; 0 before any valid key.
