@@ -8,6 +8,8 @@ and are never logged.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -96,6 +98,24 @@ def download_hub_model(repo_id: str) -> Path:
             f"Could not download {repo_id}: the hub is unreachable and no cached copy"
             f" exists ({e}). Pass a local folder or gs:// path with --model.model_path."
         ) from e
+
+
+@functools.lru_cache
+def model_revision(model_dir: str | os.PathLike) -> str:
+    """What identifies a model folder's weights: the hub commit of a hub
+    snapshot (`hf:<commit>`), else `sha256:` of its config, weights and
+    tokenizer files (read once per process)."""
+    path = Path(model_dir)
+    if path.parent.name == "snapshots":
+        return f"hf:{path.name}"
+    digest = hashlib.sha256()
+    for pattern in HF_FILE_PATTERNS:
+        for file in sorted(path.glob(pattern)):
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def resolve_model_dir(source: str | os.PathLike) -> Path:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import re
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
-from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate, merge_shards, shard_tag
 from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.models.registry import (
@@ -39,32 +37,9 @@ from gsm8k_jax.models.registry import (
     model_spec,
     parse_dtype,
 )
-from gsm8k_jax.sampling.batching import default_row_tile
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 FLAGS = flags.FLAGS
-DEFAULT_LORA_MODULES = (
-    ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
-)
-
-
-def model_config(model_name: str) -> ml_collections.ConfigDict:
-    """The `--model` config of a named model; configs/*.py files return this."""
-    model_spec(model_name)
-    return ml_collections.ConfigDict(
-        {
-            "model_family": "Gemma3",
-            "model_name": model_name,
-            "model_path": "",  # Empty: the model's default source (see registry.MODELS).
-            "dtype": "bfloat16",
-            "lora_config": {
-                "rank": 16,
-                "alpha": 2.0,
-                "module_path": DEFAULT_LORA_MODULES,
-            },
-            "lora_checkpoint_path": "",
-        }
-    )
 
 
 def define_flags(default_model_config: str | Path) -> None:
@@ -152,27 +127,6 @@ def _parse_eos(text: str) -> tuple[int, ...]:
         raise ValueError(
             f"--eos_tokens must be comma-separated integers, got {text!r}."
         ) from None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-
-
-def checkpoint_tag(lora_path: str) -> str:
-    """A short name for a LoRA checkpoint, e.g. `run-actor-500` for
-    `.../run/actor/500/model_params`."""
-    if not lora_path:
-        return "base"
-    parts = lora_path.rstrip("/").split("/")
-    if parts[-1] == "model_params":
-        parts = parts[:-1]
-    return _slug("-".join(parts[-3:]))
-
-
-def _file_digest(path: str) -> str:
-    if path.startswith("gs://"):
-        return "gcs"  # Not hashed: reading it twice is not worth it.
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 # Input problems reported as one clear line, not a traceback.
@@ -269,61 +223,6 @@ def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) ->
         )
 
 
-def run_tag(model_name: str, lora_path: str, batch_size: int) -> str:
-    """The tag naming a run's files: `<model>_<checkpoint>_bs<batch_size>`.
-
-    Args:
-      model_name: a name from `registry.MODELS`.
-      lora_path: the resolved LoRA checkpoint, or "" for the base model.
-      batch_size: prompts decoded in parallel.
-    """
-    return f"{_slug(model_name)}_{checkpoint_tag(lora_path)}_bs{batch_size}"
-
-
-def run_info(
-    model: Mapping[str, Any],
-    *,
-    model_dir: str | Path,
-    lora_path: str,
-    data_path: str,
-    num_examples: int,
-    eval_config: EvalConfig,
-) -> dict[str, Any]:
-    """What produced a run's results, as `run_<tag>.json` records it.
-
-    Args:
-      model: the `--model` config as a dict (`model_config(...).to_dict()`).
-      model_dir: the local folder the weights were loaded from.
-      lora_path: the resolved LoRA checkpoint, or "" for the base model.
-      data_path: the GSM8K file (local or gs://).
-      num_examples: how many problems are evaluated.
-      eval_config: the evaluation settings.
-    """
-    return {
-        "model": dict(model),
-        "model_dir": str(model_dir),
-        "lora_checkpoint": lora_path,
-        "data_path": data_path,
-        "data_sha256": _file_digest(data_path),
-        "num_examples": num_examples,
-        # Results are bitwise the same at any batch size for one row tile
-        # (the platform's), and a LoRA is merged in float32.
-        "row_tile": default_row_tile(),
-        "lora_mode": "merged_float32" if lora_path else None,
-        "eval": {
-            "batch_size": eval_config.batch_size,
-            "sampling": {
-                **vars(eval_config.sampling),
-                "eos_ids": list(eval_config.sampling.eos_ids),
-            },
-            "extraction_method": eval_config.extraction_method,
-            "prompt_template": eval_config.prompt_template,
-            "system_prompt": eval_config.system_prompt,
-            "use_chat_template": eval_config.use_chat_template,
-        },
-    }
-
-
 def local_mesh(model_parallel: int) -> Mesh | None:
     """A (data, model) mesh over this process's devices; None for one device."""
     devices = jax.local_devices()
@@ -384,7 +283,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
     eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
-    tag = run_tag(cfg.model_name, lora_path, eval_config.batch_size)
+    tag = run_tag(cfg.model_name, lora_path, eval_config.batch_size, lora_config)
     info = run_info(
         cfg.to_dict(),
         model_dir=model_dir,

@@ -39,10 +39,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
-from gsm8k_jax.eval import cli, stats
+from gsm8k_jax.eval import stats
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.extraction import answers_match
-from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.registry import load_pretrained, model_spec
@@ -1008,12 +1008,12 @@ def evaluate_checkpoints(
 
     runs: list[tuple[str, RunFiles, dict[str, Any]]] = []
     for raw_path, lora_path in checkpoints:
-        model = cli.model_config(model_name)
+        model = model_config(model_name)
         model.model_path = model_path or ""
         model.dtype = dtype
         model.lora_config = dataclasses.asdict(lora_config)
         model.lora_checkpoint_path = raw_path
-        info = cli.run_info(
+        info = run_info(
             model.to_dict(),
             model_dir=model_dir,
             lora_path=lora_path,
@@ -1021,9 +1021,10 @@ def evaluate_checkpoints(
             num_examples=len(examples),
             eval_config=eval_config,
         )
-        files = RunFiles(
-            output_dir, cli.run_tag(model_name, lora_path, eval_config.batch_size)
+        tag = run_tag(
+            model_name, lora_path, eval_config.batch_size, lora_config if lora_path else None
         )
+        files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))
     tags = [files.tag for _, files, _ in runs]
     if len(set(tags)) < len(tags):

@@ -10,16 +10,28 @@ An output folder holds, per run tag:
 
 Resuming keeps every example whose samples are all on disk (a torn last
 line from a crash is dropped), and the run continues with the rest.
+
+A run's identity (its tag and the settings `run_<tag>.json` records) is
+defined here too, so that reading and comparing runs needs neither the CLI
+nor a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import ml_collections
+
+if TYPE_CHECKING:
+    from gsm8k_jax.checkpoints.lora import LoraConfig
+    from gsm8k_jax.eval.runner import EvalConfig
 
 
 class ResultsError(RuntimeError):
@@ -180,3 +192,110 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
     a, b = flat(old), flat(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def model_config(model_name: str) -> ml_collections.ConfigDict:
+    """The `--model` config of a named model; configs/*.py files return this."""
+    from gsm8k_jax.checkpoints.lora import LoraConfig
+    from gsm8k_jax.models.registry import model_spec
+
+    model_spec(model_name)
+    return ml_collections.ConfigDict(
+        {
+            "model_family": "Gemma3",
+            "model_name": model_name,
+            "model_path": "",  # Empty: the model's default source (see registry.MODELS).
+            "dtype": "bfloat16",
+            "lora_config": dataclasses.asdict(LoraConfig()),
+            "lora_checkpoint_path": "",
+        }
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def checkpoint_tag(lora_path: str) -> str:
+    """A short name for a LoRA checkpoint, e.g. `run-actor-500` for
+    `.../run/actor/500/model_params`."""
+    if not lora_path:
+        return "base"
+    parts = lora_path.rstrip("/").split("/")
+    if parts[-1] == "model_params":
+        parts = parts[:-1]
+    return _slug("-".join(parts[-3:]))
+
+
+def _file_digest(path: str) -> str:
+    if path.startswith("gs://"):
+        return "gcs"  # Not hashed: reading it twice is not worth it.
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def run_tag(
+    model_name: str,
+    lora_path: str,
+    batch_size: int,
+    lora_config: LoraConfig | None = None,
+) -> str:
+    """The tag naming a run's files: `<model>_<checkpoint>[_r<rank>a<alpha>]_bs<batch>`.
+
+    Args:
+      model_name: a name from `registry.MODELS`.
+      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      batch_size: prompts decoded in parallel.
+      lora_config: the LoRA's rank and alpha, which change its answers, so
+        two runs of one checkpoint with different alphas never share files.
+    """
+    adapter = f"_r{lora_config.rank}a{lora_config.alpha:g}" if lora_config else ""
+    return f"{_slug(model_name)}_{checkpoint_tag(lora_path)}{adapter}_bs{batch_size}"
+
+
+def run_info(
+    model: Mapping[str, Any],
+    *,
+    model_dir: str | Path,
+    lora_path: str,
+    data_path: str,
+    num_examples: int,
+    eval_config: EvalConfig,
+) -> dict[str, Any]:
+    """What produced a run's results, as `run_<tag>.json` records it.
+
+    The answer extraction is not part of it: every run scores every method.
+
+    Args:
+      model: the `--model` config as a dict (`model_config(...).to_dict()`).
+      model_dir: the local folder the weights were loaded from.
+      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      data_path: the GSM8K file (local or gs://).
+      num_examples: how many problems are evaluated.
+      eval_config: the evaluation settings.
+    """
+    from gsm8k_jax.checkpoints.sources import model_revision
+    from gsm8k_jax.sampling import batching
+
+    return {
+        "model": dict(model),
+        "model_dir": str(model_dir),
+        "model_revision": model_revision(model_dir),
+        "lora_checkpoint": lora_path,
+        "data_path": data_path,
+        "data_sha256": _file_digest(data_path),
+        "num_examples": num_examples,
+        # Results are bitwise the same at any batch size for one row tile
+        # (the platform's), and a LoRA is merged in float32.
+        "row_tile": batching.default_row_tile(),
+        "lora_mode": "merged_float32" if lora_path else None,
+        "eval": {
+            "batch_size": eval_config.batch_size,
+            "sampling": {
+                **vars(eval_config.sampling),
+                "eos_ids": list(eval_config.sampling.eos_ids),
+            },
+            "prompt_template": eval_config.prompt_template,
+            "system_prompt": eval_config.system_prompt,
+            "use_chat_template": eval_config.use_chat_template,
+        },
+    }

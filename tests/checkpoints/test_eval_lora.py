@@ -51,7 +51,7 @@ def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
     base_name, base = rollouts(tmp_path / "base")
     local_name, local = rollouts(tmp_path / "local")
     gcs_name, gcs = rollouts(tmp_path / "gcs")
-    assert local_name == "rollouts_gemma3-tiny_run-actor-50_bs4.jsonl" == gcs_name
+    assert local_name == "rollouts_gemma3-tiny_run-actor-50_r4a8_bs4.jsonl" == gcs_name
     assert [r["response"] for r in local] == [r["response"] for r in gcs]
     assert [r["response"] for r in local] != [r["response"] for r in base]
     summary = json.loads(next((tmp_path / "gcs").glob("summary_*.json")).read_text())

@@ -533,8 +533,8 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
     )
     assert [r.tag for r in runs] == [
         "gemma3-tiny_base_bs2",
-        "gemma3-tiny_a-actor-100_bs2",
-        "gemma3-tiny_b-actor-200_bs2",
+        "gemma3-tiny_a-actor-100_r16a2_bs2",
+        "gemma3-tiny_b-actor-200_r16a2_bs2",
     ]
     assert seen == [
         (str(checkpoints[0] / "100" / "model_params"), True),
