@@ -40,16 +40,24 @@ class ResultsError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-    """One generated answer to one GSM8K problem, with its score."""
+    """One generated answer to one GSM8K problem, with its scores.
+
+    `extracted_answer` and `correct` are the run's headline extraction
+    method's; `extracted_answers` and `correct_by_method` hold every method's,
+    so a run is re-scored without generating again.
+    """
 
     id: int
     sample_index: int
     question: str
-    gold: str
+    gold: str  # the final answer, e.g. "18"
+    reference_solution: str  # GSM8K's full solution, ending in "#### 18"
     prompt: str
     response: str
     extracted_answer: str | None
     correct: bool
+    extracted_answers: dict[str, str | None]
+    correct_by_method: dict[str, bool]
     num_tokens: int
     finish_reason: str
     logprob: float
@@ -131,6 +139,33 @@ class RunFiles:
         left a torn line or a partial example behind."""
         if not self.rollouts_path.exists():
             return []
+        records, num_lines = self._parse_rollouts()
+        kept = _finished(records, num_samples)
+        if len(kept) != num_lines:
+            _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in kept))
+        return kept
+
+    def read_finished(self, num_samples: int) -> list[dict[str, Any]]:
+        """Rollouts of fully finished examples, in file order, leaving the file
+        as it is: for readers (comparisons) of a run that may still be running
+        or may have crashed, which must not repair another process's file."""
+        return _finished(self._parse_rollouts()[0], num_samples)
+
+    def read_run_info(self) -> dict[str, Any] | None:
+        """The run record (`run_<tag>.json`), or None when there is none."""
+        if not self.run_path.exists():
+            return None
+        return json.loads(self.run_path.read_text(encoding="utf-8"))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """`summary_<tag>.json`, or None while the run has not finished."""
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def _parse_rollouts(self) -> tuple[list[dict[str, Any]], int]:
+        """The rollouts file's records and its number of lines; a torn final
+        line (an interrupted write) is dropped, damage elsewhere raises."""
         lines = self.rollouts_path.read_text(encoding="utf-8").splitlines(keepends=True)
         records = []
         for number, line in enumerate(lines, start=1):
@@ -143,13 +178,7 @@ class RunFiles:
                     f"{self.rollouts_path}, line {number}: not valid JSON ({e.msg}). The"
                     " file was edited or damaged; use --overwrite to start again."
                 ) from e
-        counts: dict[int, int] = {}
-        for r in records:
-            counts[r["id"]] = counts.get(r["id"], 0) + 1
-        kept = [r for r in records if counts[r["id"]] == num_samples]
-        if len(kept) != len(lines):
-            _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in kept))
-        return kept
+        return records, len(lines)
 
     def append(self, rollouts: Iterable[Rollout]) -> None:
         """Appends one batch in a single write, then fsyncs."""
@@ -159,13 +188,10 @@ class RunFiles:
             f.flush()
             os.fsync(f.fileno())
 
-    def sort_rollouts(self) -> None:
-        """Puts the rollouts in (id, sample) order: sequences finish out of
-        order, but the finished file is the same however the run went."""
-        self.write_rollouts(self.read_rollouts())
-
     def write_rollouts(self, records: Iterable[dict[str, Any]]) -> None:
-        """Replaces the rollouts file with `records` in (id, sample) order."""
+        """Replaces the rollouts file with `records` in (id, sample) order:
+        sequences finish out of order, but the finished file is the same
+        however the run went."""
         records = sorted(records, key=lambda r: (r["id"], r["sample_index"]))
         _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in records))
 
@@ -177,6 +203,14 @@ class RunFiles:
         _write_atomically(
             self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n"
         )
+
+
+def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
+    """The records of examples with all `num_samples` samples, in their order."""
+    counts: dict[int, int] = {}
+    for r in records:
+        counts[r["id"]] = counts.get(r["id"], 0) + 1
+    return [r for r in records if counts[r["id"]] == num_samples]
 
 
 def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -8,11 +8,16 @@ rollouts file into accuracy with a 95% interval and the run's identity.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import importlib.metadata
 import json
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,12 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gsm8k_jax.eval.data import GSM8KExample
-from gsm8k_jax.eval.extraction import (
-    EXTRACTION_METHODS,
-    answers_match,
-    extract_answer,
-    is_correct,
-)
+from gsm8k_jax.eval.extraction import EXTRACTION_METHODS, answers_match, extract_answer
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
 from gsm8k_jax.eval.stats import (
@@ -69,35 +69,101 @@ class EvalConfig:
             )
 
 
-def library_versions() -> dict[str, str]:
-    versions = {}
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
     for name in _VERSIONED_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     versions["python"] = platform.python_version()
+    versions["gsm8k_jax_commit"] = project_commit()
     return versions
+
+
+@functools.cache
+def project_commit() -> str | None:
+    """The git commit of this gsm8k_jax checkout, `-dirty` when tracked files
+    changed; None for an install that is not a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").exists():
+        return None  # Installed as a package: no checkout of ours around it.
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def score(response: str, gold: str, method: str) -> dict[str, Any]:
+    """A response's rollout fields under every extraction method, headed by
+    `method`'s (`extracted_answer`, `correct`)."""
+    answers = {m: extract_answer(response, m) for m in EXTRACTION_METHODS}
+    correct = {m: a is not None and answers_match(a, gold) for m, a in answers.items()}
+    return {
+        "extracted_answer": answers[method],
+        "correct": correct[method],
+        "extracted_answers": answers,
+        "correct_by_method": correct,
+    }
+
+
+def rescore(rollouts: Sequence[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """The rollouts scored again from their responses, headed by `method`:
+    changing the extraction needs no generation."""
+    return [r | score(r["response"], r["gold"], method) for r in rollouts]
+
+
+def _accuracy(correct: Sequence[bool], answers: Sequence[str | None]) -> dict[str, Any]:
+    """Accuracy with a Wilson 95% interval, and answers not found."""
+    total = len(correct)
+    low, high = accuracy_interval(sum(correct), total) if total else (0.0, 0.0)
+    return {
+        "correct": sum(correct),
+        "accuracy": sum(correct) / total if total else 0.0,
+        "accuracy_ci95": [low, high],
+        "extraction_failures": sum(a is None for a in answers),
+    }
 
 
 def summarize(
     rollouts: Sequence[dict[str, Any]], num_samples: int, method: str
 ) -> dict[str, Any]:
-    """Accuracy (over all samples) with a Wilson 95% interval, failure counts,
-    and pass@k / maj@k when several samples were drawn per question."""
-    correct = sum(r["correct"] for r in rollouts)
-    total = len(rollouts)
-    low, high = accuracy_interval(correct, total) if total else (0.0, 0.0)
+    """Accuracy (over all samples) with a Wilson 95% interval and failure
+    counts, under `method` and under every method (`by_method`, as
+    lm-evaluation-harness reports strict and flexible together), and
+    pass@k / maj@k when several samples were drawn per question. The
+    rollouts are scored again from their responses (`rescore`)."""
+    rollouts = rescore(rollouts, method)
     summary: dict[str, Any] = {
-        "correct": correct,
-        "total": total,
+        "extraction_method": method,
+        **_accuracy(
+            [r["correct"] for r in rollouts], [r["extracted_answer"] for r in rollouts]
+        ),
+        "total": len(rollouts),
         "num_examples": len({r["id"] for r in rollouts}),
-        "accuracy": correct / total if total else 0.0,
-        "accuracy_ci95": [low, high],
-        "extraction_failures": sum(r["extracted_answer"] is None for r in rollouts),
         "truncations": sum(r["finish_reason"] == "length" for r in rollouts),
         "generated_tokens": sum(r["num_tokens"] for r in rollouts),
+        "by_method": {
+            m: _accuracy(
+                [r["correct_by_method"][m] for r in rollouts],
+                [r["extracted_answers"][m] for r in rollouts],
+            )
+            for m in EXTRACTION_METHODS
+        },
     }
+    total = len(rollouts)
     if num_samples > 1 and total:
         by_id: dict[int, list[dict[str, Any]]] = {}
         for r in sorted(rollouts, key=lambda r: (r["id"], r["sample_index"])):
@@ -127,16 +193,16 @@ def summarize(
     return summary
 
 
-def _score(example: GSM8KExample, prompt: str, completion, method: str) -> Rollout:
+def _rollout(example: GSM8KExample, prompt: str, completion, method: str) -> Rollout:
     return Rollout(
         id=example.id,
         sample_index=completion.sample_index,
         question=example.question,
         gold=example.gold,
+        reference_solution=example.answer,
         prompt=prompt,
         response=completion.text,
-        extracted_answer=extract_answer(completion.text, method),
-        correct=is_correct(completion.text, example.gold, method),
+        **score(completion.text, example.gold, method),
         num_tokens=completion.num_tokens,
         finish_reason=completion.finish_reason,
         logprob=completion.logprob,
@@ -160,8 +226,10 @@ def evaluate(
     With num_shards > 1 (one shard per host) only examples[shard_index::num_shards]
     are evaluated, padded exactly as a single-host run pads them.
     """
+    started_at = _now()
     params = config.sampling
-    done = files.load_finished(params.num_samples)
+    method = config.extraction_method
+    done = rescore(files.load_finished(params.num_samples), method)
     finished_ids = {r["id"] for r in done}
     shard = examples[shard_index::num_shards]
     todo = [e for e in shard if e.id not in finished_ids]
@@ -181,8 +249,20 @@ def evaluate(
     # Size the KV cache for the longest prompt of the whole run, so a resumed
     # run compiles the same decode program as an uninterrupted one.
     max_prompt_len = max(len(sampler.encode(p)) for p in prompts.values())
+    todo_prompts = [prompts[e.id] for e in todo]
+    batch_size = config.batch_size * params.num_samples
 
     start = time.perf_counter()
+    if todo and show_progress:
+        print("Compiling the model's programs...", file=sys.stderr, flush=True)
+    sampler.compile(
+        todo_prompts, params, batch_size=batch_size, max_prompt_len=max_prompt_len
+    )
+    compile_s = time.perf_counter() - start
+    if todo and show_progress:
+        print(f"Compiled in {compile_s:.1f} s.", file=sys.stderr, flush=True)
+
+    generation_start = time.perf_counter()
     new_tokens = 0
     samples_left = {e.id: params.num_samples for e in todo}
     bar = tqdm(
@@ -194,17 +274,15 @@ def evaluate(
         dynamic_ncols=True,
     )
     stream = sampler.generate_stream(
-        [prompts[e.id] for e in todo],
+        todo_prompts,
         params,
         example_ids=[e.id for e in todo],
-        batch_size=config.batch_size * params.num_samples,
+        batch_size=batch_size,
         max_prompt_len=max_prompt_len,
     )
     for completions in stream:
         rollouts = [
-            _score(
-                by_id[c.example_id], prompts[c.example_id], c, config.extraction_method
-            )
+            _rollout(by_id[c.example_id], prompts[c.example_id], c, method)
             for c in completions
         ]
         files.append(rollouts)
@@ -214,34 +292,41 @@ def evaluate(
         for r in rollouts:
             samples_left[r.id] -= 1
         bar.update(sum(samples_left[i] == 0 for i in {r.id for r in rollouts}))
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - generation_start
         bar.set_postfix(
             acc=f"{correct_so_far / rows_so_far:.2%}",
             tok_s=f"{new_tokens / elapsed:.0f}",
         )
     bar.close()
-    files.sort_rollouts()
+    # In (id, sample) order, and every line scored under this run's method.
+    files.write_rollouts(rescore(files.read_rollouts(), method))
 
-    wall = time.perf_counter() - start
-    summary = summarize(
-        files.read_rollouts(), params.num_samples, config.extraction_method
-    )
-    summary |= _run_metadata(files.tag, run_info, wall, new_tokens)
-    summary["resumed_examples"] = len(finished_ids)
+    generation_s = time.perf_counter() - generation_start
+    summary = summarize(files.read_rollouts(), params.num_samples, method)
+    summary |= _run_metadata(files.tag, run_info)
+    summary |= {
+        "started_at": started_at,
+        "finished_at": _now(),
+        "compile_s": compile_s,
+        "wall_time_s": compile_s + generation_s,
+        # Generated in this session, over its time after compilation.
+        "tokens_per_s": new_tokens / generation_s if generation_s > 0 else 0.0,
+        "resumed_examples": len(finished_ids),
+    }
     files.write_summary(summary)
     return summary
 
 
-def _run_metadata(
-    tag: str, run_info: dict[str, Any], wall: float, tokens: int
-) -> dict[str, Any]:
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _run_metadata(tag: str, run_info: dict[str, Any]) -> dict[str, Any]:
     return {
         "tag": tag,
         "run": run_info,
         "versions": library_versions(),
         "devices": [str(d) for d in jax.local_devices()],
-        "wall_time_s": wall,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
     }
 
 
@@ -277,10 +362,14 @@ def merge_shards(
     merged = RunFiles(output_dir, tag)
     merged.write_rollouts(rollouts)
     summary = summarize(rollouts, config.sampling.num_samples, config.extraction_method)
-    summary |= _run_metadata(
-        tag, run_info, max(s["wall_time_s"] for s in shard_summaries), 0
-    )
-    summary["tokens_per_s"] = sum(s["tokens_per_s"] for s in shard_summaries)
-    summary["num_shards"] = num_shards
+    summary |= _run_metadata(tag, run_info)
+    summary |= {
+        "started_at": min(s["started_at"] for s in shard_summaries),
+        "finished_at": max(s["finished_at"] for s in shard_summaries),
+        "compile_s": max(s["compile_s"] for s in shard_summaries),
+        "wall_time_s": max(s["wall_time_s"] for s in shard_summaries),
+        "tokens_per_s": sum(s["tokens_per_s"] for s in shard_summaries),
+        "num_shards": num_shards,
+    }
     merged.write_summary(summary)
     return summary

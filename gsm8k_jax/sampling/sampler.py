@@ -231,24 +231,13 @@ class Sampler:
                     f"max_tokens needs one value in [1, max_generation_steps ="
                     f" {params.max_generation_steps}] per prompt ({len(prompts)})."
                 )
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.num_samples)]
-        num_slots = round_up(batch_size or len(rows), self.row_tile * self.data_shards)
-        width = prompt_bucket(max(max_prompt_len or 0, *map(len, encoded)))
+        state, schedule = self._empty_run(
+            [len(ids) for ids in encoded], params, batch_size, max_prompt_len
+        )
+        num_slots = len(schedule.owner)
         settings = _settings(params)
         weights = nnx.state(self.model)
-        state = DecodeState.empty(
-            self.model, num_slots, width, params.max_generation_steps, self.pad_id
-        )
-        if self.mesh is not None:
-            state = shard_decode_state(state, self.mesh)
-        schedule = SlotScheduler(
-            [prompt_bucket(len(encoded[i])) for i, _ in rows],
-            num_slots=num_slots,
-            row_tile=self.row_tile,
-            data_shards=self.data_shards,
-        )
         steps_counted = 0
         while True:
             while (group := schedule.next_group()) is not None:
@@ -271,7 +260,7 @@ class Sampler:
                 state,
                 settings,
                 jnp.int32(schedule.min_free()),
-                jnp.int32(num_slots // (self.row_tile * self.data_shards)),
+                self._num_tiles(num_slots),
                 pad_id=self.pad_id,
             )
             done, num_tokens, hit_eos, logprob, steps = jax.device_get(
@@ -309,6 +298,71 @@ class Sampler:
                     )
                 )
             yield completions
+
+    def compile(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams = SamplingParams(),
+        *,
+        batch_size: int | None = None,
+        max_prompt_len: int | None = None,
+    ) -> None:
+        """Compiles the programs that `generate_stream` runs for the same
+        arguments (a prefill per prompt bucket, and the decode loop) by running
+        them on empty slots, which changes nothing. Timing after it excludes
+        compilation."""
+        if not prompts:
+            return
+        lengths = [len(self.encode(p)) for p in prompts]
+        state, schedule = self._empty_run(lengths, params, batch_size, max_prompt_len)
+        weights = nnx.state(self.model)
+        for bucket in sorted(set(schedule.buckets)):
+            size = schedule.group_size(bucket)
+            state = self._prefill_group(weights, state, bucket, size, [], [], [], [], 0)
+        state = self._decode(
+            weights,
+            state,
+            _settings(params),
+            jnp.int32(0),
+            self._num_tiles(len(schedule.owner)),
+            pad_id=self.pad_id,
+        )
+        jax.block_until_ready(state)
+
+    def _empty_run(
+        self,
+        prompt_lengths: Sequence[int],
+        params: SamplingParams,
+        batch_size: int | None,
+        max_prompt_len: int | None,
+    ) -> tuple[DecodeState, SlotScheduler]:
+        """The empty decode state and slot schedule of a call, whose shapes
+        depend on its arguments alone."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        buckets = [
+            prompt_bucket(n) for n in prompt_lengths for _ in range(params.num_samples)
+        ]
+        num_slots = round_up(
+            batch_size or len(buckets), self.row_tile * self.data_shards
+        )
+        width = prompt_bucket(max(max_prompt_len or 0, *prompt_lengths))
+        state = DecodeState.empty(
+            self.model, num_slots, width, params.max_generation_steps, self.pad_id
+        )
+        if self.mesh is not None:
+            state = shard_decode_state(state, self.mesh)
+        schedule = SlotScheduler(
+            buckets,
+            num_slots=num_slots,
+            row_tile=self.row_tile,
+            data_shards=self.data_shards,
+        )
+        return state, schedule
+
+    def _num_tiles(self, num_slots: int) -> jax.Array:
+        """Decode tiles per data shard; traced, so one program serves any count."""
+        return jnp.int32(num_slots // (self.row_tile * self.data_shards))
 
     def _prefill_group(
         self,

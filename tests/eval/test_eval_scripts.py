@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gsm8k_jax.eval.extraction import is_correct
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
 from hf_models import make_tiny_hf_model
 
@@ -19,16 +20,26 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"
 LORA_SCRIPT = REPO / "research" / "script" / "eval_gsm8k.py"
 QUICK = ["--num_examples=6", "--batch_size=4", "--max_generation_steps=12"]
-TIMING_KEYS = {"wall_time_s", "tokens_per_s", "resumed_examples"}
+TIMING_KEYS = {
+    "started_at",
+    "finished_at",
+    "compile_s",
+    "wall_time_s",
+    "tokens_per_s",
+    "resumed_examples",
+}
 ROLLOUT_KEYS = {
     "id",
     "sample_index",
     "question",
     "gold",
+    "reference_solution",
     "prompt",
     "response",
     "extracted_answer",
     "correct",
+    "extracted_answers",
+    "correct_by_method",
     "num_tokens",
     "finish_reason",
     "logprob",
@@ -78,6 +89,35 @@ def test_tiny_model_run_writes_rollouts_and_summary(tmp_path):
     assert summary["truncations"] == sum(r["finish_reason"] == "length" for r in lines)
     assert summary["run"]["eval"]["sampling"]["eos_ids"] == [1, 106]
     assert summary["versions"]["jax"] and summary["tokens_per_s"] > 0
+    # lm-eval's habits: the full reference, both filters, when and from what.
+    assert first["reference_solution"].endswith("#### 18")
+    assert first["reference_solution"].startswith("Janet sells 16 - 3 - 4")
+    for method in ("strict", "flexible"):
+        assert [r["correct_by_method"][method] for r in lines] == [
+            is_correct(r["response"], r["gold"], method) for r in lines
+        ]
+        assert summary["by_method"][method]["correct"] == sum(
+            r["correct_by_method"][method] for r in lines
+        )
+    assert summary["extraction_method"] == "strict"
+    assert summary["started_at"] <= summary["finished_at"]
+    assert summary["compile_s"] > 0 and summary["wall_time_s"] > summary["compile_s"]
+    assert summary["run"]["model_revision"].startswith("sha256:")
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", summary["versions"]["gsm8k_jax_commit"])
+
+    # Another extraction re-scores the same responses: nothing is generated.
+    proc = run_script(*QUICK, "--extraction_method=flexible", f"--output_dir={tmp_path}")
+    assert "Compiling" not in proc.stderr
+    rescored, summary = read_outputs(tmp_path, tag)
+    rescored = [json.loads(line) for line in rescored.splitlines()]
+    assert [r["response"] for r in rescored] == [r["response"] for r in lines]
+    assert [r["correct"] for r in rescored] == [
+        r["correct_by_method"]["flexible"] for r in lines
+    ]
+    assert summary["extraction_method"] == "flexible"
+    assert summary["resumed_examples"] == 6 and summary["generated_tokens"] == sum(
+        r["num_tokens"] for r in lines
+    )
 
 
 def test_hf_folder_model_path(tmp_path):

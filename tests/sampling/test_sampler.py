@@ -255,6 +255,12 @@ def test_compiles_once_per_shape(tiny):
     assert sampler.num_compilations == 5
     sampler.generate([[2] * 120], GREEDY, batch_size=4)  # 128 bucket, longer cache
     assert sampler.num_compilations == 7
+    # `compile` builds exactly the programs the same call runs, ahead of it.
+    mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 128 and 256
+    sampler.compile(mixed, GREEDY, batch_size=4)
+    assert sampler.num_compilations == 11
+    sampler.generate(mixed, GREEDY, batch_size=4)
+    assert sampler.num_compilations == 11
 
 
 def test_continuous_batching_equals_batch_size_one(sampler):
