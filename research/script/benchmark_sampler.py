@@ -4,11 +4,11 @@ Two workloads, both timing the two sides in one process:
 
 - synthetic (default): one left-padded batch of random prompts, exactly
   --max_generation_steps tokens per row; prefill, decode and end-to-end
-  throughput, compile time, peak memory (`gsm8k_jax/sampling/benchmark.py`).
+  throughput, compile time, peak memory (`gsm8k_jax/benchmarks/synthetic.py`).
 - gsm8k: the GSM8K test set's prompts and answer lengths through continuous
   batching (ours) and static batches (transformers); wall time, tokens/s,
   achieved memory bandwidth against the device's peak, compile count
-  (`gsm8k_jax/eval/workload.py`).
+  (`gsm8k_jax/benchmarks/workload.py`).
 
     python research/script/benchmark_sampler.py                   # hf-tiny, CPU
     python research/script/benchmark_sampler.py --workload gsm8k  # gemma3-tiny
@@ -25,14 +25,14 @@ import json
 
 from absl import app, flags
 
-from gsm8k_jax.eval.workload import (
+from gsm8k_jax.benchmarks.workload import (
     TRAINED_MODEL,
     WorkloadConfig,
     format_workload,
     run_workload,
 )
 from gsm8k_jax.models.gemma3.config import CONFIGS
-from gsm8k_jax.sampling.benchmark import (
+from gsm8k_jax.benchmarks.synthetic import (
     DTYPES,
     BenchmarkConfig,
     format_table,

@@ -10,7 +10,7 @@ import pytest
 from hf_models import tiny_hf_kwargs
 
 from gsm8k_jax.eval.data import load_gsm8k
-from gsm8k_jax.eval.workload import (
+from gsm8k_jax.benchmarks.workload import (
     WorkloadConfig,
     format_workload,
     gsm8k_prompts,

@@ -9,7 +9,7 @@ from flax import nnx
 
 from gsm8k_jax.models.gemma3.config import AttentionType, gemma3_tiny
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.sampling import roofline
+from gsm8k_jax.benchmarks import roofline
 
 CONFIG = dataclasses.replace(gemma3_tiny(), sliding_window=5)
 

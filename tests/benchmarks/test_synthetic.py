@@ -10,7 +10,7 @@ import math
 import pytest
 from hf_models import tiny_hf_kwargs
 
-from gsm8k_jax.sampling.benchmark import BenchmarkConfig, format_table, run_benchmark
+from gsm8k_jax.benchmarks.synthetic import BenchmarkConfig, format_table, run_benchmark
 
 MICRO = tiny_hf_kwargs()
 

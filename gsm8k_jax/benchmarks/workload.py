@@ -20,7 +20,7 @@ the tokens/s numerator), and in float32 the same tokens (checked).
 
 Achieved bandwidth = (decode steps x weight bytes + key/value bytes the
 generated tokens attend to) / our wall time (prefill and host work included,
-so it understates the decode loop's own figure); see `sampling/roofline.py`.
+so it understates the decode loop's own figure); see `roofline.py`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.models.gemma3.config import CONFIGS
 from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
 from gsm8k_jax.models.registry import TINY_MODEL_DIR, default_eos_ids
-from gsm8k_jax.sampling import roofline
+from gsm8k_jax.benchmarks import roofline
 from gsm8k_jax.sampling.batching import prompt_bucket, round_up
-from gsm8k_jax.sampling.benchmark import (
+from gsm8k_jax.benchmarks.synthetic import (
     DTYPES,
     IdTokenizer,
     build_model,
