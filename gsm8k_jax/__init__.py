@@ -9,32 +9,45 @@ The names a notebook needs, e.g.:
     print(report.to_markdown())
 
 notebooks/quickstart.ipynb walks through an evaluation end to end.
+
+Each name is imported from its module on first use, so that importing a
+module that needs no model (reading and comparing results, the statistics)
+does not import jax and flax through this package.
 """
 
-from gsm8k_jax.eval.compare import compare_runs, load_run, load_runs, plot_accuracies
-from gsm8k_jax.eval.data import load_gsm8k
-from gsm8k_jax.eval.extraction import extract_answer, is_correct
-from gsm8k_jax.eval.results import RunFiles
-from gsm8k_jax.eval.runner import EvalConfig, evaluate
-from gsm8k_jax.models.gemma3.config import Gemma3Config
-from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.models.registry import load_pretrained
-from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+import importlib
+from typing import Any
 
-__all__ = [
-    "EvalConfig",
-    "Gemma3",
-    "Gemma3Config",
-    "RunFiles",
-    "Sampler",
-    "SamplingParams",
-    "compare_runs",
-    "evaluate",
-    "extract_answer",
-    "is_correct",
-    "load_gsm8k",
-    "load_pretrained",
-    "load_run",
-    "load_runs",
-    "plot_accuracies",
-]
+# Public name -> the module defining it.
+_EXPORTS = {
+    "EvalConfig": "gsm8k_jax.eval.runner",
+    "Gemma3": "gsm8k_jax.models.gemma3.model",
+    "Gemma3Config": "gsm8k_jax.models.gemma3.config",
+    "RunFiles": "gsm8k_jax.eval.results",
+    "Sampler": "gsm8k_jax.sampling.sampler",
+    "SamplingParams": "gsm8k_jax.sampling.sampler",
+    "compare_runs": "gsm8k_jax.eval.comparison",
+    "evaluate": "gsm8k_jax.eval.runner",
+    "extract_answer": "gsm8k_jax.eval.extraction",
+    "is_correct": "gsm8k_jax.eval.extraction",
+    "load_gsm8k": "gsm8k_jax.eval.data",
+    "load_pretrained": "gsm8k_jax.models.registry",
+    "load_run": "gsm8k_jax.eval.runs",
+    "load_runs": "gsm8k_jax.eval.runs",
+    "plot_accuracies": "gsm8k_jax.eval.report",
+}
+
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (one list of names: _EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name's module on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gsm8k_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

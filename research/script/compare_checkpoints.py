@@ -1,6 +1,8 @@
-"""Compares GSM8K runs: finished ones, or LoRA checkpoints it evaluates first.
+"""Compares GSM8K runs: runs on disk, or LoRA checkpoints it evaluates first.
 
-Finished runs (results folders, or their rollouts/summary files):
+Runs on disk (results folders, or their rollouts/summary files); a run that
+has not finished is compared on the problems it finished and marked
+incomplete:
 
     python research/script/compare_checkpoints.py \
         --results=results/base,results/lora --baseline=0 --output_dir=results/cmp
@@ -14,7 +16,8 @@ model and evaluation flags as for eval_gsm8k.py), then compare them:
         --output_dir=results/sweep --batch_size=32
 
 Writes comparison.md, comparison.json and accuracy.png into --output_dir
-and prints the Markdown report.
+and prints the Markdown report, which says for each run against the
+baseline whether the difference is significant at 5% (McNemar's exact test).
 """
 
 import json
@@ -23,7 +26,11 @@ from pathlib import Path
 from absl import flags
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
-from gsm8k_jax.eval import cli, compare
+from gsm8k_jax.eval import cli
+from gsm8k_jax.eval.comparison import compare_runs
+from gsm8k_jax.eval.report import plot_accuracies
+from gsm8k_jax.eval.runs import RunResult, load_runs
+from gsm8k_jax.eval.sweep import evaluate_checkpoints
 from gsm8k_jax.models.registry import model_spec
 
 _RESULTS = flags.DEFINE_list(
@@ -41,7 +48,7 @@ _NUM_RESAMPLES = flags.DEFINE_integer(
 )
 
 
-def _evaluate() -> list[compare.RunResult]:
+def _evaluate() -> list[RunResult]:
     from gsm8k_jax.checkpoints.lora import LoraConfig  # qwix, orbax: heavy.
 
     cfg = cli.FLAGS.model
@@ -49,7 +56,7 @@ def _evaluate() -> list[compare.RunResult]:
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
-    return compare.evaluate_checkpoints(
+    return evaluate_checkpoints(
         cfg.model_name,
         cfg.model_path,
         _LORA_CHECKPOINTS.value,
@@ -70,7 +77,7 @@ def main(argv: list[str]) -> None:
     if _RESULTS.value and _LORA_CHECKPOINTS.value:
         raise ValueError("Pass either --results or --lora_checkpoints, not both.")
     if _RESULTS.value:
-        runs = [run for path in _RESULTS.value for run in compare.load_runs(path)]
+        runs = [run for path in _RESULTS.value for run in load_runs(path)]
     elif _LORA_CHECKPOINTS.value:
         runs = _evaluate()
     else:
@@ -79,7 +86,7 @@ def main(argv: list[str]) -> None:
             " runs, or --lora_checkpoints=<paths> to evaluate checkpoints first."
         )
     baseline = int(_BASELINE.value) if _BASELINE.value.isdigit() else _BASELINE.value
-    report = compare.compare_runs(runs, baseline, num_resamples=_NUM_RESAMPLES.value)
+    report = compare_runs(runs, baseline, num_resamples=_NUM_RESAMPLES.value)
 
     out = Path(cli.FLAGS.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +96,7 @@ def main(argv: list[str]) -> None:
         json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n",
         encoding="utf-8",
     )
-    compare.plot_accuracies(report, out / "accuracy.png")
+    plot_accuracies(report, out / "accuracy.png")
     print(markdown)
     print(f"Wrote comparison.md, comparison.json and accuracy.png to {out}.")
 

@@ -14,9 +14,17 @@ import scipy.stats
 from flax import nnx
 
 from gsm8k_jax.checkpoints.lora import LoraConfig
-from gsm8k_jax.eval import compare
-from gsm8k_jax.eval.compare import RunResult
+from gsm8k_jax.eval.comparison import Answer, compare_runs
+from gsm8k_jax.eval.multi_sample import (
+    majority_vote_scorer,
+    mean_logprob_scorer,
+    rerank,
+)
+from gsm8k_jax.eval.report import plot_accuracies
+from gsm8k_jax.eval.results import ResultsError
 from gsm8k_jax.eval.runner import EvalConfig
+from gsm8k_jax.eval.runs import RunResult, load_run, load_runs
+from gsm8k_jax.eval.sweep import evaluate_checkpoints
 from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.sampling.sampler import SamplingParams
 
@@ -46,11 +54,25 @@ def rollout(
     }
 
 
-def make_run(rollouts, *, tag="run", batch_size=4, num_samples=1, temperature=0.0):
+def make_run(
+    rollouts,
+    *,
+    tag="run",
+    batch_size=4,
+    num_samples=1,
+    temperature=0.0,
+    num_examples=None,
+    finished=True,
+):
+    """A run of `rollouts`, started on `num_examples` problems (default: those
+    in `rollouts`), with a summary when `finished`."""
     run_info = {
         "model": {"model_name": "gemma3-tiny", "model_path": ""},
         "lora_checkpoint": "",
         "data_sha256": "abc",
+        "num_examples": (
+            len({r["id"] for r in rollouts}) if num_examples is None else num_examples
+        ),
         "eval": {
             "batch_size": batch_size,
             "sampling": {"num_samples": num_samples, "temperature": temperature},
@@ -63,7 +85,7 @@ def make_run(rollouts, *, tag="run", batch_size=4, num_samples=1, temperature=0.
         batch_size=batch_size,
         num_samples=num_samples,
         rollouts=rollouts,
-        summary=None,
+        summary={"run": run_info} if finished else None,
         run_info=run_info,
         source="memory",
     )
@@ -83,7 +105,7 @@ def test_mcnemar_and_bootstrap_against_independent_computations():
     a = rng.random(60) < 0.5
     b = a.copy()
     b[:9] = ~a[:9]  # Nine discordant items.
-    report = compare.compare_runs(
+    report = compare_runs(
         [single(a, tag="a"), single(b, tag="b", temperature=1.0)], num_resamples=4000
     )
     (paired,) = report.paired
@@ -109,21 +131,24 @@ def test_disagreements_by_hand():
     cand = [rollout(i, c) for i, c in zip(range(5), [1, 0, 1, 0, 0])]
     cand.append(rollout(9, True))
     cand[2] = rollout(2, True, response="so \\boxed{7}", answer="7")
-    report = compare.compare_runs(
+    report = compare_runs(
         [make_run(base, tag="base"), make_run(cand, tag="lora")], num_resamples=100
     )
     (p,) = report.paired
     assert p.num_common == 5 and not p.question_mismatches
+    assert (p.baseline_unpaired, p.candidate_unpaired) == (1, 1)
+    assert (
+        "- Paired on the 5 problems both runs finished (left out: 1 finished by the"
+        " baseline only, 1 finished by this run only)"
+    ) in report.to_markdown()
     assert p.baseline_only_correct == [1, 4]
     assert p.candidate_only_correct == [2]
     assert (p.mcnemar.b, p.mcnemar.c, p.mcnemar.num_items) == (2, 1, 5)
     assert [d.id for d in p.disagreements] == [1, 2, 4]
     two = p.disagreements[1]
     assert (two.question, two.gold) == ("question 2", "7")
-    assert two.baseline == compare.Answer(
-        response="x", extracted_answer=None, correct=False
-    )
-    assert two.candidate == compare.Answer(
+    assert two.baseline == Answer(response="x", extracted_answer=None, correct=False)
+    assert two.candidate == Answer(
         response="so \\boxed{7}", extracted_answer="7", correct=True
     )
     assert not p.first_sample_only
@@ -133,10 +158,69 @@ def test_question_mismatch_is_left_out_and_reported():
     base = single([1, 1, 1], tag="a")
     other = [rollout(i, True) for i in range(3)]
     other[1]["question"] = "something else"
-    report = compare.compare_runs([base, make_run(other, tag="b")], num_resamples=10)
+    report = compare_runs([base, make_run(other, tag="b")], num_resamples=10)
     (p,) = report.paired
     assert p.question_mismatches == [1] and p.num_common == 2
     assert "1 ids have different questions" in report.to_markdown()
+
+
+def test_significance_is_stated_in_words():
+    base = single([0] * 20, tag="base")
+    # Six problems only the candidate gets right: p = 2 / 2**6; five: 2 / 2**5.
+    better = single([1] * 6 + [0] * 14, tag="better")
+    same = single([1] * 5 + [0] * 15, tag="same")
+    report = compare_runs([base, better, same], num_resamples=100)
+    p_better, p_same = report.paired
+    assert (p_better.mcnemar.p_value, p_same.mcnemar.p_value) == (2 / 64, 2 / 32)
+    assert (p_better.significant, p_same.significant) == (True, False)
+    markdown = report.to_markdown()
+    assert (
+        "- #1 `better`: +30.00 points on the 20 problems both finished, significant"
+        " at 5% (McNemar exact p = 0.03125)"
+    ) in markdown
+    assert (
+        "- #2 `same`: +25.00 points on the 20 problems both finished, not"
+        " significant at 5% (McNemar exact p = 0.0625)"
+    ) in markdown
+    assert (
+        "c = 6 (only this run right): significant at 5% (McNemar exact p = 0.03125)"
+    ) in markdown
+    assert [p["significant"] for p in report.to_json()["paired"]] == [True, False]
+
+
+def test_incomplete_run_is_marked_and_paired_on_shared_problems_only():
+    base = single([1, 0, 1, 1, 0, 1], tag="base")
+    stopped = single([1, 1], tag="stopped", num_examples=6, finished=False)
+    report = compare_runs([base, stopped], num_resamples=10)
+    assert [(r.num_finished, r.num_examples, r.complete) for r in report.runs] == [
+        (6, 6, True),
+        (2, 6, False),
+    ]
+    (p,) = report.paired
+    assert (p.num_common, p.baseline_unpaired, p.candidate_unpaired) == (2, 4, 0)
+    assert (p.baseline_accuracy, p.candidate_accuracy) == (0.5, 1.0)
+    markdown = report.to_markdown()
+    assert "| #0 `base` (baseline) | gemma3-tiny | base | 4 | 6/6 | 4 | 6 |" in markdown
+    assert (
+        "| #1 `stopped` | gemma3-tiny | base | 4 | 2/6, incomplete | 2 | 2 | 100.00% ("
+        in markdown
+    )
+    assert "**Incomplete:** #1 `stopped`: fewer problems finished" in markdown
+    assert (
+        "**Incomplete:** #1 `stopped` finished 2 of 6 problems, so this pair covers"
+        " only the problems both runs finished, not the full set."
+    ) in markdown
+    assert (
+        "- Paired on the 2 problems both runs finished (left out: 4 finished by the"
+        " baseline only)"
+    ) in markdown
+    assert (
+        "- #1 `stopped`: +50.00 points on the 2 problems both finished, not"
+        " significant at 5% (McNemar exact p = 1)"
+    ) in markdown
+    # All problems but no summary yet: still incomplete.
+    unsummarised = single([1, 0], tag="u", finished=False)
+    assert not compare_runs([unsummarised]).runs[0].complete
 
 
 def test_pairing_uses_sample_zero_with_several_samples():
@@ -151,7 +235,7 @@ def test_pairing_uses_sample_zero_with_several_samples():
         num_samples=2,
         temperature=1.0,
     )
-    report = compare.compare_runs([base, sampled], num_resamples=10)
+    report = compare_runs([base, sampled], num_resamples=10)
     (p,) = report.paired
     assert p.first_sample_only
     assert (p.baseline_only_correct, p.candidate_only_correct) == ([0], [1])
@@ -160,13 +244,13 @@ def test_pairing_uses_sample_zero_with_several_samples():
 
 def test_baseline_by_tag_and_bad_baselines():
     runs = [single([1], tag="a"), single([0], tag="b")]
-    assert compare.compare_runs(runs, baseline="b", num_resamples=10).baseline == 1
+    assert compare_runs(runs, baseline="b", num_resamples=10).baseline == 1
     with pytest.raises(ValueError, match="no run has that tag"):
-        compare.compare_runs(runs, baseline="c")
+        compare_runs(runs, baseline="c")
     with pytest.raises(ValueError, match="out of range"):
-        compare.compare_runs(runs, baseline=2)
+        compare_runs(runs, baseline=2)
     with pytest.raises(ValueError, match="No runs"):
-        compare.compare_runs([])
+        compare_runs([])
 
 
 # --------------------------------------------------------------------------- #
@@ -187,7 +271,7 @@ def test_batch_size_consistency_shares():
         make_run(other_correct, tag="bs8", batch_size=8),
         make_run(rows, tag="hot", batch_size=1, temperature=0.7),
     ]
-    report = compare.compare_runs(runs, num_resamples=10)
+    report = compare_runs(runs, num_resamples=10)
     shares = {
         c.runs: (c.identical_responses_share, c.identical_correctness_share)
         for c in report.consistency
@@ -236,7 +320,7 @@ def sampled_run():
 
 def test_pass_at_k_maj_and_clustered_mean_known_values():
     run = sampled_run()
-    (m,) = compare.compare_runs([run], num_resamples=10).multi_sample
+    (m,) = compare_runs([run], num_resamples=10).multi_sample
     counts = [sum(row) for row in GRID]
     for j in (1, 2, 4):
         expected = np.mean([1 - math.comb(4 - c, j) / math.comb(4, j) for c in counts])
@@ -259,7 +343,7 @@ def test_pass_at_k_maj_and_clustered_mean_known_values():
             "oracle (any correct = pass@4)": 3 / 4,
         }
     )
-    row = compare.compare_runs([run], num_resamples=10).runs[0]
+    row = compare_runs([run], num_resamples=10).runs[0]
     assert (row.correct, row.total, row.interval) == (7, 16, "clustered")
     assert row.accuracy_ci95 == pytest.approx(m.mean_accuracy_ci95)
 
@@ -275,23 +359,23 @@ def test_reranker_built_ins_on_constructed_candidates():
         ]
 
     # Numeric equality groups 7 and 7.0; the tie with 5 goes to the first seen.
-    assert compare.majority_vote_scorer(cands(["5", "7", "7.0", None, "5"])) == 0
-    assert compare.majority_vote_scorer(cands([None, "3", "4", "4.00"])) == 2
-    assert compare.majority_vote_scorer(cands([None, None])) == 0
+    assert majority_vote_scorer(cands(["5", "7", "7.0", None, "5"])) == 0
+    assert majority_vote_scorer(cands([None, "3", "4", "4.00"])) == 2
+    assert majority_vote_scorer(cands([None, None])) == 0
     # Mean log-prob per token: -2, -3, -1 -> the last.
     assert (
-        compare.mean_logprob_scorer(
+        mean_logprob_scorer(
             cands(["1", "2", "3"], logprobs=[-10.0, -3.0, -4.0], tokens=[5, 1, 4])
         )
         == 2
     )
     run = sampled_run()
-    assert compare.rerank(run, compare.majority_vote_scorer) == pytest.approx(
-        compare.compare_runs([run], num_resamples=10).multi_sample[0].maj_at_k
+    assert rerank(run, majority_vote_scorer) == pytest.approx(
+        compare_runs([run], num_resamples=10).multi_sample[0].maj_at_k
     )
-    assert compare.rerank(run, lambda c: 3) == 2 / 4
+    assert rerank(run, lambda c: 3) == 2 / 4
     with pytest.raises(ValueError, match="chose candidate 4 of 4"):
-        compare.rerank(run, lambda c: 4)
+        rerank(run, lambda c: 4)
 
 
 # --------------------------------------------------------------------------- #
@@ -305,17 +389,18 @@ def test_markdown_json_and_png(tmp_path):
         single([1, 1, 0, 1], tag="lora"),
         sampled_run(),
     ]
-    report = compare.compare_runs(runs, baseline="base", num_resamples=200)
+    report = compare_runs(runs, baseline="base", num_resamples=200)
     markdown = report.to_markdown(max_disagreements=1)
     assert markdown.startswith("# GSM8K comparison")
     assert (
-        "| Run | Model | Checkpoint | batch_size | Samples | Correct | Total |"
+        "| Run | Model | Checkpoint | batch_size | Samples | Problems | Correct | Total |"
         in markdown
     )
     assert (
-        "| #0 `base` (baseline) | gemma3-tiny | base | 4 | 1 | 3 | 4 | 75.00% ("
+        "| #0 `base` (baseline) | gemma3-tiny | base | 4 | 1 | 4/4 | 3 | 4 | 75.00% ("
         in markdown
     )
+    assert "Incomplete" not in markdown
     assert "Disagreements to read (1 of 2; all 2 in comparison.json)" in markdown
     assert "McNemar exact test: b = 1" in markdown
     assert "| maj@4 | 50.00% |" in markdown
@@ -328,8 +413,31 @@ def test_markdown_json_and_png(tmp_path):
     assert data["multi_sample"][0]["pass_at"]["pass@4"] == 0.75
 
     png = tmp_path / "accuracy.png"
-    compare.plot_accuracies(report, png)
+    plot_accuracies(report, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_labels_each_run_with_n_and_its_interval(tmp_path):
+    runs = [
+        single([1, 0, 1, 1], tag="base"),
+        single([1, 1], tag="stopped", num_examples=4, finished=False),
+        sampled_run(),
+    ]
+    report = compare_runs(runs, num_resamples=10)
+    fig = plot_accuracies(report, tmp_path / "accuracy.png")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    intervals = [
+        f"({low:.1%}–{high:.1%})"
+        for low, high in (r.accuracy_ci95 for r in report.runs)
+    ]
+    assert labels == [
+        f"#0 base (baseline)\nn = 4: 75.0% {intervals[0]}",
+        f"#1 stopped\nn = 2 of 4, incomplete: 100.0% {intervals[1]}",
+        f"#2 k4\nn = 4 × 4 samples: 43.8% {intervals[2]}",
+    ]
+    # The error bars span the same intervals.
+    spans = [c.get_segments()[0][:, 0] for c in fig.axes[0].collections]
+    np.testing.assert_allclose(spans, [r.accuracy_ci95 for r in report.runs])
 
 
 # --------------------------------------------------------------------------- #
@@ -350,7 +458,7 @@ def write_run(folder, tag, rollouts, *, summary=True, run_info=None):
 
 def test_load_run_from_folder_or_files(tmp_path):
     write_run(tmp_path / "one", "a", [rollout(1, True), rollout(0, False)])
-    run = compare.load_run(tmp_path / "one")
+    run = load_run(tmp_path / "one")
     assert (run.tag, run.model_name, run.checkpoint, run.batch_size) == (
         "a",
         "gemma3-tiny",
@@ -359,12 +467,12 @@ def test_load_run_from_folder_or_files(tmp_path):
     )
     assert [r["id"] for r in run.rollouts] == [0, 1]
     for name in ("rollouts_a.jsonl", "summary_a.json", "run_a.json"):
-        assert compare.load_run(tmp_path / "one" / name).rollouts == run.rollouts
+        assert load_run(tmp_path / "one" / name).rollouts == run.rollouts
 
     write_run(tmp_path / "one", "b", [rollout(0, True)], summary=False)
     with pytest.raises(ValueError, match="holds 2 runs \\(a, b\\)"):
-        compare.load_run(tmp_path / "one")
-    a, b = compare.load_runs(tmp_path / "one")
+        load_run(tmp_path / "one")
+    a, b = load_runs(tmp_path / "one")
     assert b.summary is None and b.run_info == a.run_info  # Unfinished: run file.
 
 
@@ -372,7 +480,28 @@ def test_load_keeps_finished_examples_only(tmp_path):
     info = make_run([], num_samples=2).run_info
     rows = [rollout(0, True, sample=0), rollout(0, True, sample=1), rollout(1, True)]
     write_run(tmp_path, "k2", rows, run_info=info)
-    assert [r["id"] for r in compare.load_run(tmp_path).rollouts] == [0, 0]
+    assert [r["id"] for r in load_run(tmp_path).rollouts] == [0, 0]
+
+
+def test_stopped_run_loads_as_incomplete_and_is_left_untouched(tmp_path):
+    info = single([1, 1, 1, 1]).run_info  # Started on 4 problems.
+    write_run(
+        tmp_path,
+        "a",
+        [rollout(0, True), rollout(1, False)],
+        summary=False,
+        run_info=info,
+    )
+    path = tmp_path / "rollouts_a.jsonl"
+    with open(path, "a") as f:
+        f.write('{"id": 2, "corr')  # Killed while writing.
+    before = path.read_text()
+    run = load_run(path)
+    assert (run.num_finished, run.num_examples, run.complete) == (2, 4, False)
+    assert [r["id"] for r in run.rollouts] == [0, 1]
+    assert path.read_text() == before  # A reader repairs nothing.
+    write_run(tmp_path, "a", [rollout(i, True) for i in range(4)], run_info=info)
+    assert load_run(path).complete
 
 
 def no_files(folder):
@@ -389,10 +518,10 @@ def rollouts_only(folder):
     (folder / "summary_a.json").unlink()
 
 
-def torn_last_line(folder):
-    write_run(folder, "a", [rollout(0, True)])
-    with open(folder / "rollouts_a.jsonl", "a") as f:
-        f.write('{"id": 1, "corr')
+def damaged_line(folder):
+    write_run(folder, "a", [rollout(0, True), rollout(1, True)])
+    path = folder / "rollouts_a.jsonl"
+    path.write_text('{"id": 0, "corr\n' + path.read_text().split("\n", 1)[1])
 
 
 @pytest.mark.parametrize(
@@ -402,21 +531,21 @@ def torn_last_line(folder):
         (no_files, FileNotFoundError, "it is empty"),
         (empty_rollouts, ValueError, "no finished example"),
         (rollouts_only, FileNotFoundError, "neither summary_a.json nor run_a.json"),
-        (torn_last_line, ValueError, "rollouts_a.jsonl, line 2: not valid JSON"),
+        (damaged_line, ResultsError, "rollouts_a.jsonl, line 1: not valid JSON"),
     ],
 )
 def test_clear_load_errors(tmp_path, setup, error, message):
     folder = tmp_path / "results"
     setup(folder)
     with pytest.raises(error, match=message):
-        compare.load_runs(folder)
+        load_runs(folder)
 
 
 def test_load_run_rejects_other_files(tmp_path):
     other = tmp_path / "notes.txt"
     other.write_text("hi")
     with pytest.raises(ValueError, match="not a results file"):
-        compare.load_run(other)
+        load_run(other)
 
 
 # --------------------------------------------------------------------------- #
@@ -450,13 +579,24 @@ def cli_runs(tmp_path_factory):
     return out
 
 
-def test_compare_script_on_two_real_runs(cli_runs, tmp_path):
+def stopped_copy(folder, tag, target, num_lines):
+    """A copy of a finished run as if stopped after its first `num_lines`
+    rollouts: the run record, no summary."""
+    target.mkdir()
+    (target / f"run_{tag}.json").write_text((folder / f"run_{tag}.json").read_text())
+    lines = (folder / f"rollouts_{tag}.jsonl").read_text().splitlines(keepends=True)
+    (target / f"rollouts_{tag}.jsonl").write_text("".join(lines[:num_lines]))
+    return target
+
+
+def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path):
     out = tmp_path / "cmp"
+    stopped = stopped_copy(cli_runs, "gemma3-tiny_base_bs4", tmp_path / "stopped", 3)
     proc = subprocess.run(
         [
             sys.executable,
             str(COMPARE_SCRIPT),
-            f"--results={cli_runs / 'rollouts_gemma3-tiny_base_bs2.jsonl'},{cli_runs / 'summary_gemma3-tiny_base_bs4.json'}",
+            f"--results={cli_runs / 'rollouts_gemma3-tiny_base_bs2.jsonl'},{cli_runs / 'summary_gemma3-tiny_base_bs4.json'},{stopped}",
             f"--output_dir={out}",
         ],
         cwd=REPO,
@@ -468,14 +608,44 @@ def test_compare_script_on_two_real_runs(cli_runs, tmp_path):
     markdown = (out / "comparison.md").read_text()
     assert markdown in proc.stdout
     assert "| #0 vs #1 | 2 vs 4 | 6 | 100.00% (6/6) | 100.00% (6/6) |" in markdown
+    assert "| #0 vs #2 | 2 vs 4 | 3 | 100.00% (3/3) | 100.00% (3/3) |" in markdown
+    # Identical answers: no difference, and the report says so in words.
+    assert (
+        "- #1 `gemma3-tiny_base_bs4`: +0.00 points on the 6 problems both finished,"
+        " not significant at 5% (McNemar exact p = 1)"
+    ) in proc.stdout
+    assert "| 6/6 |" in markdown and "| 3/6, incomplete |" in markdown
+    assert (
+        "- Paired on the 3 problems both runs finished (left out: 3 finished by the"
+        " baseline only)"
+    ) in markdown
     data = json.loads((out / "comparison.json").read_text())
-    (consistency,) = data["consistency"]
-    assert consistency["identical_responses_share"] == 1.0
-    assert [r["tag"] for r in data["runs"]] == [
-        "gemma3-tiny_base_bs2",
-        "gemma3-tiny_base_bs4",
+    assert [c["identical_responses_share"] for c in data["consistency"]] == [1.0] * 3
+    assert [(r["tag"], r["complete"]) for r in data["runs"]] == [
+        ("gemma3-tiny_base_bs2", True),
+        ("gemma3-tiny_base_bs4", True),
+        ("gemma3-tiny_base_bs4", False),
     ]
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reading_and_comparing_import_neither_jax_nor_the_cli():
+    code = (
+        "import sys\n"
+        "import gsm8k_jax.eval.comparison, gsm8k_jax.eval.multi_sample\n"
+        "import gsm8k_jax.eval.report, gsm8k_jax.eval.runs, gsm8k_jax.eval.stats\n"
+        "from gsm8k_jax import compare_runs, load_runs, plot_accuracies\n"
+        "print(sorted({'jax', 'flax', 'gsm8k_jax.eval.cli'} & set(sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[]\n"
 
 
 def test_compare_script_needs_something_to_compare(tmp_path):
@@ -520,7 +690,7 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
         return model
 
     out = tmp_path / "sweep"
-    runs = compare.evaluate_checkpoints(
+    runs = evaluate_checkpoints(
         "gemma3-tiny",
         None,
         [str(c) for c in checkpoints],
@@ -552,14 +722,14 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
         [r["response"] for r in run.rollouts] != base_responses for run in runs[1:]
     )
 
-    report = compare.compare_runs(runs, num_resamples=100)
+    report = compare_runs(runs, num_resamples=100)
     assert [p.candidate for p in report.paired] == [1, 2] and not report.consistency
 
 
 def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
     same_step = [fake_checkpoint(tmp_path / name / "run", 100) for name in ("a", "b")]
     with pytest.raises(ValueError, match="would share run tags"):
-        compare.evaluate_checkpoints(
+        evaluate_checkpoints(
             "gemma3-tiny",
             None,
             [str(c) for c in same_step],

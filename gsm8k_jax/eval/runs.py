@@ -1,0 +1,193 @@
+"""Reading evaluation runs back for comparison, finished or not.
+
+A run is the files `evaluate` writes for one tag (`rollouts_<tag>.jsonl`,
+`summary_<tag>.json`, `run_<tag>.json`; see `results.RunFiles`). Reading a
+run never changes its files, so a run still in progress, or one that
+crashed, can be read too: it is then marked incomplete (`RunResult.complete`)
+so that a comparison does not report it as if it had finished.
+
+Needs neither jax nor a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from gsm8k_jax.eval.results import RunFiles
+
+__all__ = ["RunResult", "load_run", "load_run_files", "load_runs"]
+
+_FILE_NAME = re.compile(
+    r"(?:rollouts_(?P<rollouts>.+)\.jsonl|(?:summary|run)_(?P<json>.+)\.json)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """The results of one evaluation run, as read from its files.
+
+    Attributes:
+      tag: the run tag, e.g. `gemma3-1b-it_base_bs32`.
+      model_name: the evaluated model, e.g. `gemma3-1b-it`.
+      checkpoint: the resolved LoRA checkpoint, or "" for the base model.
+      batch_size: prompts decoded in parallel.
+      num_samples: samples drawn per question (k).
+      rollouts: one dict per (example, sample) of every finished example,
+        sorted by (id, sample_index); see `results.Rollout` for the keys.
+      summary: the contents of `summary_<tag>.json`, or None while the run
+        has not finished.
+      run_info: the settings that produced the run (`run_<tag>.json`).
+      source: the folder holding the run's files.
+    """
+
+    tag: str
+    model_name: str
+    checkpoint: str
+    batch_size: int
+    num_samples: int
+    rollouts: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    run_info: dict[str, Any]
+    source: str
+
+    @property
+    def num_examples(self) -> int:
+        """The problems the run was started on (its run record's count)."""
+        return self.run_info["num_examples"]
+
+    @property
+    def num_finished(self) -> int:
+        """The problems with all their samples on disk."""
+        return len({r["id"] for r in self.rollouts})
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished: it has its summary and every problem it
+        was started on. An incomplete run's accuracy covers only the problems
+        it finished, which need not be a fair sample of the rest."""
+        return self.summary is not None and self.num_finished >= self.num_examples
+
+    def by_question(self) -> list[list[dict[str, Any]]]:
+        """The rollouts grouped per example id (in id order), each group in
+        sample order."""
+        ordered = sorted(self.rollouts, key=lambda r: (r["id"], r["sample_index"]))
+        return [
+            list(group)
+            for _, group in itertools.groupby(ordered, key=lambda r: r["id"])
+        ]
+
+
+def _tags_in(folder: Path) -> list[str]:
+    return sorted(
+        p.name.removeprefix("rollouts_").removesuffix(".jsonl")
+        for p in folder.glob("rollouts_*.jsonl")
+    )
+
+
+def load_run_files(files: RunFiles) -> RunResult:
+    """The run whose files `files` names, finished or not.
+
+    Raises:
+      FileNotFoundError: the run has no rollouts, or no record of what
+        produced them (neither summary nor run record).
+      ResultsError: a rollouts line other than the last is damaged.
+      ValueError: no example has all its samples yet.
+    """
+    if not files.rollouts_path.exists():
+        raise FileNotFoundError(
+            f"{files.rollouts_path} not found: run '{files.tag}' has no rollouts."
+        )
+    summary = files.read_summary()
+    run_info = summary["run"] if summary is not None else files.read_run_info()
+    if run_info is None:
+        raise FileNotFoundError(
+            f"{files.output_dir} has rollouts of run '{files.tag}' but neither"
+            f" {files.summary_path.name} nor {files.run_path.name}, which say what"
+            " produced them."
+        )
+    num_samples = run_info["eval"]["sampling"]["num_samples"]
+    rollouts = sorted(
+        files.read_finished(num_samples), key=lambda r: (r["id"], r["sample_index"])
+    )
+    if not rollouts:
+        raise ValueError(
+            f"{files.rollouts_path} holds no finished example yet (each needs"
+            f" {num_samples} sample(s))."
+        )
+    return RunResult(
+        tag=files.tag,
+        model_name=run_info["model"]["model_name"],
+        checkpoint=run_info["lora_checkpoint"],
+        batch_size=run_info["eval"]["batch_size"],
+        num_samples=num_samples,
+        rollouts=rollouts,
+        summary=summary,
+        run_info=run_info,
+        source=str(files.output_dir),
+    )
+
+
+def load_runs(path: str | os.PathLike) -> list[RunResult]:
+    """Every run in a results folder (one per tag), sorted by tag.
+
+    Args:
+      path: a results folder, or one of a run's files (then that run only).
+
+    Raises:
+      FileNotFoundError: the path does not exist, or the folder holds no
+        `rollouts_<tag>.jsonl` file.
+      ResultsError, ValueError: a rollouts file is damaged or holds no
+        finished example.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"Results path not found: {folder}.")
+    if folder.is_file():
+        return [load_run(folder)]
+    tags = _tags_in(folder)
+    if not tags:
+        found = sorted(p.name for p in folder.iterdir())[:10]
+        raise FileNotFoundError(
+            f"No results in {folder}: expected rollouts_<tag>.jsonl files as the"
+            " eval_gsm8k scripts write them, but "
+            + (f"it holds {found}." if found else "it is empty.")
+        )
+    return [load_run_files(RunFiles(folder, tag)) for tag in tags]
+
+
+def load_run(path: str | os.PathLike) -> RunResult:
+    """One run, from its results folder or from one of its files.
+
+    Args:
+      path: `rollouts_<tag>.jsonl`, `summary_<tag>.json` or `run_<tag>.json`,
+        or a folder holding a single run.
+
+    Raises:
+      FileNotFoundError: the path or the run's rollouts do not exist.
+      ValueError: the file name is not a run file, the folder holds several
+        runs (use `load_runs`), or the rollouts are empty.
+      ResultsError: the rollouts are damaged.
+    """
+    path = Path(path)
+    if path.is_file():
+        match = _FILE_NAME.fullmatch(path.name)
+        if match is None:
+            raise ValueError(
+                f"{path} is not a results file: expected rollouts_<tag>.jsonl,"
+                " summary_<tag>.json or run_<tag>.json."
+            )
+        return load_run_files(RunFiles(path.parent, match["rollouts"] or match["json"]))
+    if not path.exists():
+        raise FileNotFoundError(f"Results path not found: {path}.")
+    tags = _tags_in(path)
+    if len(tags) > 1:
+        raise ValueError(
+            f"{path} holds {len(tags)} runs ({', '.join(tags)}): pass one of their"
+            " files, or use load_runs."
+        )
+    return load_runs(path)[0]

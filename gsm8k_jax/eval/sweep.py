@@ -1,0 +1,158 @@
+"""Evaluating a base model and a list of its LoRA checkpoints in one process.
+
+`evaluate_checkpoints` loads the base weights once and writes each run's
+files exactly as `eval_gsm8k.py` / `eval_gsm8k_base.py` would, so that
+`runs.load_runs` and `comparison.compare_runs` read them like any other run.
+Unlike the reading and comparing modules, this one needs jax and the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+from absl import logging
+from flax import nnx
+
+from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
+from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.eval.runs import RunResult, load_run_files
+from gsm8k_jax.models.gemma3.model import Gemma3
+from gsm8k_jax.models.registry import load_pretrained, model_spec
+from gsm8k_jax.sampling.sampler import Sampler
+
+if TYPE_CHECKING:
+    from gsm8k_jax.checkpoints.lora import LoraConfig
+
+__all__ = ["LoadLoraFn", "evaluate_checkpoints"]
+
+# `load_lora(model, path, config, merge=True)`: merges a checkpoint into
+# `model` in place (see `gsm8k_jax.checkpoints.lora.load_lora`).
+LoadLoraFn = Callable[..., Gemma3]
+
+
+def evaluate_checkpoints(
+    model_name: str,
+    model_path: str | None,
+    lora_paths: Sequence[str],
+    lora_config: LoraConfig,
+    eval_config: EvalConfig,
+    output_dir: str | os.PathLike,
+    *,
+    include_base: bool = True,
+    data_path: str | None = None,
+    num_examples: int | None = None,
+    dtype: str = "bfloat16",
+    resume: bool = True,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    load_lora_fn: LoadLoraFn | None = None,
+) -> list[RunResult]:
+    """Evaluates a base model and each of its LoRA checkpoints, in one process.
+
+    The base weights are loaded once. Before each checkpoint is merged, the
+    base weights are put back (the model keeps references to the base
+    arrays, which merging replaces rather than modifies, so this costs no
+    memory), and one `Sampler` serves every run, compiled once. Each run's
+    files and tag are those `eval_gsm8k.py` / `eval_gsm8k_base.py` would
+    write with the same settings, so runs resume and compare alike.
+
+    Args:
+      model_name: a name from `registry.MODELS`.
+      model_path: hub id, local folder or gs:// folder; None or "" for the
+        model's default source.
+      lora_paths: LoRA checkpoints, anything `resolve_lora_checkpoint`
+        accepts (local or gs://).
+      lora_config: rank, alpha and module_path the adapters were trained with.
+      eval_config: the evaluation settings (stop ids included).
+      output_dir: the folder for every run's files.
+      include_base: also evaluate the base model, first.
+      data_path: GSM8K JSONL file; default the bundled test set.
+      num_examples: evaluate the first N problems only.
+      dtype: weights dtype, as `--model.dtype`.
+      resume: continue runs found in `output_dir`.
+      overwrite: replace runs found in `output_dir`.
+      show_progress: show a progress bar per run.
+      load_lora_fn: merges a checkpoint into the model in place;
+        `gsm8k_jax.checkpoints.lora.load_lora` by default.
+
+    Returns:
+      The runs, base first, then the checkpoints in order.
+
+    Raises:
+      ValueError: nothing to evaluate, or two checkpoints would share a tag.
+      ResultsError: `output_dir` holds other runs under the same tags.
+      CheckpointError, SourceError: a checkpoint or the model cannot be read.
+    """
+    from gsm8k_jax.checkpoints import lora as lora_lib  # qwix, orbax: heavy.
+
+    load_lora_fn = load_lora_fn or lora_lib.load_lora
+    if not lora_paths and not include_base:
+        raise ValueError("Nothing to evaluate: no LoRA checkpoint and no base model.")
+    # Every input is checked before the model is loaded.
+    # (path as given, resolved path); ("", "") is the base model.
+    checkpoints = [("", "")] if include_base else []
+    checkpoints += [(str(p), lora_lib.resolve_lora_checkpoint(p)) for p in lora_paths]
+    data_path = str(data_path or BUNDLED_TEST_SET)
+    examples = load_gsm8k(data_path, num_examples)
+    model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
+
+    runs: list[tuple[str, RunFiles, dict[str, Any]]] = []
+    for raw_path, lora_path in checkpoints:
+        model = model_config(model_name)
+        model.model_path = model_path or ""
+        model.dtype = dtype
+        model.lora_config = dataclasses.asdict(lora_config)
+        model.lora_checkpoint_path = raw_path
+        info = run_info(
+            model.to_dict(),
+            model_dir=model_dir,
+            lora_path=lora_path,
+            data_path=data_path,
+            num_examples=len(examples),
+            eval_config=eval_config,
+        )
+        tag = run_tag(
+            model_name,
+            lora_path,
+            eval_config.batch_size,
+            lora_config if lora_path else None,
+        )
+        files = RunFiles(output_dir, tag)
+        runs.append((lora_path, files, info))
+    tags = [files.tag for _, files, _ in runs]
+    if len(set(tags)) < len(tags):
+        raise ValueError(
+            f"Checkpoints {[p for p, _ in checkpoints]} would share run tags {tags}"
+            " (a tag names a checkpoint by the last components of its path):"
+            " evaluate them into separate output folders."
+        )
+    for _, files, info in runs:
+        files.prepare(info, resume=resume, overwrite=overwrite)
+
+    model, tokenizer, _ = load_pretrained(model_name, model_dir, dtype=dtype)
+    sampler = Sampler(model, tokenizer)
+    # New Variables holding the base arrays: merging replaces a Variable's
+    # array, so these stay the base weights.
+    base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+    results = []
+    for lora_path, files, info in runs:
+        nnx.update(model, base_params)
+        if lora_path:
+            logging.info("Merging %s into the base weights.", lora_path)
+            load_lora_fn(model, lora_path, lora_config, merge=True)
+        evaluate(
+            sampler,
+            examples,
+            eval_config,
+            files,
+            run_info=info,
+            show_progress=show_progress,
+        )
+        results.append(load_run_files(files))
+    return results
