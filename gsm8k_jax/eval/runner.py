@@ -263,6 +263,7 @@ def evaluate(
         print(f"Compiled in {compile_s:.1f} s.", file=sys.stderr, flush=True)
 
     generation_start = time.perf_counter()
+    phases_before = sampler.phase_seconds.copy()
     new_tokens = 0
     samples_left = {e.id: params.num_samples for e in todo}
     bar = tqdm(
@@ -302,12 +303,19 @@ def evaluate(
     files.write_rollouts(rescore(files.read_rollouts(), method))
 
     generation_s = time.perf_counter() - generation_start
+    phases = sampler.phase_seconds - phases_before
     summary = summarize(files.read_rollouts(), params.num_samples, method)
     summary |= _run_metadata(files.tag, run_info)
     summary |= {
         "started_at": started_at,
         "finished_at": _now(),
         "compile_s": compile_s,
+        # Where this session's time went: compile, then the sampler's phases
+        # (host: scheduling, detokenising and writing results).
+        "phase_seconds": {
+            "compile": compile_s,
+            **{p: phases[p] for p in ("prefill", "decode", "host")},
+        },
         "wall_time_s": compile_s + generation_s,
         # Generated in this session, over its time after compilation.
         "tokens_per_s": new_tokens / generation_s if generation_s > 0 else 0.0,

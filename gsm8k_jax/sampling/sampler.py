@@ -13,8 +13,10 @@ from constants and the row's own prompt (see `batching.py`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import time
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -126,6 +128,10 @@ class Sampler:
         # Decode iterations run by this sampler (all calls): each runs the
         # model once for every slot, busy or not.
         self.decode_steps = 0
+        # Seconds spent by all calls in each phase: "prefill" and "decode"
+        # (dispatch until the results are on the host), "host" (the rest:
+        # scheduling, detokenising, and the caller's work between yields).
+        self.phase_seconds: collections.Counter[str] = collections.Counter()
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
@@ -239,9 +245,11 @@ class Sampler:
         settings = _settings(params)
         weights = nnx.state(self.model)
         steps_counted = 0
+        clock = _PhaseClock(self.phase_seconds)
         while True:
             while (group := schedule.next_group()) is not None:
                 bucket, members = group
+                clock.start()
                 state = self._prefill_group(
                     weights,
                     state,
@@ -253,8 +261,12 @@ class Sampler:
                     limits,
                     params.seed,
                 )
+                jax.block_until_ready(state)
+                clock.stop("prefill")
             if schedule.idle:
+                clock.start()
                 return
+            clock.start()
             state = self._decode(
                 weights,
                 state,
@@ -280,6 +292,7 @@ class Sampler:
                 if row is not None and done[slot]
             ]
             tokens_out = jax.device_get(state.tokens) if finished else None
+            clock.stop("decode")
             completions = []
             for slot in finished:
                 i, j = rows[schedule.release(slot)]
@@ -409,6 +422,24 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(DATA)))
+
+
+class _PhaseClock:
+    """Adds the wall time of each timed phase to `totals[phase]`, and the time
+    between phases (host work, the caller's included) to `totals["host"]`."""
+
+    def __init__(self, totals: collections.Counter[str]):
+        self.totals = totals
+        self.mark = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] += now - self.mark
+        self.mark = now
+
+    def start(self) -> None:
+        """Starts a timed phase; the time since the last one was host time."""
+        self.stop("host")
 
 
 def _settings(params: SamplingParams) -> DecodeSettings:

@@ -24,6 +24,7 @@ TIMING_KEYS = {
     "started_at",
     "finished_at",
     "compile_s",
+    "phase_seconds",
     "wall_time_s",
     "tokens_per_s",
     "resumed_examples",
@@ -102,6 +103,10 @@ def test_tiny_model_run_writes_rollouts_and_summary(tmp_path):
     assert summary["extraction_method"] == "strict"
     assert summary["started_at"] <= summary["finished_at"]
     assert summary["compile_s"] > 0 and summary["wall_time_s"] > summary["compile_s"]
+    phases = summary["phase_seconds"]
+    assert set(phases) == {"compile", "prefill", "decode", "host"}
+    assert min(phases.values()) > 0
+    assert sum(phases.values()) <= summary["wall_time_s"]
     assert summary["run"]["model_revision"].startswith("sha256:")
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", summary["versions"]["gsm8k_jax_commit"])
 
