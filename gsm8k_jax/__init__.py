@@ -20,6 +20,7 @@ from typing import Any
 
 # Public name -> the module defining it.
 _EXPORTS = {
+    "BUNDLED_TEST_SET": "gsm8k_jax.eval.data",
     "EvalConfig": "gsm8k_jax.eval.runner",
     "Gemma3": "gsm8k_jax.models.gemma3.model",
     "Gemma3Config": "gsm8k_jax.models.gemma3.config",
@@ -29,12 +30,16 @@ _EXPORTS = {
     "compare_runs": "gsm8k_jax.eval.comparison",
     "evaluate": "gsm8k_jax.eval.runner",
     "extract_answer": "gsm8k_jax.eval.extraction",
+    "format_prompt": "gsm8k_jax.eval.prompts",
     "is_correct": "gsm8k_jax.eval.extraction",
     "load_gsm8k": "gsm8k_jax.eval.data",
     "load_pretrained": "gsm8k_jax.models.registry",
     "load_run": "gsm8k_jax.eval.runs",
     "load_runs": "gsm8k_jax.eval.runs",
+    "model_config": "gsm8k_jax.eval.results",
     "plot_accuracies": "gsm8k_jax.eval.report",
+    "run_info": "gsm8k_jax.eval.results",
+    "run_tag": "gsm8k_jax.eval.results",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (one list of names: _EXPORTS)

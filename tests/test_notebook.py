@@ -39,6 +39,9 @@ def test_quickstart_notebook_runs(kernel_name):
     client.execute()  # Raises CellExecutionError on the first failing cell.
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    # Clean output: no warnings (e.g. tqdm's "IProgress not found" without
+    # ipywidgets, which the [notebook] extra brings) and no log lines.
+    assert not [o.text for o in outputs if o.get("name") == "stderr"]
     markdown = [
         o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})
     ]
