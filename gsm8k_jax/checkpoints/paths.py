@@ -14,8 +14,8 @@ from typing import TypeVar
 from etils import epath
 
 from gsm8k_jax.models.gemma3.params import CheckpointError
+from gsm8k_jax.storage import GCS_SCHEME, is_gcs, require_reachable
 
-GCS_SCHEME = "gs://"
 _CREDENTIALS_HINT = (
     "Check the bucket name, that your account may read it, and your"
     " credentials: run `gcloud auth application-default login` or set"
@@ -23,10 +23,6 @@ _CREDENTIALS_HINT = (
 )
 
 T = TypeVar("T")
-
-
-def is_gcs(path: str | os.PathLike) -> bool:
-    return os.fspath(path).startswith(GCS_SCHEME)
 
 
 def gcs_bucket(path: str | os.PathLike) -> str:
@@ -40,8 +36,10 @@ def storage_call(path: str | os.PathLike, fn: Callable[[], T]) -> T:
     A missing object is not a failure (FileNotFoundError passes through);
     anything else on `gs://` (no credentials, permission denied, network) is
     reported with the bucket's name. Messages from the storage client carry
-    no credentials.
+    no credentials. Unreachable storage fails in seconds (StorageError), not
+    after gcsfs's retries.
     """
+    require_reachable(path)
     try:
         return fn()
     except FileNotFoundError:

@@ -13,6 +13,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from gsm8k_jax.storage import is_gcs, require_reachable
+
 # Only what a Gemma 3 text evaluation needs from a model repository.
 HF_FILE_PATTERNS = (
     "*.json",
@@ -32,10 +34,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GSM8K_JAX_CACHE", default))
 
 
-def is_gcs_path(path: str | os.PathLike) -> bool:
-    return str(path).startswith("gs://")
-
-
 def gcs_filesystem():
     """The fsspec `gs` filesystem (gcsfs), credentials from the environment."""
     import fsspec
@@ -45,6 +43,7 @@ def gcs_filesystem():
 
 def download_gcs_folder(url: str) -> Path:
     """Copies a gs:// folder into the local cache (skipping files already there)."""
+    require_reachable(url)
     fs = gcs_filesystem()
     bucket = url[len("gs://") :].split("/", 1)[0]
     try:
@@ -121,7 +120,7 @@ def model_revision(model_dir: str | os.PathLike) -> str:
 def resolve_model_dir(source: str | os.PathLike) -> Path:
     """Returns a local folder for a local path, a gs:// folder or a hub id."""
     text = str(source)
-    if is_gcs_path(text):
+    if is_gcs(text):
         return download_gcs_folder(text)
     path = Path(text).expanduser()
     if path.is_dir():

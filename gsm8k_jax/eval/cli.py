@@ -3,24 +3,29 @@
 Model settings are an ml_collections config (`--model=configs/<model>.py`,
 overridden field by field: `--model.model_name=gemma3-1b-it`,
 `--model.lora_config.rank=16`); evaluation settings are plain absl flags.
-Both scripts in research/script/ are thin wrappers over `main`.
+Both evaluation scripts in research/script/ are thin wrappers over `main`.
+Every script there runs its main through `run_main`: the project's flags in
+--help, quiet logging, `gs://` storage checked first, and a user error or
+Ctrl-C reported in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from jax.sharding import Mesh
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
@@ -28,6 +33,7 @@ from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate, merge_shards, shard_tag
+from gsm8k_jax.eval.tasks import TASKS, task_eval_config
 from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.models.registry import (
     MODELS,
@@ -37,15 +43,68 @@ from gsm8k_jax.models.registry import (
     model_spec,
     parse_dtype,
 )
+from gsm8k_jax.quiet import quiet_logging
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+from gsm8k_jax.storage import is_gcs, require_reachable
 
 FLAGS = flags.FLAGS
 
 
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level, keys dotted (`lora_config.rank`)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def model_fields() -> list[str]:
+    """The `--model.<field>` names, nested ones dotted (`lora_config.rank`)."""
+    return list(_flatten(model_config("gemma3-tiny").to_dict()))
+
+
+def _flags_error(message: str) -> NoReturn:
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _model_field_error(error: Exception, argv: Sequence[str]) -> str:
+    """One line naming the first unknown `--model.<field>` in `argv` and the
+    nearest known one (ml_collections' own message spans lines, quoted)."""
+    fields = model_fields()
+    given = (arg.lstrip("-").split("=", 1)[0] for arg in argv[1:])
+    for name in (g.removeprefix("model.") for g in given if g.startswith("model.")):
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"; did you mean --model.{close[0]}?" if close else "."
+            return (
+                f"unknown --model field --model.{name}{hint}"
+                f" Known fields: {', '.join(fields)}."
+            )
+    return " ".join(str(error.args[0] if error.args else error).split())
+
+
+def define_model_flag(default_model_config: str | Path) -> None:
+    """`--model`, a config file whose fields `--model.<field>=` overrides; a
+    misspelt field is a one-line flag error (ml_collections applies the
+    overrides while defining the flag)."""
+    try:
+        config_flags.DEFINE_config_file(
+            "model",
+            str(default_model_config),
+            "Model config file (configs/*.py); override a field with"
+            f" --model.<field>=<value>. Fields: {', '.join(model_fields())}.",
+        )
+    except (AttributeError, KeyError) as e:
+        _flags_error(_model_field_error(e, sys.argv))
+
+
 def define_flags(default_model_config: str | Path) -> None:
-    config_flags.DEFINE_config_file(
-        "model", str(default_model_config), "Model config file; fields overridable."
-    )
+    """The evaluation scripts' flags: `--model` and the evaluation settings."""
+    define_model_flag(default_model_config)
     flags.DEFINE_integer(
         "batch_size", 32, "Prompts decoded in parallel (x num_samples rows)."
     )
@@ -65,6 +124,14 @@ def define_flags(default_model_config: str | Path) -> None:
     )
     flags.DEFINE_enum(
         "extraction_method", "strict", list(EXTRACTION_METHODS), "Answer extraction."
+    )
+    flags.DEFINE_enum(
+        "task",
+        None,
+        list(TASKS),
+        "Preset of prompt, stop strings, length and lm-eval scores: boxed (default"
+        " for instruction-tuned models), lm-eval's gsm8k (default for pretrained"
+        " ones), gsm8k_cot, gsm8k_cot_zeroshot, each also as <name>_chat.",
     )
     flags.DEFINE_integer("num_examples", None, "Evaluate only the first N problems.")
     flags.DEFINE_string(
@@ -99,25 +166,31 @@ def define_flags(default_model_config: str | Path) -> None:
     flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
 
 
-def _exit_on_unknown_model_field(error: Exception) -> None:
-    known = ", ".join(sorted(model_config("gemma3-tiny").keys()))
-    print(
-        f"FATAL Flags parsing error: unknown --model field {error}. Known fields: {known}"
-        " (lora_config has rank, alpha, module_path).",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+def _check_model_file() -> None:
+    """ml_collections defers a `--model` file's load error to the config's first
+    use, as a traceback; raises it as a flag error instead."""
+    if "model" not in FLAGS:
+        return
+    try:
+        FLAGS.model.get("model_name")
+    except OSError as e:
+        reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+        raise flags.Error(
+            f"--model={FLAGS['model'].config_filename}: cannot load this config"
+            f" file ({reason}); pass one of configs/*.py."
+        ) from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with a flag error (not a traceback) for bad --model.* keys."""
+    """absl parsing; a bad flag or --model field is one line, not a traceback."""
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        _check_model_file()
+        return rest
     except (AttributeError, KeyError) as e:
-        _exit_on_unknown_model_field(e)
+        _flags_error(_model_field_error(e, argv))
     except flags.Error as e:
-        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _flags_error(str(e))
 
 
 def _parse_eos(text: str) -> tuple[int, ...]:
@@ -129,28 +202,72 @@ def _parse_eos(text: str) -> tuple[int, ...]:
         ) from None
 
 
-# Input problems reported as one clear line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+# Input and environment problems (ValueError: CheckpointError too;
+# RuntimeError: SourceError, ResultsError, StorageError; OSError: missing or
+# unreadable files) are reported as one line, not a traceback.
+USER_ERRORS = (ValueError, RuntimeError, OSError)
+# How shells report a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT_STATUS = 130
+
+
+def _gcs_flag_values() -> list[str]:
+    """The `gs://` paths among the flags' values, `--model`'s fields and list
+    flags' items included."""
+    values = []
+    for value in FLAGS.flag_values_dict().values():
+        if isinstance(value, ml_collections.ConfigDict):
+            values += _flatten(value.to_dict()).values()
+        elif isinstance(value, list):
+            values += value
+        else:
+            values.append(value)
+    return [v for v in values if isinstance(v, str) and is_gcs(v)]
+
+
+def _list_in_help() -> None:
+    """absl's --help lists the running script's key flags (--helpfull buries
+    the rest among absl's own): the flags defined here become key flags of the
+    script."""
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def _report(message: str) -> None:
+    """Prints `message` to stderr on a line of its own, also when a progress
+    bar was left open by the failure."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def run_main(
+    main_fn: Callable[[list[str]], Any], *, kept: str = "finished results are kept"
+) -> None:
+    """Runs `main_fn` under absl, after checking that any `gs://` flag's storage
+    is reachable. A user error is one line (exit status 1); so is Ctrl-C, which
+    says that rerunning resumes (`kept`: what survives the interruption)."""
+    _list_in_help()
+
+    def _main(argv):
+        quiet_logging()
+        try:
+            for path in _gcs_flag_values():
+                require_reachable(path)
+            main_fn(argv)
+        except USER_ERRORS as e:
+            _report(f"error: {e}")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            _report(f"Interrupted: {kept}; rerun the same command to resume.")
+            sys.exit(INTERRUPTED_EXIT_STATUS)
+
+    app.run(_main, flags_parser=parse_flags)
 
 
 def run_app(
     main_fn: Callable[[list[str]], Any], *, default_model_config: str | Path
 ) -> None:
-    """Defines the flags, then runs `main_fn` under absl; user errors are
-    reported as one line (exit status 1), not a traceback."""
-    try:  # ml_collections applies --model.* overrides while defining the flag.
-        define_flags(default_model_config)
-    except (AttributeError, KeyError) as e:
-        _exit_on_unknown_model_field(e)
-
-    def _main(argv):
-        try:
-            main_fn(argv)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-
-    app.run(_main, flags_parser=parse_flags)
+    """Defines the evaluation flags, then runs `main_fn` (see `run_main`)."""
+    define_flags(default_model_config)
+    run_main(main_fn)
 
 
 def run_script(*, lora: bool, default_model_config: str | Path) -> None:
@@ -187,7 +304,7 @@ def eval_config_from_flags(
             f" {num_problems} problems; using {batch_size}.",
             file=sys.stderr,
         )
-    return EvalConfig(
+    config = EvalConfig(
         batch_size=batch_size,
         sampling=SamplingParams(
             max_generation_steps=FLAGS.max_generation_steps,
@@ -202,6 +319,13 @@ def eval_config_from_flags(
         prompt_template=FLAGS.prompt_template,
         system_prompt=FLAGS.system_prompt or None,
         use_chat_template=FLAGS.use_chat_template,
+    )
+    return task_eval_config(
+        config,
+        FLAGS.task,
+        model_name=FLAGS.model.model_name,
+        instruction_tuned=model_spec(FLAGS.model.model_name).instruction_tuned,
+        given={name for name in FLAGS if FLAGS[name].present},
     )
 
 
@@ -283,7 +407,9 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
     eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
-    tag = run_tag(cfg.model_name, lora_path, eval_config.batch_size, lora_config)
+    tag = run_tag(
+        cfg.model_name, lora_path, eval_config.batch_size, lora_config, eval_config.task
+    )
     info = run_info(
         cfg.to_dict(),
         model_dir=model_dir,

@@ -23,6 +23,10 @@ baseline whether the difference is significant at 5% (McNemar's exact test).
 import json
 from pathlib import Path
 
+from gsm8k_jax.quiet import quiet_imports
+
+quiet_imports()  # Before the imports below load transformers.
+
 from absl import flags
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir

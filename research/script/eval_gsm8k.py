@@ -9,6 +9,10 @@ The LoRA weights are merged into the base weights once at load time.
 
 from pathlib import Path
 
+from gsm8k_jax.quiet import quiet_imports
+
+quiet_imports()  # Before the import below loads transformers.
+
 from gsm8k_jax.eval import cli
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Defaults to the offline `gemma3-tiny` model and the bundled test set.
 
 from pathlib import Path
 
+from gsm8k_jax.quiet import quiet_imports
+
+quiet_imports()  # Before the import below loads transformers.
+
 from gsm8k_jax.eval import cli
 
 if __name__ == "__main__":

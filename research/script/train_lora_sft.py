@@ -15,11 +15,13 @@ same command resumes from the latest step. Parameters train in float32
 --data_path defaults to GSM8K's train split, bundled with the package.
 """
 
-import sys
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from gsm8k_jax.quiet import quiet_imports
+
+quiet_imports()  # Before the imports below load transformers.
+
+from absl import flags
 
 from gsm8k_jax.eval import cli
 from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET
@@ -27,15 +29,7 @@ from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[2]
 
-try:  # ml_collections applies --model.* overrides while defining the flag.
-    config_flags.DEFINE_config_file(
-        "model",
-        str(REPO / "configs" / "gemma3_tiny.py"),
-        "Model config file; fields overridable.",
-    )
-except (AttributeError, KeyError) as e:
-    cli._exit_on_unknown_model_field(e)
-
+cli.define_model_flag(REPO / "configs" / "gemma3_tiny.py")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Checkpoint root (LoRA: local or gs://).", required=True
 )
@@ -120,13 +114,5 @@ def main(argv):
     print(f"Checkpoints: {where}")
 
 
-def _main(argv):
-    try:
-        main(argv)
-    except cli.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    app.run(_main, flags_parser=cli.parse_flags)
+    cli.run_main(main, kept="checkpoints saved so far are kept")

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,11 @@ ROLLOUT_KEYS = {
 }
 
 
+# What the default output must not show: absl INFO lines (e.g. JAX's "Unable
+# to initialize backend 'tpu'"), transformers' import advice, tracebacks.
+NOISE = re.compile(r"^I\d{4} |PyTorch was not found|Traceback", re.MULTILINE)
+
+
 def run_script(*args, script=BASE_SCRIPT, check=True, **kwargs):
     proc = subprocess.run(
         [sys.executable, str(script), *map(str, args)],
@@ -70,6 +76,7 @@ def test_tiny_model_run_writes_rollouts_and_summary(tmp_path):
     proc = run_script(*QUICK, f"--output_dir={tmp_path}")
     tag = "gemma3-tiny_base_bs4"
     assert f"Run tag: {tag}" in proc.stdout
+    assert not NOISE.search(proc.stdout + proc.stderr), proc.stderr
     rollouts, summary = read_outputs(tmp_path, tag)
     lines = [json.loads(line) for line in rollouts.splitlines()]
     assert [r["id"] for r in lines] == list(range(6))
@@ -143,26 +150,40 @@ def test_hf_folder_model_path(tmp_path):
     assert len(rollouts.splitlines()) == 6
 
 
+def interrupt_after(command, rollouts_path, lines, *, sig, timeout_s=300):
+    """Runs `command` and sends it `sig` once `rollouts_path` holds `lines`
+    lines; returns the finished process, its output as text."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and proc.poll() is None:
+            if (
+                rollouts_path.exists()
+                and len(rollouts_path.read_text().splitlines()) >= lines
+            ):
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, sig)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(
+            command, proc.returncode, out.read(), err.read()
+        )
+
+
 def kill_after(command, rollouts_path, lines, *, timeout_s=300):
     """Runs `command` and kill -9s it once `rollouts_path` holds `lines`
     lines; returns how many it holds then."""
-    proc = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    interrupt_after(
+        command, rollouts_path, lines, sig=signal.SIGKILL, timeout_s=timeout_s
     )
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
-        if (
-            rollouts_path.exists()
-            and len(rollouts_path.read_text().splitlines()) >= lines
-        ):
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     return len(rollouts_path.read_text().splitlines())
 
 
-def test_kill_and_resume_gives_the_uninterrupted_files(tmp_path):
+def test_ctrl_c_and_resume_gives_the_uninterrupted_files(tmp_path):
+    """Ctrl-C says how to resume, in one line; resuming (past a torn line, as
+    kill -9 leaves it: test_batch_invariance) gives the uninterrupted files."""
     args = ["--num_examples=48", "--batch_size=2", "--max_generation_steps=48"]
     tag = "gemma3-tiny_base_bs2"
     run_script(*args, f"--output_dir={tmp_path / 'clean'}")
@@ -170,12 +191,19 @@ def test_kill_and_resume_gives_the_uninterrupted_files(tmp_path):
 
     crashed = tmp_path / "crashed"
     rollouts_path = crashed / f"rollouts_{tag}.jsonl"
-    finished = kill_after(
+    stopped = interrupt_after(
         [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={crashed}"],
         rollouts_path,
         4,
+        sig=signal.SIGINT,
     )
-    assert 4 <= finished < 48, "the kill must land mid-run"
+    finished = len(rollouts_path.read_text().splitlines())
+    assert 4 <= finished < 48, "the interruption must land mid-run"
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    assert (
+        "Interrupted: finished results are kept; rerun the same command to"
+        " resume.\n" in stopped.stderr
+    )
     # A torn line, as a crash during a write leaves it.
     with open(rollouts_path, "a") as f:
         f.write('{"id": 99, "corr')
