@@ -58,8 +58,8 @@ class Rollout:
     correct: bool
     extracted_answers: dict[str, str | None]
     correct_by_method: dict[str, bool]
-    num_tokens: int
-    finish_reason: str
+    num_tokens: int  # generated, past a stop string too
+    finish_reason: str  # eos | length | stop (cut at a task's stop string)
     logprob: float
 
 
@@ -272,8 +272,10 @@ def run_tag(
     lora_path: str,
     batch_size: int,
     lora_config: LoraConfig | None = None,
+    task: str = "boxed",
 ) -> str:
-    """The tag naming a run's files: `<model>_<checkpoint>[_r<rank>a<alpha>]_bs<batch>`.
+    """The tag naming a run's files:
+    `<model>_<checkpoint>[_r<rank>a<alpha>][_<task>]_bs<batch>`.
 
     Args:
       model_name: a name from `registry.MODELS`.
@@ -281,9 +283,14 @@ def run_tag(
       batch_size: prompts decoded in parallel.
       lora_config: the LoRA's rank and alpha, which change its answers, so
         two runs of one checkpoint with different alphas never share files.
+      task: the `--task` preset; named unless it is the default `boxed`.
     """
     adapter = f"_r{lora_config.rank}a{lora_config.alpha:g}" if lora_config else ""
-    return f"{_slug(model_name)}_{checkpoint_tag(lora_path)}{adapter}_bs{batch_size}"
+    preset = "" if task == "boxed" else f"_{task}"
+    return (
+        f"{_slug(model_name)}_{checkpoint_tag(lora_path)}{adapter}{preset}"
+        f"_bs{batch_size}"
+    )
 
 
 def run_info(
@@ -331,5 +338,6 @@ def run_info(
             "prompt_template": eval_config.prompt_template,
             "system_prompt": eval_config.system_prompt,
             "use_chat_template": eval_config.use_chat_template,
+            "task": eval_config.task,
         },
     }

@@ -24,9 +24,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS, answers_match, extract_answer
-from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
+from gsm8k_jax.eval.lm_eval_filters import mean_and_stderr
+from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
 from gsm8k_jax.eval.stats import (
     accuracy_interval,
@@ -34,6 +36,7 @@ from gsm8k_jax.eval.stats import (
     maj_at_k,
     pass_at_k,
 )
+from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 _VERSIONED_PACKAGES = (
@@ -53,15 +56,17 @@ class EvalConfig:
     by construction, but is recorded)."""
 
     batch_size: int = 32
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     extraction_method: str = "strict"
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     system_prompt: str | None = None
     use_chat_template: bool = True
+    task: str = tasks.BOXED  # a preset of tasks.TASKS (see tasks.task_eval_config)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        tasks.get_task(self.task)
         if self.extraction_method not in EXTRACTION_METHODS:
             raise ValueError(
                 f"extraction_method must be one of {EXTRACTION_METHODS}, got"
@@ -106,11 +111,17 @@ def project_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def score(response: str, gold: str, method: str) -> dict[str, Any]:
+def score(
+    response: str, gold: str, solution: str, method: str, task: tasks.Task
+) -> dict[str, Any]:
     """A response's rollout fields under every extraction method, headed by
-    `method`'s (`extracted_answer`, `correct`)."""
+    `method`'s (`extracted_answer`, `correct`); an lm-eval task's filters
+    (`strict-match`, `flexible-extract`) join them, judged by lm-eval's
+    exact_match against the reference `solution`."""
     answers = {m: extract_answer(response, m) for m in EXTRACTION_METHODS}
     correct = {m: a is not None and answers_match(a, gold) for m, a in answers.items()}
+    for name, (answer, match) in tasks.lm_eval_scores(task, response, solution).items():
+        answers[name], correct[name] = answer, match
     return {
         "extracted_answer": answers[method],
         "correct": correct[method],
@@ -119,10 +130,15 @@ def score(response: str, gold: str, method: str) -> dict[str, Any]:
     }
 
 
-def rescore(rollouts: Sequence[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+def rescore(
+    rollouts: Sequence[dict[str, Any]], method: str, task: tasks.Task
+) -> list[dict[str, Any]]:
     """The rollouts scored again from their responses, headed by `method`:
     changing the extraction needs no generation."""
-    return [r | score(r["response"], r["gold"], method) for r in rollouts]
+    return [
+        r | score(r["response"], r["gold"], r["reference_solution"], method, task)
+        for r in rollouts
+    ]
 
 
 def _accuracy(correct: Sequence[bool], answers: Sequence[str | None]) -> dict[str, Any]:
@@ -137,15 +153,35 @@ def _accuracy(correct: Sequence[bool], answers: Sequence[str | None]) -> dict[st
     }
 
 
+def _lm_eval_metrics(
+    rollouts: Sequence[dict[str, Any]], task: tasks.Task
+) -> dict[str, Any]:
+    """lm-eval's results entry of `task`: each filter's exact_match and its
+    standard error, under lm-eval's names, over each question's first sample
+    (lm-eval's `take_first`)."""
+    first = [r for r in rollouts if r["sample_index"] == 0]
+    metrics: dict[str, Any] = {"task": task.lm_eval_task, "chat": task.chat}
+    for name, _ in task.filters:
+        mean, stderr = mean_and_stderr([r["correct_by_method"][name] for r in first])
+        metrics[f"exact_match,{name}"] = mean
+        metrics[f"exact_match_stderr,{name}"] = stderr
+    return metrics
+
+
 def summarize(
-    rollouts: Sequence[dict[str, Any]], num_samples: int, method: str
+    rollouts: Sequence[dict[str, Any]],
+    num_samples: int,
+    method: str,
+    task: tasks.Task,
 ) -> dict[str, Any]:
     """Accuracy (over all samples) with a Wilson 95% interval and failure
     counts, under `method` and under every method (`by_method`, as
     lm-evaluation-harness reports strict and flexible together), and
-    pass@k / maj@k when several samples were drawn per question. The
-    rollouts are scored again from their responses (`rescore`)."""
-    rollouts = rescore(rollouts, method)
+    pass@k / maj@k when several samples were drawn per question. An lm-eval
+    task adds its filters to `by_method` and lm-eval's own figures
+    (`lm_eval`). The rollouts are scored again from their responses
+    (`rescore`)."""
+    rollouts = rescore(rollouts, method, task)
     summary: dict[str, Any] = {
         "extraction_method": method,
         **_accuracy(
@@ -160,9 +196,11 @@ def summarize(
                 [r["correct_by_method"][m] for r in rollouts],
                 [r["extracted_answers"][m] for r in rollouts],
             )
-            for m in EXTRACTION_METHODS
+            for m in (*EXTRACTION_METHODS, *(name for name, _ in task.filters))
         },
     }
+    if task.lm_eval_task is not None and rollouts:
+        summary["lm_eval"] = _lm_eval_metrics(rollouts, task)
     total = len(rollouts)
     if num_samples > 1 and total:
         by_id: dict[int, list[dict[str, Any]]] = {}
@@ -193,7 +231,19 @@ def summarize(
     return summary
 
 
-def _rollout(example: GSM8KExample, prompt: str, completion, method: str) -> Rollout:
+def _rollout(
+    example: GSM8KExample,
+    prompt: str,
+    completion,
+    method: str,
+    task: tasks.Task,
+    stops: Sequence[str],
+) -> Rollout:
+    """The scored rollout of a completion, cut at the task's stop strings
+    (finish_reason `stop`); num_tokens and logprob cover every token
+    generated, past a stop string too."""
+    response = cut_at_stop_sequences(completion.text, stops)
+    stopped = response != completion.text
     return Rollout(
         id=example.id,
         sample_index=completion.sample_index,
@@ -201,10 +251,10 @@ def _rollout(example: GSM8KExample, prompt: str, completion, method: str) -> Rol
         gold=example.gold,
         reference_solution=example.answer,
         prompt=prompt,
-        response=completion.text,
-        **score(completion.text, example.gold, method),
+        response=response,
+        **score(response, example.gold, example.answer, method, task),
         num_tokens=completion.num_tokens,
-        finish_reason=completion.finish_reason,
+        finish_reason="stop" if stopped else completion.finish_reason,
         logprob=completion.logprob,
     )
 
@@ -229,22 +279,24 @@ def evaluate(
     started_at = _now()
     params = config.sampling
     method = config.extraction_method
-    done = rescore(files.load_finished(params.num_samples), method)
+    task = tasks.get_task(config.task)
+    done = rescore(files.load_finished(params.num_samples), method, task)
     finished_ids = {r["id"] for r in done}
     shard = examples[shard_index::num_shards]
     todo = [e for e in shard if e.id not in finished_ids]
     correct_so_far = sum(r["correct"] for r in done)
     rows_so_far = len(done)
-    prompts = {
-        e.id: format_prompt(
-            e.question,
-            sampler.tokenizer,
-            template=config.prompt_template,
-            system_prompt=config.system_prompt,
-            use_chat_template=config.use_chat_template,
-        )
-        for e in examples
-    }
+    # All examples' prompts, in order: a few-shot task's draws depend on it.
+    prompt_texts = tasks.format_prompts(
+        task,
+        [e.question for e in examples],
+        sampler.tokenizer,
+        template=config.prompt_template,
+        system_prompt=config.system_prompt,
+        use_chat_template=config.use_chat_template,
+    )
+    prompts = {e.id: p for e, p in zip(examples, prompt_texts, strict=True)}
+    stops = with_eos_text(task.until, sampler.tokenizer) if task.until else []
     by_id = {e.id: e for e in examples}
     # Size the KV cache for the longest prompt of the whole run, so a resumed
     # run compiles the same decode program as an uninterrupted one.
@@ -283,7 +335,7 @@ def evaluate(
     )
     for completions in stream:
         rollouts = [
-            _rollout(by_id[c.example_id], prompts[c.example_id], c, method)
+            _rollout(by_id[c.example_id], prompts[c.example_id], c, method, task, stops)
             for c in completions
         ]
         files.append(rollouts)
@@ -300,11 +352,11 @@ def evaluate(
         )
     bar.close()
     # In (id, sample) order, and every line scored under this run's method.
-    files.write_rollouts(rescore(files.read_rollouts(), method))
+    files.write_rollouts(rescore(files.read_rollouts(), method, task))
 
     generation_s = time.perf_counter() - generation_start
     phases = sampler.phase_seconds - phases_before
-    summary = summarize(files.read_rollouts(), params.num_samples, method)
+    summary = summarize(files.read_rollouts(), params.num_samples, method, task)
     summary |= _run_metadata(files.tag, run_info)
     summary |= {
         "started_at": started_at,
@@ -369,7 +421,12 @@ def merge_shards(
     rollouts = [r for f in shards for r in f.read_rollouts()]
     merged = RunFiles(output_dir, tag)
     merged.write_rollouts(rollouts)
-    summary = summarize(rollouts, config.sampling.num_samples, config.extraction_method)
+    summary = summarize(
+        rollouts,
+        config.sampling.num_samples,
+        config.extraction_method,
+        tasks.get_task(config.task),
+    )
     summary |= _run_metadata(tag, run_info)
     summary |= {
         "started_at": min(s["started_at"] for s in shard_summaries),

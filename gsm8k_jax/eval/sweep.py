@@ -122,6 +122,7 @@ def evaluate_checkpoints(
             lora_path,
             eval_config.batch_size,
             lora_config if lora_path else None,
+            task=eval_config.task,
         )
         files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))
