@@ -1,0 +1,105 @@
+"""lm-eval through our backend from Python (`simple_evaluate(model=GSM8KJaxLM(...))`),
+with a LoRA checkpoint and lm-eval's chat template; its registration and its
+refusals. The command line is exercised in tests/eval/test_lm_eval_parity.py."""
+
+import pytest
+from checkpoints.test_eval_lora import RANK, tiny_factors
+from eval.test_lm_eval_parity import by_doc
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+from lm_eval_tasks import local_name, write_local_tasks
+from lora_checkpoints import write_tunix_checkpoint
+
+from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora
+from gsm8k_jax.eval.data import load_gsm8k
+from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
+from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
+from gsm8k_jax.eval.tasks import TASKS, format_prompts
+from gsm8k_jax.lm_eval_backend import GSM8KJaxLM, register
+from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_pretrained
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
+
+NUM_PROBLEMS = 4
+MAX_GEN_TOKS = 16
+ALPHA = 8.0
+
+
+def test_simple_evaluate_with_a_lora_checkpoint_in_chat(tmp_path):
+    actor = tmp_path / "run" / "actor"
+    write_tunix_checkpoint(actor / "50" / "model_params", tiny_factors())
+    lm = GSM8KJaxLM(
+        model_name="gemma3-tiny",
+        lora_checkpoint_path=str(actor),
+        lora_rank=RANK,
+        lora_alpha=ALPHA,
+        dtype="float32",
+        batch_size=2,
+    )
+    task = local_name("gsm8k_cot_zeroshot")
+    results = simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager(
+            include_path=str(write_local_tasks(tmp_path / "tasks")),
+            include_defaults=False,
+        ),
+        apply_chat_template=True,
+        limit=NUM_PROBLEMS,
+        gen_kwargs={"max_gen_toks": MAX_GEN_TOKS},
+        log_samples=True,
+    )
+    docs = by_doc(results["samples"][task])
+    texts = [docs[i]["strict-match"]["resps"][0][0] for i in range(NUM_PROBLEMS)]
+    assert results["config"]["lora_checkpoint"] == str(actor / "50" / "model_params")
+
+    # Our sampler on the bundled model, before and after merging the LoRA.
+    preset = TASKS["gsm8k_cot_zeroshot_chat"]
+    model, tokenizer, _ = load_pretrained("gemma3-tiny", dtype="float32")
+    questions = [e.question for e in load_gsm8k(num_examples=NUM_PROBLEMS)]
+    prompts = format_prompts(
+        preset,
+        questions,
+        tokenizer,
+        template=DEFAULT_PROMPT_TEMPLATE,
+        system_prompt=None,
+        use_chat_template=True,
+    )
+    assert [docs[i]["strict-match"]["arguments"][0][0] for i in range(4)] == prompts
+    sampler = Sampler(model, tokenizer)
+    params = SamplingParams(max_generation_steps=MAX_GEN_TOKS, eos_ids=(1, 106))
+    stops = with_eos_text(preset.until, tokenizer)
+
+    def answers():
+        return [
+            cut_at_stop_sequences(c.text, stops)
+            for c in sampler.generate(prompts, params)
+        ]
+
+    base = answers()
+    load_lora(model, actor, LoraConfig(rank=RANK, alpha=ALPHA), merge=True)
+    assert texts == answers() != base
+
+
+def test_registered_for_the_command_line_beside_lm_evals_own_models():
+    register()
+    assert get_model("gsm8k_jax") is GSM8KJaxLM
+    assert get_model("hf").__name__ == "HFLM"
+
+
+def test_bad_settings_are_refused_clearly():
+    with pytest.raises(ValueError, match="Pass model_name=<one of gemma3-tiny,"):
+        GSM8KJaxLM()
+    with pytest.raises(ValueError, match="batch_size must be a positive number"):
+        GSM8KJaxLM(model_name="gemma3-tiny", batch_size="auto")
+    pretrained = GSM8KJaxLM(model_name="gemma3-1b-pt", model_path=str(TINY_MODEL_DIR))
+    with pytest.raises(ValueError, match="gemma3-1b-pt is pretrained only"):
+        pretrained.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    request = Instance(
+        "generate_until", {}, ("Q: 2+2?", {"until": ["Q:"], "num_beams": 4}), 0
+    )
+    with pytest.raises(ValueError, match=r"generation settings \['num_beams'\]"):
+        pretrained.generate_until([request])
+    with pytest.raises(NotImplementedError, match="generate_until only"):
+        pretrained.loglikelihood([request])
