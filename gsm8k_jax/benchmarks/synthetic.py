@@ -333,16 +333,25 @@ def _ours_runner(
     return run, lambda: sampler.num_compilations
 
 
+def reference_device() -> str:
+    """Where the reference runs: the GPU when ours runs on one (and torch
+    sees it), else the CPU, so that a ratio compares like with like."""
+    import torch
+
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    return "cuda" if on_gpu else "cpu"
+
+
 def load_reference(model_dir: str | os.PathLike, dtype: str):
     """transformers' `Gemma3ForCausalLM` from `model_dir` in `dtype` (a key of
-    DTYPES), in eval mode, with torch using every core."""
+    DTYPES), in eval mode on `reference_device()`, with torch using every core."""
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = transformers.Gemma3ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-    return model.eval()
+    return model.to(reference_device()).eval()
 
 
 def _reference_runner(
@@ -354,7 +363,8 @@ def _reference_runner(
     model.generation_config.eos_token_id = None
     width = max(map(len, prompts))
     ids, mask = left_pad(prompts, width)
-    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+    device = reference_device()
+    ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
     def run(steps: int) -> np.ndarray:
         with torch.inference_mode():
@@ -366,7 +376,7 @@ def _reference_runner(
                 do_sample=False,
                 pad_token_id=PAD_ID,
             )
-        tokens = out[:, width:].numpy()
+        tokens = out[:, width:].cpu().numpy()
         assert tokens.shape == (len(prompts), steps), tokens.shape
         return tokens
 

@@ -50,6 +50,7 @@ from gsm8k_jax.benchmarks.synthetic import (
     build_model,
     left_pad,
     load_reference,
+    reference_device,
     peak_memory,
 )
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -283,9 +284,11 @@ def _run_ours(sampler, prompts, lengths, params, cfg):
     warmup_s = time.perf_counter() - start
     compiled = sampler.num_compilations
     steps_before = sampler.decode_steps
+    phases_before = sampler.phase_seconds.copy()
     start = time.perf_counter()
     completions = run(rows, lengths)
     wall = time.perf_counter() - start
+    phases = sampler.phase_seconds - phases_before
     generated = sum(c.num_tokens for c in completions)
     decode_steps = sampler.decode_steps - steps_before
     memory, memory_source = peak_memory()
@@ -302,6 +305,8 @@ def _run_ours(sampler, prompts, lengths, params, cfg):
         / (decode_steps * round_up(cfg.batch_size, sampler.row_tile)),
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,
+        # Where the timed run's wall time went (see Sampler.phase_seconds).
+        "phase_seconds": {p: phases[p] for p in ("prefill", "decode", "host")},
     }
     return figures, completions
 
@@ -312,6 +317,7 @@ def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
     import torch
 
     model = load_reference(model_dir, cfg.dtype)
+    device = reference_device()
     natural = cfg.answer_lengths == "model"
 
     def generate(batch_prompts, steps):
@@ -319,15 +325,15 @@ def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
         ids, mask = left_pad(batch_prompts, width)
         with torch.inference_mode():
             out = model.generate(
-                input_ids=torch.tensor(ids),
-                attention_mask=torch.tensor(mask),
+                input_ids=torch.tensor(ids, device=device),
+                attention_mask=torch.tensor(mask, device=device),
                 max_new_tokens=steps,
                 min_new_tokens=None if natural else steps,
                 do_sample=False,
                 eos_token_id=list(eos_ids) if natural else None,
                 pad_token_id=PAD_ID,
             )
-        return out[:, width:].tolist()
+        return out[:, width:].cpu().tolist()
 
     generate(prompts[:1], 2)  # warm-up
     tokens, wall, steps_run = [], 0.0, 0
@@ -384,6 +390,11 @@ def format_workload(result: dict[str, Any]) -> str:
         f" {100 * ours['fraction_of_peak_bandwidth']:.1f}%",
         f"{'peak memory':34}{ours['peak_memory_bytes'] / 2**20:10.0f} MiB"
         f" ({ours['peak_memory_source']})",
+        f"{'phases (s, share of wall)':34}"
+        + ", ".join(
+            f"{name} {secs:.2f} ({secs / ours['wall_s']:.0%})"
+            for name, secs in ours["phase_seconds"].items()
+        ),
     ]
     if result["agreement"]:
         a = result["agreement"]

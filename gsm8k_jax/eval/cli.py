@@ -28,6 +28,10 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.compilation_cache import (
+    default_compilation_cache_dir,
+    enable_compilation_cache,
+)
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
@@ -152,6 +156,12 @@ def define_flags(default_model_config: str | Path) -> None:
     flags.DEFINE_bool("overwrite", False, "Replace a run found in --output_dir.")
     flags.DEFINE_integer(
         "mesh_model", 1, "Devices per tensor-parallel group; the rest split the batch."
+    )
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        str(default_compilation_cache_dir()),
+        "JAX's persistent compilation cache: a rerun of the same settings skips"
+        " compiling ('' = off).",
     )
     flags.DEFINE_bool(
         "distributed",
@@ -358,6 +368,7 @@ def local_mesh(model_parallel: int) -> Mesh | None:
 def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     """Runs one evaluation from the parsed flags; returns the summary."""
     del argv
+    enable_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.distributed:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsm8k_jax.models.gemma3.cache import KVCache
+from gsm8k_jax.models.gemma3.cache import KVCache, RowWindow
 from gsm8k_jax.models.gemma3.model import KEY_BLOCK
 from gsm8k_jax.sampling.batching import round_up
 from gsm8k_jax.sampling.token_choice import choose_tokens
@@ -43,7 +43,9 @@ class DecodeState:
     """Everything about the B slots that lives on device between calls."""
 
     cache: KVCache  # S >= widest prompt bucket + max_steps tokens per slot
-    logits: jax.Array  # [B, V] float32: distribution of each slot's next token
+    # [B, D] final hidden state of each slot's last token: its next token's
+    # logits are computed from it when needed (never a [B, V] carry).
+    hidden: jax.Array
     positions: jax.Array  # [B] RoPE position of the next token
     cursor: jax.Array  # [B] write cursor of the next token (see KVCache)
     keys: jax.Array  # [B] PRNG key of the sequence in the slot
@@ -65,7 +67,7 @@ class DecodeState:
         length = round_up(width + max_steps, KEY_BLOCK)
         return cls(
             cache=KVCache.empty(config, batch, length, model.dtype),
-            logits=jnp.zeros((batch, config.vocab_size), jnp.float32),
+            hidden=jnp.zeros((batch, config.embed_dim), model.dtype),
             positions=jnp.zeros((batch,), jnp.int32),
             cursor=jnp.zeros((batch,), jnp.int32),
             keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
@@ -84,6 +86,16 @@ def prompt_positions(valid: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def sequence_keys(
+    seed: jax.Array, example_ids: jax.Array, sample_indices: jax.Array
+) -> jax.Array:
+    """The PRNG key of sample j of example i: a function of (seed, i, j)
+    alone, derived on device. [G] ids and indices -> [G] keys."""
+    root = jax.random.key(seed)
+    fold = lambda i, j: jax.random.fold_in(jax.random.fold_in(root, i), j)
+    return jax.vmap(fold)(example_ids, sample_indices)
+
+
 def prefill(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -91,7 +103,9 @@ def prefill(
     tokens: jax.Array,  # [G, W] left-padded prompts
     valid: jax.Array,  # [G, W] bool
     slots: jax.Array,  # [G] target slots; an out-of-range slot drops the row
-    keys: jax.Array,  # [G] PRNG keys of the new sequences
+    seed: jax.Array,  # int32 scalar
+    example_ids: jax.Array,  # [G] int32: the new sequences' keys come from
+    sample_indices: jax.Array,  # [G] int32   (seed, example id, sample index)
     limits: jax.Array,  # [G] most tokens each new sequence may generate
     *,
     pad_id: int,
@@ -104,16 +118,15 @@ def prefill(
     # layer; installing it into the slots keeps what each layer's table holds.
     fresh = KVCache.empty(model.config, group, width, model.dtype, ring=False)
     hidden, fresh = model(tokens, positions, valid, fresh, 0)
-    # Left padding puts every prompt's last token in the last column.
-    logits = model.logits(hidden[:, -1])
 
     set_rows = lambda full, new: full.at[slots].set(new, mode="drop")
     return state.replace(
         cache=state.cache.install_rows(slots, fresh),
-        logits=set_rows(state.logits, logits),
+        # Left padding puts every prompt's last token in the last column.
+        hidden=set_rows(state.hidden, hidden[:, -1]),
         positions=set_rows(state.positions, positions[:, -1] + 1),
         cursor=set_rows(state.cursor, jnp.full((group,), width, jnp.int32)),
-        keys=set_rows(state.keys, keys),
+        keys=set_rows(state.keys, sequence_keys(seed, example_ids, sample_indices)),
         done=set_rows(state.done, jnp.zeros((group,), bool)),
         tokens=set_rows(state.tokens, jnp.full((group, state.tokens.shape[1]), pad_id)),
         num_tokens=set_rows(state.num_tokens, jnp.zeros((group,), jnp.int32)),
@@ -129,7 +142,6 @@ def decode(
     state: DecodeState,
     settings: DecodeSettings,
     min_free: jax.Array,  # int32 scalar: return once this many slots are free
-    num_tiles: jax.Array,  # int32 scalar: B // (row_tile * data_shards)
     *,
     pad_id: int,
     row_tile: int,
@@ -140,8 +152,9 @@ def decode(
     Each step runs the model on tiles of `row_tile` slots per data shard,
     one tile after another: every program the model runs has one shape
     whatever the batch size, so a row's arithmetic never depends on how many
-    rows share the batch (XLA picks kernels by shape). Tiles whose slots are
-    all done are skipped.
+    rows share the batch (XLA picks kernels by shape). A tile reads and
+    writes the KV cache in place (`cache.RowWindow`), and tiles whose slots
+    are all done are not run.
     """
     model = nnx.merge(graphdef, params)
     tiles_per_shard = state.done.shape[0] // (row_tile * data_shards)
@@ -151,12 +164,13 @@ def decode(
         rows = jnp.arange(s.tokens.shape[0])
         step = s.num_tokens  # [B] per-slot generation step
         step_keys = jax.vmap(jax.random.fold_in)(s.keys, step)
-        chosen = choose_tokens(
-            s.logits, step_keys, settings.temperature, settings.top_k, settings.top_p
+        chosen, logprob = choose_tokens(
+            model.logits(s.hidden),
+            step_keys,
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
         )
-        logprob = jnp.take_along_axis(
-            jax.nn.log_softmax(s.logits, axis=-1), chosen[:, None], axis=-1
-        )[:, 0]
         live = ~s.done
         is_eos = jnp.any(chosen[:, None] == settings.eos_ids[None, :], axis=-1)
         finished = live & (is_eos | (step + 1 >= s.limit))
@@ -165,7 +179,7 @@ def decode(
         )
         return s.replace(
             cache=cache,
-            logits=model.logits(hidden[:, 0]),
+            hidden=hidden[:, 0],
             positions=s.positions + live,
             cursor=s.cursor + live,
             done=s.done | finished,
@@ -177,57 +191,76 @@ def decode(
             logprob=s.logprob + jnp.where(live, logprob, 0.0),
         )
 
-    def isolated_step(s: DecodeState) -> DecodeState:
+    def isolated_step(tile: DecodeState) -> DecodeState:
         # Barriers keep XLA from fusing the step with the tile's slicing, so
         # its kernels are the same whether the batch is one tile or many.
-        barrier = jax.lax.optimization_barrier
-        return barrier(step(barrier(s)))
+        # The cache's keys and values stay outside them: they are read and
+        # written in place, never sliced.
+        barrier = lambda t: _with_kv(jax.lax.optimization_barrier(_without_kv(t)), t)
+        return barrier(step(barrier(tile)))
 
     def step_tile(j, s: DecodeState) -> DecodeState:
-        tile = _rows_of_tile(s, j, tiles_per_shard, data_shards)
-        tile = jax.lax.cond(jnp.all(tile.done), lambda t: t, isolated_step, tile)
-        return _set_rows_of_tile(s, tile, j, tiles_per_shard, data_shards)
+        tile = _tile_view(s, j, row_tile, tiles_per_shard, data_shards)
+        return _merge_tile(s, isolated_step(tile), j, tiles_per_shard, data_shards)
 
     def cond(s: DecodeState):
         return ~jnp.all(s.done) & (jnp.sum(s.done) < min_free)
 
     def body(s: DecodeState) -> DecodeState:
-        # A traced trip count: XLA compiles the same loop body for one tile
-        # as for many (a static loop of one would be inlined and fused
-        # differently).
-        s = jax.lax.fori_loop(0, num_tiles, step_tile, s)
+        # Only tiles with a live slot run, in order; their count is traced,
+        # so XLA compiles the same loop body for one tile as for many (a
+        # static loop of one would be inlined and fused differently).
+        done = s.done.reshape(data_shards, tiles_per_shard, row_tile)
+        live = ~jnp.all(done, axis=(0, 2))  # [tiles]
+        order = jnp.argsort(~live, stable=True)
+        s = jax.lax.fori_loop(
+            0, jnp.sum(live), lambda i, s: step_tile(order[i], s), s
+        )
         return s.replace(decode_steps=s.decode_steps + 1)
 
     return jax.lax.while_loop(cond, body, state)
 
 
+def _without_kv(state: DecodeState) -> DecodeState:
+    """The state without the cache's per-layer keys and values."""
+    return state.replace(cache=state.cache.replace(k=(), v=()))
+
+
+def _with_kv(state: DecodeState, kv_from: DecodeState) -> DecodeState:
+    cache = state.cache.replace(k=kv_from.cache.k, v=kv_from.cache.v)
+    return state.replace(cache=cache)
+
+
 def _per_slot(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
-    """Maps `fn` over the per-slot arrays of states (all but decode_steps)."""
-    steps = state.decode_steps
-    out = jax.tree.map(
-        fn,
-        state.replace(decode_steps=None),
-        *(o.replace(decode_steps=None) for o in others),
-    )
-    return out.replace(decode_steps=steps)
+    """Maps `fn` over the per-slot arrays of states (all but decode_steps and
+    the cache's keys and values)."""
+    strip = lambda s: _without_kv(s).replace(decode_steps=None)
+    out = jax.tree.map(fn, strip(state), *map(strip, others))
+    return _with_kv(out.replace(decode_steps=state.decode_steps), state)
 
 
-def _rows_of_tile(
-    state: DecodeState, j: jax.Array, num_tiles: int, shards: int
+def _tile_view(
+    state: DecodeState, j: jax.Array, row_tile: int, num_tiles: int, shards: int
 ) -> DecodeState:
-    """Tile j: rows [j*T, (j+1)*T) of every data shard's block of slots."""
+    """Tile j: rows [j*T, (j+1)*T) of every data shard's block of slots; its
+    cache keeps the whole keys and values, with a RowWindow onto the tile."""
 
     def take(x):
         blocks = x.reshape(shards, num_tiles, -1, *x.shape[1:])
         tile = jax.lax.dynamic_index_in_dim(blocks, j, axis=1, keepdims=False)
         return tile.reshape(-1, *x.shape[1:])
 
-    return _per_slot(take, state)
+    tile = _per_slot(take, state)
+    window = RowWindow(start=j * row_tile, size=row_tile, shards=shards)
+    return tile.replace(cache=tile.cache.replace(rows=window))
 
 
-def _set_rows_of_tile(
+def _merge_tile(
     state: DecodeState, tile: DecodeState, j: jax.Array, num_tiles: int, shards: int
 ) -> DecodeState:
+    """Puts a stepped tile back: its per-slot arrays into rows of tile j, and
+    its keys and values (already the whole cache's) as they are."""
+
     def put(x, t):
         blocks = x.reshape(shards, num_tiles, -1, *x.shape[1:])
         t = t.reshape(shards, -1, *x.shape[1:])
@@ -235,4 +268,5 @@ def _set_rows_of_tile(
             x.shape
         )
 
-    return _per_slot(put, state, tile)
+    merged = _per_slot(put, state, tile.replace(cache=tile.cache.replace(rows=None)))
+    return _with_kv(merged, tile)

@@ -1,10 +1,11 @@
 """Batched generation over a Gemma 3 model: prompts in, completions out.
 
 The host side of sampling: tokenises, left-pads each prompt to its own
-bucketed length, derives one random key per (example id, sample index),
-feeds sequences into the slots of the jitted programs in `decode.py`
-(continuous batching, scheduled by `batching.SlotScheduler`) and turns
-their arrays back into `Completion`s.
+bucketed length, feeds sequences into the slots of the jitted programs in
+`decode.py` (continuous batching, scheduled by `batching.SlotScheduler`;
+each sequence's random key comes from (seed, example id, sample index) on
+device) and turns their arrays back into `Completion`s, while the device
+decodes the next steps.
 Results do not depend, to the bit, on batch size, row order, padding or the
 number of data-parallel devices: the masks and positions come from explicit
 validity, each row's randomness from its own key, and every program's shape
@@ -68,6 +69,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2**31), got {self.seed}.")
         if not 1 <= len(self.eos_ids) <= MAX_EOS_IDS:
             raise ValueError(f"Give 1 to {MAX_EOS_IDS} eos ids, got {self.eos_ids}.")
 
@@ -83,12 +86,6 @@ class Completion:
     num_tokens: int
     finish_reason: Literal["eos", "length"]
     logprob: float  # sum of log-probs of the chosen tokens under the model
-
-
-def row_key(seed: int, example_id: int, sample_index: int) -> jax.Array:
-    """The random key of sample j of example i: a function of (seed, i, j) alone."""
-    key = jax.random.fold_in(jax.random.key(seed), example_id)
-    return jax.random.fold_in(key, sample_index)
 
 
 class Sampler:
@@ -126,11 +123,12 @@ class Sampler:
         if mesh is not None:
             shard_model(model, mesh)
         # Decode iterations run by this sampler (all calls): each runs the
-        # model once for every slot, busy or not.
+        # model once for every slot of every tile with a live slot.
         self.decode_steps = 0
-        # Seconds spent by all calls in each phase: "prefill" and "decode"
-        # (dispatch until the results are on the host), "host" (the rest:
-        # scheduling, detokenising, and the caller's work between yields).
+        # Seconds spent by all calls in each phase: "prefill" (dispatch until
+        # done), "decode" (waiting for its results), "host" (the rest:
+        # scheduling, detokenising, and the caller's work between yields,
+        # which overlaps the device's decoding).
         self.phase_seconds: collections.Counter[str] = collections.Counter()
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -241,11 +239,11 @@ class Sampler:
         state, schedule = self._empty_run(
             [len(ids) for ids in encoded], params, batch_size, max_prompt_len
         )
-        num_slots = len(schedule.owner)
         settings = _settings(params)
         weights = nnx.state(self.model)
         steps_counted = 0
         clock = _PhaseClock(self.phase_seconds)
+        finished: list[_Finished] = []
         while True:
             while (group := schedule.next_group()) is not None:
                 bucket, members = group
@@ -264,17 +262,18 @@ class Sampler:
                 jax.block_until_ready(state)
                 clock.stop("prefill")
             if schedule.idle:
+                if finished:
+                    yield self._completions(finished, example_ids)
                 clock.start()
                 return
-            clock.start()
             state = self._decode(
-                weights,
-                state,
-                settings,
-                jnp.int32(schedule.min_free()),
-                self._num_tiles(num_slots),
-                pad_id=self.pad_id,
+                weights, state, settings, jnp.int32(schedule.min_free()), pad_id=self.pad_id
             )
+            # The device decodes while the host turns the last return's
+            # sequences into completions and the caller stores them.
+            if finished:
+                yield self._completions(finished, example_ids)
+            clock.start()
             done, num_tokens, hit_eos, logprob, steps = jax.device_get(
                 (
                     state.done,
@@ -286,31 +285,43 @@ class Sampler:
             )
             self.decode_steps += int(steps) - steps_counted
             steps_counted = int(steps)
-            finished = [
+            slots = [
                 slot
                 for slot, row in enumerate(schedule.owner)
                 if row is not None and done[slot]
             ]
-            tokens_out = jax.device_get(state.tokens) if finished else None
+            tokens = jax.device_get(state.tokens) if slots else None
             clock.stop("decode")
-            completions = []
-            for slot in finished:
-                i, j = rows[schedule.release(slot)]
-                n = int(num_tokens[slot])
-                generated = tokens_out[slot, :n].tolist()
-                text_ids = generated[:-1] if hit_eos[slot] else generated
-                completions.append(
-                    Completion(
-                        example_id=example_ids[i],
-                        sample_index=j,
-                        text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                        tokens=generated,
-                        num_tokens=n,
-                        finish_reason="eos" if hit_eos[slot] else "length",
-                        logprob=float(logprob[slot]),
-                    )
+            finished = [
+                _Finished(
+                    row=rows[schedule.release(slot)],
+                    tokens=tokens[slot, : num_tokens[slot]].tolist(),
+                    hit_eos=bool(hit_eos[slot]),
+                    logprob=float(logprob[slot]),
                 )
-            yield completions
+                for slot in slots
+            ]
+
+    def _completions(
+        self, finished: list["_Finished"], example_ids: list[int]
+    ) -> list[Completion]:
+        """Detokenised completions of finished sequences."""
+        completions = []
+        for f in finished:
+            i, j = f.row
+            text_ids = f.tokens[:-1] if f.hit_eos else f.tokens
+            completions.append(
+                Completion(
+                    example_id=example_ids[i],
+                    sample_index=j,
+                    text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                    tokens=f.tokens,
+                    num_tokens=len(f.tokens),
+                    finish_reason="eos" if f.hit_eos else "length",
+                    logprob=f.logprob,
+                )
+            )
+        return completions
 
     def compile(
         self,
@@ -333,12 +344,7 @@ class Sampler:
             size = schedule.group_size(bucket)
             state = self._prefill_group(weights, state, bucket, size, [], [], [], [], 0)
         state = self._decode(
-            weights,
-            state,
-            _settings(params),
-            jnp.int32(0),
-            self._num_tiles(len(schedule.owner)),
-            pad_id=self.pad_id,
+            weights, state, _settings(params), jnp.int32(0), pad_id=self.pad_id
         )
         jax.block_until_ready(state)
 
@@ -373,10 +379,6 @@ class Sampler:
         )
         return state, schedule
 
-    def _num_tiles(self, num_slots: int) -> jax.Array:
-        """Decode tiles per data shard; traced, so one program serves any count."""
-        return jnp.int32(num_slots // (self.row_tile * self.data_shards))
-
     def _prefill_group(
         self,
         weights: nnx.State,
@@ -395,14 +397,15 @@ class Sampler:
         tokens = np.full((size, bucket), self.pad_id, np.int32)
         valid = np.zeros((size, bucket), bool)
         slots = np.full((size,), num_slots, np.int32)  # out of range: dropped
-        keys = [row_key(seed, 0, 0)] * size
+        ids_of_rows = np.zeros((size,), np.int32)
+        samples = np.zeros((size,), np.int32)
         group_limits = np.ones((size,), np.int32)
         for g, ((i, j), slot) in enumerate(members):
             ids = encoded[i]
             tokens[g, bucket - len(ids) :] = ids
             valid[g, bucket - len(ids) :] = True
             slots[g] = slot
-            keys[g] = row_key(seed, example_ids[i], j)
+            ids_of_rows[g], samples[g] = example_ids[i], j
             group_limits[g] = limits[i]
         tokens, valid = self._split_rows(tokens), self._split_rows(valid)
         return self._prefill(
@@ -411,7 +414,9 @@ class Sampler:
             tokens,
             valid,
             slots,
-            jnp.stack(keys),
+            np.int32(seed),
+            ids_of_rows,
+            samples,
             group_limits,
             pad_id=self.pad_id,
         )
@@ -422,6 +427,16 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(DATA)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finished:
+    """A finished sequence, fetched from the device, not yet detokenised."""
+
+    row: tuple[int, int]  # (prompt index, sample index)
+    tokens: list[int]  # generated ids, including the final eos if any
+    hit_eos: bool
+    logprob: float
 
 
 class _PhaseClock:

@@ -47,6 +47,46 @@ class SlotTable:
 
 
 @flax.struct.dataclass
+class RowWindow:
+    """The rows of a cache that one decode tile runs on, addressed in place.
+
+    The rows are [start, start + size) of each of `shards` equal blocks of
+    the cache's rows (one block per data shard). A decode step reads its key
+    blocks and writes its one new token straight in the full arrays: slicing
+    a tile's cache out and back would copy all of it at every step.
+    """
+
+    start: jax.Array  # int32 scalar
+    size: int = flax.struct.field(pytree_node=False)
+    shards: int = flax.struct.field(pytree_node=False)
+
+    def _blocks(self, x: jax.Array) -> jax.Array:
+        """[B, ...] -> [shards, B / shards, ...]."""
+        return x.reshape(self.shards, -1, *x.shape[1:])
+
+    def take(self, x: jax.Array, start: jax.Array, length: int) -> jax.Array:
+        """The window's rows of x[:, start : start + length]: [R, length, ...]
+        from [B, S, ...], R = shards * size."""
+        index = (0, self.start, start) + (0,) * (x.ndim - 2)
+        sizes = (self.shards, self.size, length, *x.shape[2:])
+        block = jax.lax.dynamic_slice(self._blocks(x), index, sizes)
+        return block.reshape(self.shards * self.size, length, *x.shape[2:])
+
+    def put(self, x: jax.Array, update: jax.Array, slots: jax.Array) -> jax.Array:
+        """x[row r, slots[r]] = update[r] for the window's rows r, in place.
+
+        x: [B, S, ...]; update: [R, 1, ...] (one token per row); slots: [R].
+        """
+        per_shard = x.shape[0] // self.shards
+        rows = (
+            jnp.arange(self.shards)[:, None] * per_shard
+            + self.start
+            + jnp.arange(self.size)[None, :]
+        ).reshape(-1)
+        return x.at[rows, slots].set(update[:, 0].astype(x.dtype))
+
+
+@flax.struct.dataclass
 class KVCache:
     """Per-layer keys and values, and the slot tables they are indexed by.
 
@@ -58,6 +98,10 @@ class KVCache:
     v: tuple[jax.Array, ...]
     full: SlotTable  # [B, S]: one slot per token
     window: SlotTable  # [B, min(S, sliding_window)]: a ring buffer
+    # None: k and v have the tables' rows. Else a decode tile's view: the
+    # tables are the tile's R rows, k and v the whole cache's B rows, of
+    # which `rows` says which are the tile's.
+    rows: RowWindow | None = None
 
     @classmethod
     def empty(
@@ -167,6 +211,31 @@ def _ring_layout(tokens: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     slots = np.arange(length)
     source = tokens - 1 - (tokens - 1 - slots) % length
     return np.maximum(source, 0), source >= 0
+
+
+def read_kv(
+    layer_kv: jax.Array, start: jax.Array, length: int, rows: RowWindow | None
+) -> jax.Array:
+    """Slots [start, start + length) of one layer's keys or values, for the
+    rows of `rows` (None: every row): [R, length, K, H]."""
+    if rows is None:
+        return jax.lax.dynamic_slice_in_dim(layer_kv, start, length, axis=1)
+    return rows.take(layer_kv, start, length)
+
+
+def write_kv(
+    layer_kv: jax.Array,
+    update: jax.Array,
+    slots: jax.Array,
+    rows: RowWindow | None,
+) -> jax.Array:
+    """Writes T tokens' keys or values ([R, T, K, H]) at slots [slots[r], +T)
+    of the rows of `rows` (None: every row) of one layer's array."""
+    if rows is None:
+        return write_rows(layer_kv, update, slots)
+    if update.shape[1] != 1:
+        raise ValueError(f"A decode tile writes one token per row, got {update.shape[1]}.")
+    return rows.put(layer_kv, update, slots)
 
 
 def write_rows(array: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:

@@ -26,9 +26,11 @@ from flax import nnx
 
 from gsm8k_jax.models.gemma3.cache import (
     KVCache,
+    RowWindow,
     SlotTable,
     attention_masks,
-    write_rows,
+    read_kv,
+    write_kv,
 )
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
@@ -74,6 +76,7 @@ def blocked_attention(
     mask: jax.Array,  # [B, T, S] bool
     *,
     softcap: float | None = None,
+    rows: RowWindow | None = None,
 ) -> jax.Array:
     """softmax(q.k) . v over the valid keys, bitwise independent of S.
 
@@ -85,15 +88,19 @@ def blocked_attention(
     resumed run) and in any batch, and blocks after the last valid key of
     every row are not read at all. Returns [B, T, K, G, H] in float32;
     fully masked rows give zeros.
+
+    rows: k and v hold more rows than q (a decode tile's view of the whole
+    cache, `cache.RowWindow`); each block is read from them in place.
     """
-    b, s, kh, h = k.shape
-    t, g = q.shape[1], q.shape[3]
+    b, t, kh, g, h = q.shape
+    s = k.shape[1]
     block = key_block(s)
 
     def step(n, carry):
         top, total, out = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
-        take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, n * block, block, axis)
-        keys, values, valid = take(k, 1), take(v, 1), take(mask, 2)
+        start = n * block
+        keys, values = (read_kv(x, start, block, rows) for x in (k, v))
+        valid = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2)
         valid = valid[:, None, None]  # [B, 1, 1, T, S]
         scores = jnp.where(valid, _scores(q, keys, softcap), -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
@@ -167,6 +174,7 @@ class Attention(nnx.Module):
         mask: jax.Array,  # [B, T, S]
         cache_kv: tuple[jax.Array, jax.Array] | None,  # [B, S, K, H] each
         write_slots: jax.Array,  # [B] first cache slot written, per row
+        rows: RowWindow | None = None,  # cache_kv holds more rows than x
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         q = self._query_norm(self.q_einsum(x))  # [B, T, N, H]
@@ -177,7 +185,9 @@ class Attention(nnx.Module):
         q = q * jnp.asarray(c.query_pre_attn_scalar**-0.5, q.dtype)
 
         if cache_kv is not None:
-            k, v = (write_rows(c, new, write_slots) for c, new in zip(cache_kv, (k, v)))
+            k, v = (
+                write_kv(c, new, write_slots, rows) for c, new in zip(cache_kv, (k, v))
+            )
             cache_kv = (k, v)
 
         b, t, _, h = q.shape
@@ -186,8 +196,12 @@ class Attention(nnx.Module):
         # its attention must not depend on that length. Elsewhere (prefill,
         # training) keys are the prompt's own bucket: plain softmax, which
         # also differentiates.
-        attend = blocked_attention if cache_kv is not None and t == 1 else attention
-        encoded = attend(q, k, v, mask, softcap=c.attn_logit_softcap)
+        if cache_kv is not None and t == 1:
+            encoded = blocked_attention(
+                q, k, v, mask, softcap=c.attn_logit_softcap, rows=rows
+            )
+        else:
+            encoded = attention(q, k, v, mask, softcap=c.attn_logit_softcap)
         encoded = encoded.reshape(b, t, c.num_heads, h).astype(x.dtype)
         return self.attn_vec_einsum(encoded), cache_kv
 
@@ -242,9 +256,9 @@ class Block(nnx.Module):
         self.mlp = FeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_ffw_norm = norm()
 
-    def __call__(self, x, positions, mask, cache_kv, write_slots):
+    def __call__(self, x, positions, mask, cache_kv, write_slots, rows=None):
         attn_out, cache_kv = self.attn(
-            self.pre_attention_norm(x), positions, mask, cache_kv, write_slots
+            self.pre_attention_norm(x), positions, mask, cache_kv, write_slots, rows
         )
         x = x + self.post_attention_norm(attn_out)
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
@@ -307,11 +321,14 @@ class Gemma3(nnx.Module):
         masks = attention_masks(self.config, positions, keys)
 
         x = self.embedder.encode(tokens)
+        rows = None if cache is None else cache.rows
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kind = layer.attention_type
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_kv = layer(x, positions, masks[kind], layer_kv, write_slots[kind])
+            x, layer_kv = layer(
+                x, positions, masks[kind], layer_kv, write_slots[kind], rows
+            )
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
