@@ -361,15 +361,20 @@ def local_mesh(model_parallel: int) -> Mesh | None:
     return make_mesh(data=-1, model=model_parallel, devices=devices)
 
 
-def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
-    """Runs one evaluation from the parsed flags; returns the summary."""
-    del argv
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` from the flags, with --distributed."""
     if FLAGS.distributed:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
+
+
+def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
+    """Runs one evaluation from the parsed flags; returns the summary."""
+    del argv
+    initialize_distributed()
     cfg = FLAGS.model
     check_model_config(cfg)
     if lora and not cfg.lora_checkpoint_path:

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,13 @@ from flax import nnx
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
-from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
+from gsm8k_jax.eval.results import (
+    ResultsError,
+    RunFiles,
+    model_config,
+    run_info,
+    run_tag,
+)
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3
@@ -135,6 +142,9 @@ def evaluate_checkpoints(
     load_lora_fn: LoadLoraFn | None = None,
     devices_per_checkpoint: int = 0,
     mesh_model: int = 1,
+    process_index: int = 0,
+    num_processes: int = 1,
+    timeout_s: float = 24 * 3600,
 ) -> list[RunResult]:
     """Evaluates a base model and each of its LoRA checkpoints, in one process.
 
@@ -147,6 +157,10 @@ def evaluate_checkpoints(
     `Sampler` per group serves its runs, compiled once. Each run's files and
     tag are those `eval_gsm8k.py` / `eval_gsm8k_base.py` would write with
     the same settings, so runs resume and compare alike.
+
+    Several processes (hosts) share the runs: process p evaluates runs p,
+    p + num_processes, ... on its own devices, and process 0 then waits for
+    the others' summaries in `output_dir` (storage every host shares).
 
     Args:
       model_name: a name from `registry.MODELS`.
@@ -169,9 +183,12 @@ def evaluate_checkpoints(
       devices_per_checkpoint: local devices per group (0: one group of all
         local devices, evaluating the runs one after another).
       mesh_model: tensor-parallel devices within a group (`--mesh_model`).
+      process_index, num_processes: this process's share of the runs.
+      timeout_s: how long process 0 waits for the other processes' runs.
 
     Returns:
-      The runs, base first, then the checkpoints in order.
+      The runs, base first, then the checkpoints in order; in a process
+      other than 0, only its own runs.
 
     Raises:
       ValueError: nothing to evaluate, two checkpoints would share a tag, or
@@ -225,11 +242,12 @@ def evaluate_checkpoints(
             " (a tag names a checkpoint by the last components of its path):"
             " evaluate them into separate output folders."
         )
-    for _, files, info in runs:
+    mine = [(i, run) for i, run in enumerate(runs) if i % num_processes == process_index]
+    for _, (_, files, info) in mine:
         files.prepare(info, resume=resume, overwrite=overwrite)
 
     work: queue.SimpleQueue[tuple[int, _Run]] = queue.SimpleQueue()
-    for item in enumerate(runs):
+    for item in mine:
         work.put(item)
     results: dict[int, RunResult] = {}
     stop = threading.Event()
@@ -256,7 +274,7 @@ def evaluate_checkpoints(
             stop.set()
             errors.append(e)
 
-    groups = groups[: len(runs)]  # No group without a run to take.
+    groups = groups[: len(mine)]  # No group without a run to take.
     # Daemon threads: Ctrl-C stops the process (finished rows are on disk).
     threads = [
         threading.Thread(target=evaluate_on, args=(g,), daemon=True) for g in groups
@@ -267,4 +285,16 @@ def evaluate_checkpoints(
         thread.join()
     if errors:
         raise errors[0]
+    if process_index != 0:
+        return [results[i] for i, _ in mine]
+    deadline = time.monotonic() + timeout_s
+    for i, (_, files, _) in enumerate(runs):
+        while i not in results and not files.summary_path.exists():
+            if time.monotonic() > deadline:
+                raise ResultsError(
+                    f"Timed out waiting for run {files.tag} (another process's)"
+                    f" in {output_dir}."
+                )
+            time.sleep(2.0)
+        results.setdefault(i, load_run_files(files))
     return [results[i] for i in range(len(runs))]

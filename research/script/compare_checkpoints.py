@@ -23,6 +23,11 @@ evaluate different checkpoints side by side (each group its own mesh, of
         --lora_checkpoints=ckpt/actor/100,ckpt/actor/200,ckpt/actor/300 \
         --devices_per_checkpoint=2 --mesh_model=2 --output_dir=results/sweep
 
+On several hosts (a TPU pod slice), start the same command on every host
+with --distributed: the hosts evaluate different checkpoints (host p takes
+runs p, p + hosts, ...; the base model is run 0) into the shared
+--output_dir (e.g. gs://), and host 0 compares them all.
+
 Writes comparison.md, comparison.json and accuracy.png into --output_dir
 and prints the Markdown report, which says for each run against the
 baseline whether the difference is significant at 5% (McNemar's exact test).
@@ -35,6 +40,7 @@ from gsm8k_jax.quiet import quiet_imports
 
 quiet_imports()  # Before the imports below load transformers.
 
+import jax
 from absl import flags
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
@@ -70,6 +76,7 @@ _NUM_RESAMPLES = flags.DEFINE_integer(
 def _evaluate() -> list[RunResult]:
     from gsm8k_jax.checkpoints.lora import LoraConfig  # qwix, orbax: heavy.
 
+    cli.initialize_distributed()
     cfg = cli.FLAGS.model
     cli.check_model_config(cfg)
     model_dir = resolve_model_dir(
@@ -90,6 +97,8 @@ def _evaluate() -> list[RunResult]:
         overwrite=cli.FLAGS.overwrite,
         devices_per_checkpoint=_DEVICES_PER_CHECKPOINT.value,
         mesh_model=cli.FLAGS.mesh_model,
+        process_index=jax.process_index(),
+        num_processes=jax.process_count(),
     )
 
 
@@ -101,6 +110,9 @@ def main(argv: list[str]) -> None:
         runs = [run for path in _RESULTS.value for run in load_runs(path)]
     elif _LORA_CHECKPOINTS.value:
         runs = _evaluate()
+        if cli.FLAGS.distributed and jax.process_index() != 0:
+            print(f"Evaluated {[r.tag for r in runs]}; process 0 compares the runs.")
+            return
     else:
         raise ValueError(
             "Nothing to compare: pass --results=<folders or files> to compare finished"

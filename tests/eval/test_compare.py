@@ -739,3 +739,40 @@ def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
             load_lora_fn=lambda *a, **k: pytest.fail("nothing may load"),
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_split_over_processes_equals_one_process(tmp_path):
+    """Process 1 of 2 evaluates run 1 (of base, a, b); process 0 evaluates runs
+    0 and 2, then reads run 1 from the shared folder: all as one process."""
+    checkpoints = [str(fake_checkpoint(tmp_path / name, 100)) for name in "ab"]
+
+    def perturbing_load_lora(model, path, config, *, merge=True):
+        """Perturbs one weight by noise drawn from the checkpoint's path."""
+        kernel = model.layers[0].mlp.down_proj.kernel
+        key = jax.random.key(sum(map(ord, path)))
+        noise = jax.random.normal(key, kernel.get_value().shape)
+        kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+        return model
+
+    def sweep(out, **kwargs):
+        return evaluate_checkpoints(
+            "gemma3-tiny",
+            None,
+            checkpoints,
+            LoraConfig(),
+            EvalConfig(batch_size=2, sampling=SamplingParams(max_generation_steps=8)),
+            out,
+            num_examples=2,
+            show_progress=False,
+            load_lora_fn=perturbing_load_lora,
+            **kwargs,
+        )
+
+    alone = sweep(tmp_path / "alone")
+    second = sweep(tmp_path / "shared", process_index=1, num_processes=2)
+    assert [r.tag for r in second] == [alone[1].tag]
+    assert not (tmp_path / "shared" / f"summary_{alone[2].tag}.json").exists()
+    first = sweep(tmp_path / "shared", process_index=0, num_processes=2)
+    assert [r.tag for r in first] == [r.tag for r in alone]
+    assert [r.rollouts for r in first] == [r.rollouts for r in alone]
+    assert len({tuple(x["response"] for x in r.rollouts) for r in alone}) == 3
