@@ -668,6 +668,13 @@ def fake_checkpoint(root, step):
     return root / "actor"
 
 
+def perturb_down_proj(model, key):
+    """Adds unit noise from `key` to one weight, in place."""
+    kernel = model.layers[0].mlp.down_proj.kernel
+    noise = jax.random.normal(key, kernel.get_value().shape)
+    kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+
+
 def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
     checkpoints = [
         fake_checkpoint(tmp_path / "a", 100),
@@ -684,9 +691,7 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
         seen.append(
             (path, all(np.array_equal(x, y) for x, y in zip(leaves, base_leaves)))
         )
-        kernel = model.layers[0].mlp.down_proj.kernel
-        noise = jax.random.normal(jax.random.key(len(seen)), kernel.get_value().shape)
-        kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+        perturb_down_proj(model, jax.random.key(len(seen)))
         return model
 
     out = tmp_path / "sweep"
@@ -748,10 +753,7 @@ def test_sweep_split_over_processes_equals_one_process(tmp_path):
 
     def perturbing_load_lora(model, path, config, *, merge=True):
         """Perturbs one weight by noise drawn from the checkpoint's path."""
-        kernel = model.layers[0].mlp.down_proj.kernel
-        key = jax.random.key(sum(map(ord, path)))
-        noise = jax.random.normal(key, kernel.get_value().shape)
-        kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+        perturb_down_proj(model, jax.random.key(sum(map(ord, path))))
         return model
 
     def sweep(out, **kwargs):

@@ -183,8 +183,17 @@ def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
             )
 
 
-def _describe(reader: _SafetensorsReader, mapping: _TensorMapping) -> str:
-    return ", ".join(reader.prefix + n for n in mapping.hf_names)
+def _shape_error(
+    reader: _SafetensorsReader,
+    mapping: _TensorMapping,
+    got: tuple[int, ...],
+    expected: tuple[int, ...],
+) -> CheckpointError:
+    names = ", ".join(reader.prefix + n for n in mapping.hf_names)
+    return CheckpointError(
+        f"Tensor(s) {names} in {reader.model_dir} give shape {got} for"
+        f" {'/'.join(map(str, mapping.path))}, expected {expected} from config.json."
+    )
 
 
 def _read_whole(
@@ -193,11 +202,7 @@ def _read_whole(
     """The whole parameter in our layout, checked against `shape`."""
     value = mapping.to_ours(*(reader.get(name) for name in mapping.hf_names))
     if value.shape != shape:
-        raise CheckpointError(
-            f"Tensor(s) {_describe(reader, mapping)} in {reader.model_dir} give"
-            f" shape {value.shape} for {'/'.join(map(str, mapping.path))}, expected"
-            f" {shape} from config.json."
-        )
+        raise _shape_error(reader, mapping, value.shape, shape)
     return value
 
 
@@ -207,7 +212,8 @@ def _read_block(
     shape: tuple[int, ...],
     index: tuple[slice, ...],
 ) -> np.ndarray:
-    """ours[index], read from the file as slices of the HF tensor(s)."""
+    """ours[index] (shape: the whole parameter's), read from the file as
+    slices of the HF tensor(s)."""
     hf_shapes = [reader.shape(name) for name in mapping.hf_names]
     hf_index = [[slice(None)] * len(s) for s in hf_shapes]
     for axis, block in enumerate(index):
@@ -221,7 +227,9 @@ def _read_block(
                 f" along axis {axis}."
             )
         for hf_shape, hf_block in zip(hf_shapes, hf_index, strict=True):
-            unit = hf_shape[hf_axis] // shape[axis]  # HF rows per one of ours.
+            unit, rest = divmod(hf_shape[hf_axis], shape[axis])  # HF rows per ours
+            if rest:
+                raise _shape_error(reader, mapping, tuple(hf_shape), shape)
             hf_block[hf_axis] = slice(start * unit, stop * unit)
     value = mapping.to_ours(
         *(
@@ -231,11 +239,7 @@ def _read_block(
     )
     expected = tuple(len(range(*b.indices(n))) for b, n in zip(index, shape))
     if value.shape != expected:
-        raise CheckpointError(
-            f"Tensor(s) {_describe(reader, mapping)} in {reader.model_dir} have"
-            f" shapes {hf_shapes}, which do not give {'/'.join(map(str, mapping.path))}"
-            f" {shape} as config.json says."
-        )
+        raise _shape_error(reader, mapping, value.shape, expected)
     return value
 
 
