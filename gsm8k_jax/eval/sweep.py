@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
-from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.results import (
     ResultsError,
     RunFiles,
@@ -75,30 +75,36 @@ def device_groups(
     return [list(devices[i : i + per_group]) for i in range(0, len(devices), per_group)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sweep:
+    """What every device group of a sweep shares."""
+
+    model_name: str
+    model_dir: os.PathLike
+    dtype: str
+    lora_config: LoraConfig
+    eval_config: EvalConfig
+    examples: Sequence[GSM8KExample]
+    show_progress: bool
+    load_lora_fn: LoadLoraFn
+    mesh_model: int
+
+
 def _evaluate_on(
     devices: list[jax.Device],
-    mesh_model: int,
+    sweep: _Sweep,
     work: queue.SimpleQueue[tuple[int, _Run]],
     results: dict[int, RunResult],
     stop: threading.Event,
-    *,
-    model_name: str,
-    model_dir: os.PathLike,
-    dtype: str,
-    lora_config: LoraConfig,
-    eval_config: EvalConfig,
-    examples: list,
-    show_progress: bool,
-    load_lora_fn: LoadLoraFn,
 ) -> None:
     """Loads the base model onto `devices` and evaluates runs from `work`
     until it is empty (or another group failed)."""
     mesh = None
-    if len(devices) > 1 or mesh_model > 1:
-        mesh = make_mesh(model=mesh_model, devices=devices)
+    if len(devices) > 1 or sweep.mesh_model > 1:
+        mesh = make_mesh(model=sweep.mesh_model, devices=devices)
     with jax.default_device(devices[0]):
         model, tokenizer, _ = load_pretrained(
-            model_name, model_dir, dtype=dtype, mesh=mesh
+            sweep.model_name, sweep.model_dir, dtype=sweep.dtype, mesh=mesh
         )
         sampler = Sampler(model, tokenizer, mesh=mesh)
         # New Variables holding the base arrays: merging replaces a
@@ -112,14 +118,14 @@ def _evaluate_on(
             nnx.update(model, base_params)
             if lora_path:
                 logging.info("Merging %s into the base weights.", lora_path)
-                load_lora_fn(model, lora_path, lora_config, merge=True)
+                sweep.load_lora_fn(model, lora_path, sweep.lora_config, merge=True)
             evaluate(
                 sampler,
-                examples,
-                eval_config,
+                sweep.examples,
+                sweep.eval_config,
                 files,
                 run_info=info,
-                show_progress=show_progress,
+                show_progress=sweep.show_progress,
             )
             results[index] = load_run_files(files)
 
@@ -253,23 +259,21 @@ def evaluate_checkpoints(
     stop = threading.Event()
     errors: list[BaseException] = []
 
+    sweep = _Sweep(
+        model_name,
+        model_dir,
+        dtype,
+        lora_config,
+        eval_config,
+        examples,
+        show_progress,
+        load_lora_fn,
+        mesh_model,
+    )
+
     def evaluate_on(devices: list[jax.Device]) -> None:
         try:
-            _evaluate_on(
-                devices,
-                mesh_model,
-                work,
-                results,
-                stop,
-                model_name=model_name,
-                model_dir=model_dir,
-                dtype=dtype,
-                lora_config=lora_config,
-                eval_config=eval_config,
-                examples=examples,
-                show_progress=show_progress,
-                load_lora_fn=load_lora_fn,
-            )
+            _evaluate_on(devices, sweep, work, results, stop)
         except BaseException as e:  # Re-raised in the calling thread.
             stop.set()
             errors.append(e)

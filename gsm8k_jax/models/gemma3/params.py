@@ -86,10 +86,6 @@ class _SafetensorsReader:
             raise CheckpointError(f"Missing tensor '{full}' in {self.model_dir}.")
         return self._files[full]
 
-    def get(self, name: str) -> np.ndarray:
-        with safe_open(self._file(name), framework="numpy") as f:
-            return f.get_tensor(self.prefix + name)
-
     def get_block(self, name: str, index: Sequence[slice]) -> np.ndarray:
         """tensor[index], reading only that block from the file."""
         with safe_open(self._file(name), framework="numpy") as f:
@@ -196,16 +192,6 @@ def _shape_error(
     )
 
 
-def _read_whole(
-    reader: _SafetensorsReader, mapping: _TensorMapping, shape: tuple[int, ...]
-) -> np.ndarray:
-    """The whole parameter in our layout, checked against `shape`."""
-    value = mapping.to_ours(*(reader.get(name) for name in mapping.hf_names))
-    if value.shape != shape:
-        raise _shape_error(reader, mapping, value.shape, shape)
-    return value
-
-
 def _read_block(
     reader: _SafetensorsReader,
     mapping: _TensorMapping,
@@ -253,7 +239,8 @@ def _place_tensor(
     """One parameter on device: whole on the default device, or each device
     reading just its block of `sharding`."""
     if sharding is None:
-        return jax.device_put(_read_whole(reader, mapping, shape).astype(dtype))
+        whole = (slice(None),) * len(shape)
+        return jax.device_put(_read_block(reader, mapping, shape, whole).astype(dtype))
     blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
