@@ -348,10 +348,10 @@ class _Target:
             return sharding, sharding
         spec = sharding.spec + (None,) * (len(self.w_axes) - len(sharding.spec))
         split = dict(zip(self.w_axes, spec))
-        return (
-            NamedSharding(sharding.mesh, PartitionSpec(*map(split.get, self.a_axes), None)),
-            NamedSharding(sharding.mesh, PartitionSpec(None, *map(split.get, self.b_axes))),
-        )
+        a_spec = PartitionSpec(*map(split.get, self.a_axes), None)
+        b_spec = PartitionSpec(None, *map(split.get, self.b_axes))
+        mesh = sharding.mesh
+        return NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
 
 
 def _target(module: nnx.Module) -> tuple[str, _Target] | None:

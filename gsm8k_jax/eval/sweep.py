@@ -248,7 +248,7 @@ def evaluate_checkpoints(
             " (a tag names a checkpoint by the last components of its path):"
             " evaluate them into separate output folders."
         )
-    mine = [(i, run) for i, run in enumerate(runs) if i % num_processes == process_index]
+    mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
     for _, (_, files, info) in mine:
         files.prepare(info, resume=resume, overwrite=overwrite)
 

@@ -217,7 +217,8 @@ checkpoints = []
 for seed in (1, 2, 3):
     root = scratch / f"ckpt{seed}"
     factors = {
-        key: (a, b * 0.5) for key, (a, b) in random_factors(hf_config, RANK, seed).items()
+        key: (a, b * 0.5)
+        for key, (a, b) in random_factors(hf_config, RANK, seed).items()
     }
     write_tunix_checkpoint(root / "actor" / "100" / "model_params", factors)
     checkpoints.append(str(root / "actor"))

@@ -131,7 +131,11 @@ def test_device_groups_split_in_order():
 
 def test_model_axis_must_divide_the_query_heads():
     check_model_parallelism(32, 8)
-    with pytest.raises(ValueError, match=r"--mesh_model=3 does not divide the model's 4 query heads: use one of \[1, 2, 4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"--mesh_model=3 does not divide the model's 4 query heads: use one"
+        r" of \[1, 2, 4\]",
+    ):
         check_model_parallelism(4, 3)
 
 
@@ -150,10 +154,16 @@ def test_model_axis_must_divide_the_query_heads():
         ),
     ],
 )
-def test_scripts_say_what_does_not_divide_in_one_line(tmp_path, script, args, message):
+def test_scripts_say_what_does_not_divide_in_one_line(
+    tmp_path, script, args, message
+):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "research" / "script" / script), *args,
-         f"--output_dir={tmp_path}"],
+        [
+            sys.executable,
+            str(REPO / "research" / "script" / script),
+            *args,
+            f"--output_dir={tmp_path}",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -154,7 +154,9 @@ def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
         yield _TensorMapping(  # 2 x (K*H, D) <-> [2, K, D, H]
             ("layers", i, "attn", "kv_einsum", "w"),
             (hf + "self_attn.k_proj.weight", hf + "self_attn.v_proj.weight"),
-            lambda wk, wv: np.stack([wk, wv]).reshape(2, -1, h, d).transpose(0, 1, 3, 2),
+            lambda wk, wv: (
+                np.stack([wk, wv]).reshape(2, -1, h, d).transpose(0, 1, 3, 2)
+            ),
             lambda w: tuple(w.transpose(0, 1, 3, 2).reshape(2, k * h, d)),
             (None, 0, 1, None),
         )
