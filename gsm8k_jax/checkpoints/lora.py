@@ -35,6 +35,7 @@ alpha is not stored in checkpoints: it must be the value used in training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -49,6 +50,7 @@ import qwix
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import v1 as ocp_v1
 
 from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
@@ -331,15 +333,25 @@ class _Target:
             (rank, *(size[c] for c in self.b_axes)),
         )
 
-    def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        """a . b laid out like the weight."""
+    @property
+    def delta_equation(self) -> str:
+        """The einsum of a . b laid out like the weight."""
         r = next(c for c in "rstuvwxyz" if c not in self.w_axes)
-        return jnp.einsum(
-            f"{self.a_axes}{r},{r}{self.b_axes}->{self.w_axes}",
-            a,
-            b,
-            precision=jax.lax.Precision.HIGHEST,
-        )
+        return f"{self.a_axes}{r},{r}{self.b_axes}->{self.w_axes}"
+
+    def factor_shardings(
+        self, sharding: jax.sharding.Sharding
+    ) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+        """Where lora_a and lora_b go for a weight placed with `sharding`: each
+        axis split as the weight's axis of the same letter, the rank whole."""
+        if not isinstance(sharding, NamedSharding):  # One device.
+            return sharding, sharding
+        spec = sharding.spec + (None,) * (len(self.w_axes) - len(sharding.spec))
+        split = dict(zip(self.w_axes, spec))
+        a_spec = PartitionSpec(*map(split.get, self.a_axes), None)
+        b_spec = PartitionSpec(None, *map(split.get, self.b_axes))
+        mesh = sharding.mesh
+        return NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
 
 
 def _target(module: nnx.Module) -> tuple[str, _Target] | None:
@@ -483,6 +495,41 @@ def validate_lora_params(
 # --------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("equation", "scale", "sharding"))
+def _merged(
+    w: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    equation: str,
+    scale: float,
+    sharding: jax.sharding.Sharding,
+) -> jax.Array:
+    """float32(W) + (a . b) * scale, all in float32, sharded as W."""
+    delta = jnp.einsum(
+        equation,
+        a.astype(jnp.float32),
+        b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    merged = w.astype(jnp.float32) + delta * scale
+    return jax.lax.with_sharding_constraint(merged, sharding)
+
+
+def _merge_weight(target: _Target, a: Any, b: Any, scale: float) -> jax.Array:
+    """The merged weight, its factors placed beside the weight's blocks."""
+    w = target.variable.get_value()
+    a_sharding, b_sharding = target.factor_shardings(w.sharding)
+    return _merged(
+        w,
+        jax.device_put(a, a_sharding),
+        jax.device_put(b, b_sharding),
+        equation=target.delta_equation,
+        scale=scale,
+        sharding=w.sharding,
+    )
+
+
 def merge_lora(
     model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
 ) -> None:
@@ -491,16 +538,20 @@ def merge_lora(
     Validates first. The update is computed in float32 and the merged
     weights stay float32: bf16(W + delta) would round away most of a small
     update (48% of it when delta is 0.3% of W). The model computes those
-    layers in float32 and returns activations in its own dtype.
+    layers in float32 and returns activations in its own dtype. A weight
+    split over a mesh stays split as it is (its factors are placed to
+    match), so no device ever holds a whole merged weight.
     """
     validate_lora_params(model, params, config)
     targets = _targets(model, config.module_path)
     for weight in _factors(params):
         target = targets[weight]
-        a = jnp.asarray(params[f"{weight}_lora_a"], jnp.float32)
-        b = jnp.asarray(params[f"{weight}_lora_b"], jnp.float32)
-        w = target.variable.get_value()
-        merged = w.astype(jnp.float32) + target.delta(a, b) * config.scale
+        merged = _merge_weight(
+            target,
+            params[f"{weight}_lora_a"],
+            params[f"{weight}_lora_b"],
+            config.scale,
+        )
         target.variable.set_value(merged)
 
 

@@ -38,7 +38,8 @@ from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate, merge_shards, shard_tag
 from gsm8k_jax.eval.tasks import TASKS, task_eval_config
-from gsm8k_jax.models.gemma3.sharding import make_mesh
+from gsm8k_jax.models.gemma3.params import load_config
+from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
 from gsm8k_jax.models.registry import (
     MODELS,
     SUPPORTED_FAMILIES,
@@ -362,12 +363,17 @@ def local_mesh(model_parallel: int) -> Mesh | None:
     devices = jax.local_devices()
     if len(devices) == 1 and model_parallel == 1:
         return None
+    if model_parallel < 1 or len(devices) % model_parallel:
+        raise ValueError(
+            f"--mesh_model={model_parallel} must divide the {len(devices)} local"
+            " devices."
+        )
     return make_mesh(data=-1, model=model_parallel, devices=devices)
 
 
-def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
-    """Runs one evaluation from the parsed flags; returns the summary."""
-    del argv
+def start_jax() -> None:
+    """JAX as the flags set it up: the persistent compilation cache, and
+    `jax.distributed.initialize` with --distributed."""
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.distributed:
         jax.distributed.initialize(
@@ -375,6 +381,12 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
+
+
+def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
+    """Runs one evaluation from the parsed flags; returns the summary."""
+    del argv
+    start_jax()
     cfg = FLAGS.model
     check_model_config(cfg)
     if lora and not cfg.lora_checkpoint_path:
@@ -417,6 +429,8 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
+    check_model_parallelism(load_config(model_dir).num_heads, FLAGS.mesh_model)
+    mesh = local_mesh(FLAGS.mesh_model)
     eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
     tag = run_tag(
         cfg.model_name, lora_path, eval_config.batch_size, lora_config, eval_config.task
@@ -435,11 +449,13 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
     files.check(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     print(f"Run tag: {shard}", flush=True)
 
-    model, tokenizer, _ = load_pretrained(cfg.model_name, model_dir, dtype=cfg.dtype)
+    model, tokenizer, _ = load_pretrained(
+        cfg.model_name, model_dir, dtype=cfg.dtype, mesh=mesh
+    )
     check_eos_ids(eval_config.sampling.eos_ids, model.config.vocab_size, model_dir)
     if lora:
         lora_lib.load_lora(model, lora_path, lora_config, merge=True)
-    sampler = Sampler(model, tokenizer, mesh=local_mesh(FLAGS.mesh_model))
+    sampler = Sampler(model, tokenizer, mesh=mesh)
     # Recorded only now that model, data and checkpoint have loaded.
     files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     print(f"Results: {files.rollouts_path}", flush=True)

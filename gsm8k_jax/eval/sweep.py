@@ -1,15 +1,24 @@
 """Evaluating a base model and a list of its LoRA checkpoints in one process.
 
-`evaluate_checkpoints` loads the base weights once and writes each run's
-files exactly as `eval_gsm8k.py` / `eval_gsm8k_base.py` would, so that
-`runs.load_runs` and `comparison.compare_runs` read them like any other run.
-Unlike the reading and comparing modules, this one needs jax and the model.
+`evaluate_checkpoints` loads the base weights once per device group and
+writes each run's files exactly as `eval_gsm8k.py` / `eval_gsm8k_base.py`
+would, so that `runs.load_runs` and `comparison.compare_runs` read them like
+any other run. The local devices can be split into groups that evaluate
+different checkpoints side by side, one thread each (JAX dispatch releases
+the GIL); each group has its own mesh, model copy and sampler. Rows are
+bitwise the same whichever group evaluates them and however many data
+devices it has (the sampler is batch invariant and data parallelism keeps
+every row's arithmetic). Unlike the reading and comparing modules, this one
+needs jax and the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,22 +27,107 @@ from absl import logging
 from flax import nnx
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
-from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
-from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
+from gsm8k_jax.eval.results import (
+    ResultsError,
+    RunFiles,
+    model_config,
+    run_info,
+    run_tag,
+)
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3
+from gsm8k_jax.models.gemma3.params import load_config
+from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
 from gsm8k_jax.models.registry import load_pretrained, model_spec
 from gsm8k_jax.sampling.sampler import Sampler
 
 if TYPE_CHECKING:
     from gsm8k_jax.checkpoints.lora import LoraConfig
 
-__all__ = ["LoadLoraFn", "evaluate_checkpoints"]
+__all__ = ["LoadLoraFn", "device_groups", "evaluate_checkpoints"]
 
 # `load_lora(model, path, config, merge=True)`: merges a checkpoint into
 # `model` in place (see `gsm8k_jax.checkpoints.lora.load_lora`).
 LoadLoraFn = Callable[..., Gemma3]
+# (resolved LoRA path, "" for the base model; its files; its run record).
+_Run = tuple[str, RunFiles, dict[str, Any]]
+
+
+def device_groups(
+    devices: Sequence[jax.Device], devices_per_checkpoint: int, mesh_model: int
+) -> list[list[jax.Device]]:
+    """`devices` in consecutive groups of `devices_per_checkpoint` (0: one
+    group of all), each split into a (data, `mesh_model`) mesh."""
+    per_group = devices_per_checkpoint or len(devices)
+    if not 1 <= per_group <= len(devices) or len(devices) % per_group:
+        raise ValueError(
+            f"--devices_per_checkpoint={devices_per_checkpoint} must divide the"
+            f" {len(devices)} local devices (0: all of them for each checkpoint"
+            " in turn)."
+        )
+    if per_group % mesh_model:
+        raise ValueError(
+            f"--mesh_model={mesh_model} must divide the {per_group} devices of each"
+            " checkpoint (--devices_per_checkpoint)."
+        )
+    return [list(devices[i : i + per_group]) for i in range(0, len(devices), per_group)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sweep:
+    """What every device group of a sweep shares."""
+
+    model_name: str
+    model_dir: os.PathLike
+    dtype: str
+    lora_config: LoraConfig
+    eval_config: EvalConfig
+    examples: Sequence[GSM8KExample]
+    show_progress: bool
+    load_lora_fn: LoadLoraFn
+    mesh_model: int
+
+
+def _evaluate_on(
+    devices: list[jax.Device],
+    sweep: _Sweep,
+    work: queue.SimpleQueue[tuple[int, _Run]],
+    results: dict[int, RunResult],
+    stop: threading.Event,
+) -> None:
+    """Loads the base model onto `devices` and evaluates runs from `work`
+    until it is empty (or another group failed)."""
+    mesh = None
+    if len(devices) > 1 or sweep.mesh_model > 1:
+        mesh = make_mesh(model=sweep.mesh_model, devices=devices)
+    with jax.default_device(devices[0]):
+        model, tokenizer, _ = load_pretrained(
+            sweep.model_name, sweep.model_dir, dtype=sweep.dtype, mesh=mesh
+        )
+        sampler = Sampler(model, tokenizer, mesh=mesh)
+        # New Variables holding the base arrays: merging replaces a
+        # Variable's array, so these stay the base weights.
+        base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+        while not stop.is_set():
+            try:
+                index, (lora_path, files, info) = work.get_nowait()
+            except queue.Empty:
+                return
+            nnx.update(model, base_params)
+            if lora_path:
+                logging.info("Merging %s into the base weights.", lora_path)
+                sweep.load_lora_fn(model, lora_path, sweep.lora_config, merge=True)
+            evaluate(
+                sampler,
+                sweep.examples,
+                sweep.eval_config,
+                files,
+                run_info=info,
+                show_progress=sweep.show_progress,
+            )
+            results[index] = load_run_files(files)
 
 
 def evaluate_checkpoints(
@@ -52,15 +146,27 @@ def evaluate_checkpoints(
     overwrite: bool = False,
     show_progress: bool = True,
     load_lora_fn: LoadLoraFn | None = None,
+    devices_per_checkpoint: int = 0,
+    mesh_model: int = 1,
+    process_index: int = 0,
+    num_processes: int = 1,
+    timeout_s: float = 24 * 3600,
 ) -> list[RunResult]:
     """Evaluates a base model and each of its LoRA checkpoints, in one process.
 
-    The base weights are loaded once. Before each checkpoint is merged, the
-    base weights are put back (the model keeps references to the base
-    arrays, which merging replaces rather than modifies, so this costs no
-    memory), and one `Sampler` serves every run, compiled once. Each run's
-    files and tag are those `eval_gsm8k.py` / `eval_gsm8k_base.py` would
-    write with the same settings, so runs resume and compare alike.
+    The local devices are split into groups of `devices_per_checkpoint`;
+    each group loads the base weights once, straight into its own mesh, and
+    takes the next run not yet taken until none is left, side by side with
+    the other groups. Before each checkpoint is merged, the base weights are
+    put back (the model keeps references to the base arrays, which merging
+    replaces rather than modifies, so this costs no memory), and one
+    `Sampler` per group serves its runs, compiled once. Each run's files and
+    tag are those `eval_gsm8k.py` / `eval_gsm8k_base.py` would write with
+    the same settings, so runs resume and compare alike.
+
+    Several processes (hosts) share the runs: process p evaluates runs p,
+    p + num_processes, ... on its own devices, and process 0 then waits for
+    the others' summaries in `output_dir` (storage every host shares).
 
     Args:
       model_name: a name from `registry.MODELS`.
@@ -80,12 +186,19 @@ def evaluate_checkpoints(
       show_progress: show a progress bar per run.
       load_lora_fn: merges a checkpoint into the model in place;
         `gsm8k_jax.checkpoints.lora.load_lora` by default.
+      devices_per_checkpoint: local devices per group (0: one group of all
+        local devices, evaluating the runs one after another).
+      mesh_model: tensor-parallel devices within a group (`--mesh_model`).
+      process_index, num_processes: this process's share of the runs.
+      timeout_s: how long process 0 waits for the other processes' runs.
 
     Returns:
-      The runs, base first, then the checkpoints in order.
+      The runs, base first, then the checkpoints in order; in a process
+      other than 0, only its own runs.
 
     Raises:
-      ValueError: nothing to evaluate, or two checkpoints would share a tag.
+      ValueError: nothing to evaluate, two checkpoints would share a tag, or
+        the devices do not split into groups as asked.
       ResultsError: `output_dir` holds other runs under the same tags.
       CheckpointError, SourceError: a checkpoint or the model cannot be read.
     """
@@ -94,6 +207,7 @@ def evaluate_checkpoints(
     load_lora_fn = load_lora_fn or lora_lib.load_lora
     if not lora_paths and not include_base:
         raise ValueError("Nothing to evaluate: no LoRA checkpoint and no base model.")
+    groups = device_groups(jax.local_devices(), devices_per_checkpoint, mesh_model)
     # Every input is checked before the model is loaded.
     # (path as given, resolved path); ("", "") is the base model.
     checkpoints = [("", "")] if include_base else []
@@ -101,8 +215,9 @@ def evaluate_checkpoints(
     data_path = str(data_path or BUNDLED_TEST_SET)
     examples = load_gsm8k(data_path, num_examples)
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
+    check_model_parallelism(load_config(model_dir).num_heads, mesh_model)
 
-    runs: list[tuple[str, RunFiles, dict[str, Any]]] = []
+    runs: list[_Run] = []
     for raw_path, lora_path in checkpoints:
         model = model_config(model_name)
         model.model_path = model_path or ""
@@ -133,27 +248,57 @@ def evaluate_checkpoints(
             " (a tag names a checkpoint by the last components of its path):"
             " evaluate them into separate output folders."
         )
-    for _, files, info in runs:
+    mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
+    for _, (_, files, info) in mine:
         files.prepare(info, resume=resume, overwrite=overwrite)
 
-    model, tokenizer, _ = load_pretrained(model_name, model_dir, dtype=dtype)
-    sampler = Sampler(model, tokenizer)
-    # New Variables holding the base arrays: merging replaces a Variable's
-    # array, so these stay the base weights.
-    base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
-    results = []
-    for lora_path, files, info in runs:
-        nnx.update(model, base_params)
-        if lora_path:
-            logging.info("Merging %s into the base weights.", lora_path)
-            load_lora_fn(model, lora_path, lora_config, merge=True)
-        evaluate(
-            sampler,
-            examples,
-            eval_config,
-            files,
-            run_info=info,
-            show_progress=show_progress,
-        )
-        results.append(load_run_files(files))
-    return results
+    work: queue.SimpleQueue[tuple[int, _Run]] = queue.SimpleQueue()
+    for item in mine:
+        work.put(item)
+    results: dict[int, RunResult] = {}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    sweep = _Sweep(
+        model_name,
+        model_dir,
+        dtype,
+        lora_config,
+        eval_config,
+        examples,
+        show_progress,
+        load_lora_fn,
+        mesh_model,
+    )
+
+    def evaluate_on(devices: list[jax.Device]) -> None:
+        try:
+            _evaluate_on(devices, sweep, work, results, stop)
+        except BaseException as e:  # Re-raised in the calling thread.
+            stop.set()
+            errors.append(e)
+
+    groups = groups[: len(mine)]  # No group without a run to take.
+    # Daemon threads: Ctrl-C stops the process (finished rows are on disk).
+    threads = [
+        threading.Thread(target=evaluate_on, args=(g,), daemon=True) for g in groups
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    if process_index != 0:
+        return [results[i] for i, _ in mine]
+    deadline = time.monotonic() + timeout_s
+    for i, (_, files, _) in enumerate(runs):
+        while i not in results and not files.summary_path.exists():
+            if time.monotonic() > deadline:
+                raise ResultsError(
+                    f"Timed out waiting for run {files.tag} (another process's)"
+                    f" in {output_dir}."
+                )
+            time.sleep(2.0)
+        results.setdefault(i, load_run_files(files))
+    return [results[i] for i in range(len(runs))]

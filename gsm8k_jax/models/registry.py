@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import transformers
+from jax.sharding import Mesh
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.models.gemma3.model import Gemma3
@@ -69,15 +70,17 @@ def load_pretrained(
     model_path: str | os.PathLike | None = None,
     *,
     dtype: str | jnp.dtype = "bfloat16",
+    mesh: Mesh | None = None,
 ) -> tuple[Gemma3, transformers.PreTrainedTokenizerBase, Path]:
-    """Loads a model and its tokenizer from the same source.
+    """Loads a model and its tokenizer from the same source; with a mesh,
+    each weight straight into its sharding (`load_hf_model`).
 
     Returns (model, tokenizer, local model folder).
     """
     spec = model_spec(model_name)
     model_dir = resolve_model_dir(model_path or spec.default_path)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    model = load_hf_model(model_dir, dtype=dtype)
+    model = load_hf_model(model_dir, dtype=dtype, mesh=mesh)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer, model_dir
 

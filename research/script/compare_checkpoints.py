@@ -15,6 +15,19 @@ model and evaluation flags as for eval_gsm8k.py), then compare them:
         --lora_checkpoints=gs://bucket/run/actor/500,gs://bucket/run/actor/1000 \
         --output_dir=results/sweep --batch_size=32
 
+With several devices, --devices_per_checkpoint splits them into groups that
+evaluate different checkpoints side by side (each group its own mesh, of
+--mesh_model tensor-parallel devices), e.g. 8 GPUs, 4 checkpoints at a time:
+
+    python research/script/compare_checkpoints.py --model.model_name=gemma3-4b-it \
+        --lora_checkpoints=ckpt/actor/100,ckpt/actor/200,ckpt/actor/300 \
+        --devices_per_checkpoint=2 --mesh_model=2 --output_dir=results/sweep
+
+On several hosts (a TPU pod slice), start the same command on every host
+with --distributed: the hosts evaluate different checkpoints (host p takes
+runs p, p + hosts, ...; the base model is run 0) into the shared
+--output_dir (e.g. gs://), and host 0 compares them all.
+
 Writes comparison.md, comparison.json and accuracy.png into --output_dir
 and prints the Markdown report, which says for each run against the
 baseline whether the difference is significant at 5% (McNemar's exact test).
@@ -27,6 +40,7 @@ from gsm8k_jax.quiet import quiet_imports
 
 quiet_imports()  # Before the imports below load transformers.
 
+import jax
 from absl import flags
 
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
@@ -47,6 +61,13 @@ _LORA_CHECKPOINTS = flags.DEFINE_list(
 _INCLUDE_BASE = flags.DEFINE_bool(
     "include_base", True, "Also evaluate the base model (with --lora_checkpoints)."
 )
+_DEVICES_PER_CHECKPOINT = flags.DEFINE_integer(
+    "devices_per_checkpoint",
+    0,
+    "With --lora_checkpoints: local devices per checkpoint; the devices split into"
+    " groups that evaluate checkpoints side by side (0: all devices, one checkpoint"
+    " after another). Must divide the local devices; --mesh_model must divide it.",
+)
 _NUM_RESAMPLES = flags.DEFINE_integer(
     "num_resamples", 10_000, "Paired bootstrap resamples."
 )
@@ -55,6 +76,7 @@ _NUM_RESAMPLES = flags.DEFINE_integer(
 def _evaluate() -> list[RunResult]:
     from gsm8k_jax.checkpoints.lora import LoraConfig  # qwix, orbax: heavy.
 
+    cli.start_jax()
     cfg = cli.FLAGS.model
     cli.check_model_config(cfg)
     model_dir = resolve_model_dir(
@@ -73,6 +95,10 @@ def _evaluate() -> list[RunResult]:
         dtype=cfg.dtype,
         resume=cli.FLAGS.resume,
         overwrite=cli.FLAGS.overwrite,
+        devices_per_checkpoint=_DEVICES_PER_CHECKPOINT.value,
+        mesh_model=cli.FLAGS.mesh_model,
+        process_index=jax.process_index(),
+        num_processes=jax.process_count(),
     )
 
 
@@ -84,6 +110,9 @@ def main(argv: list[str]) -> None:
         runs = [run for path in _RESULTS.value for run in load_runs(path)]
     elif _LORA_CHECKPOINTS.value:
         runs = _evaluate()
+        if cli.FLAGS.distributed and jax.process_index() != 0:
+            print(f"Evaluated {[r.tag for r in runs]}; process 0 compares the runs.")
+            return
     else:
         raise ValueError(
             "Nothing to compare: pass --results=<folders or files> to compare finished"

@@ -668,6 +668,13 @@ def fake_checkpoint(root, step):
     return root / "actor"
 
 
+def perturb_down_proj(model, key):
+    """Adds unit noise from `key` to one weight, in place."""
+    kernel = model.layers[0].mlp.down_proj.kernel
+    noise = jax.random.normal(key, kernel.get_value().shape)
+    kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+
+
 def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
     checkpoints = [
         fake_checkpoint(tmp_path / "a", 100),
@@ -684,9 +691,7 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
         seen.append(
             (path, all(np.array_equal(x, y) for x, y in zip(leaves, base_leaves)))
         )
-        kernel = model.layers[0].mlp.down_proj.kernel
-        noise = jax.random.normal(jax.random.key(len(seen)), kernel.get_value().shape)
-        kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+        perturb_down_proj(model, jax.random.key(len(seen)))
         return model
 
     out = tmp_path / "sweep"
@@ -739,3 +744,37 @@ def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
             load_lora_fn=lambda *a, **k: pytest.fail("nothing may load"),
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_split_over_processes_equals_one_process(tmp_path):
+    """Process 1 of 2 evaluates run 1 (of base, a, b); process 0 evaluates runs
+    0 and 2, then reads run 1 from the shared folder: all as one process."""
+    checkpoints = [str(fake_checkpoint(tmp_path / name, 100)) for name in "ab"]
+
+    def perturbing_load_lora(model, path, config, *, merge=True):
+        """Perturbs one weight by noise drawn from the checkpoint's path."""
+        perturb_down_proj(model, jax.random.key(sum(map(ord, path))))
+        return model
+
+    def sweep(out, **kwargs):
+        return evaluate_checkpoints(
+            "gemma3-tiny",
+            None,
+            checkpoints,
+            LoraConfig(),
+            EvalConfig(batch_size=2, sampling=SamplingParams(max_generation_steps=8)),
+            out,
+            num_examples=2,
+            show_progress=False,
+            load_lora_fn=perturbing_load_lora,
+            **kwargs,
+        )
+
+    alone = sweep(tmp_path / "alone")
+    second = sweep(tmp_path / "shared", process_index=1, num_processes=2)
+    assert [r.tag for r in second] == [alone[1].tag]
+    assert not (tmp_path / "shared" / f"summary_{alone[2].tag}.json").exists()
+    first = sweep(tmp_path / "shared", process_index=0, num_processes=2)
+    assert [r.tag for r in first] == [r.tag for r in alone]
+    assert [r.rollouts for r in first] == [r.rollouts for r in alone]
+    assert len({tuple(x["response"] for x in r.rollouts) for r in alone}) == 3

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.params import CheckpointError, load_hf_model
+from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.sampling.decode import prompt_positions
 from hf_models import TINY_VARIANTS, make_tiny_hf_model
 
@@ -182,7 +183,9 @@ def test_missing_tensor_is_named(tmp_path):
         load_hf_model(tmp_path)
 
 
-def test_misshaped_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("mesh", [None, "1x1"])
+def test_misshaped_tensor_is_named(tmp_path, mesh):
+    """Whole, and read in blocks onto a mesh (one block here)."""
     make_tiny_hf_model(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 96
@@ -190,7 +193,7 @@ def test_misshaped_tensor_is_named(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"gate_proj\.weight.*\(64, 128\).*\(64, 96\)"
     ):
-        load_hf_model(tmp_path)
+        load_hf_model(tmp_path, mesh=mesh and make_mesh(data=1, model=1))
 
 
 def test_folder_without_weights(tmp_path):

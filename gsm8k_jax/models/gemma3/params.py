@@ -4,6 +4,9 @@ Weights are read one tensor at a time from (possibly sharded) safetensors,
 converted to the target layout and dtype, and placed on device before the
 next is read, so even a 27b never needs two full copies in host memory. The
 model itself is created abstractly (`nnx.eval_shape`): no random init.
+Given a mesh, each device reads only its own block of each tensor
+(safetensors slices) into the `NamedSharding` of `sharding.param_sharding`:
+no device ever holds a whole split weight.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -19,10 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
 from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
+from gsm8k_jax.models.gemma3.sharding import (
+    MODEL,
+    check_model_parallelism,
+    param_sharding,
+)
 
 _EMBED_SUFFIX = "embed_tokens.weight"
 
@@ -71,12 +80,20 @@ class _SafetensorsReader:
         self.prefix = embed[0][: -len(_EMBED_SUFFIX)]
         self.model_dir = model_dir
 
-    def get(self, name: str) -> np.ndarray:
+    def _file(self, name: str) -> Path:
         full = self.prefix + name
         if full not in self._files:
             raise CheckpointError(f"Missing tensor '{full}' in {self.model_dir}.")
-        with safe_open(self._files[full], framework="numpy") as f:
-            return f.get_tensor(full)
+        return self._files[full]
+
+    def get_block(self, name: str, index: Sequence[slice]) -> np.ndarray:
+        """tensor[index], reading only that block from the file."""
+        with safe_open(self._file(name), framework="numpy") as f:
+            return f.get_slice(self.prefix + name)[tuple(index)]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._file(name), framework="numpy") as f:
+            return tuple(f.get_slice(self.prefix + name).get_shape())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +103,19 @@ class _TensorMapping:
     `to_ours(*hf_arrays)` gives our layout; `to_hf(ours)` gives the HF
     arrays back, in `hf_names` order. Both directions live here so that
     loading and exporting can never disagree.
+
+    `hf_axes[i]` is the axis of the HF tensor(s) that our axis i is read
+    from as whole contiguous blocks (our q_einsum heads: rows of q_proj,
+    head_dim rows each), None where it is not (head_dim inside those
+    rows): a block of ours along such an axis is a slice of the file, and
+    `to_ours` converts the slice as it converts the whole.
     """
 
     path: tuple[str | int, ...]
     hf_names: tuple[str, ...]
     to_ours: Callable[..., np.ndarray]
     to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    hf_axes: tuple[int | None, ...]
 
 
 def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
@@ -103,10 +127,12 @@ def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
         config.head_dim,
     )
 
-    def same(path: tuple[str | int, ...], name: str) -> _TensorMapping:
-        return _TensorMapping(path, (name,), lambda w: w, lambda w: (w,))
+    def same(path: tuple[str | int, ...], name: str, ndim: int = 1) -> _TensorMapping:
+        return _TensorMapping(
+            path, (name,), lambda w: w, lambda w: (w,), tuple(range(ndim))
+        )
 
-    yield same(("embedder", "input_embedding"), "embed_tokens.weight")
+    yield same(("embedder", "input_embedding"), "embed_tokens.weight", ndim=2)
     yield same(("final_norm", "scale"), "norm.weight")
     norms = {
         "pre_attention_norm": "input_layernorm",
@@ -121,20 +147,25 @@ def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
         yield _TensorMapping(  # (N*H, D) <-> [N, D, H]
             ("layers", i, "attn", "q_einsum", "w"),
             (hf + "self_attn.q_proj.weight",),
-            lambda w: w.reshape(n, h, d).transpose(0, 2, 1),
+            lambda w: w.reshape(-1, h, d).transpose(0, 2, 1),
             lambda w: (w.transpose(0, 2, 1).reshape(n * h, d),),
+            (0, 1, None),
         )
         yield _TensorMapping(  # 2 x (K*H, D) <-> [2, K, D, H]
             ("layers", i, "attn", "kv_einsum", "w"),
             (hf + "self_attn.k_proj.weight", hf + "self_attn.v_proj.weight"),
-            lambda wk, wv: np.stack([wk, wv]).reshape(2, k, h, d).transpose(0, 1, 3, 2),
+            lambda wk, wv: (
+                np.stack([wk, wv]).reshape(2, -1, h, d).transpose(0, 1, 3, 2)
+            ),
             lambda w: tuple(w.transpose(0, 1, 3, 2).reshape(2, k * h, d)),
+            (None, 0, 1, None),
         )
         yield _TensorMapping(  # (D, N*H) <-> [N, H, D]
             ("layers", i, "attn", "attn_vec_einsum", "w"),
             (hf + "self_attn.o_proj.weight",),
-            lambda w: w.T.reshape(n, h, d),
+            lambda w: w.T.reshape(-1, h, d),
             lambda w: (w.reshape(n * h, d).T,),
+            (1, None, 0),
         )
         for norm, theirs in (("_query_norm", "q_norm"), ("_key_norm", "k_norm")):
             yield same(
@@ -146,7 +177,82 @@ def _hf_tensors(config: Gemma3Config) -> Iterator[_TensorMapping]:
                 (hf + f"mlp.{proj}.weight",),
                 np.transpose,
                 lambda w: (w.T,),
+                (1, 0),
             )
+
+
+def _shape_error(
+    reader: _SafetensorsReader,
+    mapping: _TensorMapping,
+    got: tuple[int, ...],
+    expected: tuple[int, ...],
+) -> CheckpointError:
+    names = ", ".join(reader.prefix + n for n in mapping.hf_names)
+    return CheckpointError(
+        f"Tensor(s) {names} in {reader.model_dir} give shape {got} for"
+        f" {'/'.join(map(str, mapping.path))}, expected {expected} from config.json."
+    )
+
+
+def _read_block(
+    reader: _SafetensorsReader,
+    mapping: _TensorMapping,
+    shape: tuple[int, ...],
+    index: tuple[slice, ...],
+) -> np.ndarray:
+    """ours[index] (shape: the whole parameter's), read from the file as
+    slices of the HF tensor(s)."""
+    hf_shapes = [reader.shape(name) for name in mapping.hf_names]
+    hf_index = [[slice(None)] * len(s) for s in hf_shapes]
+    for axis, block in enumerate(index):
+        start, stop, _ = block.indices(shape[axis])
+        if (start, stop) == (0, shape[axis]):
+            continue
+        hf_axis = mapping.hf_axes[axis]
+        if hf_axis is None:  # A sharding-table entry the layout cannot slice.
+            raise NotImplementedError(
+                f"{'/'.join(map(str, mapping.path))} cannot be read in blocks"
+                f" along axis {axis}."
+            )
+        for hf_shape, hf_block in zip(hf_shapes, hf_index, strict=True):
+            unit, rest = divmod(hf_shape[hf_axis], shape[axis])  # HF rows per ours
+            if rest:
+                raise _shape_error(reader, mapping, tuple(hf_shape), shape)
+            hf_block[hf_axis] = slice(start * unit, stop * unit)
+    value = mapping.to_ours(
+        *(
+            reader.get_block(name, block)
+            for name, block in zip(mapping.hf_names, hf_index, strict=True)
+        )
+    )
+    expected = tuple(len(range(*b.indices(n))) for b, n in zip(index, shape))
+    if value.shape != expected:
+        raise _shape_error(reader, mapping, value.shape, expected)
+    return value
+
+
+def _place_tensor(
+    reader: _SafetensorsReader,
+    mapping: _TensorMapping,
+    shape: tuple[int, ...],
+    dtype: jnp.dtype,
+    sharding: NamedSharding | None,
+) -> jax.Array:
+    """One parameter on device: whole on the default device, or each device
+    reading just its block of `sharding`."""
+    if sharding is None:
+        whole = (slice(None),) * len(shape)
+        return jax.device_put(_read_block(reader, mapping, shape, whole).astype(dtype))
+    blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        # Devices that hold the same block (data replicas) read it once.
+        key = tuple(b.indices(n)[:2] for b, n in zip(index, shape))
+        if key not in blocks:
+            blocks[key] = _read_block(reader, mapping, shape, index).astype(dtype)
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 def load_hf_model(
@@ -155,6 +261,7 @@ def load_hf_model(
     dtype: jnp.dtype = jnp.bfloat16,
     param_dtype: jnp.dtype | None = None,
     config: Gemma3Config | None = None,
+    mesh: Mesh | None = None,
 ) -> Gemma3:
     """Builds a Gemma3 from a local Hugging Face folder.
 
@@ -162,11 +269,16 @@ def load_hf_model(
       model_dir: folder with config.json and single or sharded safetensors.
       dtype: activation dtype. param_dtype: storage dtype (default: dtype).
       config: overrides the config read from config.json.
+      mesh: place each weight straight into its sharding on this (data,
+        model) mesh (`sharding.param_sharding`), each device reading its own
+        block; None: every weight whole on the default device.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"Model folder {model_dir} does not exist.")
     config = config or load_config(model_dir)
+    if mesh is not None:
+        check_model_parallelism(config.num_heads, mesh.shape[MODEL])
     param_dtype = param_dtype or dtype
     reader = _SafetensorsReader(model_dir)
 
@@ -176,16 +288,11 @@ def load_hf_model(
     graphdef, abstract_state = nnx.split(model)
     flat = dict(nnx.to_flat_state(abstract_state))
     for mapping in _hf_tensors(config):
-        path, names = mapping.path, mapping.hf_names
-        expected = flat[path]
-        value = mapping.to_ours(*(reader.get(name) for name in names))
-        if value.shape != expected.get_value().shape:
-            raise CheckpointError(
-                f"Tensor(s) {', '.join(reader.prefix + n for n in names)} in {model_dir}"
-                f" give shape {value.shape} for {'/'.join(map(str, path))}, expected"
-                f" {expected.get_value().shape} from config.json."
-            )
-        flat[path] = expected.replace(jax.device_put(value.astype(param_dtype)))
+        expected = flat[mapping.path]
+        shape = expected.get_value().shape
+        sharding = param_sharding(mapping.path, shape, mesh) if mesh else None
+        value = _place_tensor(reader, mapping, shape, param_dtype, sharding)
+        flat[mapping.path] = expected.replace(value)
     unfilled = [
         p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)
     ]

@@ -50,15 +50,39 @@ def _split(
     return PartitionSpec(*spec)
 
 
+def param_sharding(
+    path: tuple[str | int, ...], shape: tuple[int, ...], mesh: Mesh
+) -> NamedSharding:
+    """Where the parameter at `path` (`('layers', 0, 'mlp', 'gate_proj',
+    'kernel')`) of this shape lives on `mesh`: the table's axis split over
+    `model` when it divides, replicated otherwise."""
+    axis = next((a for key, a in _MODEL_AXIS_OF_PARAM.items() if key in path), None)
+    return NamedSharding(mesh, _split(shape, axis, MODEL, mesh))
+
+
+def check_model_parallelism(num_heads: int, model_parallel: int) -> None:
+    """Tensor parallelism splits query heads: `model_parallel` must divide them.
+
+    (KV heads, MLP hidden and vocabulary are replicated where it does not
+    divide them: 1b has one KV head.)
+    """
+    if model_parallel < 1 or num_heads % model_parallel:
+        divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        raise ValueError(
+            f"--mesh_model={model_parallel} does not divide the model's {num_heads}"
+            f" query heads: use one of {divisors}."
+        )
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> None:
-    """Moves the model's weights onto `mesh` (in place)."""
+    """Moves the model's weights onto `mesh` (in place); weights already
+    there (`load_hf_model(..., mesh=mesh)`) stay where they are."""
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     for path, variable in flat.items():
         value = variable.get_value()
-        axis = next((a for key, a in _MODEL_AXIS_OF_PARAM.items() if key in path), None)
-        spec = _split(value.shape, axis, MODEL, mesh)
-        flat[path] = variable.replace(jax.device_put(value, NamedSharding(mesh, spec)))
+        sharding = param_sharding(path, value.shape, mesh)
+        flat[path] = variable.replace(jax.device_put(value, sharding))
     nnx.update(model, nnx.from_flat_state(flat))
 
 
