@@ -60,6 +60,7 @@ from gsm8k_jax.checkpoints import lora as lora_lib
 from gsm8k_jax.checkpoints.paths import absolute
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
+from gsm8k_jax.storage import is_gcs
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import (
     CheckpointError,
@@ -460,7 +461,7 @@ def train(
     if (
         config.lora is None
         and output_dir is not None
-        and str(output_dir).startswith("gs://")
+        and is_gcs(output_dir)
     ):
         raise ValueError(
             "Full fine-tune checkpoints are written to local folders only."
