@@ -222,6 +222,8 @@ def require_writable(folder: str | os.PathLike) -> None:
     except Exception as e:  # gcsfs raises several types for auth/network errors.
         reason = (e.strerror if isinstance(e, OSError) else None) or str(e)
         reason = " ".join((reason or type(e).__name__).split())
+        if is_gcs(folder) and isinstance(e, FileNotFoundError):
+            reason = f"bucket gs://{gcs_bucket(folder)} does not exist"
         hint = (
             f" Check that bucket gs://{gcs_bucket(folder)} exists and that your"
             " credentials may write to it."
