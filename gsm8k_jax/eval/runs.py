@@ -99,7 +99,7 @@ def load_run_files(files: RunFiles) -> RunResult:
       ResultsError: a rollouts line other than the last is damaged.
       ValueError: no example has all its samples yet.
     """
-    if not files.has_results():
+    if not (storage.exists(files.rollouts_path) or files.chunks.names()):
         raise FileNotFoundError(
             f"{files.rollouts_path} not found: run '{files.tag}' has no rollouts."
         )
