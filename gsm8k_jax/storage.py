@@ -112,8 +112,10 @@ def join(folder: str | os.PathLike, *names: str) -> str:
 
 
 def basename(path: str | os.PathLike) -> str:
-    return posixpath.basename(os.fspath(path).rstrip("/")) if is_gcs(path) else (
-        os.path.basename(os.fspath(path))
+    return (
+        posixpath.basename(os.fspath(path).rstrip("/"))
+        if is_gcs(path)
+        else (os.path.basename(os.fspath(path)))
     )
 
 
@@ -225,15 +227,14 @@ def require_writable(folder: str | os.PathLike) -> None:
         if is_gcs(folder) and isinstance(e, FileNotFoundError):
             reason = f"bucket gs://{gcs_bucket(folder)} does not exist"
         hint = (
-            f" Check that bucket gs://{gcs_bucket(folder)} exists and that your"
-            " credentials may write to it."
+            " Check the bucket's name and that your credentials may write to it."
             if is_gcs(folder)
             else ""
         )
         raise StorageError(
             f"Cannot write to output folder {folder}: {reason}.{hint} Choose"
             " another --output_dir."
-        ) from None
+        ) from e
 
 
 def _require_local_writable(folder: str) -> None:

@@ -111,7 +111,9 @@ def define_flags(default_model_config: str | Path) -> None:
         "batch_size", 32, "Prompts decoded in parallel (x num_samples rows)."
     )
     flags.DEFINE_string(
-        "output_dir", "results", "Folder for rollouts and summary files."
+        "output_dir",
+        "results",
+        "Folder for the run's files: a local folder or gs://bucket/folder.",
     )
     flags.DEFINE_integer("max_generation_steps", 768, "Most new tokens per answer.")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
@@ -454,7 +456,9 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         num_processes=num_processes,
     )
     if summary is None:
-        print(f"Process {process}: its share is committed; process 0 writes the results.")
+        print(
+            f"Process {process}: its share is committed; process 0 writes the results."
+        )
         return None
     low, high = summary["accuracy_ci95"]
     print(

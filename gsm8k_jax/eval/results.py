@@ -199,7 +199,10 @@ class RunFiles:
 
     def read_rollouts(self) -> list[dict[str, Any]]:
         """The rollouts file's records (of a finished run)."""
-        return [json.loads(line) for line in storage.read_text(self.rollouts_path).splitlines()]
+        return [
+            json.loads(line)
+            for line in storage.read_text(self.rollouts_path).splitlines()
+        ]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         with sigterm.finishing_write():

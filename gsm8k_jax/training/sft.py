@@ -60,7 +60,6 @@ from gsm8k_jax.checkpoints import lora as lora_lib
 from gsm8k_jax.checkpoints.paths import absolute
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
-from gsm8k_jax.storage import is_gcs
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import (
     CheckpointError,
@@ -68,6 +67,7 @@ from gsm8k_jax.models.gemma3.params import (
     save_hf_model,
 )
 from gsm8k_jax.sampling.decode import prompt_positions
+from gsm8k_jax.storage import is_gcs
 
 END_OF_TURN = "<end_of_turn>"
 HF_DIR = "hf"  # Full fine-tune checkpoints: <root>/hf/<step>/.
@@ -458,11 +458,7 @@ def train(
         raise ValueError(
             "Full fine-tuning (config.lora=None) needs a model without LoRA."
         )
-    if (
-        config.lora is None
-        and output_dir is not None
-        and is_gcs(output_dir)
-    ):
+    if config.lora is None and output_dir is not None and is_gcs(output_dir):
         raise ValueError(
             "Full fine-tune checkpoints are written to local folders only."
         )

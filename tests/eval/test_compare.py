@@ -601,7 +601,11 @@ def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path, request, wh
         results = f"{request.getfixturevalue('gcs_bucket')}/compare"
         upload_dir(cli_runs, f"{results}/runs")
         upload_dir(stopped, f"{results}/stopped")
-        stopped, results, out = f"{results}/stopped", f"{results}/runs", f"{results}/cmp"
+        stopped, results, out = (
+            f"{results}/stopped",
+            f"{results}/runs",
+            f"{results}/cmp",
+        )
     proc = subprocess.run(
         [
             sys.executable,

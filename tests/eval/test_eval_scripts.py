@@ -14,10 +14,10 @@ from pathlib import Path
 import fsspec
 import pytest
 from gcs_emulator import gcs_filesystem
+from hf_models import make_tiny_hf_model
 
 from gsm8k_jax.eval.extraction import is_correct
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
-from hf_models import make_tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"
@@ -117,10 +117,14 @@ def test_tiny_model_run_writes_rollouts_and_summary(tmp_path):
     assert min(phases.values()) > 0
     assert sum(phases.values()) <= summary["wall_time_s"]
     assert summary["run"]["model_revision"].startswith("sha256:")
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", summary["versions"]["gsm8k_jax_commit"])
+    assert re.fullmatch(
+        r"[0-9a-f]{40}(-dirty)?", summary["versions"]["gsm8k_jax_commit"]
+    )
 
     # Another extraction re-scores the same responses: nothing is generated.
-    proc = run_script(*QUICK, "--extraction_method=flexible", f"--output_dir={tmp_path}")
+    proc = run_script(
+        *QUICK, "--extraction_method=flexible", f"--output_dir={tmp_path}"
+    )
     assert "Compiling" not in proc.stderr
     rescored, summary = read_outputs(tmp_path, tag)
     rescored = [json.loads(line) for line in rescored.splitlines()]
@@ -256,7 +260,11 @@ def test_ctrl_c_and_sigterm_then_resume_give_the_uninterrupted_files(
     # A torn chunk (never written by an atomic commit, but a damaged store
     # could hold one) whose first, complete line is a wrong answer to a
     # problem not yet finished: the whole chunk must be ignored.
-    done = {json.loads(x)["id"] for c in chunks.iterdir() for x in c.read_text().splitlines()}
+    done = {
+        json.loads(x)["id"]
+        for c in chunks.iterdir()
+        for x in c.read_text().splitlines()
+    }
     todo = min(set(range(NUM_STOP_EXAMPLES)) - done)
     fake = json.loads(uninterrupted[0].splitlines()[todo]) | {"response": "FAKE"}
     (chunks / "0000-00009999.jsonl").write_text(json.dumps(fake) + '\n{"id": 4')
@@ -284,7 +292,10 @@ def test_gcs_output_survives_sigterm_and_kill_9(gcs_bucket, uninterrupted):
     run_script(*STOP_ARGS, f"--output_dir={out}")
     fs = gcs_filesystem()
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(out, detail=False))
-    assert names == [f"{n}_{STOP_TAG}.{e}" for n, e in (("rollouts", "jsonl"), ("run", "json"), ("summary", "json"))]
+    assert names == [
+        f"{n}_{STOP_TAG}.{e}"
+        for n, e in (("rollouts", "jsonl"), ("run", "json"), ("summary", "json"))
+    ]
     rollouts = fs.cat_file(f"{out}/rollouts_{STOP_TAG}.jsonl").decode()
     summary = json.loads(fs.cat_file(f"{out}/summary_{STOP_TAG}.json"))
     assert_uninterrupted_files(rollouts, summary, uninterrupted, later)
@@ -392,14 +403,21 @@ def test_a_failed_start_does_not_block_its_corrected_rerun(tmp_path):
     [
         (
             "s3://bucket/run",
-            "error: Cannot use s3://bucket/run: s3:// storage is not supported; use a"
-            " local folder or gs://bucket/folder.",
+            (
+                "error: Cannot use s3://bucket/run: s3:// storage is not supported;"
+                " use a local folder or gs://bucket/folder."
+            ),
         ),
-        ("{file}/out", "error: Cannot write to output folder {file}/out: {file} is a file"),
+        (
+            "{file}/out",
+            "error: Cannot write to output folder {file}/out: {file} is a file",
+        ),
         (
             "gs://no-such-bucket-xyz/run",
-            "error: Cannot write to output folder gs://no-such-bucket-xyz/run: bucket"
-            " gs://no-such-bucket-xyz does not exist.",
+            (
+                "error: Cannot write to output folder gs://no-such-bucket-xyz/run:"
+                " bucket gs://no-such-bucket-xyz does not exist."
+            ),
         ),
     ],
 )

@@ -45,7 +45,7 @@ def start_two_processes(out_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     started = []
     for i in range(2):
-        stdout = tempfile.TemporaryFile("w+")
+        stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read while it runs)
         command = [sys.executable, str(BASE_SCRIPT), *ARGS, f"--output_dir={out_dir}"]
         command += ["--distributed", f"--coordinator_address={address}"]
         command += ["--num_processes=2", f"--process_id={i}"]
@@ -91,8 +91,9 @@ def test_two_processes_merge_into_the_single_process_files(tmp_path, two_process
     run_script(*ARGS, f"--output_dir={tmp_path / 'single'}")
     expected_rollouts, expected_summary = read_outputs(tmp_path / "single", TAG)
     (rollouts, summary), stdout = two_process_run
-    assert "Process 1: its share is committed; process 0 writes the results." in (
-        stdout[1]
+    assert (
+        "Process 1: its share is committed; process 0 writes the results."
+        in (stdout[1])
     )
     # Identical answers; log-probs agree to float32 noise (other shapes per device).
     got, want = (

@@ -95,7 +95,10 @@ def test_unwritable_locations_are_refused_and_left_untouched(tmp_path, gcs_bucke
     cases = [
         ("s3://bucket/run", "s3:// storage is not supported; use a local folder"),
         (str(blocker / "out"), f"{blocker} is a file, not a folder"),
-        ("gs://no-such-bucket-xyz/run", "bucket gs://no-such-bucket-xyz does not exist"),
+        (
+            "gs://no-such-bucket-xyz/run",
+            "bucket gs://no-such-bucket-xyz does not exist",
+        ),
     ]
     for path, message in cases:
         with pytest.raises(storage.StorageError, match=message):
