@@ -1,8 +1,10 @@
 """The GSM8K evaluation loop: prompts -> batched generation -> scored rollouts.
 
-`evaluate` is what both scripts and notebooks call. It writes results batch
-by batch (see `results.py`), resumes an interrupted run, and summarises the
-rollouts file into accuracy with a 95% interval and the run's identity.
+`evaluate` is what both scripts and notebooks call. It commits results as
+sequences finish (chunks, see `results.py`), resumes an interrupted run,
+lets process 0 of a multi-host run wait for the others' chunks, and
+summarises the merged rollouts file into accuracy with a 95% interval and
+the run's identity.
 """
 
 from __future__ import annotations
