@@ -201,12 +201,13 @@ def kill_after(command, out_dir, tag, lines, *, timeout_s=300):
 
 
 # Sequences mostly finish together, 32 rows (one CPU row tile) at a time, so
-# 80 problems are committed in three chunks: two interruptions land mid-run.
-NUM_STOP_EXAMPLES = 80
+# 160 problems are committed in five chunks: two interruptions land mid-run
+# even when each is seen a chunk late (a loaded machine).
+NUM_STOP_EXAMPLES = 160
 STOP_ARGS = [
     f"--num_examples={NUM_STOP_EXAMPLES}",
     "--batch_size=2",
-    "--max_generation_steps=48",
+    "--max_generation_steps=32",
 ]
 STOP_TAG = "gemma3-tiny_base_bs2"
 RESUME_LINE = "finished results are kept; rerun the same command to resume.\n"
