@@ -112,11 +112,11 @@ def join(folder: str | os.PathLike, *names: str) -> str:
 
 
 def basename(path: str | os.PathLike) -> str:
-    return (
-        posixpath.basename(os.fspath(path).rstrip("/"))
-        if is_gcs(path)
-        else (os.path.basename(os.fspath(path)))
-    )
+    """The last component of `path`."""
+    path = os.fspath(path)
+    if is_gcs(path):
+        return posixpath.basename(path.rstrip("/"))
+    return os.path.basename(path)
 
 
 def parent(path: str | os.PathLike) -> str:
