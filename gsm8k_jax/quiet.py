@@ -23,7 +23,7 @@ from absl import logging as absl_logging
 
 _VERBOSITY_NAMES = ("verbosity", "v")
 # Libraries whose errors this project reports itself, as one line each.
-_REPORTED_HERE = ("gcsfs", "aiohttp")
+_REPORTED_HERE = ("gcsfs", "aiohttp", "google.auth")
 
 
 def verbosity_given(argv: Sequence[str]) -> bool:
@@ -49,7 +49,8 @@ def quiet_imports(argv: Sequence[str] | None = None) -> None:
 def quiet_logging() -> None:
     """Once the flags are parsed: unless --verbosity was given, logging shows
     warnings and errors only (absl's app.run raises an unset verbosity to
-    INFO), and gcsfs's and aiohttp's nothing."""
+    INFO), and gcsfs's, aiohttp's and google.auth's (gcsfs's search for
+    credentials) nothing."""
     if flags.FLAGS["verbosity"].present:
         return
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -14,7 +14,7 @@ from typing import TypeVar
 from etils import epath
 
 from gsm8k_jax.models.gemma3.params import CheckpointError
-from gsm8k_jax.storage import GCS_SCHEME, is_gcs, require_reachable
+from gsm8k_jax.storage import GCS_SCHEME, gcs_bucket, is_gcs, require_reachable
 
 _CREDENTIALS_HINT = (
     "Check the bucket name, that your account may read it, and your"
@@ -23,11 +23,6 @@ _CREDENTIALS_HINT = (
 )
 
 T = TypeVar("T")
-
-
-def gcs_bucket(path: str | os.PathLike) -> str:
-    """The bucket of a `gs://bucket/...` path."""
-    return os.fspath(path)[len(GCS_SCHEME) :].split("/", 1)[0]
 
 
 def storage_call(path: str | os.PathLike, fn: Callable[[], T]) -> T:

@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from gsm8k_jax.storage import is_gcs, require_reachable
+from gsm8k_jax.storage import filesystem, gcs_bucket, is_gcs
 
 # Only what a Gemma 3 text evaluation needs from a model repository.
 HF_FILE_PATTERNS = (
@@ -34,30 +34,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GSM8K_JAX_CACHE", default))
 
 
-def gcs_filesystem():
-    """The fsspec `gs` filesystem (gcsfs), credentials from the environment."""
-    import fsspec
-
-    return fsspec.filesystem("gs")
-
-
 def download_gcs_folder(url: str) -> Path:
     """Copies a gs:// folder into the local cache (skipping files already there)."""
-    require_reachable(url)
-    fs = gcs_filesystem()
-    bucket = url[len("gs://") :].split("/", 1)[0]
+    fs, prefix = filesystem(url)
     try:
-        files = [f for f in fs.find(url) if not f.endswith("/")]
+        files = [f for f in fs.find(prefix) if not f.endswith("/")]
     except Exception as e:  # gcsfs raises several types for auth/network errors.
         raise SourceError(
             f"Cannot read {url} ({type(e).__name__}: {e}). Check that bucket"
-            f" '{bucket}' exists and that credentials are set up"
+            f" '{gcs_bucket(url)}' exists and that credentials are set up"
             " (`gcloud auth application-default login`, or"
             " GOOGLE_APPLICATION_CREDENTIALS)."
         ) from e
     if not files:
         raise SourceError(f"{url} is empty or does not exist.")
-    prefix = url[len("gs://") :].rstrip("/")
+    prefix = prefix.rstrip("/")
     target = cache_dir() / "gcs" / prefix
     for remote in files:
         local = target / remote[len(prefix) :].lstrip("/")

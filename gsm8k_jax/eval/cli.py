@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -36,7 +37,7 @@ from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import RunFiles, model_config, run_info, run_tag
-from gsm8k_jax.eval.runner import EvalConfig, evaluate, merge_shards, shard_tag
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.eval.tasks import TASKS, task_eval_config
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
@@ -50,7 +51,8 @@ from gsm8k_jax.models.registry import (
 )
 from gsm8k_jax.quiet import quiet_logging
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
-from gsm8k_jax.storage import is_gcs, require_reachable
+from gsm8k_jax.sigterm import Terminated, stop_on_sigterm
+from gsm8k_jax.storage import is_gcs, require_reachable, require_writable
 
 FLAGS = flags.FLAGS
 
@@ -114,7 +116,9 @@ def define_flags(default_model_config: str | Path) -> None:
         "batch_size", 32, "Prompts decoded in parallel (x num_samples rows)."
     )
     flags.DEFINE_string(
-        "output_dir", "results", "Folder for rollouts and summary files."
+        "output_dir",
+        "results",
+        "Folder for the run's files: a local folder or gs://bucket/folder.",
     )
     flags.DEFINE_integer("max_generation_steps", 768, "Most new tokens per answer.")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
@@ -168,7 +172,8 @@ def define_flags(default_model_config: str | Path) -> None:
         "distributed",
         False,
         "Multi-host: jax.distributed.initialize(); each process evaluates its share"
-        " and process 0 merges the shards (--output_dir must be shared storage).",
+        " and process 0 merges the results (--output_dir must be storage all"
+        " processes share, e.g. gs://).",
     )
     flags.DEFINE_string(
         "coordinator_address", None, "jax.distributed coordinator host:port."
@@ -254,11 +259,14 @@ def run_main(
 ) -> None:
     """Runs `main_fn` under absl, after checking that any `gs://` flag's storage
     is reachable. A user error is one line (exit status 1); so is Ctrl-C, which
-    says that rerunning resumes (`kept`: what survives the interruption)."""
+    says that rerunning resumes (`kept`: what survives the interruption), and
+    so is SIGTERM (a preemption notice), which stops the work the same way
+    and exits 0."""
     _list_in_help()
 
     def _main(argv):
         quiet_logging()
+        stop_on_sigterm()
         try:
             for path in _gcs_flag_values():
                 require_reachable(path)
@@ -269,6 +277,9 @@ def run_main(
         except KeyboardInterrupt:
             _report(f"Interrupted: {kept}; rerun the same command to resume.")
             sys.exit(INTERRUPTED_EXIT_STATUS)
+        except Terminated:
+            _report(f"Stopped by SIGTERM: {kept}; rerun the same command to resume.")
+            sys.exit(0)
 
     app.run(_main, flags_parser=parse_flags)
 
@@ -383,9 +394,11 @@ def start_jax() -> None:
         )
 
 
-def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
-    """Runs one evaluation from the parsed flags; returns the summary."""
+def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
+    """Runs one evaluation from the parsed flags; returns the summary (None
+    on the processes other than 0 of a multi-host run)."""
     del argv
+    require_writable(FLAGS.output_dir)  # Before any work.
     start_jax()
     cfg = FLAGS.model
     check_model_config(cfg)
@@ -443,11 +456,10 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
         num_examples=len(examples),
         eval_config=eval_config,
     )
-    shard_index, num_shards = jax.process_index(), jax.process_count()
-    shard = shard_tag(tag, shard_index, num_shards) if num_shards > 1 else tag
-    files = RunFiles(FLAGS.output_dir, shard)
+    process, num_processes = jax.process_index(), jax.process_count()
+    files = RunFiles(FLAGS.output_dir, tag, process_index=process)
     files.check(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-    print(f"Run tag: {shard}", flush=True)
+    print(f"Run tag: {tag}", flush=True)
 
     model, tokenizer, _ = load_pretrained(
         cfg.model_name, model_dir, dtype=cfg.dtype, mesh=mesh
@@ -457,7 +469,10 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
         lora_lib.load_lora(model, lora_path, lora_config, merge=True)
     sampler = Sampler(model, tokenizer, mesh=mesh)
     # Recorded only now that model, data and checkpoint have loaded.
-    files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    if process == 0:
+        files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    if num_processes > 1:  # No process commits before process 0 prepared.
+        multihost_utils.sync_global_devices(f"gsm8k_jax prepared {tag}")
     print(f"Results: {files.rollouts_path}", flush=True)
     summary = evaluate(
         sampler,
@@ -465,14 +480,13 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any]:
         eval_config,
         files,
         run_info=info,
-        shard_index=shard_index,
-        num_shards=num_shards,
+        num_processes=num_processes,
     )
-    if num_shards > 1:
-        if shard_index != 0:
-            return summary
-        files = RunFiles(FLAGS.output_dir, tag)
-        summary = merge_shards(FLAGS.output_dir, tag, num_shards, eval_config, info)
+    if summary is None:
+        print(
+            f"Process {process}: its share is committed; process 0 writes the results."
+        )
+        return None
     low, high = summary["accuracy_ci95"]
     print(
         f"{tag}: {summary['correct']}/{summary['total']} correct ="

@@ -13,10 +13,8 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import IO
 
-import fsspec
-
+from gsm8k_jax import storage
 from gsm8k_jax.eval.extraction import gold_answer
 
 __all__ = ["BUNDLED_TEST_SET", "BUNDLED_TRAIN_SET", "GSM8KExample", "load_gsm8k"]
@@ -50,13 +48,6 @@ class GSM8KExample:
         return gold_answer(self.answer)
 
 
-def _open_text(path: str) -> IO[str]:
-    """Opens a local or `gs://` file for reading text."""
-    if path.startswith("gs://"):
-        return fsspec.open(path, "r", encoding="utf-8").open()
-    return open(path, encoding="utf-8")
-
-
 def load_gsm8k(
     path: str | os.PathLike[str] | None = None,
     num_examples: int | None = None,
@@ -82,7 +73,7 @@ def load_gsm8k(
         raise ValueError(f"num_examples must be positive, got {num_examples}.")
     path = os.fspath(BUNDLED_TEST_SET if path is None else path)
     try:
-        f = _open_text(path)
+        f = storage.open_text(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"GSM8K data file not found: {path}. Pass --data_path pointing at a"

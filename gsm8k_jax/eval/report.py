@@ -1,5 +1,6 @@
 """Rendering a `comparison.ComparisonReport`: Markdown, and a plot of each
-run's accuracy with its 95% interval.
+run's accuracy with its 95% interval; `save_report` writes both, and the
+JSON, into a local or `gs://` folder.
 
 The report says in words what a reader must not miss: which runs are
 incomplete, on how many problems each pair was compared, and whether each
@@ -8,18 +9,24 @@ difference is significant. Needs neither jax nor a model.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
+
+from gsm8k_jax import storage
 
 if TYPE_CHECKING:
     from gsm8k_jax.eval.comparison import ComparisonReport, PairedComparison, RunRow
     from gsm8k_jax.eval.multi_sample import MultiSampleMetrics
 
-__all__ = ["plot_accuracies", "render_markdown"]
+__all__ = ["REPORT_FILES", "plot_accuracies", "render_markdown", "save_report"]
+
+REPORT_FILES = ("comparison.md", "comparison.json", "accuracy.png")
 
 # Responses longer than this are cut in the Markdown report (never in JSON).
 _MARKDOWN_RESPONSE_CHARS = 600
@@ -307,7 +314,25 @@ def _plot_label(row: RunRow, baseline: int) -> str:
     return f"{name}\n{n}: {row.accuracy:.1%} ({low:.1%}–{high:.1%})"
 
 
-def plot_accuracies(report: ComparisonReport, path: str | os.PathLike) -> Figure:
+def save_report(report: ComparisonReport, output_dir: str | os.PathLike) -> str:
+    """Writes `REPORT_FILES` (Markdown, JSON, the accuracy plot) into
+    `output_dir`, local or `gs://`, each atomically; returns the Markdown."""
+    markdown = report.to_markdown()
+    png = io.BytesIO()
+    plot_accuracies(report, png)
+    contents = (
+        markdown,
+        json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n",
+        png.getvalue(),
+    )
+    for name, data in zip(REPORT_FILES, contents, strict=True):
+        storage.write_atomic(storage.join(output_dir, name), data)
+    return markdown
+
+
+def plot_accuracies(
+    report: ComparisonReport, path: str | os.PathLike | IO[bytes]
+) -> Figure:
     """Saves a PNG of each run's accuracy (a point) with its 95% interval.
 
     One row per run, top to bottom in report order, labelled with the number
@@ -315,6 +340,10 @@ def plot_accuracies(report: ComparisonReport, path: str | os.PathLike) -> Figure
     interval; the baseline is orange, with its accuracy as a dashed line.
     Drawn without pyplot, so it works with any matplotlib backend and leaves
     pyplot's state alone.
+
+    Args:
+      report: the comparison.
+      path: a local file, or a binary file object.
 
     Returns:
       The figure, for further use.
@@ -340,5 +369,5 @@ def plot_accuracies(report: ComparisonReport, path: str | os.PathLike) -> Figure
     ax.set_xlabel("GSM8K accuracy, 95% interval")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     return fig

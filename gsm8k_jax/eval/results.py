@@ -1,15 +1,24 @@
-"""Crash-safe, resumable result files of one evaluation run.
+"""Crash-safe, resumable result files of one evaluation run, local or on gs://.
 
-An output folder holds, per run tag:
+An output folder (a local folder or `gs://bucket/folder`; see `storage`)
+holds, per run tag:
 - `run_<tag>.json`: what produced the results (model, checkpoint, settings);
   a rerun with other settings is refused rather than mixed in;
-- `rollouts_<tag>.jsonl`: one line per (example, sample), appended and
-  fsync'ed as sequences finish, so a crash loses only sequences in flight,
-  and sorted by (id, sample) once the run is complete;
-- `summary_<tag>.json`: written at the end from the rollouts file alone.
+- `chunks_<tag>/`: while the run is in progress, its finished rollouts, one
+  small file committed atomically per group of finished sequences (see
+  `chunks.py`), so a crash (kill -9 included) loses only sequences in
+  flight;
+- `rollouts_<tag>.jsonl`: once the run is complete, one line per (example,
+  sample), sorted by (id, sample), merged from the chunks (and an earlier
+  rollouts file, when a finished run is rerun); the chunks are removed once
+  it and the summary are written;
+- `summary_<tag>.json`: written at the end from the rollouts alone.
 
-Resuming keeps every example whose samples are all on disk (a torn last
-line from a crash is dropped), and the run continues with the rest.
+Resuming keeps every example whose samples are all committed and the run
+continues with the rest. A (example, sample) committed twice (an example
+half finished before a crash is generated again whole) is taken from the
+first chunk holding it, in (process, seq) order: the same bits either way,
+since generation is batch invariant.
 
 A run's identity (its tag and the settings `run_<tag>.json` records) is
 defined here too, so that reading and comparing runs needs neither the CLI
@@ -28,6 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
+
+from gsm8k_jax import sigterm, storage
+from gsm8k_jax.eval.chunks import ChunkStore, json_line
 
 if TYPE_CHECKING:
     from gsm8k_jax.checkpoints.lora import LoraConfig
@@ -63,70 +75,54 @@ class Rollout:
     logprob: float
 
 
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _json_file(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
 
 class RunFiles:
-    """The files of one run (one tag) inside an output folder."""
+    """The files of one run (one tag) inside an output folder, as one
+    process (`process_index`, of a multi-host run) writes them."""
 
-    def __init__(self, output_dir: str | os.PathLike, tag: str):
-        self.output_dir = Path(output_dir)
+    def __init__(self, output_dir: str | os.PathLike, tag: str, process_index: int = 0):
+        self.output_dir = os.fspath(output_dir)
         self.tag = tag
-        self.run_path = self.output_dir / f"run_{tag}.json"
-        self.rollouts_path = self.output_dir / f"rollouts_{tag}.jsonl"
-        self.summary_path = self.output_dir / f"summary_{tag}.json"
+        self.process_index = process_index
+        self.run_path = storage.join(self.output_dir, f"run_{tag}.json")
+        self.rollouts_path = storage.join(self.output_dir, f"rollouts_{tag}.jsonl")
+        self.summary_path = storage.join(self.output_dir, f"summary_{tag}.json")
+        self.chunks = ChunkStore(
+            storage.join(self.output_dir, f"chunks_{tag}"), process_index
+        )
 
     def prepare(
         self, run_info: dict[str, Any], *, resume: bool, overwrite: bool
     ) -> None:
-        """`check`s, then (re)writes the run record."""
+        """`check`s, then (re)writes the run record; with `overwrite`, first
+        removes the run's results. Process 0's work: the other processes of
+        a multi-host run only `check`, and wait for process 0."""
         self.check(run_info, resume=resume, overwrite=overwrite)
         if overwrite:
             for path in (self.rollouts_path, self.summary_path):
-                path.unlink(missing_ok=True)
-        _write_atomically(
-            self.run_path, json.dumps(run_info, indent=2, sort_keys=True) + "\n"
-        )
+                storage.remove(path)
+            self.chunks.remove()
+        storage.write_atomic(self.run_path, _json_file(run_info))
 
     def check(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
         """Checks the folder is writable and the files belong to this run.
 
-        Raises before anything is changed on disk, so bad input never damages
+        Raises before anything is changed, so bad input never damages
         results already written.
         """
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / f".write_probe_{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ResultsError(
-                f"Cannot write to output folder {self.output_dir}: {e.strerror or e}."
-                " Choose another --output_dir."
-            ) from e
+        storage.require_writable(self.output_dir)
         # A record without results (a start that failed before its first
         # finished sequence) blocks nothing: it is simply rewritten.
-        existing = self.rollouts_path.exists() and self.rollouts_path.stat().st_size
-        if existing and not overwrite:
+        if self.has_results() and not overwrite:
             if not resume:
                 raise ResultsError(
                     f"{self.output_dir} already holds results for run '{self.tag}'. Pass"
                     " --resume to continue them or --overwrite to replace them."
                 )
-            previous = (
-                json.loads(self.run_path.read_text()) if self.run_path.exists() else {}
-            )
-            changed = _differing_settings(previous, run_info)
+            changed = _differing_settings(self.read_run_info() or {}, run_info)
             if changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"
@@ -134,39 +130,48 @@ class RunFiles:
                     " --output_dir, or --overwrite to replace them."
                 )
 
-    def load_finished(self, num_samples: int) -> list[dict[str, Any]]:
-        """Rollouts of fully finished examples; rewrites the file if a crash
-        left a torn line or a partial example behind."""
-        if not self.rollouts_path.exists():
-            return []
-        records, num_lines = self._parse_rollouts()
-        kept = _finished(records, num_samples)
-        if len(kept) != num_lines:
-            _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in kept))
-        return kept
+    def has_results(self) -> bool:
+        """Whether any rollout was committed: a chunk, or a non-empty rollouts file."""
+        if self.chunks.names():
+            return True
+        try:
+            return bool(storage.read_bytes(self.rollouts_path).strip())
+        except FileNotFoundError:
+            return False
 
     def read_finished(self, num_samples: int) -> list[dict[str, Any]]:
-        """Rollouts of fully finished examples, in file order, leaving the file
-        as it is: for readers (comparisons) of a run that may still be running
-        or may have crashed, which must not repair another process's file."""
-        return _finished(self._parse_rollouts()[0], num_samples)
+        """Rollouts of fully finished examples: the rollouts file's, then the
+        chunks', each (id, sample) once. Changes no file, so it also reads a
+        run that is still running or crashed (comparisons do)."""
+        try:
+            records = self._parse_rollouts()
+        except FileNotFoundError:
+            records = []
+        unique: dict[tuple[int, int], dict[str, Any]] = {}
+        for r in records + self.chunks.records():
+            unique.setdefault((r["id"], r["sample_index"]), r)
+        return _finished(list(unique.values()), num_samples)
 
     def read_run_info(self) -> dict[str, Any] | None:
         """The run record (`run_<tag>.json`), or None when there is none."""
-        if not self.run_path.exists():
-            return None
-        return json.loads(self.run_path.read_text(encoding="utf-8"))
+        return self._read_json(self.run_path)
 
     def read_summary(self) -> dict[str, Any] | None:
         """`summary_<tag>.json`, or None while the run has not finished."""
-        if not self.summary_path.exists():
-            return None
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        return self._read_json(self.summary_path)
 
-    def _parse_rollouts(self) -> tuple[list[dict[str, Any]], int]:
-        """The rollouts file's records and its number of lines; a torn final
-        line (an interrupted write) is dropped, damage elsewhere raises."""
-        lines = self.rollouts_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    @staticmethod
+    def _read_json(path: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_text(path))
+        except FileNotFoundError:
+            return None
+
+    def _parse_rollouts(self) -> list[dict[str, Any]]:
+        """The rollouts file's records; a torn final line (an interrupted
+        append, by versions that appended to it) is dropped, damage
+        elsewhere raises."""
+        lines = storage.read_text(self.rollouts_path).splitlines(keepends=True)
         records = []
         for number, line in enumerate(lines, start=1):
             try:
@@ -178,31 +183,34 @@ class RunFiles:
                     f"{self.rollouts_path}, line {number}: not valid JSON ({e.msg}). The"
                     " file was edited or damaged; use --overwrite to start again."
                 ) from e
-        return records, len(lines)
+        return records
 
     def append(self, rollouts: Iterable[Rollout]) -> None:
-        """Appends one batch in a single write, then fsyncs."""
-        text = "".join(_json_line(dataclasses.asdict(r)) for r in rollouts)
-        with open(self.rollouts_path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        """Commits one group of finished rollouts as a chunk."""
+        self.chunks.commit([dataclasses.asdict(r) for r in rollouts])
 
     def write_rollouts(self, records: Iterable[dict[str, Any]]) -> None:
         """Replaces the rollouts file with `records` in (id, sample) order:
         sequences finish out of order, but the finished file is the same
         however the run went."""
         records = sorted(records, key=lambda r: (r["id"], r["sample_index"]))
-        _write_atomically(self.rollouts_path, "".join(_json_line(r) for r in records))
+        with sigterm.finishing_write():
+            storage.write_atomic(self.rollouts_path, "".join(map(json_line, records)))
 
     def read_rollouts(self) -> list[dict[str, Any]]:
-        with open(self.rollouts_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        """The rollouts file's records (of a finished run)."""
+        return [
+            json.loads(line)
+            for line in storage.read_text(self.rollouts_path).splitlines()
+        ]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _write_atomically(
-            self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n"
-        )
+        with sigterm.finishing_write():
+            storage.write_atomic(self.summary_path, _json_file(summary))
+
+    def remove_chunks(self) -> None:
+        """Removes the chunks, once the rollouts file holds all they held."""
+        self.chunks.remove()
 
 
 def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
@@ -262,7 +270,7 @@ def checkpoint_tag(lora_path: str) -> str:
 
 
 def _file_digest(path: str) -> str:
-    if path.startswith("gs://"):
+    if storage.is_gcs(path):
         return "gcs"  # Not hashed: reading it twice is not worth it.
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 

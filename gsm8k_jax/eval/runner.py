@@ -1,8 +1,10 @@
 """The GSM8K evaluation loop: prompts -> batched generation -> scored rollouts.
 
-`evaluate` is what both scripts and notebooks call. It writes results batch
-by batch (see `results.py`), resumes an interrupted run, and summarises the
-rollouts file into accuracy with a 95% interval and the run's identity.
+`evaluate` is what both scripts and notebooks call. It commits results as
+sequences finish (chunks, see `results.py`), resumes an interrupted run,
+lets process 0 of a multi-host run wait for the others' chunks, and
+summarises the merged rollouts file into accuracy with a 95% interval and
+the run's identity.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
-import json
 import platform
 import subprocess
 import sys
@@ -267,25 +268,27 @@ def evaluate(
     *,
     run_info: dict[str, Any],
     show_progress: bool = True,
-    shard_index: int = 0,
-    num_shards: int = 1,
-) -> dict[str, Any]:
+    num_processes: int = 1,
+    merge_timeout_s: float = 24 * 3600,
+) -> dict[str, Any] | None:
     """Evaluates `examples`, skipping those already in `files`; returns the summary.
 
     `files.prepare` must have been called (it validates the output folder).
-    With num_shards > 1 (one shard per host) only examples[shard_index::num_shards]
-    are evaluated, padded exactly as a single-host run pads them.
+    In a multi-host run (num_processes > 1, `files.process_index` this
+    process's index) a process evaluates only examples[process::num_processes],
+    padded exactly as a single-host run pads them, and commits its own
+    chunks; process 0 then waits (up to `merge_timeout_s`) until every
+    example is committed, and writes the files a single-host run writes.
+    Other processes return None.
     """
     started_at = _now()
     params = config.sampling
     method = config.extraction_method
     task = tasks.get_task(config.task)
-    done = rescore(files.load_finished(params.num_samples), method, task)
+    done = rescore(files.read_finished(params.num_samples), method, task)
     finished_ids = {r["id"] for r in done}
-    shard = examples[shard_index::num_shards]
+    shard = examples[files.process_index :: num_processes]
     todo = [e for e in shard if e.id not in finished_ids]
-    correct_so_far = sum(r["correct"] for r in done)
-    rows_so_far = len(done)
     # All examples' prompts, in order: a few-shot task's draws depend on it.
     prompt_texts = tasks.format_prompts(
         task,
@@ -296,19 +299,19 @@ def evaluate(
         use_chat_template=config.use_chat_template,
     )
     prompts = {e.id: p for e, p in zip(examples, prompt_texts, strict=True)}
-    stops = with_eos_text(task.until, sampler.tokenizer) if task.until else []
-    by_id = {e.id: e for e in examples}
     # Size the KV cache for the longest prompt of the whole run, so a resumed
     # run compiles the same decode program as an uninterrupted one.
     max_prompt_len = max(len(sampler.encode(p)) for p in prompts.values())
-    todo_prompts = [prompts[e.id] for e in todo]
     batch_size = config.batch_size * params.num_samples
 
     start = time.perf_counter()
     if todo and show_progress:
         print("Compiling the model's programs...", file=sys.stderr, flush=True)
     sampler.compile(
-        todo_prompts, params, batch_size=batch_size, max_prompt_len=max_prompt_len
+        [prompts[e.id] for e in todo],
+        params,
+        batch_size=batch_size,
+        max_prompt_len=max_prompt_len,
     )
     compile_s = time.perf_counter() - start
     if todo and show_progress:
@@ -316,48 +319,34 @@ def evaluate(
 
     generation_start = time.perf_counter()
     phases_before = sampler.phase_seconds.copy()
-    new_tokens = 0
-    samples_left = {e.id: params.num_samples for e in todo}
-    bar = tqdm(
+    with tqdm(
         total=len(shard),
         initial=len(shard) - len(todo),
         unit="ex",
         desc=f"GSM8K {files.tag}",
         disable=not show_progress,
         dynamic_ncols=True,
-    )
-    stream = sampler.generate_stream(
-        todo_prompts,
-        params,
-        example_ids=[e.id for e in todo],
-        batch_size=batch_size,
-        max_prompt_len=max_prompt_len,
-    )
-    for completions in stream:
-        rollouts = [
-            _rollout(by_id[c.example_id], prompts[c.example_id], c, method, task, stops)
-            for c in completions
-        ]
-        files.append(rollouts)
-        new_tokens += sum(r.num_tokens for r in rollouts)
-        correct_so_far += sum(r.correct for r in rollouts)
-        rows_so_far += len(rollouts)
-        for r in rollouts:
-            samples_left[r.id] -= 1
-        bar.update(sum(samples_left[i] == 0 for i in {r.id for r in rollouts}))
-        elapsed = time.perf_counter() - generation_start
-        bar.set_postfix(
-            acc=f"{correct_so_far / rows_so_far:.2%}",
-            tok_s=f"{new_tokens / elapsed:.0f}",
+    ) as bar:
+        _generate(
+            sampler, todo, prompts, config, files, bar, done, max_prompt_len, task
         )
-    bar.close()
+    if files.process_index != 0:
+        return None
+    rollouts = _wait_for_all(
+        files,
+        examples,
+        params.num_samples,
+        timeout_s=merge_timeout_s if num_processes > 1 else 0.0,
+    )
     # In (id, sample) order, and every line scored under this run's method.
-    files.write_rollouts(rescore(files.read_rollouts(), method, task))
+    files.write_rollouts(rescore(rollouts, method, task))
 
     generation_s = time.perf_counter() - generation_start
     phases = sampler.phase_seconds - phases_before
     summary = summarize(files.read_rollouts(), params.num_samples, method, task)
     summary |= _run_metadata(files.tag, run_info)
+    # Generated in this session, by every process.
+    new_tokens = sum(r["num_tokens"] for r in rollouts if r["id"] not in finished_ids)
     summary |= {
         "started_at": started_at,
         "finished_at": _now(),
@@ -369,12 +358,94 @@ def evaluate(
             **{p: phases[p] for p in ("prefill", "decode", "host")},
         },
         "wall_time_s": compile_s + generation_s,
-        # Generated in this session, over its time after compilation.
+        # Over this session's time after compilation.
         "tokens_per_s": new_tokens / generation_s if generation_s > 0 else 0.0,
         "resumed_examples": len(finished_ids),
     }
+    if num_processes > 1:
+        summary["num_shards"] = num_processes
     files.write_summary(summary)
+    files.remove_chunks()
     return summary
+
+
+def _generate(
+    sampler: Sampler,
+    todo: Sequence[GSM8KExample],
+    prompts: dict[int, str],
+    config: EvalConfig,
+    files: RunFiles,
+    bar: tqdm,
+    done: Sequence[dict[str, Any]],
+    max_prompt_len: int,
+    task: tasks.Task,
+) -> None:
+    """Generates the `todo` examples' answers, committing each group of
+    finished rollouts to `files` as it comes, and keeps `bar` up to date."""
+    params = config.sampling
+    stops = with_eos_text(task.until, sampler.tokenizer) if task.until else []
+    by_id = {e.id: e for e in todo}
+    correct_so_far = sum(r["correct"] for r in done)
+    rows_so_far = len(done)
+    new_tokens = 0
+    samples_left = {e.id: params.num_samples for e in todo}
+    start = time.perf_counter()
+    stream = sampler.generate_stream(
+        [prompts[e.id] for e in todo],
+        params,
+        example_ids=[e.id for e in todo],
+        batch_size=config.batch_size * params.num_samples,
+        max_prompt_len=max_prompt_len,
+    )
+    for completions in stream:
+        rollouts = [
+            _rollout(
+                by_id[c.example_id],
+                prompts[c.example_id],
+                c,
+                config.extraction_method,
+                task,
+                stops,
+            )
+            for c in completions
+        ]
+        files.append(rollouts)
+        new_tokens += sum(r.num_tokens for r in rollouts)
+        correct_so_far += sum(r.correct for r in rollouts)
+        rows_so_far += len(rollouts)
+        for r in rollouts:
+            samples_left[r.id] -= 1
+        bar.update(sum(samples_left[i] == 0 for i in {r.id for r in rollouts}))
+        bar.set_postfix(
+            acc=f"{correct_so_far / rows_so_far:.2%}",
+            tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}",
+        )
+
+
+def _wait_for_all(
+    files: RunFiles,
+    examples: Sequence[GSM8KExample],
+    num_samples: int,
+    *,
+    timeout_s: float,
+    poll_s: float = 2.0,
+) -> list[dict[str, Any]]:
+    """Every example's rollouts, once all are committed (by every process of
+    a multi-host run; a single process has committed all of them already)."""
+    wanted = {e.id for e in examples}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rollouts = files.read_finished(num_samples)
+        missing = wanted - {r["id"] for r in rollouts}
+        if not missing:
+            return [r for r in rollouts if r["id"] in wanted]
+        if time.monotonic() > deadline:
+            raise ResultsError(
+                f"Timed out waiting for {len(missing)} examples (ids"
+                f" {sorted(missing)[:10]}...) from the other processes in"
+                f" {files.output_dir}; rerun the same command to resume."
+            )
+        time.sleep(poll_s)
 
 
 def _now() -> str:
@@ -388,53 +459,3 @@ def _run_metadata(tag: str, run_info: dict[str, Any]) -> dict[str, Any]:
         "versions": library_versions(),
         "devices": [str(d) for d in jax.local_devices()],
     }
-
-
-def shard_tag(tag: str, shard_index: int, num_shards: int) -> str:
-    return f"{tag}.shard{shard_index}of{num_shards}"
-
-
-def merge_shards(
-    output_dir: str,
-    tag: str,
-    num_shards: int,
-    config: EvalConfig,
-    run_info: dict[str, Any],
-    *,
-    timeout_s: float = 24 * 3600,
-    poll_s: float = 2.0,
-) -> dict[str, Any]:
-    """Waits for every shard's summary, then writes the merged rollouts and
-    summary under `tag`: the files a single-host run would write."""
-    shards = [
-        RunFiles(output_dir, shard_tag(tag, i, num_shards)) for i in range(num_shards)
-    ]
-    deadline = time.monotonic() + timeout_s
-    while not all(f.summary_path.exists() for f in shards):
-        if time.monotonic() > deadline:
-            missing = [f.tag for f in shards if not f.summary_path.exists()]
-            raise ResultsError(
-                f"Timed out waiting for shards {missing} in {output_dir}."
-            )
-        time.sleep(poll_s)
-    shard_summaries = [json.loads(f.summary_path.read_text()) for f in shards]
-    rollouts = [r for f in shards for r in f.read_rollouts()]
-    merged = RunFiles(output_dir, tag)
-    merged.write_rollouts(rollouts)
-    summary = summarize(
-        rollouts,
-        config.sampling.num_samples,
-        config.extraction_method,
-        tasks.get_task(config.task),
-    )
-    summary |= _run_metadata(tag, run_info)
-    summary |= {
-        "started_at": min(s["started_at"] for s in shard_summaries),
-        "finished_at": max(s["finished_at"] for s in shard_summaries),
-        "compile_s": max(s["compile_s"] for s in shard_summaries),
-        "wall_time_s": max(s["wall_time_s"] for s in shard_summaries),
-        "tokens_per_s": sum(s["tokens_per_s"] for s in shard_summaries),
-        "num_shards": num_shards,
-    }
-    merged.write_summary(summary)
-    return summary

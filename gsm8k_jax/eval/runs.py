@@ -1,10 +1,11 @@
 """Reading evaluation runs back for comparison, finished or not.
 
 A run is the files `evaluate` writes for one tag (`rollouts_<tag>.jsonl`,
-`summary_<tag>.json`, `run_<tag>.json`; see `results.RunFiles`). Reading a
-run never changes its files, so a run still in progress, or one that
-crashed, can be read too: it is then marked incomplete (`RunResult.complete`)
-so that a comparison does not report it as if it had finished.
+or `chunks_<tag>/` while it runs, `summary_<tag>.json`, `run_<tag>.json`;
+see `results.RunFiles`), in a local folder or on `gs://`. Reading a run
+never changes its files, so a run still in progress, or one that crashed,
+can be read too: it is then marked incomplete (`RunResult.complete`) so
+that a comparison does not report it as if it had finished.
 
 Needs neither jax nor a model.
 """
@@ -15,9 +16,9 @@ import dataclasses
 import itertools
 import os
 import re
-from pathlib import Path
 from typing import Any
 
+from gsm8k_jax import storage
 from gsm8k_jax.eval.results import RunFiles
 
 __all__ = ["RunResult", "load_run", "load_run_files", "load_runs"]
@@ -25,6 +26,7 @@ __all__ = ["RunResult", "load_run", "load_run_files", "load_runs"]
 _FILE_NAME = re.compile(
     r"(?:rollouts_(?P<rollouts>.+)\.jsonl|(?:summary|run)_(?P<json>.+)\.json)"
 )
+_RESULTS_NAME = re.compile(r"rollouts_(?P<tag>.+)\.jsonl|chunks_(?P<chunks>.+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +84,10 @@ class RunResult:
         ]
 
 
-def _tags_in(folder: Path) -> list[str]:
-    return sorted(
-        p.name.removeprefix("rollouts_").removesuffix(".jsonl")
-        for p in folder.glob("rollouts_*.jsonl")
-    )
+def _tags_in(folder: str) -> list[str]:
+    """The tags of the runs with results in `folder`: a rollouts file, or chunks."""
+    matches = (_RESULTS_NAME.fullmatch(n) for n in storage.list_names(folder))
+    return sorted({m["tag"] or m["chunks"] for m in matches if m})
 
 
 def load_run_files(files: RunFiles) -> RunResult:
@@ -98,7 +99,7 @@ def load_run_files(files: RunFiles) -> RunResult:
       ResultsError: a rollouts line other than the last is damaged.
       ValueError: no example has all its samples yet.
     """
-    if not files.rollouts_path.exists():
+    if not (storage.exists(files.rollouts_path) or files.chunks.names()):
         raise FileNotFoundError(
             f"{files.rollouts_path} not found: run '{files.tag}' has no rollouts."
         )
@@ -107,7 +108,8 @@ def load_run_files(files: RunFiles) -> RunResult:
     if run_info is None:
         raise FileNotFoundError(
             f"{files.output_dir} has rollouts of run '{files.tag}' but neither"
-            f" {files.summary_path.name} nor {files.run_path.name}, which say what"
+            f" {storage.basename(files.summary_path)} nor"
+            f" {storage.basename(files.run_path)}, which say what"
             " produced them."
         )
     num_samples = run_info["eval"]["sampling"]["num_samples"]
@@ -128,7 +130,7 @@ def load_run_files(files: RunFiles) -> RunResult:
         rollouts=rollouts,
         summary=summary,
         run_info=run_info,
-        source=str(files.output_dir),
+        source=files.output_dir,
     )
 
 
@@ -144,14 +146,14 @@ def load_runs(path: str | os.PathLike) -> list[RunResult]:
       ResultsError, ValueError: a rollouts file is damaged or holds no
         finished example.
     """
-    folder = Path(path)
-    if not folder.exists():
+    folder = os.fspath(path)
+    if not storage.exists(folder):
         raise FileNotFoundError(f"Results path not found: {folder}.")
-    if folder.is_file():
+    if storage.is_file(folder):
         return [load_run(folder)]
     tags = _tags_in(folder)
     if not tags:
-        found = sorted(p.name for p in folder.iterdir())[:10]
+        found = storage.list_names(folder)[:10]
         raise FileNotFoundError(
             f"No results in {folder}: expected rollouts_<tag>.jsonl files as the"
             " eval_gsm8k scripts write them, but "
@@ -173,16 +175,17 @@ def load_run(path: str | os.PathLike) -> RunResult:
         runs (use `load_runs`), or the rollouts are empty.
       ResultsError: the rollouts are damaged.
     """
-    path = Path(path)
-    if path.is_file():
-        match = _FILE_NAME.fullmatch(path.name)
+    path = os.fspath(path)
+    if storage.is_file(path):
+        match = _FILE_NAME.fullmatch(storage.basename(path))
         if match is None:
             raise ValueError(
                 f"{path} is not a results file: expected rollouts_<tag>.jsonl,"
                 " summary_<tag>.json or run_<tag>.json."
             )
-        return load_run_files(RunFiles(path.parent, match["rollouts"] or match["json"]))
-    if not path.exists():
+        tag = match["rollouts"] or match["json"]
+        return load_run_files(RunFiles(storage.parent(path), tag))
+    if not storage.exists(path):
         raise FileNotFoundError(f"Results path not found: {path}.")
     tags = _tags_in(path)
     if len(tags) > 1:

@@ -67,6 +67,7 @@ from gsm8k_jax.models.gemma3.params import (
     save_hf_model,
 )
 from gsm8k_jax.sampling.decode import prompt_positions
+from gsm8k_jax.storage import is_gcs
 
 END_OF_TURN = "<end_of_turn>"
 HF_DIR = "hf"  # Full fine-tune checkpoints: <root>/hf/<step>/.
@@ -457,11 +458,7 @@ def train(
         raise ValueError(
             "Full fine-tuning (config.lora=None) needs a model without LoRA."
         )
-    if (
-        config.lora is None
-        and output_dir is not None
-        and str(output_dir).startswith("gs://")
-    ):
+    if config.lora is None and output_dir is not None and is_gcs(output_dir):
         raise ValueError(
             "Full fine-tune checkpoints are written to local folders only."
         )

@@ -29,11 +29,10 @@ runs p, p + hosts, ...; the base model is run 0) into the shared
 --output_dir (e.g. gs://), and host 0 compares them all.
 
 Writes comparison.md, comparison.json and accuracy.png into --output_dir
-and prints the Markdown report, which says for each run against the
+(a local folder or gs://; --results may be on gs:// too) and prints the Markdown report, which says for each run against the
 baseline whether the difference is significant at 5% (McNemar's exact test).
 """
 
-import json
 from pathlib import Path
 
 from gsm8k_jax.quiet import quiet_imports
@@ -46,10 +45,11 @@ from absl import flags
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval import cli
 from gsm8k_jax.eval.comparison import compare_runs
-from gsm8k_jax.eval.report import plot_accuracies
+from gsm8k_jax.eval.report import save_report
 from gsm8k_jax.eval.runs import RunResult, load_runs
 from gsm8k_jax.eval.sweep import evaluate_checkpoints
 from gsm8k_jax.models.registry import model_spec
+from gsm8k_jax.storage import require_writable
 
 _RESULTS = flags.DEFINE_list(
     "results", [], "Results folders or files to compare (instead of evaluating)."
@@ -104,6 +104,7 @@ def _evaluate() -> list[RunResult]:
 
 def main(argv: list[str]) -> None:
     del argv
+    require_writable(cli.FLAGS.output_dir)
     if _RESULTS.value and _LORA_CHECKPOINTS.value:
         raise ValueError("Pass either --results or --lora_checkpoints, not both.")
     if _RESULTS.value:
@@ -121,17 +122,12 @@ def main(argv: list[str]) -> None:
     baseline = int(_BASELINE.value) if _BASELINE.value.isdigit() else _BASELINE.value
     report = compare_runs(runs, baseline, num_resamples=_NUM_RESAMPLES.value)
 
-    out = Path(cli.FLAGS.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = report.to_markdown()
-    (out / "comparison.md").write_text(markdown, encoding="utf-8")
-    (out / "comparison.json").write_text(
-        json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n",
-        encoding="utf-8",
-    )
-    plot_accuracies(report, out / "accuracy.png")
+    markdown = save_report(report, cli.FLAGS.output_dir)
     print(markdown)
-    print(f"Wrote comparison.md, comparison.json and accuracy.png to {out}.")
+    print(
+        f"Wrote comparison.md, comparison.json and accuracy.png to"
+        f" {cli.FLAGS.output_dir}."
+    )
 
 
 if __name__ == "__main__":

@@ -102,8 +102,7 @@ def _script_rows(out_dir, batch_size):
 def test_kill_and_resume_gives_the_same_bits(reference, tmp_path):
     dtype, _, _, expected = reference
     command = _script(dtype, tmp_path, 2)
-    rollouts = tmp_path / "rollouts_gemma3-tiny_base_bs2.jsonl"
-    finished = kill_after(command, rollouts, 8)
+    finished = kill_after(command, tmp_path, "gemma3-tiny_base_bs2", 8)
     assert 8 <= finished < NUM_EXAMPLES, "the kill must land mid-run"
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     assert _script_rows(tmp_path, 2) == expected

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import jax
 import numpy as np
 import pytest
 import scipy.stats
 from flax import nnx
+from gcs_emulator import upload_dir
 
 from gsm8k_jax.checkpoints.lora import LoraConfig
 from gsm8k_jax.eval.comparison import Answer, compare_runs
@@ -581,22 +583,34 @@ def cli_runs(tmp_path_factory):
 
 def stopped_copy(folder, tag, target, num_lines):
     """A copy of a finished run as if stopped after its first `num_lines`
-    rollouts: the run record, no summary."""
-    target.mkdir()
+    rollouts: the run record and one chunk, no summary."""
+    (target / f"chunks_{tag}").mkdir(parents=True)
     (target / f"run_{tag}.json").write_text((folder / f"run_{tag}.json").read_text())
     lines = (folder / f"rollouts_{tag}.jsonl").read_text().splitlines(keepends=True)
-    (target / f"rollouts_{tag}.jsonl").write_text("".join(lines[:num_lines]))
+    chunk = target / f"chunks_{tag}" / "0000-00000000.jsonl"
+    chunk.write_text("".join(lines[:num_lines]))
     return target
 
 
-def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path):
-    out = tmp_path / "cmp"
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path, request, where):
+    """Runs read from local folders or gs://, the report written there too."""
     stopped = stopped_copy(cli_runs, "gemma3-tiny_base_bs4", tmp_path / "stopped", 3)
+    results, out = cli_runs, tmp_path / "cmp"
+    if where == "gcs":
+        results = f"{request.getfixturevalue('gcs_bucket')}/compare"
+        upload_dir(cli_runs, f"{results}/runs")
+        upload_dir(stopped, f"{results}/stopped")
+        stopped, results, out = (
+            f"{results}/stopped",
+            f"{results}/runs",
+            f"{results}/cmp",
+        )
     proc = subprocess.run(
         [
             sys.executable,
             str(COMPARE_SCRIPT),
-            f"--results={cli_runs / 'rollouts_gemma3-tiny_base_bs2.jsonl'},{cli_runs / 'summary_gemma3-tiny_base_bs4.json'},{stopped}",
+            f"--results={results}/rollouts_gemma3-tiny_base_bs2.jsonl,{results}/summary_gemma3-tiny_base_bs4.json,{stopped}",
             f"--output_dir={out}",
         ],
         cwd=REPO,
@@ -605,7 +619,9 @@ def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    markdown = (out / "comparison.md").read_text()
+    fs, out = fsspec.core.url_to_fs(str(out))
+    fs.invalidate_cache()
+    markdown = fs.cat_file(f"{out}/comparison.md").decode()
     assert markdown in proc.stdout
     assert "| #0 vs #1 | 2 vs 4 | 6 | 100.00% (6/6) | 100.00% (6/6) |" in markdown
     assert "| #0 vs #2 | 2 vs 4 | 3 | 100.00% (3/3) | 100.00% (3/3) |" in markdown
@@ -619,14 +635,14 @@ def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path):
         "- Paired on the 3 problems both runs finished (left out: 3 finished by the"
         " baseline only)"
     ) in markdown
-    data = json.loads((out / "comparison.json").read_text())
+    data = json.loads(fs.cat_file(f"{out}/comparison.json"))
     assert [c["identical_responses_share"] for c in data["consistency"]] == [1.0] * 3
     assert [(r["tag"], r["complete"]) for r in data["runs"]] == [
         ("gemma3-tiny_base_bs2", True),
         ("gemma3-tiny_base_bs4", True),
         ("gemma3-tiny_base_bs4", False),
     ]
-    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert fs.cat_file(f"{out}/accuracy.png")[:4] == b"\x89PNG"
 
 
 def test_reading_and_comparing_import_neither_jax_nor_the_cli():

@@ -11,11 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
+from gcs_emulator import gcs_filesystem
+from hf_models import make_tiny_hf_model
 
 from gsm8k_jax.eval.extraction import is_correct
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
-from hf_models import make_tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"
@@ -53,12 +55,12 @@ ROLLOUT_KEYS = {
 NOISE = re.compile(r"^I\d{4} |PyTorch was not found|Traceback", re.MULTILINE)
 
 
-def run_script(*args, script=BASE_SCRIPT, check=True, **kwargs):
+def run_script(*args, script=BASE_SCRIPT, check=True, cwd=REPO, **kwargs):
     proc = subprocess.run(
         [sys.executable, str(script), *map(str, args)],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
         **kwargs,
     )
     if check and proc.returncode != 0:
@@ -115,10 +117,14 @@ def test_tiny_model_run_writes_rollouts_and_summary(tmp_path):
     assert min(phases.values()) > 0
     assert sum(phases.values()) <= summary["wall_time_s"]
     assert summary["run"]["model_revision"].startswith("sha256:")
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", summary["versions"]["gsm8k_jax_commit"])
+    assert re.fullmatch(
+        r"[0-9a-f]{40}(-dirty)?", summary["versions"]["gsm8k_jax_commit"]
+    )
 
     # Another extraction re-scores the same responses: nothing is generated.
-    proc = run_script(*QUICK, "--extraction_method=flexible", f"--output_dir={tmp_path}")
+    proc = run_script(
+        *QUICK, "--extraction_method=flexible", f"--output_dir={tmp_path}"
+    )
     assert "Compiling" not in proc.stderr
     rescored, summary = read_outputs(tmp_path, tag)
     rescored = [json.loads(line) for line in rescored.splitlines()]
@@ -150,17 +156,30 @@ def test_hf_folder_model_path(tmp_path):
     assert len(rollouts.splitlines()) == 6
 
 
-def interrupt_after(command, rollouts_path, lines, *, sig, timeout_s=300):
-    """Runs `command` and sends it `sig` once `rollouts_path` holds `lines`
-    lines; returns the finished process, its output as text."""
+def committed(out_dir, tag) -> int:
+    """The rollout lines a run has committed so far, in its chunks and its
+    rollouts file (local or gs://), read with fsspec directly."""
+    fs, root = fsspec.core.url_to_fs(str(out_dir))
+    fs.invalidate_cache()
+    paths = [f"{root}/rollouts_{tag}.jsonl"]
+    if fs.exists(f"{root}/chunks_{tag}"):
+        paths += fs.find(f"{root}/chunks_{tag}")
+    return sum(
+        fs.cat_file(p).count(b"\n")
+        for p in paths
+        if p.endswith(".jsonl") and fs.exists(p)
+    )
+
+
+def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
+    """Runs `command` and sends it `sig` once run `tag` in `out_dir` has
+    committed `lines` rollouts; returns the finished process, its output as
+    text."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
         deadline = time.time() + timeout_s
         while time.time() < deadline and proc.poll() is None:
-            if (
-                rollouts_path.exists()
-                and len(rollouts_path.read_text().splitlines()) >= lines
-            ):
+            if committed(out_dir, tag) >= lines:
                 break
             time.sleep(0.02)
         os.kill(proc.pid, sig)
@@ -172,49 +191,116 @@ def interrupt_after(command, rollouts_path, lines, *, sig, timeout_s=300):
         )
 
 
-def kill_after(command, rollouts_path, lines, *, timeout_s=300):
-    """Runs `command` and kill -9s it once `rollouts_path` holds `lines`
-    lines; returns how many it holds then."""
+def kill_after(command, out_dir, tag, lines, *, timeout_s=300):
+    """Runs `command` and kill -9s it once run `tag` has committed `lines`
+    rollouts; returns how many it has committed then."""
     interrupt_after(
-        command, rollouts_path, lines, sig=signal.SIGKILL, timeout_s=timeout_s
+        command, out_dir, tag, lines, sig=signal.SIGKILL, timeout_s=timeout_s
     )
-    return len(rollouts_path.read_text().splitlines())
+    return committed(out_dir, tag)
 
 
-def test_ctrl_c_and_resume_gives_the_uninterrupted_files(tmp_path):
-    """Ctrl-C says how to resume, in one line; resuming (past a torn line, as
-    kill -9 leaves it: test_batch_invariance) gives the uninterrupted files."""
-    args = ["--num_examples=48", "--batch_size=2", "--max_generation_steps=48"]
-    tag = "gemma3-tiny_base_bs2"
-    run_script(*args, f"--output_dir={tmp_path / 'clean'}")
-    expected_rollouts, expected_summary = read_outputs(tmp_path / "clean", tag)
+# Sequences mostly finish together, 32 rows (one CPU row tile) at a time, so
+# 160 problems are committed in five chunks: two interruptions land mid-run
+# even when each is seen a chunk late (a loaded machine).
+NUM_STOP_EXAMPLES = 160
+STOP_ARGS = [
+    f"--num_examples={NUM_STOP_EXAMPLES}",
+    "--batch_size=2",
+    "--max_generation_steps=32",
+]
+STOP_TAG = "gemma3-tiny_base_bs2"
+RESUME_LINE = "finished results are kept; rerun the same command to resume.\n"
 
-    crashed = tmp_path / "crashed"
-    rollouts_path = crashed / f"rollouts_{tag}.jsonl"
-    stopped = interrupt_after(
-        [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={crashed}"],
-        rollouts_path,
-        4,
-        sig=signal.SIGINT,
-    )
-    finished = len(rollouts_path.read_text().splitlines())
-    assert 4 <= finished < 48, "the interruption must land mid-run"
-    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
-    assert (
-        "Interrupted: finished results are kept; rerun the same command to"
-        " resume.\n" in stopped.stderr
-    )
-    # A torn line, as a crash during a write leaves it.
-    with open(rollouts_path, "a") as f:
-        f.write('{"id": 99, "corr')
 
-    run_script(*args, f"--output_dir={crashed}")
-    rollouts, summary = read_outputs(crashed, tag)
-    assert rollouts == expected_rollouts
-    assert summary["resumed_examples"] == finished
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The files of an uninterrupted local run with STOP_ARGS."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_script(*STOP_ARGS, f"--output_dir={out}")
+    return read_outputs(out, STOP_TAG)
+
+
+def stop_after(out_dir, lines, sig):
+    """Runs STOP_ARGS into `out_dir`, sends `sig` once `lines` rollouts are
+    committed; returns the process and how many are committed then."""
+    command = [sys.executable, str(BASE_SCRIPT), *STOP_ARGS, f"--output_dir={out_dir}"]
+    stopped = interrupt_after(command, out_dir, STOP_TAG, lines, sig=sig)
+    finished = committed(out_dir, STOP_TAG)
+    assert lines <= finished < NUM_STOP_EXAMPLES, "the interruption must land mid-run"
+    assert "Traceback" not in stopped.stderr
+    return stopped, finished
+
+
+def assert_stopped_cleanly(proc, status, message):
+    """Exit status `status`, and `message` once, as stderr's last line: the
+    progress bar is closed before it, not drawn again after it."""
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert proc.stderr.endswith("\n" + message) and proc.stderr.count(message) == 1
+
+
+def assert_uninterrupted_files(rollouts, summary, uninterrupted, resumed):
+    expected_rollouts, expected_summary = uninterrupted
+    assert rollouts == expected_rollouts  # Byte for byte.
+    assert summary["resumed_examples"] == resumed
     assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == {
         k: v for k, v in expected_summary.items() if k not in TIMING_KEYS
     }
+
+
+def test_ctrl_c_and_sigterm_then_resume_give_the_uninterrupted_files(
+    tmp_path, uninterrupted
+):
+    """Ctrl-C (exit 130) and SIGTERM (exit 0) each say how to resume, in one
+    line; resuming past a damaged chunk and a writer's leftover temporary
+    file gives the uninterrupted files, and removes the chunks."""
+    out = tmp_path / "stopped"
+    stopped, finished = stop_after(out, 4, signal.SIGINT)
+    assert_stopped_cleanly(stopped, 130, f"Interrupted: {RESUME_LINE}")
+    chunks = out / f"chunks_{STOP_TAG}"
+    # A torn chunk (never written by an atomic commit, but a damaged store
+    # could hold one) whose first, complete line is a wrong answer to a
+    # problem not yet finished: the whole chunk must be ignored.
+    done = {
+        json.loads(x)["id"]
+        for c in chunks.iterdir()
+        for x in c.read_text().splitlines()
+    }
+    todo = min(set(range(NUM_STOP_EXAMPLES)) - done)
+    fake = json.loads(uninterrupted[0].splitlines()[todo]) | {"response": "FAKE"}
+    (chunks / "0000-00009999.jsonl").write_text(json.dumps(fake) + '\n{"id": 4')
+    (chunks / ".0000-00000099.jsonl.0123456789ab.tmp").write_text('{"id": 46')
+
+    stopped, later = stop_after(out, finished + 1 + 4, signal.SIGTERM)
+    later -= 1  # The torn chunk's complete line.
+    assert_stopped_cleanly(stopped, 0, f"Stopped by SIGTERM: {RESUME_LINE}")
+
+    run_script(*STOP_ARGS, f"--output_dir={out}")
+    assert_uninterrupted_files(*read_outputs(out, STOP_TAG), uninterrupted, later)
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{name}_{STOP_TAG}.{ext}"
+        for name, ext in (("rollouts", "jsonl"), ("run", "json"), ("summary", "json"))
+    ]
+
+
+def test_gcs_output_survives_sigterm_and_kill_9(gcs_bucket, uninterrupted):
+    """--output_dir=gs://: SIGTERM, then kill -9 of the resumed run, then a
+    rerun give the uninterrupted local run's rollouts, byte for byte."""
+    out = f"{gcs_bucket}/stopped-run"
+    stopped, finished = stop_after(out, 4, signal.SIGTERM)
+    assert_stopped_cleanly(stopped, 0, f"Stopped by SIGTERM: {RESUME_LINE}")
+    _, later = stop_after(out, finished + 8, signal.SIGKILL)
+    run_script(*STOP_ARGS, f"--output_dir={out}")
+    fs = gcs_filesystem()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(out, detail=False))
+    assert names == [
+        f"{n}_{STOP_TAG}.{e}"
+        for n, e in (("rollouts", "jsonl"), ("run", "json"), ("summary", "json"))
+    ]
+    rollouts = fs.cat_file(f"{out}/rollouts_{STOP_TAG}.jsonl").decode()
+    summary = json.loads(fs.cat_file(f"{out}/summary_{STOP_TAG}.json"))
+    assert_uninterrupted_files(rollouts, summary, uninterrupted, later)
+    assert not (REPO / "gs:").exists()  # pathlib's gs:/ folder of old
 
 
 @pytest.fixture(scope="module")
@@ -313,11 +399,48 @@ def test_a_failed_start_does_not_block_its_corrected_rerun(tmp_path):
     assert summary["total"] == 6
 
 
-def test_unwritable_output_dir(tmp_path):
+@pytest.mark.parametrize(
+    "output_dir, message",
+    [
+        (
+            "s3://bucket/run",
+            (
+                "error: Cannot use s3://bucket/run: s3:// storage is not supported;"
+                " use a local folder or gs://bucket/folder."
+            ),
+        ),
+        (
+            "{file}/out",
+            "error: Cannot write to output folder {file}/out: {file} is a file",
+        ),
+        (
+            "gs://no-such-bucket-xyz/run",
+            (
+                "error: Cannot write to output folder gs://no-such-bucket-xyz/run:"
+                " bucket gs://no-such-bucket-xyz does not exist."
+            ),
+        ),
+    ],
+)
+def test_bad_output_dir_is_one_line_before_any_work(
+    tmp_path, gcs_bucket, output_dir, message
+):
+    """Refused before the data and the model are read (both are missing
+    here, and not named), writing nothing, also in the working folder."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = run_script(*QUICK, f"--output_dir={blocker / 'out'}", check=False)
-    assert proc.returncode == 1 and "Cannot write to output folder" in proc.stderr
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_script(
+        "--data_path=/nonexistent/test.jsonl",
+        "--model.model_path=/nonexistent/model",
+        f"--output_dir={output_dir.format(file=blocker)}",
+        check=False,
+        cwd=cwd,
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(message.format(file=blocker)), proc.stderr
+    assert not any(cwd.iterdir()) and sorted(tmp_path.iterdir()) == [cwd, blocker]
 
 
 def test_lora_script_requires_a_checkpoint(tmp_path):

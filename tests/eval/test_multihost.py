@@ -1,19 +1,26 @@
 """Multi-host evaluation: two jax.distributed processes (each with two CPU
-devices and a data-parallel mesh) write the files one process writes."""
+devices and a data-parallel mesh) write the files one process writes, to a
+local folder or to gs://, and resume after both are killed with -9."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
+import pytest
 from eval.test_eval_scripts import (
     BASE_SCRIPT,
     REPO,
     TIMING_KEYS,
+    committed,
     read_outputs,
     run_script,
 )
+from gcs_emulator import gcs_filesystem
 
 ARGS = [
     "--num_examples=10",
@@ -22,6 +29,7 @@ ARGS = [
     "--model.dtype=float32",
 ]
 TAG = "gemma3-tiny_base_bs2"
+IGNORED = TIMING_KEYS | {"devices"}
 
 
 def free_port() -> int:
@@ -30,36 +38,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_merge_into_the_single_process_files(tmp_path):
-    run_script(*ARGS, f"--output_dir={tmp_path / 'single'}")
-    expected_rollouts, expected_summary = read_outputs(tmp_path / "single", TAG)
-
+def start_two_processes(out_dir):
+    """The two processes of one run into `out_dir`, each with its stdout in a
+    temporary file: [(process, stdout file)]."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(BASE_SCRIPT),
-                *ARGS,
-                f"--output_dir={tmp_path / 'multi'}",
-                "--distributed",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    started = []
+    for i in range(2):
+        stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read while it runs)
+        command = [sys.executable, str(BASE_SCRIPT), *ARGS, f"--output_dir={out_dir}"]
+        command += ["--distributed", f"--coordinator_address={address}"]
+        command += ["--num_processes=2", f"--process_id={i}"]
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True
         )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    rollouts, summary = read_outputs(tmp_path / "multi", TAG)
+        started.append((proc, stdout))
+    return started
+
+
+def output(stdout) -> str:
+    stdout.seek(0)
+    return stdout.read()
+
+
+def run_two_processes(out_dir) -> list[str]:
+    """Runs both processes to the end; returns their stdout."""
+    started = start_two_processes(out_dir)
+    outputs = []
+    for proc, stdout in started:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(output(stdout))
+    return outputs
+
+
+def wait_until(condition, what, timeout_s=300):
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """The files and stdout of an uninterrupted two-process run, local."""
+    out = tmp_path_factory.mktemp("multi")
+    stdout = run_two_processes(out)
+    return read_outputs(out, TAG), stdout
+
+
+def test_two_processes_merge_into_the_single_process_files(tmp_path, two_process_run):
+    run_script(*ARGS, f"--output_dir={tmp_path / 'single'}")
+    expected_rollouts, expected_summary = read_outputs(tmp_path / "single", TAG)
+    (rollouts, summary), stdout = two_process_run
+    assert (
+        "Process 1: its share is committed; process 0 writes the results."
+        in (stdout[1])
+    )
     # Identical answers; log-probs agree to float32 noise (other shapes per device).
     got, want = (
         [json.loads(line) for line in r.splitlines()]
@@ -69,12 +104,34 @@ def test_two_processes_merge_into_the_single_process_files(tmp_path):
     for a, b in zip(got, want):
         assert abs(a.pop("logprob") - b.pop("logprob")) < 1e-3
         assert a == b
-    shard = json.loads(
-        (tmp_path / "multi" / f"summary_{TAG}.shard1of2.json").read_text()
-    )
-    assert shard["total"] == 5 and len(shard["devices"]) == 2
-    ignored = TIMING_KEYS | {"num_shards", "devices"}
     assert summary["num_shards"] == 2
+    ignored = IGNORED | {"num_shards"}
     assert {k: v for k, v in summary.items() if k not in ignored} == {
         k: v for k, v in expected_summary.items() if k not in ignored
     }
+
+
+def test_two_processes_on_gcs_killed_and_resumed(gcs_bucket, two_process_run):
+    """Process 1 is held (SIGSTOP) once it is ready to generate, so the kill
+    -9 of both lands when only process 0's share is committed; the rerun
+    writes the uninterrupted run's files, byte for byte."""
+    out = f"{gcs_bucket}/multihost"
+    (proc0, _), (proc1, stdout1) = start_two_processes(out)
+    wait_until(lambda: "Results: " in output(stdout1), "process 1 to start")
+    proc1.send_signal(signal.SIGSTOP)
+    wait_until(lambda: committed(out, TAG) >= 5, "process 0's share")
+    for proc in (proc0, proc1):
+        proc.kill()
+        proc.communicate()
+    assert committed(out, TAG) == 5
+
+    run_two_processes(out)
+    (expected_rollouts, expected_summary), _ = two_process_run
+    fs = gcs_filesystem()
+    assert fs.cat_file(f"{out}/rollouts_{TAG}.jsonl").decode() == expected_rollouts
+    summary = json.loads(fs.cat_file(f"{out}/summary_{TAG}.json"))
+    assert summary["resumed_examples"] == 5
+    assert {k: v for k, v in summary.items() if k not in IGNORED} == {
+        k: v for k, v in expected_summary.items() if k not in IGNORED
+    }
+    assert not fs.exists(f"{out}/chunks_{TAG}")

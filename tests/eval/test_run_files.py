@@ -1,0 +1,109 @@
+"""Result files in a local folder and on gs:// (the loopback emulator): chunks
+committed whole, read whole or not at all, duplicates resolved the same way
+every time, and the final merge. No model is loaded here."""
+
+import json
+import os
+
+import fsspec
+import pytest
+
+from gsm8k_jax import storage
+from gsm8k_jax.eval.results import RunFiles
+
+
+@pytest.fixture(params=["local", "gcs"])
+def folder(request, tmp_path):
+    """An empty output folder, local or in the emulated bucket."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket = request.getfixturevalue("gcs_bucket")
+    return f"{bucket}/{request.node.originalname}"
+
+
+def record(example_id, sample=0, response="r"):
+    return {"id": example_id, "sample_index": sample, "response": response}
+
+
+def raw_names(folder):
+    """The folder's entries as fsspec lists them, bypassing `storage`."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    fs.invalidate_cache()
+    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def raw_write(path, text):
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(fs_path), exist_ok=True)
+    fs.pipe_file(fs_path, text.encode())
+
+
+def test_chunks_resume_and_merge(folder):
+    files = RunFiles(folder, "t")
+    assert not files.has_results() and files.read_finished(2) == []
+    files.chunks.commit([record(0, 0, "first"), record(1, 0)])
+    other = RunFiles(folder, "t", process_index=1)
+    other.chunks.commit([record(0, 1), record(0, 0, "second"), record(2, 0)])
+    chunk_dir = storage.join(folder, "chunks_t")
+    assert raw_names(chunk_dir) == ["0000-00000000.jsonl", "0001-00000000.jsonl"]
+    # A chunk that is not whole is never read, not even its complete lines;
+    # a writer's temporary file is not a chunk.
+    raw_write(storage.join(chunk_dir, "0001-00000001.jsonl"), json.dumps(record(1, 1)))
+    raw_write(storage.join(chunk_dir, "0001-00000002.jsonl"), '{"id": 1}\n{"id')
+    raw_write(storage.join(chunk_dir, ".0000-00000001.jsonl.abc.tmp"), "")
+
+    # Example 0 has both samples; 1 and 2 lack sample 1. Sample (0, 0) is
+    # taken from the first chunk holding it, in (process, seq) order.
+    rerun = RunFiles(folder, "t")
+    assert rerun.has_results()
+    assert rerun.read_finished(2) == [record(0, 0, "first"), record(0, 1)]
+    # A rerun numbers its chunks on from its own last one, rewriting none.
+    rerun.chunks.commit([record(1, 1), record(2, 1)])
+    assert "0000-00000001.jsonl" in raw_names(chunk_dir)
+    finished = rerun.read_finished(2)
+    assert sorted((r["id"], r["sample_index"]) for r in finished) == [
+        (i, s) for i in range(3) for s in range(2)
+    ]
+
+    rerun.write_rollouts(finished)
+    rerun.remove_chunks()
+    assert raw_names(folder) == ["rollouts_t.jsonl"]
+    lines = storage.read_text(rerun.rollouts_path).splitlines()
+    assert [(json.loads(x)["id"], json.loads(x)["sample_index"]) for x in lines] == [
+        (i, s) for i in range(3) for s in range(2)
+    ]
+    # A finished run resumes from its rollouts file alone.
+    assert RunFiles(folder, "t").read_finished(2) == rerun.read_rollouts()
+
+
+def test_prepare_records_the_run_and_overwrite_removes_results(folder):
+    files = RunFiles(folder, "t")
+    files.prepare({"seed": 0}, resume=True, overwrite=False)
+    files.chunks.commit([record(0)])
+    with pytest.raises(RuntimeError, match="other settings \\(differing: seed\\)"):
+        RunFiles(folder, "t").check({"seed": 1}, resume=True, overwrite=False)
+    with pytest.raises(RuntimeError, match="--resume to continue them"):
+        RunFiles(folder, "t").check({"seed": 0}, resume=False, overwrite=False)
+    RunFiles(folder, "t").prepare({"seed": 1}, resume=True, overwrite=True)
+    assert raw_names(folder) == ["run_t.json"]
+    assert RunFiles(folder, "t").read_run_info() == {"seed": 1}
+
+
+def test_unwritable_locations_are_refused_and_left_untouched(tmp_path, gcs_bucket):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        ("s3://bucket/run", "s3:// storage is not supported; use a local folder"),
+        (str(blocker / "out"), f"{blocker} is a file, not a folder"),
+        (
+            "gs://no-such-bucket-xyz/run",
+            "bucket gs://no-such-bucket-xyz does not exist",
+        ),
+    ]
+    for path, message in cases:
+        with pytest.raises(storage.StorageError, match=message):
+            storage.require_writable(path)
+    storage.require_writable(tmp_path / "new" / "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    storage.require_writable(f"{gcs_bucket}/probe-leaves-nothing")
+    assert not storage.exists(f"{gcs_bucket}/probe-leaves-nothing")
