@@ -7,8 +7,8 @@ the order of floating-point sums) by shape. So:
 
 - a prompt is left-padded to its own bucket (`prompt_bucket`), never to the
   longest prompt of its batch;
-- prompts of one bucket are prefilled `prefill_rows(bucket)` rows at a time
-  (per data shard), padding the group with empty rows when fewer wait;
+- prompts of one bucket are prefilled `prefill_rows(bucket, ...)` rows at a
+  time (per data shard), padding the group with empty rows when fewer wait;
 - decode runs `row_tile` slots at a time (per data shard); the number of
   slots is rounded up to whole tiles.
 
@@ -24,15 +24,18 @@ from collections.abc import Sequence
 import jax
 
 MIN_PROMPT_BUCKET = 32
-# Prompt tokens per prefill program and data shard: big enough to keep the
-# device busy, small enough that the group's activations stay modest.
-PREFILL_TOKENS = 4096
 # Slots per decode program and data shard. Decode reads every weight once
 # per tile, so a tile should be about as many rows as the device serves in
 # the time it takes to read the weights (its FLOP/byte ridge): the default
 # GSM8K batch on CPU, the bf16 ridge of an H100/H200 (~160-300 rows) and of
 # a TPU v5e (~240) on accelerators.
 ROW_TILES = {"cpu": 32, "gpu": 128, "tpu": 256}
+# Prompt tokens per prefill program and data shard. A group is padded with
+# empty rows when fewer prompts of its bucket wait, so it should be no
+# bigger than keeps the device busy: a CPU is compute-bound from a few
+# prompts on (4,096 tokens made a batch of 8 prompts pay for 32), an
+# accelerator wants thousands of tokens per program.
+PREFILL_TOKENS = {"cpu": 1024, "gpu": 4096, "tpu": 8192}
 
 
 def prompt_bucket(length: int) -> int:
@@ -40,14 +43,23 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
 
 
+def _of_platform(table: dict[str, int], platform: str | None) -> int:
+    return table.get(platform or jax.default_backend(), table["gpu"])
+
+
 def default_row_tile(platform: str | None = None) -> int:
     """The decode tile for a JAX platform (default: the default backend's)."""
-    return ROW_TILES.get(platform or jax.default_backend(), ROW_TILES["gpu"])
+    return _of_platform(ROW_TILES, platform)
 
 
-def prefill_rows(bucket: int, row_tile: int) -> int:
+def default_prefill_tokens(platform: str | None = None) -> int:
+    """Prompt tokens per prefill program for a JAX platform."""
+    return _of_platform(PREFILL_TOKENS, platform)
+
+
+def prefill_rows(bucket: int, row_tile: int, prefill_tokens: int) -> int:
     """Prompts per prefill program and data shard for one prompt bucket."""
-    return max(1, min(row_tile, PREFILL_TOKENS // bucket))
+    return max(1, min(row_tile, prefill_tokens // bucket))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -69,10 +81,12 @@ class SlotScheduler:
         *,
         num_slots: int,
         row_tile: int,
+        prefill_tokens: int,
         data_shards: int = 1,
     ):
         self.buckets = list(buckets)
         self.row_tile = row_tile
+        self.prefill_tokens = prefill_tokens
         self.data_shards = data_shards
         self.waiting = collections.deque(
             sorted(range(len(buckets)), key=lambda row: (buckets[row], row))
@@ -90,7 +104,7 @@ class SlotScheduler:
 
     def group_size(self, bucket: int) -> int:
         """Rows of one prefill program for `bucket`, over all data shards."""
-        return prefill_rows(bucket, self.row_tile) * self.data_shards
+        return prefill_rows(bucket, self.row_tile, self.prefill_tokens) * self.data_shards
 
     def _wanted(self) -> tuple[int, int]:
         """(bucket, rows) of the next group: the head's bucket, as many of it

@@ -31,6 +31,7 @@ from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_model
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
+    default_prefill_tokens,
     default_row_tile,
     prompt_bucket,
     round_up,
@@ -119,6 +120,7 @@ class Sampler:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.row_tile = row_tile or default_row_tile()
+        self.prefill_tokens = default_prefill_tokens()
         self.data_shards = mesh.shape[DATA] if mesh is not None else 1
         if mesh is not None:
             shard_model(model, mesh)
@@ -375,6 +377,7 @@ class Sampler:
             buckets,
             num_slots=num_slots,
             row_tile=self.row_tile,
+            prefill_tokens=self.prefill_tokens,
             data_shards=self.data_shards,
         )
         return state, schedule
