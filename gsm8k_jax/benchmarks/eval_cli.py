@@ -31,7 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gsm8k_jax.benchmarks.synthetic import hf_text_config, make_random_hf_model
+from gsm8k_jax.benchmarks.synthetic import (
+    HF_SMALL,
+    hf_text_config,
+    make_random_hf_model,
+)
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
@@ -45,20 +49,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
-# A small random config: per-step work is small but not pure overhead.
-HF_SMALL = {
-    "vocab_size": 4096,
-    "hidden_size": 512,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 7,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "sliding_window": 64,
-    "query_pre_attn_scalar": 64,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class CliBenchmarkConfig:
     """model: "hf-small", a named Gemma 3 size (e.g. "gemma3-270m") or a dict
