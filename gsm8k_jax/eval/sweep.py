@@ -26,6 +26,7 @@ import jax
 from absl import logging
 from flax import nnx
 
+from gsm8k_jax import storage
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.results import (
@@ -293,7 +294,7 @@ def evaluate_checkpoints(
         return [results[i] for i, _ in mine]
     deadline = time.monotonic() + timeout_s
     for i, (_, files, _) in enumerate(runs):
-        while i not in results and not files.summary_path.exists():
+        while i not in results and not storage.exists(files.summary_path):
             if time.monotonic() > deadline:
                 raise ResultsError(
                     f"Timed out waiting for run {files.tag} (another process's)"
