@@ -76,6 +76,8 @@ class RowWindow:
         """x[row r, slots[r]] = update[r] for the window's rows r, in place.
 
         x: [B, S, ...]; update: [R, 1, ...] (one token per row); slots: [R].
+        One scatter over absolute rows: a scatter vmapped over the shards'
+        blocks made XLA:CPU re-lay out and copy the whole cache every step.
         """
         per_shard = x.shape[0] // self.shards
         rows = (
