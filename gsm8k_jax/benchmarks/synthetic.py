@@ -72,16 +72,11 @@ HF_TINY = {
 }
 
 # Twice hf-tiny's width, with grouped-query attention (the eval-CLI benchmark).
-HF_SMALL = {
-    "vocab_size": 4096,
+HF_SMALL = HF_TINY | {
     "hidden_size": 512,
     "intermediate_size": 2048,
-    "num_hidden_layers": 7,
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
-    "head_dim": 64,
-    "sliding_window": 64,
-    "query_pre_attn_scalar": 64,
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

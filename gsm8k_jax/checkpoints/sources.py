@@ -29,7 +29,8 @@ class SourceError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Local cache for copies of remote folders ($GSM8K_JAX_CACHE, else ~/.cache)."""
+    """The package's local cache folder ($GSM8K_JAX_CACHE, else
+    ~/.cache/gsm8k_jax): copies of remote folders, compiled programs."""
     default = Path.home() / ".cache" / "gsm8k_jax"
     return Path(os.environ.get("GSM8K_JAX_CACHE", default))
 
