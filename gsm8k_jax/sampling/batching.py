@@ -39,8 +39,17 @@ PREFILL_TOKENS = {"cpu": 1024, "gpu": 4096, "tpu": 8192}
 
 
 def prompt_bucket(length: int) -> int:
-    """Padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
+    """Padded prompt length: the next of 2^k and 1.5 * 2^k (32, 48, 64, 96,
+    128, 192, ...), at least MIN_PROMPT_BUCKET.
+
+    Two buckets per octave leave at most a third of a bucket as padding: the
+    GSM8K test prompts (66-248 tokens) are 15% padding, against 28% with
+    powers of two alone, for one more prefill program per octave of prompt
+    lengths.
+    """
+    power = 1 << max(length - 1, 0).bit_length()  # the next power of two
+    bucket = power * 3 // 4 if length <= power * 3 // 4 else power
+    return max(MIN_PROMPT_BUCKET, bucket)
 
 
 def _of_platform(table: dict[str, int], platform: str | None) -> int:

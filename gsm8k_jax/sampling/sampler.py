@@ -37,6 +37,7 @@ from gsm8k_jax.sampling.batching import (
     round_up,
 )
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
+from gsm8k_jax.sampling.programs import Program
 
 MAX_EOS_IDS = 8
 # Every rounding to bfloat16 that the program asks for happens: otherwise XLA
@@ -136,13 +137,13 @@ class Sampler:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
         graphdef, _ = nnx.split(model)
-        self._prefill = jax.jit(
+        self._prefill = Program(
             functools.partial(prefill, graphdef),
             static_argnames="pad_id",
             donate_argnums=1,
             compiler_options=COMPILER_OPTIONS,
         )
-        self._decode = jax.jit(
+        self._decode = Program(
             functools.partial(
                 decode,
                 graphdef,
@@ -157,7 +158,7 @@ class Sampler:
     @property
     def num_compilations(self) -> int:
         """How many programs were compiled so far (one per distinct shape)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        return self._prefill.num_executables + self._decode.num_executables
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Text is used as is (chat-templated text keeps
@@ -250,7 +251,7 @@ class Sampler:
             while (group := schedule.next_group()) is not None:
                 bucket, members = group
                 clock.start()
-                state = self._prefill_group(
+                args = self._prefill_args(
                     weights,
                     state,
                     bucket,
@@ -261,6 +262,7 @@ class Sampler:
                     limits,
                     params.seed,
                 )
+                state = self._prefill(*args, pad_id=self.pad_id)
                 jax.block_until_ready(state)
                 clock.stop("prefill")
             if schedule.idle:
@@ -333,10 +335,9 @@ class Sampler:
         batch_size: int | None = None,
         max_prompt_len: int | None = None,
     ) -> None:
-        """Compiles the programs that `generate_stream` runs for the same
-        arguments (a prefill per prompt bucket, and the decode loop) by running
-        them on empty slots, which changes nothing. Timing after it excludes
-        compilation."""
+        """Compiles, without running them, the programs that
+        `generate_stream` runs for the same arguments: a prefill per prompt
+        bucket, and the decode loop. Timing after it excludes compilation."""
         if not prompts:
             return
         lengths = [len(self.encode(p)) for p in prompts]
@@ -344,11 +345,11 @@ class Sampler:
         weights = nnx.state(self.model)
         for bucket in sorted(set(schedule.buckets)):
             size = schedule.group_size(bucket)
-            state = self._prefill_group(weights, state, bucket, size, [], [], [], [], 0)
-        state = self._decode(
+            args = self._prefill_args(weights, state, bucket, size, [], [], [], [], 0)
+            self._prefill.compile(*args, pad_id=self.pad_id)
+        self._decode.compile(
             weights, state, _settings(params), jnp.int32(0), pad_id=self.pad_id
         )
-        jax.block_until_ready(state)
 
     def _empty_run(
         self,
@@ -382,7 +383,7 @@ class Sampler:
         )
         return state, schedule
 
-    def _prefill_group(
+    def _prefill_args(
         self,
         weights: nnx.State,
         state: DecodeState,
@@ -393,9 +394,10 @@ class Sampler:
         example_ids: list[int],
         limits: list[int],
         seed: int,
-    ) -> DecodeState:
-        """Prefills `members` ([((prompt, sample), slot)]) as one fixed-shape
-        group of `size` rows of `bucket` tokens; unused rows are dropped."""
+    ) -> tuple:
+        """The prefill program's arguments for `members` ([((prompt, sample),
+        slot)]) as one group of `size` rows of `bucket` tokens; unused rows
+        are dropped."""
         num_slots = state.done.shape[0]
         tokens = np.full((size, bucket), self.pad_id, np.int32)
         valid = np.zeros((size, bucket), bool)
@@ -411,7 +413,7 @@ class Sampler:
             ids_of_rows[g], samples[g] = example_ids[i], j
             group_limits[g] = limits[i]
         tokens, valid = self._split_rows(tokens), self._split_rows(valid)
-        return self._prefill(
+        return (
             weights,
             state,
             tokens,
@@ -421,7 +423,6 @@ class Sampler:
             ids_of_rows,
             samples,
             group_limits,
-            pad_id=self.pad_id,
         )
 
     def _split_rows(self, array: np.ndarray) -> jax.Array:

@@ -310,14 +310,23 @@ def test_per_prompt_token_limits(sampler):
 
 
 def test_prompt_buckets():
-    assert [prompt_bucket(n) for n in (1, 32, 33, 64, 65, 300)] == [
+    assert [prompt_bucket(n) for n in (1, 32, 33, 48, 49, 64, 65, 300)] == [
         32,
         32,
+        48,
+        48,
         64,
         64,
-        128,
-        512,
+        96,
+        384,
     ]
+    buckets = [prompt_bucket(n) for n in range(1, 5000)]
+    assert buckets == sorted(buckets)  # longer prompts never get a smaller one
+    for n, bucket in enumerate(buckets, start=1):
+        assert bucket >= max(n, 32)
+        assert n <= 32 or 3 * (bucket - n) < bucket  # under a third is padding
+        power = 1 << (bucket.bit_length() - 1)
+        assert bucket in (power, power * 3 // 2)  # 2^k or 1.5 * 2^k
 
 
 def test_bad_settings_are_rejected(sampler):
