@@ -45,6 +45,19 @@ def weight_bytes(model: nnx.Module) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def matmul_flops(config: Gemma3Config, tokens: int, logit_rows: int) -> int:
+    """FLOPs of the weight matmuls of running `tokens` tokens through the
+    layers and projecting `logit_rows` hidden states onto the vocabulary.
+
+    On a compute-bound device (a CPU) this is most of a step's cost, and
+    comparing two implementations' totals bounds their speed ratio.
+    """
+    c = config
+    attention = (2 * c.num_heads + 2 * c.num_kv_heads) * c.embed_dim * c.head_dim
+    per_layer = attention + 3 * c.embed_dim * c.hidden_dim
+    return 2 * (tokens * c.num_layers * per_layer + logit_rows * c.vocab_size * c.embed_dim)
+
+
 def kv_bytes_read(
     config: Gemma3Config,
     prompt_lengths: Sequence[int],

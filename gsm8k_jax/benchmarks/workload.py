@@ -18,9 +18,12 @@ generating until its longest answer ends, which is what `generate` costs when
 rows stop at an eos. Both sides produce the same useful tokens (their sum is
 the tokens/s numerator), and in float32 the same tokens (checked).
 
-Achieved bandwidth = (decode steps x weight bytes + key/value bytes the
-generated tokens attend to) / our wall time (prefill and host work included,
-so it understates the decode loop's own figure); see `roofline.py`.
+Achieved bandwidth = (bytes read) / our wall time (prefill and host work
+included, so it understates the decode loop's own figure), where bytes read
+= tile steps x weight bytes (every decode tile that runs reads every weight)
++ the key/value bytes the generated tokens attend to; useful bytes count the
+weights once per decode step instead (a batch of several tiles reads them
+once per tile). See `roofline.py`.
 """
 
 from __future__ import annotations
@@ -196,9 +199,14 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
                     )
                 ),
             }
-        traffic = roofline.weight_bytes(model) * ours["decode_steps"]
-        traffic += roofline.kv_bytes_read(
-            config, prompt_lengths, num_tokens, model.dtype
+        weights = roofline.weight_bytes(model)
+        kv = roofline.kv_bytes_read(config, prompt_lengths, num_tokens, model.dtype)
+        traffic = weights * ours["tile_steps"] + kv
+        useful = weights * ours["decode_steps"] + kv
+        tile_rows = ours["tile_steps"] * sampler.row_tile
+        ours["matmul_gflop"] = (
+            roofline.matmul_flops(config, tile_rows + ours["prefilled_tokens"], tile_rows)
+            / 1e9
         )
         del model
         peak, peak_source = (
@@ -207,11 +215,19 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
             else roofline.peak_bandwidth_gbps()
         )
         ours["achieved_bandwidth_gbps"] = traffic / ours["wall_s"] / 1e9
+        ours["useful_bandwidth_gbps"] = useful / ours["wall_s"] / 1e9
         ours["fraction_of_peak_bandwidth"] = ours["achieved_bandwidth_gbps"] / peak
         reference = agreement = None
         if not cfg.skip_reference:
             reference, ref_tokens = _run_reference(
                 model_dir, prompts, num_tokens, eos_ids, cfg
+            )
+            decoded = reference["decoded_rows"]
+            reference["matmul_gflop"] = (
+                roofline.matmul_flops(
+                    config, decoded + reference["prefilled_tokens"], decoded + len(prompts)
+                )
+                / 1e9
             )
             same = [a == b for a, b in zip(our_tokens, ref_tokens)]
             agreement = {
@@ -240,6 +256,7 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
         "peak_bandwidth_gbps": peak,
         "peak_bandwidth_source": peak_source,
         "bytes_read": traffic,
+        "useful_bytes": useful,
         "ours": ours,
         "reference": reference,
         "agreement": agreement,
@@ -283,7 +300,8 @@ def _run_ours(sampler, prompts, lengths, params, cfg):
     run(warm, [2] * len(rows))
     warmup_s = time.perf_counter() - start
     compiled = sampler.num_compilations
-    steps_before = sampler.decode_steps
+    steps_before, tiles_before = sampler.decode_steps, sampler.tile_steps
+    prefilled_before = sampler.prefilled_tokens
     phases_before = sampler.phase_seconds.copy()
     start = time.perf_counter()
     completions = run(rows, lengths)
@@ -299,6 +317,8 @@ def _run_ours(sampler, prompts, lengths, params, cfg):
         "num_compilations": sampler.num_compilations,
         "num_compilations_after_warmup": compiled,
         "decode_steps": decode_steps,
+        "tile_steps": sampler.tile_steps - tiles_before,
+        "prefilled_tokens": sampler.prefilled_tokens - prefilled_before,
         # Fraction of slot-steps that produced a token (continuous batching
         # keeps this near 1 until the queue drains).
         "slot_occupancy": generated
@@ -337,6 +357,7 @@ def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
 
     generate(prompts[:1], 2)  # warm-up
     tokens, wall, steps_run = [], 0.0, 0
+    prefilled = decoded = 0  # padded tokens through prefill, rows x decode forwards
     for start in range(0, len(prompts), cfg.batch_size):
         batch = slice(start, start + cfg.batch_size)
         steps = cfg.max_generation_steps if natural else max(num_tokens[batch])
@@ -344,11 +365,15 @@ def _run_reference(model_dir, prompts, num_tokens, eos_ids, cfg):
         rows = generate(prompts[batch], steps)
         wall += time.perf_counter() - begin
         steps_run += len(rows[0])
+        prefilled += len(rows) * max(map(len, prompts[batch]))
+        decoded += len(rows) * (len(rows[0]) - 1)  # the first token is prefill's
         tokens += [row[:n] for row, n in zip(rows, num_tokens[batch])]
     return {
         "wall_s": wall,
         "tokens_per_s": sum(num_tokens) / wall,
         "decode_steps": steps_run,
+        "prefilled_tokens": prefilled,
+        "decoded_rows": decoded,
     }, tokens
 
 
@@ -380,6 +405,14 @@ def format_workload(result: dict[str, Any]) -> str:
         ),
         f"{'decode steps':34}{ours['decode_steps']:12d}"
         + (f"{ref['decode_steps']:14d}" if ref else ""),
+        # ref/ours: on a compute-bound device, about the best tokens/s ratio.
+        f"{'weight matmuls (GFLOP)':34}{ours['matmul_gflop']:12.0f}"
+        + (
+            f"{ref['matmul_gflop']:14.0f}"
+            f"{ref['matmul_gflop'] / ours['matmul_gflop']:10.2f} (ref/ours)"
+            if ref
+            else ""
+        ),
         f"{'slot occupancy':34}{ours['slot_occupancy']:12.2f}",
         f"{'warm-up incl. compile (s)':34}{ours['warmup_s']:12.2f}",
         f"{'compilations':34}{ours['num_compilations']:12d}"
@@ -388,6 +421,9 @@ def format_workload(result: dict[str, Any]) -> str:
         f"  of {result['peak_bandwidth_gbps']:.1f} peak"
         f" ({result['peak_bandwidth_source']}):"
         f" {100 * ours['fraction_of_peak_bandwidth']:.1f}%",
+        f"{'useful bandwidth (GB/s)':34}{ours['useful_bandwidth_gbps']:12.2f}"
+        f"  (weights once per decode step; {ours['tile_steps']} tile steps"
+        f" in {ours['decode_steps']} decode steps)",
         f"{'peak memory':34}{ours['peak_memory_bytes'] / 2**20:10.0f} MiB"
         f" ({ours['peak_memory_source']})",
         f"{'phases (s, share of wall)':34}"

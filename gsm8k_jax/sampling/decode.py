@@ -56,6 +56,9 @@ class DecodeState:
     hit_eos: jax.Array  # [B] bool: finished on an eos id (else: length)
     logprob: jax.Array  # [B] float32 sum of log p(chosen token)
     decode_steps: jax.Array  # scalar int32: decode iterations run so far
+    # scalar int32: tiles run so far, over all iterations; each read every
+    # weight once (per data shard).
+    tile_steps: jax.Array
 
     @classmethod
     def empty(
@@ -78,6 +81,7 @@ class DecodeState:
             hit_eos=jnp.zeros((batch,), bool),
             logprob=jnp.zeros((batch,), jnp.float32),
             decode_steps=jnp.int32(0),
+            tile_steps=jnp.int32(0),
         )
 
 
@@ -213,10 +217,11 @@ def decode(
         done = s.done.reshape(data_shards, tiles_per_shard, row_tile)
         live = ~jnp.all(done, axis=(0, 2))  # [tiles]
         order = jnp.argsort(~live, stable=True)
-        s = jax.lax.fori_loop(
-            0, jnp.sum(live), lambda i, s: step_tile(order[i], s), s
+        num_live = jnp.sum(live, dtype=jnp.int32)
+        s = jax.lax.fori_loop(0, num_live, lambda i, s: step_tile(order[i], s), s)
+        return s.replace(
+            decode_steps=s.decode_steps + 1, tile_steps=s.tile_steps + num_live
         )
-        return s.replace(decode_steps=s.decode_steps + 1)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -232,11 +237,12 @@ def _with_kv(state: DecodeState, kv_from: DecodeState) -> DecodeState:
 
 
 def _per_slot(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
-    """Maps `fn` over the per-slot arrays of states (all but decode_steps and
-    the cache's keys and values)."""
-    strip = lambda s: _without_kv(s).replace(decode_steps=None)
+    """Maps `fn` over the per-slot arrays of states (all but the step
+    counters and the cache's keys and values)."""
+    strip = lambda s: _without_kv(s).replace(decode_steps=None, tile_steps=None)
     out = jax.tree.map(fn, strip(state), *map(strip, others))
-    return _with_kv(out.replace(decode_steps=state.decode_steps), state)
+    counters = dict(decode_steps=state.decode_steps, tile_steps=state.tile_steps)
+    return _with_kv(out.replace(**counters), state)
 
 
 def _tile_view(

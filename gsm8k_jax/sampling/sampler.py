@@ -126,8 +126,13 @@ class Sampler:
         if mesh is not None:
             shard_model(model, mesh)
         # Decode iterations run by this sampler (all calls): each runs the
-        # model once for every slot of every tile with a live slot.
+        # model once for every slot of every tile with a live slot; and the
+        # tiles run, over all iterations (each reads every weight once).
         self.decode_steps = 0
+        self.tile_steps = 0
+        # Prompt tokens run by prefill programs, padding rows and columns
+        # included (each group is `group_size` rows of its bucket).
+        self.prefilled_tokens = 0
         # Seconds spent by all calls in each phase: "prefill" (dispatch until
         # done), "decode" (waiting for its results), "host" (the rest:
         # scheduling, detokenising, and the caller's work between yields,
@@ -244,7 +249,7 @@ class Sampler:
         )
         settings = _settings(params)
         weights = nnx.state(self.model)
-        steps_counted = 0
+        steps_counted = (0, 0)  # this call's (decode_steps, tile_steps)
         clock = _PhaseClock(self.phase_seconds)
         finished: list[_Finished] = []
         while True:
@@ -263,6 +268,7 @@ class Sampler:
                     params.seed,
                 )
                 state = self._prefill(*args, pad_id=self.pad_id)
+                self.prefilled_tokens += schedule.group_size(bucket) * bucket
                 jax.block_until_ready(state)
                 clock.stop("prefill")
             if schedule.idle:
@@ -284,11 +290,12 @@ class Sampler:
                     state.num_tokens,
                     state.hit_eos,
                     state.logprob,
-                    state.decode_steps,
+                    (state.decode_steps, state.tile_steps),
                 )
             )
-            self.decode_steps += int(steps) - steps_counted
-            steps_counted = int(steps)
+            self.decode_steps += int(steps[0]) - steps_counted[0]
+            self.tile_steps += int(steps[1]) - steps_counted[1]
+            steps_counted = tuple(map(int, steps))
             slots = [
                 slot
                 for slot, row in enumerate(schedule.owner)

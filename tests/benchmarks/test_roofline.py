@@ -3,6 +3,7 @@
 import dataclasses
 import types
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -26,6 +27,18 @@ def test_weight_bytes_counts_every_parameter_once():
     )
     count = c.vocab_size * c.embed_dim + c.num_layers * per_layer + c.embed_dim
     assert roofline.weight_bytes(model) == 2 * count
+
+
+def test_matmul_flops_count_every_weight_matrix():
+    """2 FLOPs per weight per token for the layers' matrices, and per row for
+    the vocabulary projection, counted from the model's own parameters."""
+    model = Gemma3(CONFIG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    embedding = model.embedder.input_embedding[...].size
+    matrices = [x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2]
+    layer_weights = sum(matrices) - embedding
+    assert roofline.matmul_flops(CONFIG, tokens=7, logit_rows=3) == 2 * (
+        7 * layer_weights + 3 * embedding
+    )
 
 
 @pytest.mark.parametrize("dtype,itemsize", [(jnp.bfloat16, 2), (jnp.float32, 4)])

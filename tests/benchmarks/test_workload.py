@@ -34,10 +34,14 @@ def test_trained_model_stops_on_its_own_and_matches_transformers():
     # At least the longest answer's steps, at most one step per token.
     assert w["generated_tokens_max"] <= ours["decode_steps"] <= w["generated_tokens"]
     assert 0 < ours["slot_occupancy"] <= 1
-    assert 0 < ours["achieved_bandwidth_gbps"]
+    assert ours["tile_steps"] == ours["decode_steps"]  # 4 slots: one tile
+    assert ours["prefilled_tokens"] >= w["num_prompts"] * 96  # the smallest bucket
+    assert 0 < ours["useful_bandwidth_gbps"] <= ours["achieved_bandwidth_gbps"]
     assert result["ratio_tokens_per_s"] > 0
+    assert 0 < result["reference"]["matmul_gflop"] and 0 < ours["matmul_gflop"]
     json.dumps(result)
     assert "achieved bandwidth" in format_workload(result)
+    assert "weight matmuls" in format_workload(result)
 
 
 def test_reference_lengths_are_the_gold_solutions():

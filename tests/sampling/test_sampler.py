@@ -53,7 +53,7 @@ def bf16_sampler(tiny_path):
 
 def make_prompts(count, seed=0):
     rng = np.random.RandomState(seed)
-    # Lengths 3..45 span two prompt buckets (32, 64): rows get different
+    # Lengths 3..45 span two prompt buckets (32, 48): rows get different
     # amounts of left padding depending on which batch they land in.
     return [
         [2, *rng.randint(3, 512, size=n).tolist()]
@@ -244,7 +244,7 @@ def test_compiles_once_per_shape(tiny):
     for n in lengths:
         sampler.generate([[2] * n] * 3, GREEDY, batch_size=4)
     assert sampler.num_compilations == 2
-    sampler.generate([[2] * 40], GREEDY, batch_size=4)  # 64 bucket, same cache
+    sampler.generate([[2] * 60], GREEDY, batch_size=4)  # 64 bucket, same cache
     sampler.generate(
         [[2] * 50], dataclasses.replace(GREEDY, temperature=1.0, seed=3), batch_size=4
     )
@@ -256,7 +256,7 @@ def test_compiles_once_per_shape(tiny):
     sampler.generate([[2] * 120], GREEDY, batch_size=4)  # 128 bucket, longer cache
     assert sampler.num_compilations == 7
     # `compile` builds exactly the programs the same call runs, ahead of it.
-    mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 128 and 256
+    mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 96 and 256
     sampler.compile(mixed, GREEDY, batch_size=4)
     assert sampler.num_compilations == 11
     sampler.generate(mixed, GREEDY, batch_size=4)
@@ -307,6 +307,19 @@ def test_per_prompt_token_limits(sampler):
         sampler.generate(prompts, GREEDY, max_tokens=[25] * 6)
     with pytest.raises(ValueError, match="max_tokens"):
         sampler.generate(prompts, GREEDY, max_tokens=[3])
+
+
+def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
+    """A tile whose slots are all done is not run: 8 slots in tiles of 4, the
+    first tile's sequences stop after 3 tokens and the second's after 10, so
+    10 decode steps run 3 + 10 tiles."""
+    never = SamplingParams(max_generation_steps=10, eos_ids=(10**6,))
+    prompts = [PROMPTS[0]] * 8  # one bucket: two prefill groups of 4 slots
+    before = sampler.decode_steps, sampler.tile_steps
+    out = sampler.generate(prompts, never, batch_size=8, max_tokens=[3] * 4 + [10] * 4)
+    assert [c.num_tokens for c in out] == [3] * 4 + [10] * 4
+    assert sampler.decode_steps - before[0] == 10
+    assert sampler.tile_steps - before[1] == 3 + 10
 
 
 def test_prompt_buckets():
