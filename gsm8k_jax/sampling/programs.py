@@ -6,20 +6,23 @@ prompt bucket even when the persistent compilation cache already held every
 executable. A `Program` lowers and compiles without running
 (`jit(...).lower(...).compile()`), keeps each executable under the shapes
 and dtypes of its arguments, and runs the kept one on later calls.
+`compile_all` compiles several at once: lowering is Python, but XLA
+compiles without holding the GIL, so the programs compile in parallel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import concurrent.futures
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 
 def _leaf_signature(leaf: Any) -> Hashable:
-    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-        return (leaf.shape, str(leaf.dtype), bool(getattr(leaf, "weak_type", False)))
+    shape = getattr(leaf, "shape", None)  # a jax or numpy array or scalar
+    if shape is not None:
+        return (shape, leaf.dtype, getattr(leaf, "weak_type", False))
     return (type(leaf), leaf)  # a Python scalar: weakly typed by its type
 
 
@@ -52,3 +55,19 @@ class Program:
     @property
     def num_executables(self) -> int:
         return len(self._executables)
+
+
+def compile_all(calls: Sequence[tuple[Program, tuple, dict[str, Hashable]]]) -> None:
+    """Compiles `program(*args, **static)` for each call not compiled yet:
+    lowered one after another, compiled in parallel threads."""
+    pending: dict[tuple[int, Hashable], tuple[Program, jax.stages.Lowered]] = {}
+    for program, args, static in calls:
+        key = signature(args, static)
+        if key not in program._executables and (id(program), key) not in pending:
+            pending[id(program), key] = (program, program._jitted.lower(*args, **static))
+    if not pending:
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(pending)) as pool:
+        compiled = list(pool.map(lambda p: p[1].compile(), pending.values()))
+    for ((_, key), (program, _)), executable in zip(pending.items(), compiled):
+        program._executables[key] = executable

@@ -37,7 +37,7 @@ from gsm8k_jax.sampling.batching import (
     round_up,
 )
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
-from gsm8k_jax.sampling.programs import Program
+from gsm8k_jax.sampling.programs import Program, compile_all
 
 MAX_EOS_IDS = 8
 # Every rounding to bfloat16 that the program asks for happens: otherwise XLA
@@ -350,13 +350,21 @@ class Sampler:
         lengths = [len(self.encode(p)) for p in prompts]
         state, schedule = self._empty_run(lengths, params, batch_size, max_prompt_len)
         weights = nnx.state(self.model)
-        for bucket in sorted(set(schedule.buckets)):
-            size = schedule.group_size(bucket)
-            args = self._prefill_args(weights, state, bucket, size, [], [], [], [], 0)
-            self._prefill.compile(*args, pad_id=self.pad_id)
-        self._decode.compile(
-            weights, state, _settings(params), jnp.int32(0), pad_id=self.pad_id
+        static = {"pad_id": self.pad_id}
+        calls = [
+            (
+                self._prefill,
+                self._prefill_args(
+                    weights, state, bucket, schedule.group_size(bucket), [], [], [], [], 0
+                ),
+                static,
+            )
+            for bucket in sorted(set(schedule.buckets))
+        ]
+        calls.append(
+            (self._decode, (weights, state, _settings(params), jnp.int32(0)), static)
         )
+        compile_all(calls)
 
     def _empty_run(
         self,
