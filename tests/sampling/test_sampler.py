@@ -53,7 +53,7 @@ def bf16_sampler(tiny_path):
 
 def make_prompts(count, seed=0):
     rng = np.random.RandomState(seed)
-    # Lengths 3..45 span two prompt buckets (32, 48): rows get different
+    # Lengths 3..45 span two prompt buckets (32, 64): rows get different
     # amounts of left padding depending on which batch they land in.
     return [
         [2, *rng.randint(3, 512, size=n).tolist()]
@@ -256,7 +256,7 @@ def test_compiles_once_per_shape(tiny):
     sampler.generate([[2] * 120], GREEDY, batch_size=4)  # 128 bucket, longer cache
     assert sampler.num_compilations == 7
     # `compile` builds exactly the programs the same call runs, ahead of it.
-    mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 96 and 256
+    mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 128 and 256
     sampler.compile(mixed, GREEDY, batch_size=4)
     assert sampler.num_compilations == 11
     sampler.generate(mixed, GREEDY, batch_size=4)
@@ -323,23 +323,19 @@ def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
 
 
 def test_prompt_buckets():
-    assert [prompt_bucket(n) for n in (1, 32, 33, 48, 49, 64, 65, 300)] == [
+    assert [prompt_bucket(n) for n in (1, 32, 33, 64, 65, 300)] == [
         32,
         32,
-        48,
-        48,
         64,
         64,
-        96,
-        384,
+        128,
+        512,
     ]
     buckets = [prompt_bucket(n) for n in range(1, 5000)]
     assert buckets == sorted(buckets)  # longer prompts never get a smaller one
     for n, bucket in enumerate(buckets, start=1):
-        assert bucket >= max(n, 32)
-        assert n <= 32 or 3 * (bucket - n) < bucket  # under a third is padding
-        power = 1 << (bucket.bit_length() - 1)
-        assert bucket in (power, power * 3 // 2)  # 2^k or 1.5 * 2^k
+        assert bucket >= max(n, 32) and bucket & (bucket - 1) == 0  # a power of 2
+        assert n <= 32 or bucket < 2 * n  # under half is padding
 
 
 def test_bad_settings_are_rejected(sampler):
