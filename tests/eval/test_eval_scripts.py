@@ -201,9 +201,10 @@ def kill_after(command, out_dir, tag, lines, *, timeout_s=300):
 
 
 # Sequences mostly finish together, 32 rows (one CPU row tile) at a time, so
-# 160 problems are committed in five chunks: two interruptions land mid-run
-# even when each is seen a chunk late (a loaded machine).
-NUM_STOP_EXAMPLES = 160
+# 320 problems are committed in about ten chunks: two interruptions land
+# mid-run even when each is seen a few chunks late (a loaded machine; with
+# 160 problems a compiled-ahead run once finished before its Ctrl-C landed).
+NUM_STOP_EXAMPLES = 320
 STOP_ARGS = [
     f"--num_examples={NUM_STOP_EXAMPLES}",
     "--batch_size=2",
