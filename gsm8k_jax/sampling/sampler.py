@@ -37,7 +37,6 @@ from gsm8k_jax.sampling.batching import (
     round_up,
 )
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
-from gsm8k_jax.sampling.programs import Program, compile_all
 
 MAX_EOS_IDS = 8
 # Every rounding to bfloat16 that the program asks for happens: otherwise XLA
@@ -142,13 +141,13 @@ class Sampler:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
         graphdef, _ = nnx.split(model)
-        self._prefill = Program(
+        self._prefill = jax.jit(
             functools.partial(prefill, graphdef),
             static_argnames="pad_id",
             donate_argnums=1,
             compiler_options=COMPILER_OPTIONS,
         )
-        self._decode = Program(
+        self._decode = jax.jit(
             functools.partial(
                 decode,
                 graphdef,
@@ -163,7 +162,7 @@ class Sampler:
     @property
     def num_compilations(self) -> int:
         """How many programs were compiled so far (one per distinct shape)."""
-        return self._prefill.num_executables + self._decode.num_executables
+        return self._prefill._cache_size() + self._decode._cache_size()
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Text is used as is (chat-templated text keeps
@@ -256,7 +255,7 @@ class Sampler:
             while (group := schedule.next_group()) is not None:
                 bucket, members = group
                 clock.start()
-                args = self._prefill_args(
+                state = self._prefill_group(
                     weights,
                     state,
                     bucket,
@@ -267,7 +266,6 @@ class Sampler:
                     limits,
                     params.seed,
                 )
-                state = self._prefill(*args, pad_id=self.pad_id)
                 self.prefilled_tokens += schedule.group_size(bucket) * bucket
                 jax.block_until_ready(state)
                 clock.stop("prefill")
@@ -342,29 +340,22 @@ class Sampler:
         batch_size: int | None = None,
         max_prompt_len: int | None = None,
     ) -> None:
-        """Compiles, without running them, the programs that
-        `generate_stream` runs for the same arguments: a prefill per prompt
-        bucket, and the decode loop. Timing after it excludes compilation."""
+        """Compiles the programs that `generate_stream` runs for the same
+        arguments (a prefill per prompt bucket, and the decode loop) by running
+        them on empty slots, which changes nothing. Timing after it excludes
+        compilation."""
         if not prompts:
             return
         lengths = [len(self.encode(p)) for p in prompts]
         state, schedule = self._empty_run(lengths, params, batch_size, max_prompt_len)
         weights = nnx.state(self.model)
-        static = {"pad_id": self.pad_id}
-        calls = [
-            (
-                self._prefill,
-                self._prefill_args(
-                    weights, state, bucket, schedule.group_size(bucket), [], [], [], [], 0
-                ),
-                static,
-            )
-            for bucket in sorted(set(schedule.buckets))
-        ]
-        calls.append(
-            (self._decode, (weights, state, _settings(params), jnp.int32(0)), static)
+        for bucket in sorted(set(schedule.buckets)):
+            size = schedule.group_size(bucket)
+            state = self._prefill_group(weights, state, bucket, size, [], [], [], [], 0)
+        state = self._decode(
+            weights, state, _settings(params), jnp.int32(0), pad_id=self.pad_id
         )
-        compile_all(calls)
+        jax.block_until_ready(state)
 
     def _empty_run(
         self,
@@ -398,7 +389,7 @@ class Sampler:
         )
         return state, schedule
 
-    def _prefill_args(
+    def _prefill_group(
         self,
         weights: nnx.State,
         state: DecodeState,
@@ -409,10 +400,9 @@ class Sampler:
         example_ids: list[int],
         limits: list[int],
         seed: int,
-    ) -> tuple:
-        """The prefill program's arguments for `members` ([((prompt, sample),
-        slot)]) as one group of `size` rows of `bucket` tokens; unused rows
-        are dropped."""
+    ) -> DecodeState:
+        """Prefills `members` ([((prompt, sample), slot)]) as one fixed-shape
+        group of `size` rows of `bucket` tokens; unused rows are dropped."""
         num_slots = state.done.shape[0]
         tokens = np.full((size, bucket), self.pad_id, np.int32)
         valid = np.zeros((size, bucket), bool)
@@ -428,7 +418,7 @@ class Sampler:
             ids_of_rows[g], samples[g] = example_ids[i], j
             group_limits[g] = limits[i]
         tokens, valid = self._split_rows(tokens), self._split_rows(valid)
-        return (
+        return self._prefill(
             weights,
             state,
             tokens,
@@ -438,6 +428,7 @@ class Sampler:
             ids_of_rows,
             samples,
             group_limits,
+            pad_id=self.pad_id,
         )
 
     def _split_rows(self, array: np.ndarray) -> jax.Array:
