@@ -8,9 +8,10 @@ and are never logged.
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from gsm8k_jax.storage import filesystem, gcs_bucket, is_gcs
@@ -91,12 +92,40 @@ def download_hub_model(repo_id: str) -> Path:
         ) from e
 
 
-@functools.lru_cache
+_revisions: dict[Path, concurrent.futures.Future[str]] = {}
+_revisions_lock = threading.Lock()
+
+
+def start_model_revision(model_dir: str | os.PathLike) -> None:
+    """Starts `model_revision` in a background thread, so that hashing the
+    weights overlaps loading them (hashlib releases the GIL); the first call
+    of `model_revision` then waits for it."""
+    path = Path(model_dir)
+    with _revisions_lock:
+        if path not in _revisions:
+            future: concurrent.futures.Future[str] = concurrent.futures.Future()
+            _revisions[path] = future
+            threading.Thread(
+                target=_settle, args=(future, path), name="model_revision", daemon=True
+            ).start()
+
+
 def model_revision(model_dir: str | os.PathLike) -> str:
     """What identifies a model folder's weights: the hub commit of a hub
     snapshot (`hf:<commit>`), else `sha256:` of its config, weights and
     tokenizer files (read once per process)."""
-    path = Path(model_dir)
+    start_model_revision(model_dir)
+    return _revisions[Path(model_dir)].result()
+
+
+def _settle(future: concurrent.futures.Future[str], path: Path) -> None:
+    try:
+        future.set_result(_revision(path))
+    except BaseException as e:  # Raised again by model_revision, in its caller.
+        future.set_exception(e)
+
+
+def _revision(path: Path) -> str:
     if path.parent.name == "snapshots":
         return f"hf:{path.name}"
     digest = hashlib.sha256()

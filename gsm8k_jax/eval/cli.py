@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.checkpoints.sources import resolve_model_dir, start_model_revision
 from gsm8k_jax.compilation_cache import (
     default_compilation_cache_dir,
     enable_compilation_cache,
@@ -448,7 +448,11 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     tag = run_tag(
         cfg.model_name, lora_path, eval_config.batch_size, lora_config, eval_config.task
     )
-    info = run_info(
+    # The run record hashes the weights (model_revision): in the background,
+    # while they load, unless a resumed run needs it now to compare.
+    start_model_revision(model_dir)
+    run_record = functools.partial(
+        run_info,
         cfg.to_dict(),
         model_dir=model_dir,
         lora_path=lora_path,
@@ -458,7 +462,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     )
     process, num_processes = jax.process_index(), jax.process_count()
     files = RunFiles(FLAGS.output_dir, tag, process_index=process)
-    files.check(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    files.check(run_record, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     print(f"Run tag: {tag}", flush=True)
 
     model, tokenizer, _ = load_pretrained(
@@ -469,6 +473,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         lora_lib.load_lora(model, lora_path, lora_config, merge=True)
     sampler = Sampler(model, tokenizer, mesh=mesh)
     # Recorded only now that model, data and checkpoint have loaded.
+    info = run_record()
     if process == 0:
         files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if num_processes > 1:  # No process commits before process 0 prepared.

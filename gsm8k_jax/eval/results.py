@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,18 +100,25 @@ class RunFiles:
         """`check`s, then (re)writes the run record; with `overwrite`, first
         removes the run's results. Process 0's work: the other processes of
         a multi-host run only `check`, and wait for process 0."""
-        self.check(run_info, resume=resume, overwrite=overwrite)
+        self.check(lambda: run_info, resume=resume, overwrite=overwrite)
         if overwrite:
             for path in (self.rollouts_path, self.summary_path):
                 storage.remove(path)
             self.chunks.remove()
         storage.write_atomic(self.run_path, _json_file(run_info))
 
-    def check(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    def check(
+        self,
+        run_info: Callable[[], dict[str, Any]],
+        *,
+        resume: bool,
+        overwrite: bool,
+    ) -> None:
         """Checks the folder is writable and the files belong to this run.
 
         Raises before anything is changed, so bad input never damages
-        results already written.
+        results already written. `run_info()` is called only to compare with
+        the results being resumed (it hashes the weights).
         """
         storage.require_writable(self.output_dir)
         # A record without results (a start that failed before its first
@@ -122,7 +129,7 @@ class RunFiles:
                     f"{self.output_dir} already holds results for run '{self.tag}'. Pass"
                     " --resume to continue them or --overwrite to replace them."
                 )
-            changed = _differing_settings(self.read_run_info() or {}, run_info)
+            changed = _differing_settings(self.read_run_info() or {}, run_info())
             if changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"

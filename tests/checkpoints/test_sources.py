@@ -1,5 +1,6 @@
 """Where base weights come from: local folders, gs:// and the hub (errors)."""
 
+import concurrent.futures
 import shutil
 
 import jax.numpy as jnp
@@ -76,3 +77,40 @@ def test_hub_errors_are_clear(monkeypatch, error, token, message):
 def test_local_folder_is_used_in_place(tmp_path):
     shutil.copytree(TINY_MODEL_DIR, tmp_path / "m")
     assert sources.resolve_model_dir(tmp_path / "m") == tmp_path / "m"
+
+
+def test_model_revision_names_the_weights_whoever_computes_it(tmp_path, monkeypatch):
+    """The same files give the same revision wherever they are, one changed
+    weight byte another; started in the background (to overlap loading)
+    or not, and from several threads at once, it is computed once."""
+    copies = [tmp_path / name for name in ("a", "b", "changed")]
+    for copy in copies:
+        shutil.copytree(TINY_MODEL_DIR, copy)
+    weights = next(copies[2].glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+
+    hashed = []
+    revision = sources._revision
+    monkeypatch.setattr(
+        sources, "_revision", lambda path: hashed.append(path) or revision(path)
+    )
+    sources.start_model_revision(copies[0])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        seen = set(pool.map(sources.model_revision, [copies[0]] * 4))
+    a, b, changed = (sources.model_revision(c) for c in copies)
+    assert seen == {a} and a == b != changed and a.startswith("sha256:")
+    assert hashed == copies
+    snapshot = tmp_path / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert sources.model_revision(snapshot) == "hf:0123abc"
+
+
+def test_model_revision_errors_reach_the_caller(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").mkdir()  # unreadable as a file
+    sources.start_model_revision(folder)
+    with pytest.raises(IsADirectoryError):
+        sources.model_revision(folder)

@@ -81,9 +81,15 @@ def test_prepare_records_the_run_and_overwrite_removes_results(folder):
     files.prepare({"seed": 0}, resume=True, overwrite=False)
     files.chunks.commit([record(0)])
     with pytest.raises(RuntimeError, match="other settings \\(differing: seed\\)"):
-        RunFiles(folder, "t").check({"seed": 1}, resume=True, overwrite=False)
+        RunFiles(folder, "t").check(lambda: {"seed": 1}, resume=True, overwrite=False)
+
+    def not_needed():
+        raise AssertionError("only a resumed run compares its settings")
+
     with pytest.raises(RuntimeError, match="--resume to continue them"):
-        RunFiles(folder, "t").check({"seed": 0}, resume=False, overwrite=False)
+        RunFiles(folder, "t").check(not_needed, resume=False, overwrite=False)
+    RunFiles(folder, "t").check(not_needed, resume=False, overwrite=True)
+    RunFiles(f"{folder}/fresh", "t").check(not_needed, resume=True, overwrite=False)
     RunFiles(folder, "t").prepare({"seed": 1}, resume=True, overwrite=True)
     assert raw_names(folder) == ["run_t.json"]
     assert RunFiles(folder, "t").read_run_info() == {"seed": 1}
