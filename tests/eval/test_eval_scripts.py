@@ -177,18 +177,28 @@ def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
     text."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline and proc.poll() is None:
-            if committed(out_dir, tag) >= lines:
+        start = time.time()
+        seen = []  # (seconds since start, rollouts committed), as polled
+        while time.time() < start + timeout_s and proc.poll() is None:
+            seen.append((round(time.time() - start, 2), committed(out_dir, tag)))
+            if seen[-1][1] >= lines:
                 break
             time.sleep(0.02)
+        running = proc.poll() is None
         os.kill(proc.pid, sig)
         proc.wait()
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(
+        done = subprocess.CompletedProcess(
             command, proc.returncode, out.read(), err.read()
         )
+        # What a failed check of the interruption reports.
+        done.polls = (
+            f"{len(seen)} polls, the last {seen[-3:]}; still running when"
+            f" signalled: {running}; exit {proc.returncode}; stderr ends"
+            f" {done.stderr[-400:]!r}"
+        )
+        return done
 
 
 def kill_after(command, out_dir, tag, lines, *, timeout_s=300):
@@ -228,7 +238,9 @@ def stop_after(out_dir, lines, sig):
     command = [sys.executable, str(BASE_SCRIPT), *STOP_ARGS, f"--output_dir={out_dir}"]
     stopped = interrupt_after(command, out_dir, STOP_TAG, lines, sig=sig)
     finished = committed(out_dir, STOP_TAG)
-    assert lines <= finished < NUM_STOP_EXAMPLES, "the interruption must land mid-run"
+    assert lines <= finished < NUM_STOP_EXAMPLES, (
+        f"the interruption must land mid-run: {stopped.polls}"
+    )
     assert "Traceback" not in stopped.stderr
     return stopped, finished
 

@@ -11,6 +11,7 @@ no device ever holds a whole split weight.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -287,12 +288,16 @@ def load_hf_model(
     )
     graphdef, abstract_state = nnx.split(model)
     flat = dict(nnx.to_flat_state(abstract_state))
-    for mapping in _hf_tensors(config):
-        expected = flat[mapping.path]
-        shape = expected.get_value().shape
+    def place(mapping: _TensorMapping) -> jax.Array:
+        shape = flat[mapping.path].get_value().shape
         sharding = param_sharding(mapping.path, shape, mesh) if mesh else None
-        value = _place_tensor(reader, mapping, shape, param_dtype, sharding)
-        flat[mapping.path] = expected.replace(value)
+        return _place_tensor(reader, mapping, shape, param_dtype, sharding)
+
+    # Reading, converting and copying release the GIL: one thread per core.
+    mappings = list(_hf_tensors(config))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        for mapping, value in zip(mappings, pool.map(place, mappings)):
+            flat[mapping.path] = flat[mapping.path].replace(value)
     unfilled = [
         p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)
     ]
