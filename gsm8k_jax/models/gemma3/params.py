@@ -35,6 +35,8 @@ from gsm8k_jax.models.gemma3.sharding import (
 )
 
 _EMBED_SUFFIX = "embed_tokens.weight"
+# Tensors read and converted at once while loading.
+MAX_LOAD_THREADS = 8
 
 
 class CheckpointError(ValueError):
@@ -288,14 +290,17 @@ def load_hf_model(
     )
     graphdef, abstract_state = nnx.split(model)
     flat = dict(nnx.to_flat_state(abstract_state))
+
     def place(mapping: _TensorMapping) -> jax.Array:
         shape = flat[mapping.path].get_value().shape
         sharding = param_sharding(mapping.path, shape, mesh) if mesh else None
         return _place_tensor(reader, mapping, shape, param_dtype, sharding)
 
-    # Reading, converting and copying release the GIL: one thread per core.
+    # Reading, converting and copying release the GIL: a few threads at once
+    # (each holds up to two copies of one tensor in host memory).
     mappings = list(_hf_tensors(config))
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    threads = min(os.cpu_count() or 1, MAX_LOAD_THREADS)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for mapping, value in zip(mappings, pool.map(place, mappings)):
             flat[mapping.path] = flat[mapping.path].replace(value)
     unfilled = [
