@@ -105,6 +105,8 @@ def start_model_revision(model_dir: str | os.PathLike) -> None:
         if path not in _revisions:
             future: concurrent.futures.Future[str] = concurrent.futures.Future()
             _revisions[path] = future
+            # A daemon thread, not an executor's (joined at exit): an
+            # interrupted run need not wait for a large folder's hash.
             threading.Thread(
                 target=_settle, args=(future, path), name="model_revision", daemon=True
             ).start()
