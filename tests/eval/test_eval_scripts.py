@@ -171,21 +171,33 @@ def committed(out_dir, tag) -> int:
     )
 
 
+# How long the child runs between two checks of what it has committed.
+RUN_SLICE_S = 0.02
+
+
 def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
     """Runs `command` and sends it `sig` once run `tag` in `out_dir` has
     committed `lines` rollouts; returns the finished process, its output as
-    text."""
+    text.
+
+    The child runs in slices of RUN_SLICE_S and is stopped (SIGSTOP) while
+    its files are read, so it can never get further than one slice past the
+    check that triggers `sig`, however slow the check or loaded the machine.
+    """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
         start = time.time()
         seen = []  # (seconds since start, rollouts committed), as polled
         while time.time() < start + timeout_s and proc.poll() is None:
+            time.sleep(RUN_SLICE_S)
+            proc.send_signal(signal.SIGSTOP)
             seen.append((round(time.time() - start, 2), committed(out_dir, tag)))
             if seen[-1][1] >= lines:
                 break
-            time.sleep(0.02)
+            proc.send_signal(signal.SIGCONT)
         running = proc.poll() is None
-        os.kill(proc.pid, sig)
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)  # `sig` is handled on resuming.
         proc.wait()
         out.seek(0)
         err.seek(0)
@@ -212,8 +224,7 @@ def kill_after(command, out_dir, tag, lines, *, timeout_s=300):
 
 # Sequences mostly finish together, 32 rows (one CPU row tile) at a time, so
 # 320 problems are committed in about ten chunks: two interruptions land
-# mid-run even when each is seen a few chunks late (a loaded machine; with
-# 160 problems a compiled-ahead run once finished before its Ctrl-C landed).
+# mid-run, each at most one run slice after its check (see interrupt_after).
 NUM_STOP_EXAMPLES = 320
 STOP_ARGS = [
     f"--num_examples={NUM_STOP_EXAMPLES}",
