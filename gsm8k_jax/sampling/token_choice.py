@@ -5,7 +5,7 @@ trace, so changing them between calls takes effect without a stale jit
 cache entry (and without recompiling).
 
 Every pass over the vocabulary counts at 262k tokens: greedy decoding reads
-the logits for the max, the argmax and one sum of exponentials (the chosen
+the logits for the max, a chunked argmax and one sum of exponentials (the chosen
 token's log-probability); sampling adds no sort unless top-k or top-p is
 on, and then sorts only the top `CANDIDATES` (`lax.top_k`) unless a row's
 top-p nucleus reaches past them.
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 # Tokens sorted for top-k / top-p. A row whose nucleus needs more (or a
 # top_k above this) falls back to sorting its whole vocabulary.
 CANDIDATES = 256
+# Greedy argmax runs over chunks of this many tokens (see `first_argmax`).
+ARGMAX_CHUNK = 128
 
 
 def _threshold(
@@ -78,6 +80,26 @@ def _filter_top_k_top_p(
     return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """[B, V] -> [B] int32: the first index of each row's largest value,
+    as `jnp.argmax` (for rows without NaN).
+
+    `jnp.argmax` is a two-operand reduction that XLA:CPU runs one element
+    at a time (21 ms per step for 32 rows of a 262k vocabulary). Here one
+    vectorised max per chunk of ARGMAX_CHUNK tokens finds the first chunk
+    holding the row's maximum, and argmax runs only on that chunk: the same
+    token, at a sixth of the cost. The choice is exact, so it is the same
+    whatever else shares the batch.
+    """
+    rows, vocab = logits.shape
+    if vocab % ARGMAX_CHUNK:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    chunks = logits.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    best_chunk = jnp.argmax(jnp.max(chunks, axis=-1), axis=-1)  # [B]
+    within = jnp.take_along_axis(chunks, best_chunk[:, None, None], axis=1)[:, 0]
+    return (best_chunk * ARGMAX_CHUNK + jnp.argmax(within, axis=-1)).astype(jnp.int32)
+
+
 def choose_tokens(
     logits: jax.Array,  # [B, V] float32
     keys: jax.Array,  # [B] PRNG keys, one per row
@@ -103,7 +125,7 @@ def choose_tokens(
         return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
     def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
 
     chosen = jax.lax.cond(temperature > 0, sample, greedy, None)
     logprob = jnp.take_along_axis(shifted, chosen[:, None], axis=-1)[:, 0] - log_z

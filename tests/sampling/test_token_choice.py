@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from gsm8k_jax.sampling.token_choice import (
+    ARGMAX_CHUNK,
     CANDIDATES,
     _filter_top_k_top_p,
     choose_tokens,
+    first_argmax,
 )
 
 VOCAB = 2048
@@ -75,6 +77,21 @@ def test_greedy_choice_and_its_log_probability():
     np.testing.assert_array_equal(chosen, np.argmax(np.asarray(logits), axis=-1))
     expected = jax.nn.log_softmax(logits)[jnp.arange(4), chosen]
     np.testing.assert_allclose(logprob, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [4 * ARGMAX_CHUNK, 4 * ARGMAX_CHUNK + 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_first_argmax_is_numpys_argmax_ties_included(vocab, dtype):
+    rng = np.random.default_rng(vocab)
+    # Few distinct values, so maxima tie within a chunk and across chunks.
+    logits = rng.integers(0, 6, size=(64, vocab)).astype(np.float32)
+    logits[0, :] = 1.0  # every token ties: the first wins
+    logits[1, [ARGMAX_CHUNK - 1, ARGMAX_CHUNK]] = 9.0  # a tie across a chunk edge
+    logits[2, -1] = 9.0  # the maximum is the last token
+    logits = jnp.asarray(logits, dtype)
+    np.testing.assert_array_equal(
+        first_argmax(logits), np.argmax(np.asarray(logits, np.float32), axis=-1)
+    )
 
 
 def test_sampled_tokens_stay_inside_the_filtered_set():
