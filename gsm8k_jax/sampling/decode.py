@@ -124,12 +124,14 @@ def prefill(
     hidden, fresh = model(tokens, positions, valid, fresh, 0)
 
     set_rows = lambda full, new: full.at[slots].set(new, mode="drop")
+    pads = width - jnp.sum(valid, axis=1, dtype=jnp.int32)  # [G]
     return state.replace(
-        cache=state.cache.install_rows(slots, fresh),
+        # Without its padding: the row's cursor starts at its own length.
+        cache=state.cache.install_rows(slots, fresh, pads),
         # Left padding puts every prompt's last token in the last column.
         hidden=set_rows(state.hidden, hidden[:, -1]),
         positions=set_rows(state.positions, positions[:, -1] + 1),
-        cursor=set_rows(state.cursor, jnp.full((group,), width, jnp.int32)),
+        cursor=set_rows(state.cursor, width - pads),
         keys=set_rows(state.keys, sequence_keys(seed, example_ids, sample_indices)),
         done=set_rows(state.done, jnp.zeros((group,), bool)),
         tokens=set_rows(state.tokens, jnp.full((group, state.tokens.shape[1]), pad_id)),

@@ -63,10 +63,14 @@ def test_decoding_through_the_ring_matches_a_full_forward_pass(model):
     hidden, fresh = model(
         jnp.asarray(tokens[:, :width]), positions[:, :width], valid[:, :width], fresh
     )
-    # Rows land in slots 2, 0, 1 of a cache with a spare slot left empty.
+    # Rows land in slots 2, 0, 1 of a cache with a spare slot left empty,
+    # without their padding: row r decodes from cursor prompt_lengths[r].
     slots = jnp.asarray([2, 0, 1])
-    cache = KVCache.empty(CONFIG, 4, total, jnp.float32).install_rows(slots, fresh)
+    pads = width - jnp.asarray(prompt_lengths)
+    cache = KVCache.empty(CONFIG, 4, total, jnp.float32)
+    cache = cache.install_rows(slots, fresh, pads)
     assert cache.is_ring
+    cursors = jnp.zeros((4,), jnp.int32).at[slots].set(width - pads)
     got = [model.logits(hidden[:, -1])]
     for step in range(width, total - 1):
         row_tokens = jnp.zeros((4, 1), jnp.int32).at[slots, 0].set(tokens[:, step])
@@ -78,7 +82,7 @@ def test_decoding_through_the_ring_matches_a_full_forward_pass(model):
             row_positions,
             jnp.zeros((4, 1), bool).at[slots].set(True),
             cache,
-            step,
+            cursors + (step - width),
         )
         got.append(model.logits(hidden[slots, 0]))
     got = jnp.stack(got, axis=1)
@@ -107,7 +111,27 @@ def test_installing_a_prompt_invalidates_the_previous_occupant():
         full=fresh.full.replace(valid=jnp.ones((1, 3), bool)),
         window=fresh.window.replace(valid=jnp.ones((1, 3), bool)),
     )
-    cache = cache.install_rows(jnp.asarray([1]), fresh)
+    cache = cache.install_rows(jnp.asarray([1]), fresh, jnp.zeros((1,), jnp.int32))
     for table in (cache.full, cache.window):
         assert table.valid[0].all()  # the other row is untouched
         assert table.valid[1].tolist() == [True] * 3 + [False] * (table.length - 3)
+
+
+def test_installing_drops_the_left_padding():
+    """A prompt's first real token lands in slot 0, whatever its padding."""
+    width, pad = 5, 2
+    fresh = KVCache.empty(CONFIG, 1, width, jnp.float32, ring=False)
+    keys = jnp.arange(width, dtype=jnp.float32)[None, :, None, None]
+    valid = jnp.arange(width)[None] >= pad
+    fresh = fresh.replace(
+        k=tuple(jnp.broadcast_to(keys, k.shape) for k in fresh.k),
+        full=fresh.full.replace(valid=valid, positions=jnp.arange(width)[None] - pad),
+        window=fresh.window.replace(valid=valid),
+    )
+    cache = KVCache.empty(CONFIG, 1, 20, jnp.float32)
+    cache = cache.install_rows(jnp.asarray([0]), fresh, jnp.asarray([pad]))
+    real = width - pad
+    assert cache.full.valid[0].tolist() == [True] * real + [False] * (20 - real)
+    assert cache.full.positions[0, :real].tolist() == list(range(real))
+    for k in cache.k:
+        assert k[0, :real, 0, 0].tolist() == list(range(pad, width))

@@ -1,10 +1,12 @@
 """The key/value cache and the attention masks derived from it.
 
-Token number c of a row (its write cursor, counting prompt padding) lives
-in slot c of the global layers' cache and in slot c mod W of the
-sliding-window layers' cache, a ring buffer of W = sliding_window slots:
-a local layer never looks further back than its window, so it never keeps
-more. For gemma3-1b at 256 + 768 tokens that halves 22 of its 26 layers.
+Token number c of a row (its write cursor) lives in slot c of the global
+layers' cache and in slot c mod W of the sliding-window layers' cache, a
+ring buffer of W = sliding_window slots: a local layer never looks further
+back than its window, so it never keeps more. For gemma3-1b at 256 + 768
+tokens that halves 22 of its 26 layers. A prompt's left padding is dropped
+when it is installed (`install_rows`): its first real token is cursor 0,
+so decoding reads keys up to the row's own length, not its bucket's.
 
 Each of the two slot tables records, per slot, the token position used
 for RoPE and whether the slot holds a real key. Masks come from those two
@@ -22,7 +24,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 
@@ -170,19 +171,28 @@ class KVCache:
             ),
         )
 
-    def install_rows(self, rows: jax.Array, fresh: "KVCache") -> "KVCache":
+    def install_rows(
+        self, rows: jax.Array, fresh: "KVCache", pads: jax.Array
+    ) -> "KVCache":
         """Replaces rows `rows` ([G]; out-of-range rows are dropped) with the
-        G rows of `fresh`, a ring=False cache holding their first T tokens.
+        G rows of `fresh`, a ring=False cache holding their first T tokens,
+        of which the first `pads[g]` ([G]) of row g are left padding: they
+        are dropped, so the row's first real token becomes cursor 0.
 
         Every slot past the new tokens becomes invalid: nothing of a row's
         previous occupant can leak into the new sequence.
         """
         if fresh.is_ring:
             raise ValueError("install_rows takes a cache made with ring=False.")
+        pads = pads.astype(jnp.int32)
+        lengths = fresh.full.length - pads  # [G] real tokens per row
 
-        def arrange(new: jax.Array, length: int) -> tuple[jax.Array, np.ndarray]:
-            source, present = _ring_layout(new.shape[1], length)
-            return jnp.take(new, source, axis=1), present
+        def arrange(new: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+            """[G, T, ...] fresh columns -> [G, length, ...] slots, and which
+            slots hold a token ([G, length])."""
+            source, present = _ring_layout(lengths, length)
+            columns = source + pads[:, None]
+            return jax.vmap(lambda x, c: jnp.take(x, c, axis=0))(new, columns), present
 
         def set_rows(old: jax.Array, new: jax.Array) -> jax.Array:
             return old.at[rows].set(new.astype(old.dtype), mode="drop")
@@ -203,16 +213,19 @@ class KVCache:
         )
 
 
-def _ring_layout(tokens: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where T tokens land in a ring of `length` slots (slot = cursor mod L).
+def _ring_layout(tokens: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """Where the first `tokens` cursors ([...] int) land in a ring of
+    `length` slots (slot = cursor mod L).
 
-    Returns, per slot, the cursor of the latest token stored there (clamped
-    to 0 where none is) and whether one is. For L >= T that is cursor = slot
-    for the first T slots; for L < T only the last L tokens remain.
+    Returns, per slot ([..., L]), the cursor of the latest token stored
+    there (clamped to 0 where none is) and whether one is. For L >= T that
+    is cursor = slot for the first T slots; for L < T only the last L
+    tokens remain.
     """
-    slots = np.arange(length)
+    slots = jnp.arange(length)
+    tokens = jnp.asarray(tokens, jnp.int32)[..., None]
     source = tokens - 1 - (tokens - 1 - slots) % length
-    return np.maximum(source, 0), source >= 0
+    return jnp.maximum(source, 0), source >= 0
 
 
 def read_kv(
