@@ -85,11 +85,11 @@ def first_argmax(logits: jax.Array) -> jax.Array:
     as `jnp.argmax` (for rows without NaN).
 
     `jnp.argmax` is a two-operand reduction that XLA:CPU runs one element
-    at a time (21 ms per step for 32 rows of a 262k vocabulary). Here one
-    vectorised max per chunk of ARGMAX_CHUNK tokens finds the first chunk
-    holding the row's maximum, and argmax runs only on that chunk: the same
-    token, at a sixth of the cost. The choice is exact, so it is the same
-    whatever else shares the batch.
+    at a time. Here one vectorised max per chunk of ARGMAX_CHUNK tokens
+    finds the first chunk holding the row's maximum, and argmax runs only
+    on that chunk: the same token, in 3.6 ms instead of 19 ms for 32 rows
+    of a 262k vocabulary (alone, 2 CPU cores). The choice is exact, so it
+    is the same whatever else shares the batch.
     """
     rows, vocab = logits.shape
     if vocab % ARGMAX_CHUNK:
