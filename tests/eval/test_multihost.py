@@ -72,10 +72,21 @@ def run_two_processes(out_dir) -> list[str]:
     return outputs
 
 
-def wait_until(condition, what, timeout_s=300):
+def wait_until(condition, what, timeout_s=300, processes=()):
+    """Polls `condition` until it holds; fails, saying how each of
+    `processes` stands, on a timeout or when one of them exits first."""
     deadline = time.time() + timeout_s
     while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
+        exited = [p for p in processes if p.poll() is not None]
+        if exited or time.time() >= deadline:
+            states = [
+                f"process {i}: "
+                + ("running" if p.poll() is None else f"exit {p.returncode}")
+                for i, p in enumerate(processes)
+            ]
+            for p in exited:
+                states.append(f"stderr ends {p.stderr.read()[-1500:]!r}")
+            raise AssertionError(f"waiting for {what}: {'; '.join(states)}")
         time.sleep(0.02)
 
 
@@ -117,9 +128,11 @@ def test_two_processes_on_gcs_killed_and_resumed(gcs_bucket, two_process_run):
     writes the uninterrupted run's files, byte for byte."""
     out = f"{gcs_bucket}/multihost"
     (proc0, _), (proc1, stdout1) = start_two_processes(out)
-    wait_until(lambda: "Results: " in output(stdout1), "process 1 to start")
+    procs = (proc0, proc1)
+    started = lambda: "Results: " in output(stdout1)
+    wait_until(started, "process 1 to start", processes=procs)
     proc1.send_signal(signal.SIGSTOP)
-    wait_until(lambda: committed(out, TAG) >= 5, "process 0's share")
+    wait_until(lambda: committed(out, TAG) >= 5, "process 0's share", processes=procs)
     for proc in (proc0, proc1):
         proc.kill()
         proc.communicate()
