@@ -341,9 +341,9 @@ class Sampler:
         max_prompt_len: int | None = None,
     ) -> None:
         """Compiles the programs that `generate_stream` runs for the same
-        arguments (a prefill per prompt bucket, and the decode loop) without
-        running them: JAX keeps each executable, so the call that follows
-        traces and compiles nothing. Timing after it excludes compilation."""
+        arguments (a prefill per prompt bucket, and the decode loop) by running
+        them on empty slots, which changes nothing. Timing after it excludes
+        compilation."""
         if not prompts:
             return
         lengths = [len(self.encode(p)) for p in prompts]
@@ -351,11 +351,11 @@ class Sampler:
         weights = nnx.state(self.model)
         for bucket in sorted(set(schedule.buckets)):
             size = schedule.group_size(bucket)
-            args = self._prefill_args(state, bucket, size, [], [], [], [], 0)
-            self._prefill.lower(weights, *args, pad_id=self.pad_id).compile()
-        self._decode.lower(
+            state = self._prefill_group(weights, state, bucket, size, [], [], [], [], 0)
+        state = self._decode(
             weights, state, _settings(params), jnp.int32(0), pad_id=self.pad_id
-        ).compile()
+        )
+        jax.block_until_ready(state)
 
     def _empty_run(
         self,
@@ -389,12 +389,9 @@ class Sampler:
         )
         return state, schedule
 
-    def _prefill_group(self, weights: nnx.State, *args) -> DecodeState:
-        """Prefills one group (`_prefill_args`) into the state."""
-        return self._prefill(weights, *self._prefill_args(*args), pad_id=self.pad_id)
-
-    def _prefill_args(
+    def _prefill_group(
         self,
+        weights: nnx.State,
         state: DecodeState,
         bucket: int,
         size: int,
@@ -403,10 +400,9 @@ class Sampler:
         example_ids: list[int],
         limits: list[int],
         seed: int,
-    ) -> tuple:
-        """The prefill program's arguments (after the weights) for `members`
-        ([((prompt, sample), slot)]) as one fixed-shape group of `size` rows of
-        `bucket` tokens; unused rows are dropped."""
+    ) -> DecodeState:
+        """Prefills `members` ([((prompt, sample), slot)]) as one fixed-shape
+        group of `size` rows of `bucket` tokens; unused rows are dropped."""
         num_slots = state.done.shape[0]
         tokens = np.full((size, bucket), self.pad_id, np.int32)
         valid = np.zeros((size, bucket), bool)
@@ -422,7 +418,8 @@ class Sampler:
             ids_of_rows[g], samples[g] = example_ids[i], j
             group_limits[g] = limits[i]
         tokens, valid = self._split_rows(tokens), self._split_rows(valid)
-        return (
+        return self._prefill(
+            weights,
             state,
             tokens,
             valid,
@@ -431,6 +428,7 @@ class Sampler:
             ids_of_rows,
             samples,
             group_limits,
+            pad_id=self.pad_id,
         )
 
     def _split_rows(self, array: np.ndarray) -> jax.Array:
