@@ -55,6 +55,8 @@ from gsm8k_jax.sigterm import Terminated, stop_on_sigterm
 from gsm8k_jax.storage import is_gcs, require_reachable, require_writable
 
 FLAGS = flags.FLAGS
+# jax.distributed.initialize's own default.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -180,6 +182,13 @@ def define_flags(default_model_config: str | Path) -> None:
     )
     flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
     flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
+    flags.DEFINE_integer(
+        "heartbeat_timeout_s",
+        DEFAULT_HEARTBEAT_TIMEOUT_S,
+        "jax.distributed: a process that sends no heartbeat for this many"
+        " seconds counts as dead, and the others abort.",
+        lower_bound=1,
+    )
 
 
 def _check_model_file() -> None:
@@ -391,6 +400,7 @@ def start_jax() -> None:
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
         )
 
 

@@ -30,6 +30,8 @@ ARGS = [
 ]
 TAG = "gemma3-tiny_base_bs2"
 IGNORED = TIMING_KEYS | {"devices"}
+# Longer than the tests wait for anything.
+HELD_PROCESS_TIMEOUT_S = 1800
 
 
 def free_port() -> int:
@@ -49,6 +51,10 @@ def start_two_processes(out_dir):
         command = [sys.executable, str(BASE_SCRIPT), *ARGS, f"--output_dir={out_dir}"]
         command += ["--distributed", f"--coordinator_address={address}"]
         command += ["--num_processes=2", f"--process_id={i}"]
+        # Held with SIGSTOP, a process sends no heartbeat: without a long
+        # timeout the other aborts if its share takes over jax's default
+        # 100 s (a loaded machine).
+        command += [f"--heartbeat_timeout_s={HELD_PROCESS_TIMEOUT_S}"]
         proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True
         )
