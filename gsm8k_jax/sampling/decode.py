@@ -16,6 +16,7 @@ may change between calls is an argument, never a stale jit constant.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.struct
@@ -64,25 +65,35 @@ class DecodeState:
     def empty(
         cls, model, batch: int, width: int, max_steps: int, pad_id: int
     ) -> "DecodeState":
-        config = model.config
         # A whole number of attention key blocks: every run's cache splits
         # into the same blocks (see blocked_attention).
         length = round_up(width + max_steps, KEY_BLOCK)
-        return cls(
-            cache=KVCache.empty(config, batch, length, model.dtype),
-            hidden=jnp.zeros((batch, config.embed_dim), model.dtype),
-            positions=jnp.zeros((batch,), jnp.int32),
-            cursor=jnp.zeros((batch,), jnp.int32),
-            keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
-            done=jnp.ones((batch,), bool),
-            tokens=jnp.full((batch, max_steps), pad_id, jnp.int32),
-            num_tokens=jnp.zeros((batch,), jnp.int32),
-            limit=jnp.zeros((batch,), jnp.int32),
-            hit_eos=jnp.zeros((batch,), bool),
-            logprob=jnp.zeros((batch,), jnp.float32),
-            decode_steps=jnp.int32(0),
-            tile_steps=jnp.int32(0),
+        return _empty_state(
+            model.config, jnp.dtype(model.dtype), batch, length, max_steps, pad_id
         )
+
+
+@functools.partial(jax.jit, static_argnums=range(6))
+def _empty_state(
+    config, dtype: jnp.dtype, batch: int, length: int, max_steps: int, pad_id: int
+) -> DecodeState:
+    """`DecodeState.empty` as one program: built op by op, each array would
+    compile a program of its own (about 15, 50 ms apiece on CPU)."""
+    return DecodeState(
+        cache=KVCache.empty(config, batch, length, dtype),
+        hidden=jnp.zeros((batch, config.embed_dim), dtype),
+        positions=jnp.zeros((batch,), jnp.int32),
+        cursor=jnp.zeros((batch,), jnp.int32),
+        keys=jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)),
+        done=jnp.ones((batch,), bool),
+        tokens=jnp.full((batch, max_steps), pad_id, jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        limit=jnp.zeros((batch,), jnp.int32),
+        hit_eos=jnp.zeros((batch,), bool),
+        logprob=jnp.zeros((batch,), jnp.float32),
+        decode_steps=jnp.int32(0),
+        tile_steps=jnp.int32(0),
+    )
 
 
 def prompt_positions(valid: jax.Array) -> jax.Array:
@@ -124,14 +135,13 @@ def prefill(
     hidden, fresh = model(tokens, positions, valid, fresh, 0)
 
     set_rows = lambda full, new: full.at[slots].set(new, mode="drop")
-    pads = width - jnp.sum(valid, axis=1, dtype=jnp.int32)  # [G]
     return state.replace(
         # Without its padding: the row's cursor starts at its own length.
-        cache=state.cache.install_rows(slots, fresh, pads),
+        cache=state.cache.install_rows(slots, fresh),
         # Left padding puts every prompt's last token in the last column.
         hidden=set_rows(state.hidden, hidden[:, -1]),
         positions=set_rows(state.positions, positions[:, -1] + 1),
-        cursor=set_rows(state.cursor, width - pads),
+        cursor=set_rows(state.cursor, jnp.sum(valid, axis=1, dtype=jnp.int32)),
         keys=set_rows(state.keys, sequence_keys(seed, example_ids, sample_indices)),
         done=set_rows(state.done, jnp.zeros((group,), bool)),
         tokens=set_rows(state.tokens, jnp.full((group, state.tokens.shape[1]), pad_id)),

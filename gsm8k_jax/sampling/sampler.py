@@ -15,6 +15,7 @@ from constants and the row's own prompt (see `batching.py`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -22,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -43,6 +43,9 @@ MAX_EOS_IDS = 8
 # may keep a fused intermediate in float32, and whether it fuses depends on
 # shapes and surroundings, so the same row could round differently.
 COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
+# Programs compiled at once by `Sampler.compile` (a run has a prefill per
+# prompt bucket and one decode: a few).
+COMPILE_THREADS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,8 +277,9 @@ class Sampler:
                     yield self._completions(finished, example_ids)
                 clock.start()
                 return
+            free_needed = np.int32(schedule.min_free())
             state = self._decode(
-                weights, state, settings, jnp.int32(schedule.min_free()), pad_id=self.pad_id
+                weights, state, settings, free_needed, pad_id=self.pad_id
             )
             # The device decodes while the host turns the last return's
             # sequences into completions and the caller stores them.
@@ -341,21 +345,29 @@ class Sampler:
         max_prompt_len: int | None = None,
     ) -> None:
         """Compiles the programs that `generate_stream` runs for the same
-        arguments (a prefill per prompt bucket, and the decode loop) by running
-        them on empty slots, which changes nothing. Timing after it excludes
-        compilation."""
+        arguments (a prefill per prompt bucket, and the decode loop) without
+        running them: JAX keeps each executable, so the call that follows
+        traces and compiles nothing. Timing after it excludes compilation."""
         if not prompts:
             return
         lengths = [len(self.encode(p)) for p in prompts]
         state, schedule = self._empty_run(lengths, params, batch_size, max_prompt_len)
         weights = nnx.state(self.model)
-        for bucket in sorted(set(schedule.buckets)):
-            size = schedule.group_size(bucket)
-            state = self._prefill_group(weights, state, bucket, size, [], [], [], [], 0)
-        state = self._decode(
-            weights, state, _settings(params), jnp.int32(0), pad_id=self.pad_id
-        )
-        jax.block_until_ready(state)
+        # Tracing holds the GIL and XLA's compiler does not: each program
+        # compiles in a thread while the next one traces.
+        with concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
+            compiling = []
+            for bucket in sorted(set(schedule.buckets)):
+                size = schedule.group_size(bucket)
+                args = self._prefill_args(state, bucket, size, [], [], [], [], 0)
+                lowered = self._prefill.lower(weights, *args, pad_id=self.pad_id)
+                compiling.append(pool.submit(lowered.compile))
+            lowered = self._decode.lower(
+                weights, state, _settings(params), np.int32(0), pad_id=self.pad_id
+            )
+            compiling.append(pool.submit(lowered.compile))
+            for program in compiling:
+                program.result()
 
     def _empty_run(
         self,
@@ -389,9 +401,12 @@ class Sampler:
         )
         return state, schedule
 
-    def _prefill_group(
+    def _prefill_group(self, weights: nnx.State, *args) -> DecodeState:
+        """Prefills one group (`_prefill_args`) into the state."""
+        return self._prefill(weights, *self._prefill_args(*args), pad_id=self.pad_id)
+
+    def _prefill_args(
         self,
-        weights: nnx.State,
         state: DecodeState,
         bucket: int,
         size: int,
@@ -400,9 +415,10 @@ class Sampler:
         example_ids: list[int],
         limits: list[int],
         seed: int,
-    ) -> DecodeState:
-        """Prefills `members` ([((prompt, sample), slot)]) as one fixed-shape
-        group of `size` rows of `bucket` tokens; unused rows are dropped."""
+    ) -> tuple:
+        """The prefill program's arguments (after the weights) for `members`
+        ([((prompt, sample), slot)]) as one fixed-shape group of `size` rows of
+        `bucket` tokens; unused rows are dropped."""
         num_slots = state.done.shape[0]
         tokens = np.full((size, bucket), self.pad_id, np.int32)
         valid = np.zeros((size, bucket), bool)
@@ -418,8 +434,7 @@ class Sampler:
             ids_of_rows[g], samples[g] = example_ids[i], j
             group_limits[g] = limits[i]
         tokens, valid = self._split_rows(tokens), self._split_rows(valid)
-        return self._prefill(
-            weights,
+        return (
             state,
             tokens,
             valid,
@@ -428,14 +443,13 @@ class Sampler:
             ids_of_rows,
             samples,
             group_limits,
-            pad_id=self.pad_id,
         )
 
     def _split_rows(self, array: np.ndarray) -> jax.Array:
         """Puts a prefill group's rows over the data shards (each shard
         prefills `prefill_rows` of them, as one device would)."""
         if self.mesh is None:
-            return jnp.asarray(array)
+            return jax.device_put(array)
         return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(DATA)))
 
 
@@ -468,11 +482,13 @@ class _PhaseClock:
 
 
 def _settings(params: SamplingParams) -> DecodeSettings:
+    """The decode settings as host arrays: a jitted call transfers them,
+    where building them with jnp would compile a small program for each."""
     eos = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos[: len(params.eos_ids)] = params.eos_ids
     return DecodeSettings(
-        eos_ids=jnp.asarray(eos),
-        temperature=jnp.float32(params.temperature),
-        top_k=jnp.int32(params.top_k),
-        top_p=jnp.float32(params.top_p),
+        eos_ids=eos,
+        temperature=np.float32(params.temperature),
+        top_k=np.int32(params.top_k),
+        top_p=np.float32(params.top_p),
     )

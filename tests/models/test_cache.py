@@ -66,11 +66,10 @@ def test_decoding_through_the_ring_matches_a_full_forward_pass(model):
     # Rows land in slots 2, 0, 1 of a cache with a spare slot left empty,
     # without their padding: row r decodes from cursor prompt_lengths[r].
     slots = jnp.asarray([2, 0, 1])
-    pads = width - jnp.asarray(prompt_lengths)
     cache = KVCache.empty(CONFIG, 4, total, jnp.float32)
-    cache = cache.install_rows(slots, fresh, pads)
+    cache = cache.install_rows(slots, fresh)
     assert cache.is_ring
-    cursors = jnp.zeros((4,), jnp.int32).at[slots].set(width - pads)
+    cursors = jnp.zeros((4,), jnp.int32).at[slots].set(jnp.asarray(prompt_lengths))
     got = [model.logits(hidden[:, -1])]
     for step in range(width, total - 1):
         row_tokens = jnp.zeros((4, 1), jnp.int32).at[slots, 0].set(tokens[:, step])
@@ -111,7 +110,7 @@ def test_installing_a_prompt_invalidates_the_previous_occupant():
         full=fresh.full.replace(valid=jnp.ones((1, 3), bool)),
         window=fresh.window.replace(valid=jnp.ones((1, 3), bool)),
     )
-    cache = cache.install_rows(jnp.asarray([1]), fresh, jnp.zeros((1,), jnp.int32))
+    cache = cache.install_rows(jnp.asarray([1]), fresh)
     for table in (cache.full, cache.window):
         assert table.valid[0].all()  # the other row is untouched
         assert table.valid[1].tolist() == [True] * 3 + [False] * (table.length - 3)
@@ -129,7 +128,7 @@ def test_installing_drops_the_left_padding():
         window=fresh.window.replace(valid=valid),
     )
     cache = KVCache.empty(CONFIG, 1, 20, jnp.float32)
-    cache = cache.install_rows(jnp.asarray([0]), fresh, jnp.asarray([pad]))
+    cache = cache.install_rows(jnp.asarray([0]), fresh)
     real = width - pad
     assert cache.full.valid[0].tolist() == [True] * real + [False] * (20 - real)
     assert cache.full.positions[0, :real].tolist() == list(range(real))

@@ -2,6 +2,7 @@
 padding safety, reproducible sampling and a bounded number of compilations."""
 
 import collections
+import contextlib
 import dataclasses
 import random
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from jax import monitoring
 from hf_models import IdTokenizer, make_tiny_hf_model
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
@@ -235,6 +237,23 @@ def test_logprob_is_sum_of_chosen_token_log_probs(tiny, sampler):
     assert c.logprob == pytest.approx(expected, abs=1e-3)
 
 
+@contextlib.contextmanager
+def count_compile_events():
+    """Counts JAX's tracing, lowering and backend-compile events in the block
+    (by the event's last word: "jaxpr_trace", "backend_compile", ...)."""
+    counts = collections.Counter()
+
+    def listen(event, duration, **kwargs):
+        if event.startswith("/jax/core/compile/"):
+            counts[event.rsplit("/", 1)[1].removesuffix("_duration")] += 1
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counts
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
 def test_compiles_once_per_shape(tiny):
     """One decode program per (slots, cache length) and one prefill program
     per (slots, cache length, prompt bucket), also when continuous batching
@@ -255,11 +274,17 @@ def test_compiles_once_per_shape(tiny):
     assert sampler.num_compilations == 5
     sampler.generate([[2] * 120], GREEDY, batch_size=4)  # 128 bucket, longer cache
     assert sampler.num_compilations == 7
-    # `compile` builds exactly the programs the same call runs, ahead of it.
+    steps_before_compile = sampler.decode_steps
+    # `compile` builds exactly the programs the same call runs, ahead of it
+    # and without running them: the call then traces and compiles nothing.
     mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 128 and 256
-    sampler.compile(mixed, GREEDY, batch_size=4)
-    assert sampler.num_compilations == 11
-    sampler.generate(mixed, GREEDY, batch_size=4)
+    with count_compile_events() as during_compile:
+        sampler.compile(mixed, GREEDY, batch_size=4)
+    assert during_compile["backend_compile"] >= 4  # 3 prefills, 1 decode
+    assert sampler.decode_steps == steps_before_compile
+    with count_compile_events() as during_call:
+        sampler.generate(mixed, GREEDY, batch_size=4)
+    assert during_call == {}
     assert sampler.num_compilations == 11
 
 

@@ -12,6 +12,7 @@ from gsm8k_jax.sampling.token_choice import (
     CANDIDATES,
     _filter_top_k_top_p,
     choose_tokens,
+    chunk_maxima,
     first_argmax,
 )
 
@@ -81,7 +82,7 @@ def test_greedy_choice_and_its_log_probability():
 
 @pytest.mark.parametrize("vocab", [4 * ARGMAX_CHUNK, 4 * ARGMAX_CHUNK + 3])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_first_argmax_is_numpys_argmax_ties_included(vocab, dtype):
+def test_chunked_max_and_argmax_are_numpys_ties_included(vocab, dtype):
     rng = np.random.default_rng(vocab)
     # Few distinct values, so maxima tie within a chunk and across chunks.
     logits = rng.integers(0, 6, size=(64, vocab)).astype(np.float32)
@@ -89,9 +90,14 @@ def test_first_argmax_is_numpys_argmax_ties_included(vocab, dtype):
     logits[1, [ARGMAX_CHUNK - 1, ARGMAX_CHUNK]] = 9.0  # a tie across a chunk edge
     logits[2, -1] = 9.0  # the maximum is the last token
     logits = jnp.asarray(logits, dtype)
+    maxima = chunk_maxima(logits)
+    assert (maxima is None) == bool(vocab % ARGMAX_CHUNK)
+    expected = np.asarray(logits, np.float32)
     np.testing.assert_array_equal(
-        first_argmax(logits), np.argmax(np.asarray(logits, np.float32), axis=-1)
+        first_argmax(logits, maxima), np.argmax(expected, axis=-1)
     )
+    if maxima is not None:
+        np.testing.assert_array_equal(jnp.max(maxima, axis=-1), expected.max(axis=-1))
 
 
 def test_sampled_tokens_stay_inside_the_filtered_set():

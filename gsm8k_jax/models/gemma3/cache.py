@@ -171,21 +171,20 @@ class KVCache:
             ),
         )
 
-    def install_rows(
-        self, rows: jax.Array, fresh: "KVCache", pads: jax.Array
-    ) -> "KVCache":
+    def install_rows(self, rows: jax.Array, fresh: "KVCache") -> "KVCache":
         """Replaces rows `rows` ([G]; out-of-range rows are dropped) with the
         G rows of `fresh`, a ring=False cache holding their first T tokens,
-        of which the first `pads[g]` ([G]) of row g are left padding: they
-        are dropped, so the row's first real token becomes cursor 0.
+        left-padded: the columns before a row's first valid one
+        (`fresh.full.valid`) are dropped, so its first real token becomes
+        cursor 0.
 
         Every slot past the new tokens becomes invalid: nothing of a row's
         previous occupant can leak into the new sequence.
         """
         if fresh.is_ring:
             raise ValueError("install_rows takes a cache made with ring=False.")
-        pads = pads.astype(jnp.int32)
-        lengths = fresh.full.length - pads  # [G] real tokens per row
+        lengths = jnp.sum(fresh.full.valid, axis=1, dtype=jnp.int32)  # [G]
+        pads = fresh.full.length - lengths  # [G] leading padding
 
         def arrange(new: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
             """[G, T, ...] fresh columns -> [G, length, ...] slots, and which
