@@ -7,8 +7,9 @@ cache entry (and without recompiling).
 Every pass over the vocabulary counts at 262k tokens: greedy decoding reads
 the logits for chunk maxima (which give the row max and a chunked argmax)
 and for one sum of exponentials (the chosen token's log-probability);
-sampling adds no sort unless top-k or top-p is on, and then sorts only the top `CANDIDATES` (`lax.top_k`) unless a row's
-top-p nucleus reaches past them.
+sampling adds no sort unless top-k or top-p is on, and then sorts only
+the top `CANDIDATES` (`lax.top_k`) unless a row's top-p nucleus reaches
+past them.
 """
 
 from __future__ import annotations
