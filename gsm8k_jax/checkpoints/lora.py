@@ -586,6 +586,27 @@ def _make_sampleable(model: nnx.Module) -> None:
             module.__class__ = _sampleable_class(cls)
 
 
+def qwix_lora_model(model: Gemma3, config: LoraConfig, *, seed: int = 0) -> Gemma3:
+    """qwix's LoRA version of `model` (base weights shared), with new factors
+    (b = 0: the same function until trained) in the dtype of their weights.
+
+    qwix finds the layers and adds the factors by running the model once.
+    That run changes the layers, so it, and the LoRA model (whose layers
+    each carry their own qwix path), run them directly (`Gemma3.jit_layers`).
+    """
+    provider = qwix.LoraProvider(
+        module_path=config.module_path, rank=config.rank, alpha=config.alpha
+    )
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    positions = jnp.arange(4, dtype=jnp.int32)[None]
+    valid = jnp.ones((1, 4), bool)
+    model = nnx.clone(model)  # shares the weights' arrays
+    model.jit_layers = False
+    return qwix.apply_lora_to_model(
+        model, provider, tokens, positions, valid, rngs=nnx.Rngs(seed)
+    )
+
+
 def apply_lora(
     model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
 ) -> Gemma3:
@@ -597,20 +618,10 @@ def apply_lora(
     factors for get zero factors (no update).
     """
     validate_lora_params(model, params, config)
-    provider = qwix.LoraProvider(
-        module_path=config.module_path, rank=config.rank, alpha=config.alpha
-    )
     # qwix creates the factors by running the model once, on any input.
     # Tracing that run abstractly gives the structure without computing
     # anything; the values come from `model` and the checkpoint.
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    positions = jnp.arange(4, dtype=jnp.int32)[None]
-    valid = jnp.ones((1, 4), bool)
-    abstract = nnx.eval_shape(
-        lambda: qwix.apply_lora_to_model(
-            model, provider, tokens, positions, valid, rngs=nnx.Rngs(0)
-        )
-    )
+    abstract = nnx.eval_shape(lambda: qwix_lora_model(model, config))
     graphdef, abstract_state = nnx.split(abstract)
     base = dict(nnx.to_flat_state(nnx.state(model)))
     filled = []

@@ -2,7 +2,7 @@
 
     model, tokenizer, _ = load_pretrained("gemma3-tiny", dtype="float32")
     config = SFTConfig(num_steps=200, lora=LoraConfig(rank=16, alpha=16.0))
-    model = add_lora(model, config.lora, seed=config.seed)
+    model = qwix_lora_model(model, config.lora, seed=config.seed)
     losses = train(model, tokenizer, load_gsm8k(train_path), config,
                    output_dir="runs/sft")
 
@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import qwix
 import transformers
 from absl import logging
 from etils import epath
@@ -229,20 +228,6 @@ def batch_indices(
 # --------------------------------------------------------------------------
 # Model, loss, step
 # --------------------------------------------------------------------------
-
-
-def add_lora(model: Gemma3, config: lora_lib.LoraConfig, *, seed: int = 0) -> Gemma3:
-    """A qwix LoRA version of `model` (base weights shared): b = 0, so the
-    same function until trained. Factors take the dtype of their weights."""
-    provider = qwix.LoraProvider(
-        module_path=config.module_path, rank=config.rank, alpha=config.alpha
-    )
-    tokens = jnp.zeros((1, 4), jnp.int32)  # qwix finds the layers by running once.
-    positions = jnp.arange(4, dtype=jnp.int32)[None]
-    valid = jnp.ones((1, 4), bool)
-    return qwix.apply_lora_to_model(
-        model, provider, tokens, positions, valid, rngs=nnx.Rngs(seed)
-    )
 
 
 def loss_fn(model: Gemma3, batch: Batch) -> jax.Array:
@@ -436,7 +421,7 @@ def train(
     """Fine-tunes `model` in place on GSM8K examples.
 
     Args:
-      model: with `config.lora`, a model from `add_lora` (only its LoRA
+      model: with `config.lora`, a model from `qwix_lora_model` (only its LoRA
         factors train); without, a plain Gemma3 (every weight trains).
       tokenizer: the model's tokenizer (chat template included).
       examples: training problems, e.g. `load_gsm8k(train_path)`.
@@ -452,7 +437,8 @@ def train(
     has_lora = bool(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
     if config.lora is not None and not has_lora:
         raise ValueError(
-            "config.lora is set but the model has no LoRA: add_lora first."
+            "config.lora is set but the model has no LoRA: make it with"
+            " checkpoints.lora.qwix_lora_model first."
         )
     if config.lora is None and has_lora:
         raise ValueError(

@@ -64,7 +64,7 @@ _PROMPT_TEMPLATE = flags.DEFINE_string(
 def main(argv):
     del argv
     # Heavy imports after flag parsing: --help stays fast.
-    from gsm8k_jax.checkpoints.lora import LoraConfig
+    from gsm8k_jax.checkpoints.lora import LoraConfig, qwix_lora_model
     from gsm8k_jax.eval.data import load_gsm8k
     from gsm8k_jax.models.registry import load_pretrained
     from gsm8k_jax.training import sft
@@ -97,7 +97,7 @@ def main(argv):
         cfg.model_name, cfg.model_path or None, dtype="float32"
     )
     if config.lora is not None:
-        model = sft.add_lora(model, config.lora, seed=config.seed)
+        model = qwix_lora_model(model, config.lora, seed=config.seed)
     losses = sft.train(
         model,
         tokenizer,

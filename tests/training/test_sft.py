@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from gsm8k_jax.checkpoints.lora import (
     LoraConfig,
     load_lora,
+    qwix_lora_model,
     read_lora_config,
     restore_lora_params,
 )
@@ -65,7 +66,7 @@ def examples():
 
 def lora_model(base_dir, config=CONFIG):
     base = load_hf_model(base_dir, dtype=jnp.float32)
-    return sft.add_lora(base, config.lora, seed=config.seed)
+    return qwix_lora_model(base, config.lora, seed=config.seed)
 
 
 def logits(model, batch):

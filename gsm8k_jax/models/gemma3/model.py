@@ -18,6 +18,7 @@ Module tree (Tunix-compatible names, which LoRA checkpoints refer to):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -265,6 +266,23 @@ class Block(nnx.Module):
         return x, cache_kv
 
 
+def run_layer(layer: Block, *args):
+    """`layer(*args)` as a nested jitted call.
+
+    Layers of one attention type share a graphdef, so JAX traces and
+    lowers each type once per program instead of once per layer (at
+    gemma3-270m shapes that halves the tracing of every program). XLA
+    inlines the calls: the compiled program is the same. The call runs on
+    a copy of the layer, so it must change nothing in it (`Gemma3.jit_layers`).
+    """
+    return _run_block(*nnx.split(layer), *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_block(graphdef: nnx.GraphDef, state: nnx.State, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+
 class Gemma3(nnx.Module):
     """Gemma 3 decoder. `__call__` returns final hidden states; `logits` projects them.
 
@@ -296,6 +314,10 @@ class Gemma3(nnx.Module):
         self.final_norm = RMSNorm(
             config.embed_dim, eps=config.rms_norm_eps, param_dtype=param_dtype
         )
+        # Run each layer as a nested jitted call (`run_layer`). False runs
+        # them directly, for calls that change the layers (qwix adds its
+        # LoRA factors to them in one).
+        self.jit_layers = True
 
     def __call__(
         self,
@@ -326,9 +348,8 @@ class Gemma3(nnx.Module):
         for i, layer in enumerate(self.layers):
             kind = layer.attention_type
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_kv = layer(
-                x, positions, masks[kind], layer_kv, write_slots[kind], rows
-            )
+            args = (x, positions, masks[kind], layer_kv, write_slots[kind], rows)
+            x, layer_kv = run_layer(layer, *args) if self.jit_layers else layer(*args)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
