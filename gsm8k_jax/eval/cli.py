@@ -316,7 +316,8 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.model_name not in MODELS:
         raise ValueError(
-            f"--model.model_name={cfg.model_name!r}; choose one of {sorted(MODELS)}."
+            f"--model.model_name={cfg.model_name!r}; choose one of {sorted(MODELS)}"
+            " (a folder or gs:// path goes in --model.model_path)."
         )
     parse_dtype(cfg.dtype)
 

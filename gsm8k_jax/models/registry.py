@@ -54,7 +54,8 @@ MODELS: dict[str, ModelSpec] = {
 def model_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(
-            f"Unknown model_name {name!r}; choose one of {sorted(MODELS)}."
+            f"Unknown model_name {name!r}; choose one of {sorted(MODELS)} (a"
+            " folder or gs:// path goes in model_path, with the name of its size)."
         )
     return MODELS[name]
 

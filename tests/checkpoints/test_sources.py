@@ -18,6 +18,11 @@ def test_missing_local_folder_is_clear(tmp_path):
         sources.resolve_model_dir(tmp_path / "no-such-model")
 
 
+def test_a_folder_given_as_the_model_name_points_to_model_path():
+    with pytest.raises(ValueError, match="folder or gs:// path goes in model_path"):
+        load_pretrained(str(TINY_MODEL_DIR))
+
+
 def test_hf_folder_on_gcs_loads_like_the_local_one(tmp_path, gcs_bucket, monkeypatch):
     monkeypatch.setenv("GSM8K_JAX_CACHE", str(tmp_path / "cache"))
     url = f"{gcs_bucket}/sources/gemma3-tiny"
