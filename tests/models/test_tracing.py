@@ -1,16 +1,19 @@
-"""Tracing a model traces each attention type's block once, not each layer."""
+"""Layers run as nested jitted calls: tracing a model traces each attention
+type's block once, not each layer, and a call that changes a layer fails."""
 
 import collections
 
 import jax
 import jax.numpy as jnp
+import pytest
+import qwix
 from flax import nnx
 
+from gsm8k_jax.models.gemma3 import model as model_lib
 from gsm8k_jax.models.gemma3.cache import KVCache
-from gsm8k_jax.models.gemma3.config import AttentionType, gemma3_270m
+from gsm8k_jax.models.gemma3.config import AttentionType, gemma3_270m, gemma3_tiny
 from gsm8k_jax.models.gemma3.model import Block, Gemma3
 
-# Shapes no other test traces, so no earlier trace of a block is reused.
 BATCH, TOKENS, CACHE = 3, 13, 29
 
 
@@ -27,6 +30,7 @@ def test_each_attention_type_is_traced_once(monkeypatch):
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(Block, "__call__", counting_call)
+    model_lib._run_block.clear_cache()  # no earlier trace of a block reused
 
     def forward(state, tokens, cache):
         positions = jnp.broadcast_to(jnp.arange(TOKENS), tokens.shape)
@@ -40,3 +44,14 @@ def test_each_attention_type_is_traced_once(monkeypatch):
     jax.jit(forward).trace(state, tokens, cache)
     assert config.num_layers == 18
     assert traced == {AttentionType.LOCAL_SLIDING: 1, AttentionType.GLOBAL: 1}
+
+
+def test_a_call_that_changes_the_layers_fails_clearly():
+    model = Gemma3(gemma3_tiny(), rngs=nnx.Rngs(0))
+    provider = qwix.LoraProvider(module_path=".*q_einsum", rank=2, alpha=2.0)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    positions = jnp.arange(4)[None]
+    with pytest.raises(ValueError, match="set Gemma3.jit_layers = False"):
+        qwix.apply_lora_to_model(
+            model, provider, tokens, positions, tokens >= 0, rngs=nnx.Rngs(0)
+        )

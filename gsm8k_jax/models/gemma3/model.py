@@ -273,14 +273,23 @@ def run_layer(layer: Block, *args):
     lowers each type once per program instead of once per layer (at
     gemma3-270m shapes that halves the tracing of every program). XLA
     inlines the calls: the compiled program is the same. The call runs on
-    a copy of the layer, so it must change nothing in it (`Gemma3.jit_layers`).
+    a copy of the layer, so a call that changes the layer raises
+    (`Gemma3.jit_layers`).
     """
     return _run_block(*nnx.split(layer), *args)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _run_block(graphdef: nnx.GraphDef, state: nnx.State, *args):
-    return nnx.merge(graphdef, state)(*args)
+    layer = nnx.merge(graphdef, state)
+    outputs = layer(*args)
+    if nnx.graphdef(layer) != graphdef:  # checked once per trace
+        raise ValueError(
+            "A layer call changed the layer (qwix adding LoRA factors?), which a"
+            " nested jitted call would lose: set Gemma3.jit_layers = False first,"
+            " as checkpoints.lora.qwix_lora_model does."
+        )
+    return outputs
 
 
 class Gemma3(nnx.Module):
