@@ -53,20 +53,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import v1 as ocp_v1
 
+from gsm8k_jax.checkpoints.lora_config import (
+    CONFIG_FLAG,
+    DEFAULT_MODULE_PATH,
+    LoraConfig,
+)
 from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
-# Tunix's usual target modules (older configs omit attn_vec_einsum).
-DEFAULT_MODULE_PATH = (
-    ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
-)
 ACTOR_DIR = "actor"
 PARAMS_DIR = "model_params"
-# Names the settings in messages, as the command line spells them.
-CONFIG_FLAG = "--model.lora_config"
-
 _PYTREE_METADATA_FILE = "_METADATA"  # Written by Orbax in every PyTree checkpoint.
 # Rank, alpha and module_path, written by our trainer beside the step folders
 # (`<root>/actor/lora_config.json`); Tunix ignores it and writes none.
@@ -75,40 +73,6 @@ _FACTOR = re.compile(r"(.+)_lora_([ab])")
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
 
 LoraParams = dict[str, np.ndarray | jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """How the adapter was trained; rank and alpha must match training.
-
-    Attributes:
-      rank: r, the inner dimension of the factors (checked against the
-        checkpoint).
-      alpha: scales the update by alpha / rank; not stored in checkpoints.
-        The default 2.0 is the Tunix CLI's; Tunix's GSM8K GRPO examples use
-        rank 64, alpha 64.0.
-      module_path: regex that qwix matches (re.fullmatch) against '/'-joined
-        module paths such as `layers/0/attn/q_einsum`.
-    """
-
-    rank: int = 16
-    alpha: float = 2.0
-    module_path: str = DEFAULT_MODULE_PATH
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"{CONFIG_FLAG}.rank must be >= 1, got {self.rank}.")
-        try:
-            re.compile(self.module_path)
-        except re.error as e:
-            raise ValueError(
-                f"{CONFIG_FLAG}.module_path={self.module_path!r} is not a valid"
-                f" regex: {e}."
-            ) from e
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 # --------------------------------------------------------------------------

@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 
 from gsm8k_jax import sigterm, storage
+from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.eval.chunks import ChunkStore, json_line
 
 if TYPE_CHECKING:
-    from gsm8k_jax.checkpoints.lora import LoraConfig
     from gsm8k_jax.eval.runner import EvalConfig
 
 
@@ -245,7 +245,6 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def model_config(model_name: str) -> ml_collections.ConfigDict:
     """The `--model` config of a named model; configs/*.py files return this."""
-    from gsm8k_jax.checkpoints.lora import LoraConfig
     from gsm8k_jax.models.registry import model_spec
 
     model_spec(model_name)

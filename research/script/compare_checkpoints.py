@@ -42,6 +42,7 @@ quiet_imports()  # Before the imports below load transformers.
 import jax
 from absl import flags
 
+from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval import cli
 from gsm8k_jax.eval.comparison import compare_runs
@@ -74,8 +75,6 @@ _NUM_RESAMPLES = flags.DEFINE_integer(
 
 
 def _evaluate() -> list[RunResult]:
-    from gsm8k_jax.checkpoints.lora import LoraConfig  # qwix, orbax: heavy.
-
     cli.start_jax()
     cfg = cli.FLAGS.model
     cli.check_model_config(cfg)

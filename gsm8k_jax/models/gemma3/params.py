@@ -245,14 +245,17 @@ def _place_tensor(
     reading just its block of `sharding`."""
     if sharding is None:
         whole = (slice(None),) * len(shape)
-        return jax.device_put(_read_block(reader, mapping, shape, whole).astype(dtype))
+        value = _read_block(reader, mapping, shape, whole)
+        return jax.device_put(value.astype(dtype, copy=False))
     blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         # Devices that hold the same block (data replicas) read it once.
         key = tuple(b.indices(n)[:2] for b, n in zip(index, shape))
         if key not in blocks:
-            blocks[key] = _read_block(reader, mapping, shape, index).astype(dtype)
+            blocks[key] = _read_block(reader, mapping, shape, index).astype(
+                dtype, copy=False
+            )
         return blocks[key]
 
     return jax.make_array_from_callback(shape, sharding, block)

@@ -1,0 +1,51 @@
+"""How a LoRA adapter was trained: rank, alpha and the layers it targets.
+
+Apart from `checkpoints.lora` so that reading or writing the setting (every
+`--model` config has one) does not import Orbax and qwix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+# Tunix's usual target modules (older configs omit attn_vec_einsum).
+DEFAULT_MODULE_PATH = (
+    ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
+)
+# Names the settings in messages, as the command line spells them.
+CONFIG_FLAG = "--model.lora_config"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """How the adapter was trained; rank and alpha must match training.
+
+    Attributes:
+      rank: r, the inner dimension of the factors (checked against the
+        checkpoint).
+      alpha: scales the update by alpha / rank; not stored in checkpoints.
+        The default 2.0 is the Tunix CLI's; Tunix's GSM8K GRPO examples use
+        rank 64, alpha 64.0.
+      module_path: regex that qwix matches (re.fullmatch) against '/'-joined
+        module paths such as `layers/0/attn/q_einsum`.
+    """
+
+    rank: int = 16
+    alpha: float = 2.0
+    module_path: str = DEFAULT_MODULE_PATH
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"{CONFIG_FLAG}.rank must be >= 1, got {self.rank}.")
+        try:
+            re.compile(self.module_path)
+        except re.error as e:
+            raise ValueError(
+                f"{CONFIG_FLAG}.module_path={self.module_path!r} is not a valid"
+                f" regex: {e}."
+            ) from e
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
