@@ -17,6 +17,7 @@ from jax import monitoring
 from hf_models import IdTokenizer, make_tiny_hf_model
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.sampling.batching import prompt_bucket
 from gsm8k_jax.sampling.decode import DecodeState, prefill
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -286,6 +287,20 @@ def test_compiles_once_per_shape(tiny):
         sampler.generate(mixed, GREEDY, batch_size=4)
     assert during_call == {}
     assert sampler.num_compilations == 11
+
+
+def test_compiles_ahead_on_a_mesh(tiny_path):
+    """On a mesh, as the eval script runs, the call after `compile` also
+    traces and compiles nothing: the state it decodes after a prefill is
+    placed as the one `compile` lowered with."""
+    mesh = make_mesh(1, 1)
+    model = load_hf_model(tiny_path, dtype=jnp.float32, mesh=mesh)
+    sampler = Sampler(model, IdTokenizer(), row_tile=4, mesh=mesh)
+    prompts = [[2] * 5, [2] * 40]
+    sampler.compile(prompts, GREEDY, batch_size=4)
+    with count_compile_events() as during_call:
+        sampler.generate(prompts, GREEDY, batch_size=4)
+    assert during_call == {}
 
 
 def test_continuous_batching_equals_batch_size_one(sampler):

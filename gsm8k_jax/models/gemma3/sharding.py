@@ -88,12 +88,14 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> None:
 
 def shard_decode_state(state, mesh: Mesh):
     """Splits every per-slot array of a DecodeState over `data` (and the KV
-    cache's heads over `model`)."""
+    cache's heads over `model`); its scalars are replicated, as the programs
+    return them (a scalar left on one device would make the decode program
+    compiled for an empty state miss on the state a prefill returns)."""
 
     def place(x):
-        if not hasattr(x, "ndim") or x.ndim == 0:
+        if not hasattr(x, "ndim"):
             return x
-        spec = list(_split(x.shape, 0, DATA, mesh))
+        spec = list(_split(x.shape, 0, DATA, mesh)) if x.ndim else []
         if x.ndim == 4:  # [B, S, K, H] cache: kv heads on the model axis.
             spec[2] = _split(x.shape, 2, MODEL, mesh)[2]
         return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
