@@ -183,6 +183,14 @@ def test_missing_tensor_is_named(tmp_path):
         load_hf_model(tmp_path)
 
 
+def test_unreadable_weights_file_is_named(tmp_path):
+    make_tiny_hf_model(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])  # A truncated download.
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable"):
+        load_hf_model(tmp_path)
+
+
 @pytest.mark.parametrize("mesh", [None, "1x1"])
 def test_misshaped_tensor_is_named(tmp_path, mesh):
     """Whole, and read in blocks onto a mesh (one block here)."""

@@ -12,10 +12,12 @@ no device ever holds a whole split weight.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from pathlib import Path
 
 import jax
@@ -24,7 +26,7 @@ import numpy as np
 import transformers
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
@@ -56,6 +58,19 @@ def load_config(model_dir: str | os.PathLike) -> Gemma3Config:
     return Gemma3Config.from_hf(hf_config)
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open`, with a damaged file (a truncated download) reported as a
+    CheckpointError that names it."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}): download it again."
+        ) from e
+
+
 class _SafetensorsReader:
     """Reads named tensors from single or sharded safetensors files."""
 
@@ -70,7 +85,7 @@ class _SafetensorsReader:
                 raise CheckpointError(f"No *.safetensors files in {model_dir}.")
             self._files = {}
             for shard in shards:
-                with safe_open(shard, framework="numpy") as f:
+                with _open_safetensors(shard) as f:
                     self._files.update({name: shard for name in f.keys()})
         embed = [n for n in self._files if n.endswith(_EMBED_SUFFIX)]
         if len(embed) != 1:
@@ -91,11 +106,11 @@ class _SafetensorsReader:
 
     def get_block(self, name: str, index: Sequence[slice]) -> np.ndarray:
         """tensor[index], reading only that block from the file."""
-        with safe_open(self._file(name), framework="numpy") as f:
+        with _open_safetensors(self._file(name)) as f:
             return f.get_slice(self.prefix + name)[tuple(index)]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._file(name), framework="numpy") as f:
+        with _open_safetensors(self._file(name)) as f:
             return tuple(f.get_slice(self.prefix + name).get_shape())
 
 
