@@ -53,11 +53,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import v1 as ocp_v1
 
-from gsm8k_jax.checkpoints.lora_config import (
-    CONFIG_FLAG,
-    DEFAULT_MODULE_PATH,
-    LoraConfig,
-)
+from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
 from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum

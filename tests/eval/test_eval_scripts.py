@@ -1,7 +1,6 @@
 """End to end: the evaluation scripts as a user runs them, crashes included."""
 
 import json
-import os
 import re
 import shutil
 import signal

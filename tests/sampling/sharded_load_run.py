@@ -23,6 +23,7 @@ from safetensors import safe_open
 from sampling.test_sampler import GREEDY, IdTokenizer
 
 from gsm8k_jax.checkpoints import lora as lora_lib
+from gsm8k_jax.checkpoints.lora_config import DEFAULT_MODULE_PATH
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
@@ -103,7 +104,7 @@ write_tunix_checkpoint(
 factors_bytes = sum(
     a.nbytes + b.nbytes for a, b in random_factors(hf_config, RANK, seed=1).values()
 )
-targets = lora_lib._targets(model, lora_lib.DEFAULT_MODULE_PATH)
+targets = lora_lib._targets(model, DEFAULT_MODULE_PATH)
 merged_bytes = sum(t.variable.get_value().nbytes for t in targets.values())
 # Above the loaded model: at most every merged (float32) weight's 1/8 beside
 # its base, and every factor whole. One whole merged weight on a device
@@ -113,7 +114,7 @@ specs_before = {path: t.variable.get_value().sharding for path, t in targets.ite
 meter.start()
 lora_lib.load_lora(model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK))
 results["sharded_merge"] = {"peak": meter.peak, "samples": meter.samples}
-targets = lora_lib._targets(model, lora_lib.DEFAULT_MODULE_PATH)
+targets = lora_lib._targets(model, DEFAULT_MODULE_PATH)
 results["merge_kept_shardings"] = all(
     t.variable.get_value().sharding == specs_before[path]
     and t.variable.get_value().dtype == jnp.float32
