@@ -1,12 +1,19 @@
 """Run in a subprocess with 8 host CPU devices (XLA_FLAGS must be set before
-jax is imported): prints greedy and sampled completions per mesh as JSON."""
+jax is imported): prints greedy and sampled completions per mesh as JSON,
+and what JAX compiled for the greedy call after `Sampler.compile`."""
 
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
-from sampling.test_sampler import GREEDY, PROMPTS, SAMPLED, IdTokenizer
+from sampling.test_sampler import (
+    GREEDY,
+    PROMPTS,
+    SAMPLED,
+    IdTokenizer,
+    count_compile_events,
+)
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.models.gemma3.sharding import make_mesh
@@ -23,10 +30,14 @@ for name, mesh in [
 ]:
     model = load_hf_model(model_dir, dtype=jnp.float32)
     sampler = Sampler(model, IdTokenizer(), mesh=mesh)
-    results[name] = {
-        kind: [c.tokens for c in sampler.generate(PROMPTS[:16], params, batch_size=8)]
-        for kind, params in (("greedy", GREEDY), ("sampled", SAMPLED))
-    }
+    sampler.compile(PROMPTS[:16], GREEDY, batch_size=8)
+    results[name] = {}
+    for kind, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
+        with count_compile_events() as compiled:
+            completions = sampler.generate(PROMPTS[:16], params, batch_size=8)
+        results[name][kind] = [c.tokens for c in completions]
+        if kind == "greedy":
+            results[name]["compiled_after_compile"] = dict(compiled)
     kernel = model.layers[0].mlp.gate_proj.kernel[...]
     results[name]["gate_proj_spec"] = str(kernel.sharding.spec) if mesh else None
 print(json.dumps(results))

@@ -290,9 +290,9 @@ def test_compiles_once_per_shape(tiny):
 
 
 def test_compiles_ahead_on_a_mesh(tiny_path):
-    """On a mesh, as the eval script runs, the call after `compile` also
-    traces and compiles nothing: the state it decodes after a prefill is
-    placed as the one `compile` lowered with."""
+    """On a mesh (the eval script's with more than one device), the call
+    after `compile` also traces and compiles nothing: the state it decodes
+    after a prefill is placed as the one `compile` lowered with."""
     mesh = make_mesh(1, 1)
     model = load_hf_model(tiny_path, dtype=jnp.float32, mesh=mesh)
     sampler = Sampler(model, IdTokenizer(), row_tile=4, mesh=mesh)

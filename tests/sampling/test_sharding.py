@@ -37,6 +37,9 @@ def test_sharded_runs_match_single_device(tmp_path):
     for name, result in results.items():
         for kind in ("greedy", "sampled"):
             assert result[kind] == single[kind], (name, kind)
+        # The programs compiled ahead are the ones that run, on every mesh.
+        assert result["compiled_after_compile"] == {}, name
+    assert single["compiled_after_compile"] == {}
     # The MLP really is split over the model axis.
     assert results["data4_model2"]["gate_proj_spec"] == str(
         PartitionSpec(None, "model")

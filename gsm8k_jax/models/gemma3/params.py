@@ -17,8 +17,8 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +63,13 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
     """`safe_open`, with a damaged file (a truncated download) reported as a
     CheckpointError that names it."""
     try:
-        with safe_open(path, framework="numpy") as f:
-            yield f
+        opened = safe_open(path, framework="numpy")
     except SafetensorError as e:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}): download it again."
         ) from e
+    with opened as f:
+        yield f
 
 
 class _SafetensorsReader:
