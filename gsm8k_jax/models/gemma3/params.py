@@ -218,9 +218,10 @@ def _read_block(
     mapping: _TensorMapping,
     shape: tuple[int, ...],
     index: tuple[slice, ...],
+    dtype: jnp.dtype,
 ) -> np.ndarray:
-    """ours[index] (shape: the whole parameter's), read from the file as
-    slices of the HF tensor(s)."""
+    """ours[index] (shape: the whole parameter's) in `dtype`, read from the
+    file as slices of the HF tensor(s)."""
     hf_shapes = [reader.shape(name) for name in mapping.hf_names]
     hf_index = [[slice(None)] * len(s) for s in hf_shapes]
     for axis, block in enumerate(index):
@@ -247,7 +248,7 @@ def _read_block(
     expected = tuple(len(range(*b.indices(n))) for b, n in zip(index, shape))
     if value.shape != expected:
         raise _shape_error(reader, mapping, value.shape, expected)
-    return value
+    return value.astype(dtype, copy=False)
 
 
 def _place_tensor(
@@ -261,17 +262,14 @@ def _place_tensor(
     reading just its block of `sharding`."""
     if sharding is None:
         whole = (slice(None),) * len(shape)
-        value = _read_block(reader, mapping, shape, whole)
-        return jax.device_put(value.astype(dtype, copy=False))
+        return jax.device_put(_read_block(reader, mapping, shape, whole, dtype))
     blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         # Devices that hold the same block (data replicas) read it once.
         key = tuple(b.indices(n)[:2] for b, n in zip(index, shape))
         if key not in blocks:
-            blocks[key] = _read_block(reader, mapping, shape, index).astype(
-                dtype, copy=False
-            )
+            blocks[key] = _read_block(reader, mapping, shape, index, dtype)
         return blocks[key]
 
     return jax.make_array_from_callback(shape, sharding, block)
