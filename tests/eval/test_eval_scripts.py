@@ -203,11 +203,18 @@ def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
         done = subprocess.CompletedProcess(
             command, proc.returncode, out.read(), err.read()
         )
-        # What a failed check of the interruption reports.
+        # What a failed check of the interruption reports: the polls, and
+        # where an interruption could have been lost (an exception raised in
+        # a finalizer is printed as "Exception ignored" and dropped).
+        lost = [
+            line
+            for line in done.stderr.splitlines()
+            if "Exception ignored" in line or "KeyboardInterrupt" in line
+        ]
         done.polls = (
             f"{len(seen)} polls, the last {seen[-3:]}; still running when"
-            f" signalled: {running}; exit {proc.returncode}; stderr ends"
-            f" {done.stderr[-400:]!r}"
+            f" signalled: {running}; exit {proc.returncode}; stderr lines about"
+            f" lost exceptions {lost[:5]!r}; stderr ends {done.stderr[-400:]!r}"
         )
         return done
 
