@@ -20,7 +20,7 @@ import json
 import re
 from typing import Any
 
-from gsm8k_jax import sigterm, storage
+from gsm8k_jax import stop_signals, storage
 
 _CHUNK_NAME = re.compile(r"(?P<process>\d{4})-(?P<seq>\d{8})\.jsonl")
 
@@ -71,7 +71,7 @@ class ChunkStore:
             self._next_seq = max(mine, default=-1) + 1
         name = f"{self.process_index:04d}-{self._next_seq:08d}.jsonl"
         text = "".join(map(json_line, records))
-        with sigterm.finishing_write():
+        with stop_signals.finishing_write():
             storage.write_atomic(storage.join(self.folder, name), text)
         self._next_seq += 1
         self._read[name] = _parse_whole(text)

@@ -51,7 +51,7 @@ from gsm8k_jax.models.registry import (
 )
 from gsm8k_jax.quiet import quiet_logging
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
-from gsm8k_jax.sigterm import Terminated, stop_on_sigterm
+from gsm8k_jax.stop_signals import Terminated, stop_on_signals
 from gsm8k_jax.storage import is_gcs, require_reachable, require_writable
 
 FLAGS = flags.FLAGS
@@ -275,7 +275,7 @@ def run_main(
 
     def _main(argv):
         quiet_logging()
-        stop_on_sigterm()
+        stop_on_signals()
         try:
             for path in _gcs_flag_values():
                 require_reachable(path)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
-from gsm8k_jax import sigterm, storage
+from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.eval.chunks import ChunkStore, json_line
 
@@ -201,7 +201,7 @@ class RunFiles:
         sequences finish out of order, but the finished file is the same
         however the run went."""
         records = sorted(records, key=lambda r: (r["id"], r["sample_index"]))
-        with sigterm.finishing_write():
+        with stop_signals.finishing_write():
             storage.write_atomic(self.rollouts_path, "".join(map(json_line, records)))
 
     def read_rollouts(self) -> list[dict[str, Any]]:
@@ -212,7 +212,7 @@ class RunFiles:
         ]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        with sigterm.finishing_write():
+        with stop_signals.finishing_write():
             storage.write_atomic(self.summary_path, _json_file(summary))
 
     def remove_chunks(self) -> None:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from gsm8k_jax.models.gemma3.cache import KVCache, RowWindow
 from gsm8k_jax.models.gemma3.model import KEY_BLOCK
+from gsm8k_jax.sampling import weight_layout
 from gsm8k_jax.sampling.batching import round_up
 from gsm8k_jax.sampling.token_choice import choose_tokens
 
@@ -162,6 +163,7 @@ def decode(
     pad_id: int,
     row_tile: int,
     data_shards: int = 1,
+    arrange_weights: bool = False,
 ) -> DecodeState:
     """Generates until every slot is done or `min_free` slots are free.
 
@@ -171,12 +173,22 @@ def decode(
     rows share the batch (XLA picks kernels by shape). A tile reads and
     writes the KV cache in place (`cache.RowWindow`), and tiles whose slots
     are all done are not run.
+
+    arrange_weights: lay the attention weights out once, before the loop,
+    in the order the matmuls read them (`weight_layout`; for XLA:CPU).
     """
-    model = nnx.merge(graphdef, params)
+    # The views are taken inside the loop, where XLA makes them free; taken
+    # outside it, XLA would copy the weights back into the loop.
+    if arrange_weights:
+        arranged = weight_layout.arrange(params)
+        loop_model = lambda: nnx.merge(graphdef, weight_layout.view(arranged))
+    else:
+        loop_model = lambda: nnx.merge(graphdef, params)
     tiles_per_shard = state.done.shape[0] // (row_tile * data_shards)
 
     def step(s: DecodeState) -> DecodeState:
         """One token for each live slot of a tile."""
+        model = loop_model()
         rows = jnp.arange(s.tokens.shape[0])
         step = s.num_tokens  # [B] per-slot generation step
         step_keys = jax.vmap(jax.random.fold_in)(s.keys, step)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_model
+from gsm8k_jax.sampling import weight_layout
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
     default_prefill_tokens,
@@ -156,6 +157,7 @@ class Sampler:
                 graphdef,
                 row_tile=self.row_tile,
                 data_shards=self.data_shards,
+                arrange_weights=weight_layout.arranges(),
             ),
             static_argnames="pad_id",
             donate_argnums=1,

@@ -1,0 +1,80 @@
+"""The attention weights in the order XLA:CPU's matmuls read them, for the
+decode loop.
+
+XLA:CPU's matmul kernels read each operand in one physical order. For the
+attention einsums' weights (stored in Tunix's layout) that is not the order
+they are stored in, so XLA copies each of them into it inside the decode
+loop: at every step, for every tile. At gemma3-270m shapes in float32 that
+is about 49 ms of a 260 ms step (2 CPU cores).
+
+`arrange` makes those copies once, before the loop, and `view` gives the
+loop the weights in their stored shapes again: XLA then lays out the views'
+transposes as free reinterpretations of the arranged arrays and reads them
+in place. The matmuls see the same numbers in the same order as before, so
+every result is the same to the bit. The price is one copy of the attention
+weights per decode call, held while it runs (118 MB at gemma3-270m in
+float32). Only float32 weights are arranged: XLA:CPU's bfloat16 matmuls read
+a weight in its stored order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# The platforms whose decode loop copies the weights (XLA:CPU's; the GPU's
+# and TPU's are unmeasured).
+PLATFORMS = ("cpu",)
+# The order XLA:CPU reads each einsum weight in, as a permutation of its
+# stored axes (found in the compiled decode program's in-loop copies).
+CPU_READ_ORDERS = {
+    "q_einsum": (1, 0, 2),  # [N, D, H] is read as [D, N, H]
+    "kv_einsum": (0, 1, 3, 2),  # [C, K, D, H] is read as [C, K, H, D]
+    "attn_vec_einsum": (1, 0, 2),  # [N, H, D] is read as [H, N, D]
+}
+
+
+def _read_order(path, weight: jax.Array) -> tuple[int, ...] | None:
+    """The read order of the weight at a state path, or None to leave it."""
+    if weight.dtype != jnp.float32:
+        return None
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    for module, leaf in zip(names, names[1:]):
+        if leaf == "w" and module in CPU_READ_ORDERS:
+            return CPU_READ_ORDERS[module]
+    return None
+
+
+def arrange(params: nnx.State) -> nnx.State:
+    """`params` with each attention weight copied into its read order.
+
+    The copies sit behind an optimization barrier, so that XLA cannot fold
+    them into the loop's transposes back to the stored order.
+    """
+    arranged = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x if (o := _read_order(path, x)) is None else jnp.transpose(x, o)
+        ),
+        params,
+    )
+    return jax.lax.optimization_barrier(arranged)
+
+
+def view(arranged: nnx.State) -> nnx.State:
+    """The weights of `arrange(params)` in their stored shapes again."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x
+            if (o := _read_order(path, x)) is None
+            else jnp.transpose(x, np.argsort(o))
+        ),
+        arranged,
+    )
+
+
+def arranges(platform: str | None = None) -> bool:
+    """Whether the decode loop on `platform` (default: the default backend)
+    runs on arranged weights."""
+    return (platform or jax.default_backend()) in PLATFORMS
