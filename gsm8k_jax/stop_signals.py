@@ -43,12 +43,12 @@ def _on_signal(signum, frame) -> None:
 def stop_on_signals() -> None:
     """Installs the handlers (call from the main thread). A SIGINT the
     process was started to ignore (a background job of a script) stays
-    ignored, as Python leaves it."""
+    ignored, as Python leaves it; SIGTERM is always handled."""
     global _received
     _received = None
-    for signum in _EXCEPTIONS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _on_signal)
 
 
 @contextlib.contextmanager

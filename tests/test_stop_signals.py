@@ -13,6 +13,8 @@ from gsm8k_jax.stop_signals import Terminated, finishing_write, stop_on_signals
 def handlers():
     """The stop handlers installed for one test, then the previous ones."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # As at a terminal, whether or not pytest was started ignoring Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stop_on_signals()
     yield
     for signum, handler in previous.items():

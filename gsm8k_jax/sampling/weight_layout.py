@@ -47,31 +47,32 @@ def _read_order(path, weight: jax.Array) -> tuple[int, ...] | None:
     return None
 
 
+def _map_arranged(fn, tree: nnx.State) -> nnx.State:
+    """`fn(weight, read_order)` for each weight of `tree` that has a read
+    order; every other leaf as it is."""
+
+    def apply(path, x):
+        order = _read_order(path, x)
+        return x if order is None else fn(x, order)
+
+    return jax.tree_util.tree_map_with_path(apply, tree)
+
+
 def arrange(params: nnx.State) -> nnx.State:
     """`params` with each attention weight copied into its read order.
 
-    The copies sit behind an optimization barrier, so that XLA cannot fold
-    them into the loop's transposes back to the stored order.
+    Each copy (and nothing else) sits behind an optimization barrier, so
+    that XLA cannot fold it into the loop's transpose back to the stored
+    order.
     """
-    arranged = jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            x if (o := _read_order(path, x)) is None else jnp.transpose(x, o)
-        ),
-        params,
+    return _map_arranged(
+        lambda x, order: jax.lax.optimization_barrier(jnp.transpose(x, order)), params
     )
-    return jax.lax.optimization_barrier(arranged)
 
 
 def view(arranged: nnx.State) -> nnx.State:
     """The weights of `arrange(params)` in their stored shapes again."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            x
-            if (o := _read_order(path, x)) is None
-            else jnp.transpose(x, np.argsort(o))
-        ),
-        arranged,
-    )
+    return _map_arranged(lambda x, order: jnp.transpose(x, np.argsort(order)), arranged)
 
 
 def arranges(platform: str | None = None) -> bool:

@@ -82,7 +82,7 @@ def test_arranged_weights_decode_the_same_bits(tiny_path, dtype, temperature):
 
 
 def in_loop_copies(compiled_text, shapes):
-    """How many copies run inside the program's while loops (in their
+    """How many copies and transposes run inside the program's while loops (in their
     bodies or in computations those call) and produce an array of one of
     `shapes`, in any axis order."""
     computations = {
@@ -104,7 +104,9 @@ def in_loop_copies(compiled_text, shapes):
     return sum(
         tuple(sorted(int(d) for d in dims.split(","))) in wanted
         for name in in_loop
-        for dims in re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} copy\(", computations[name])
+        for dims in re.findall(
+            r"= \w+\[([\d,]+)\]\{[^}]*\} (?:copy|transpose)\(", computations[name]
+        )
     )
 
 
