@@ -4,8 +4,9 @@ decode loop.
 XLA:CPU's matmul kernels read each operand in one physical order. For the
 attention einsums' weights (stored in Tunix's layout) that is not the order
 they are stored in, so XLA copies each of them into it inside the decode
-loop: at every step, for every tile. At gemma3-270m shapes in float32 that
-is about 49 ms of a 260 ms step (2 CPU cores).
+loop: at every step, for every tile (54 copies per step at gemma3-270m
+shapes in float32; a profile gave them 49 ms of a 260 ms step on 2 CPU
+cores, though removing them measured within noise, docs/PERFORMANCE.md).
 
 `arrange` makes those copies once, before the loop, and `view` gives the
 loop the weights in their stored shapes again: XLA then lays out the views'
@@ -13,8 +14,9 @@ transposes as free reinterpretations of the arranged arrays and reads them
 in place. The matmuls see the same numbers in the same order as before, so
 every result is the same to the bit. The price is one copy of the attention
 weights per decode call, held while it runs (118 MB at gemma3-270m in
-float32). Only float32 weights are arranged: XLA:CPU's bfloat16 matmuls read
-a weight in its stored order.
+float32; it grows with the model). Only float32 weights are arranged:
+bfloat16 ones are not copied inside the loop (XLA hoists their converted
+re-layout out of it).
 """
 
 from __future__ import annotations
