@@ -1,11 +1,12 @@
 """Stopping on Ctrl-C (SIGINT) and SIGTERM (a spot or preemptible VM's
 notice, ~30 s ahead).
 
-`stop_on_signals()` makes SIGINT raise KeyboardInterrupt and SIGTERM raise
-`Terminated` in the main thread: the work stops where it is, sequences in
-flight are dropped, and what finished is already committed. A commit in
-progress is finished first: code inside `finishing_write()` is not
-interrupted, the signal is raised when it ends.
+Inside `with stop_on_signals():` SIGINT raises KeyboardInterrupt and SIGTERM
+raises `Terminated` in the main thread: the work stops where it is,
+sequences in flight are dropped, and what finished is already committed. A
+commit in progress, in any thread, is finished first: while code runs
+inside `finishing_write()` the signal is only recorded, and raised when the
+last such block ends.
 
 A signal is never lost. Python drops an exception raised while a finalizer
 or a callback from C code runs (it prints "Exception ignored ..."), and a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 
@@ -28,7 +30,11 @@ class Terminated(BaseException):
 
 _EXCEPTIONS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
+# Commits in progress, over all threads (a sweep commits from one thread per
+# device group). Changed under the lock; the signal handler only reads it,
+# so it never waits for a lock that the code it interrupted holds.
 _writes_in_progress = 0
+_writes_lock = threading.Lock()
 # The exception of the stop signal received, once one was.
 _received: type[BaseException] | None = None
 
@@ -40,29 +46,45 @@ def _on_signal(signum, frame) -> None:
         raise _received()
 
 
-def stop_on_signals() -> None:
-    """Installs the handlers (call from the main thread). A SIGINT the
-    process was started to ignore (a background job of a script) stays
-    ignored, as Python leaves it; SIGTERM is always handled."""
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Stops the work inside on SIGINT and SIGTERM (enter it in the main
+    thread); on leaving, the handlers before it are back and no signal
+    received inside is left to stop later work.
+
+    A SIGINT the process was started to ignore (a background job of a
+    script) stays ignored, as Python leaves it; SIGTERM is always handled.
+    """
     global _received
+    previous = {signum: signal.getsignal(signum) for signum in _EXCEPTIONS}
     _received = None
     signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    if previous[signal.SIGINT] is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # None: a handler not set from Python; the default stands for it.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        _received = None
 
 
 @contextlib.contextmanager
 def finishing_write() -> Iterator[None]:
     """A block that no stop signal interrupts: one received inside raises
-    once it has ended, and one received before it (whose exception was
-    lost) raises before it starts."""
+    once the last such block (in any thread) has ended, and one received
+    before it (whose exception was lost) raises before it starts."""
     global _writes_in_progress
-    if _received is not None and not _writes_in_progress:
-        raise _received()
-    _writes_in_progress += 1
+    with _writes_lock:
+        if _received is not None and not _writes_in_progress:
+            raise _received()
+        _writes_in_progress += 1
     try:
         yield
     finally:
-        _writes_in_progress -= 1
-    if not _writes_in_progress and _received is not None:
+        with _writes_lock:
+            _writes_in_progress -= 1
+            last = not _writes_in_progress
+    if last and _received is not None:
         raise _received()

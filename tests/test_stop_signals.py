@@ -1,42 +1,71 @@
-"""Ctrl-C and SIGTERM: deferred past a commit, and never lost."""
+"""Ctrl-C and SIGTERM: deferred past a commit, never lost, and gone with the
+run that received them."""
 
 import signal
 import sys
+import threading
 
 import pytest
 
-from gsm8k_jax import stop_signals
 from gsm8k_jax.stop_signals import Terminated, finishing_write, stop_on_signals
+
+STOP_SIGNALS = [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)]
+STOP_IDS = ["ctrl-c", "sigterm"]
 
 
 @pytest.fixture
-def handlers():
-    """The stop handlers installed for one test, then the previous ones."""
+def terminal_ctrl_c():
+    """Ctrl-C handled as at a terminal, whether or not pytest was started
+    ignoring it; the handlers before the test are back after it."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    # As at a terminal, whether or not pytest was started ignoring Ctrl-C.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop_on_signals()
     yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)
-    stop_signals._received = None
 
 
-@pytest.mark.parametrize(
-    "signum, exception",
-    [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)],
-    ids=["ctrl-c", "sigterm"],
-)
-def test_a_signal_during_a_commit_stops_after_it(handlers, signum, exception):
+@pytest.mark.parametrize("signum, exception", STOP_SIGNALS, ids=STOP_IDS)
+def test_a_signal_during_a_commit_stops_after_it(terminal_ctrl_c, signum, exception):
     finished = []
-    with pytest.raises(exception):
+    with pytest.raises(exception), stop_on_signals():
         with finishing_write():
             signal.raise_signal(signum)
             finished.append("commit")
     assert finished == ["commit"]
 
 
-def test_a_ctrl_c_lost_in_a_finalizer_stops_the_next_commit(handlers, monkeypatch):
+@pytest.mark.parametrize("signum, exception", STOP_SIGNALS, ids=STOP_IDS)
+def test_a_signal_during_another_threads_commit_waits_for_it(
+    terminal_ctrl_c, signum, exception
+):
+    """A sweep commits from worker threads: the main thread's stop waits
+    until their commits are written, then the committing thread raises."""
+    inside, release = threading.Event(), threading.Event()
+    raised = []
+
+    def commit():
+        try:
+            with finishing_write():
+                inside.set()
+                release.wait()
+        except BaseException as e:
+            raised.append(type(e))
+
+    with stop_on_signals():
+        worker = threading.Thread(target=commit)
+        worker.start()
+        inside.wait()
+        signal.raise_signal(signum)  # Recorded; the commit is in progress.
+        release.set()
+        worker.join()
+        assert raised == [exception]
+        with pytest.raises(exception), finishing_write():
+            pass  # The main thread's next commit does not start.
+
+
+def test_a_ctrl_c_lost_in_a_finalizer_stops_the_next_commit(
+    terminal_ctrl_c, monkeypatch
+):
     """Python drops a KeyboardInterrupt raised in `__del__`; the run must
     still stop, before its next commit writes anything."""
 
@@ -46,16 +75,35 @@ def test_a_ctrl_c_lost_in_a_finalizer_stops_the_next_commit(handlers, monkeypatc
 
     dropped = []  # What Python would print as "Exception ignored in ...".
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)
-    Finalized()  # Collected at once: its KeyboardInterrupt is dropped.
-    assert [d.exc_type for d in dropped] == [KeyboardInterrupt]
     written = []
-    with pytest.raises(KeyboardInterrupt):
-        with finishing_write():
+    with stop_on_signals():
+        Finalized()  # Collected at once: its KeyboardInterrupt is dropped.
+        assert [d.exc_type for d in dropped] == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt), finishing_write():
             written.append("commit")
     assert written == []
 
 
-def test_no_signal_no_stop(handlers):
-    with finishing_write():
-        pass
-    assert stop_signals._received is None
+@pytest.mark.parametrize("signum, exception", STOP_SIGNALS, ids=STOP_IDS)
+def test_a_run_stopped_leaves_the_next_one_running(terminal_ctrl_c, signum, exception):
+    """In one process (a notebook, a test), a stop ends its own run only:
+    the next one commits, and the handlers before the first are back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(exception), stop_on_signals():
+        with finishing_write():
+            signal.raise_signal(signum)
+    assert {s: signal.getsignal(s) for s in before} == before
+    written = []
+    with stop_on_signals(), finishing_write():
+        written.append("commit")
+    assert written == ["commit"]
+
+
+def test_a_ctrl_c_ignored_from_the_start_stays_ignored(terminal_ctrl_c):
+    """A background job of a script is started ignoring Ctrl-C; SIGTERM
+    still stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with stop_on_signals():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)

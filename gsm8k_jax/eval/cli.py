@@ -275,11 +275,11 @@ def run_main(
 
     def _main(argv):
         quiet_logging()
-        stop_on_signals()
         try:
-            for path in _gcs_flag_values():
-                require_reachable(path)
-            main_fn(argv)
+            with stop_on_signals():
+                for path in _gcs_flag_values():
+                    require_reachable(path)
+                main_fn(argv)
         except USER_ERRORS as e:
             _report(f"error: {e}")
             sys.exit(1)

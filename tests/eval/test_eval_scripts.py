@@ -172,6 +172,17 @@ def committed(out_dir, tag) -> int:
 
 # How long the child runs between two checks of what it has committed.
 RUN_SLICE_S = 0.02
+# Runs the command after it with Ctrl-C at its default, as from a terminal:
+# a test run started as a background job of a script ignores SIGINT, and a
+# child inherits that (the default disposition survives exec, and Python
+# then installs its KeyboardInterrupt handler). A wrapper rather than
+# Popen's preexec_fn, which is unsafe while other threads run.
+WITH_DEFAULT_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+    " os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
@@ -184,7 +195,9 @@ def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
     check that triggers `sig`, however slow the check or loaded the machine.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [*WITH_DEFAULT_CTRL_C, *command], cwd=REPO, stdout=out, stderr=err
+        )
         start = time.time()
         seen = []  # (seconds since start, rollouts committed), as polled
         while time.time() < start + timeout_s and proc.poll() is None:
