@@ -5,6 +5,8 @@ The names a notebook needs, e.g.:
     model, tokenizer, _ = gsm8k_jax.load_pretrained("gemma3-tiny")
     sampler = gsm8k_jax.Sampler(model, tokenizer)
     print(sampler.generate(["What is 2 + 3?"])[0].text)
+    lora = gsm8k_jax.LoraConfig(rank=16, alpha=16.0)
+    gsm8k_jax.load_lora(model, "runs/tiny-lora/actor", lora)  # merged in place
     report = gsm8k_jax.compare_runs(gsm8k_jax.load_runs("results/quickstart"))
     print(report.to_markdown())
 
@@ -24,6 +26,7 @@ _EXPORTS = {
     "EvalConfig": "gsm8k_jax.eval.runner",
     "Gemma3": "gsm8k_jax.models.gemma3.model",
     "Gemma3Config": "gsm8k_jax.models.gemma3.config",
+    "LoraConfig": "gsm8k_jax.checkpoints.lora_config",
     "RunFiles": "gsm8k_jax.eval.results",
     "Sampler": "gsm8k_jax.sampling.sampler",
     "SamplingParams": "gsm8k_jax.sampling.sampler",
@@ -33,6 +36,7 @@ _EXPORTS = {
     "format_prompt": "gsm8k_jax.eval.prompts",
     "is_correct": "gsm8k_jax.eval.extraction",
     "load_gsm8k": "gsm8k_jax.eval.data",
+    "load_lora": "gsm8k_jax.checkpoints.lora",
     "load_pretrained": "gsm8k_jax.models.registry",
     "load_run": "gsm8k_jax.eval.runs",
     "load_runs": "gsm8k_jax.eval.runs",

@@ -47,6 +47,7 @@ except ImportError as e:
 from tqdm import tqdm
 
 from gsm8k_jax.checkpoints import lora as lora_lib
+from gsm8k_jax.checkpoints import lora_checkpoint
 from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.cli import USER_ERRORS, local_mesh
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
@@ -137,9 +138,9 @@ class GSM8KJaxLM(LM):
                 )
                 if value is not None
             }
-            self.lora_path = lora_lib.resolve_lora_checkpoint(lora_checkpoint_path)
-            recorded = lora_lib.read_lora_config(self.lora_path)
-            self.lora_config = lora_lib.effective_lora_config(
+            self.lora_path = lora_checkpoint.resolve_lora_checkpoint(lora_checkpoint_path)
+            recorded = lora_checkpoint.read_lora_config(self.lora_path)
+            self.lora_config = lora_checkpoint.effective_lora_config(
                 lora_lib.LoraConfig(**given),
                 recorded,
                 given=set(given),

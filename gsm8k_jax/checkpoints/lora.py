@@ -1,13 +1,6 @@
-"""LoRA adapters trained with Tunix: find, restore, check, then merge or apply.
+"""LoRA adapters trained with Tunix: check them against a model, then merge
+or apply them (reading and writing the checkpoints: `lora_checkpoint`).
 
-Tunix trains LoRA with qwix and saves only the adapter factors, with Orbax:
-
-    <root>/actor/<step>/model_params/   (PyTree checkpoint; also
-                                         optimizer_state/ and step metadata)
-
-Keys mirror the model: `layers/3/attn/q_einsum/w_lora_a`,
-`layers/3/mlp/down_proj/kernel_lora_b`, ... (possibly with a trailing
-`value` level per leaf, depending on the flax version that saved them).
 A weight W gets two factors: `lora_a` holds W's axes that the layer input
 shares (the contracting axes) then the rank r; `lora_b` holds r then W's
 other axes. The layer computes `W x + (x . a . b) * alpha / r`.
@@ -36,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -45,223 +37,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import qwix
-from absl import logging
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from orbax.checkpoint import v1 as ocp_v1
 
+from gsm8k_jax.checkpoints.lora_checkpoint import FACTOR_NAME, restore_lora_params
 from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
-from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
-ACTOR_DIR = "actor"
-PARAMS_DIR = "model_params"
-_PYTREE_METADATA_FILE = "_METADATA"  # Written by Orbax in every PyTree checkpoint.
-# Rank, alpha and module_path, written by our trainer beside the step folders
-# (`<root>/actor/lora_config.json`); Tunix ignores it and writes none.
-LORA_CONFIG_FILE = "lora_config.json"
-_FACTOR = re.compile(r"(.+)_lora_([ab])")
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
-
-LoraParams = dict[str, np.ndarray | jax.Array]
-
-
-# --------------------------------------------------------------------------
-# Finding and reading checkpoints
-# --------------------------------------------------------------------------
-
-
-def _is_pytree_checkpoint(path: epath.Path) -> bool:
-    return storage_call(path, (path / _PYTREE_METADATA_FILE).exists)
-
-
-def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
-    """The `model_params` folder that `path` designates.
-
-    Args:
-      path: local or `gs://`; one of `<root>/actor` (its latest integer step
-        is used), a step folder `<root>/actor/<step>`, or a `model_params`
-        folder.
-
-    Raises:
-      CheckpointError: the path is missing or unreadable, or holds no step
-        folders or no `model_params`.
-    """
-    folder = existing_path(path, "LoRA checkpoint")
-    if _is_pytree_checkpoint(folder):
-        return str(folder)
-    params = folder / PARAMS_DIR
-    if storage_call(params, params.exists):
-        if not _is_pytree_checkpoint(params):
-            raise CheckpointError(
-                f"{params} is not an Orbax PyTree checkpoint (no"
-                f" {_PYTREE_METADATA_FILE}): an unfinished save?"
-            )
-        return str(params)
-
-    children = storage_call(folder, lambda: sorted(c.name for c in folder.iterdir()))
-    steps = [int(name) for name in children if name.isdigit()]
-    if not steps:
-        hint = f" Did you mean {folder / ACTOR_DIR}?" if ACTOR_DIR in children else ""
-        found = f"it holds {children[:10]}" if children else "it is empty"
-        raise CheckpointError(
-            f"No LoRA checkpoint in {path}: expected integer step folders"
-            f" (<root>/{ACTOR_DIR}/<step>/{PARAMS_DIR}), a step folder or a"
-            f" {PARAMS_DIR} folder, but {found}.{hint}"
-        )
-    latest = folder / str(max(steps))
-    params = latest / PARAMS_DIR
-    if not _is_pytree_checkpoint(params):
-        raise CheckpointError(
-            f"The latest step folder {latest} has no {PARAMS_DIR} checkpoint: an"
-            " unfinished save? Pass an earlier step folder explicitly."
-        )
-    return str(params)
-
-
-def _key(path: tuple[Any, ...]) -> str:
-    """'/'-joined tree path, without the trailing `value` some flax versions add."""
-    key = jax.tree_util.keystr(path, simple=True, separator="/")
-    return key.removesuffix("/value")
-
-
-def restore_lora_params(path: str | os.PathLike) -> LoraParams:
-    """Reads the LoRA factors of a checkpoint as host arrays.
-
-    Args:
-      path: anything `resolve_lora_checkpoint` accepts, local or `gs://`.
-
-    Returns:
-      {'layers/3/attn/q_einsum/w_lora_a': array, ...}, sorted by key. Other
-      leaves (a checkpoint of the full model state) are skipped unread.
-    """
-    params_dir = epath.Path(resolve_lora_checkpoint(path))
-    handler = ocp.PyTreeCheckpointHandler()
-    tree = storage_call(params_dir, lambda: handler.metadata(params_dir).tree)
-
-    def is_factor(keypath: tuple[Any, ...]) -> bool:
-        return _FACTOR.fullmatch(_key(keypath).rsplit("/", 1)[-1]) is not None
-
-    # Restore the factors only, as numpy (no device or sharding assumptions).
-    item = jax.tree_util.tree_map_with_path(
-        lambda p, meta: meta if is_factor(p) else ocp.PLACEHOLDER, tree
-    )
-    restore_args = jax.tree_util.tree_map_with_path(
-        lambda p, _: (
-            ocp.RestoreArgs(restore_type=np.ndarray)
-            if is_factor(p)
-            else ocp.PLACEHOLDER
-        ),
-        tree,
-    )
-    checkpointer = ocp.Checkpointer(handler)
-    restored = storage_call(
-        params_dir,
-        lambda: checkpointer.restore(
-            params_dir,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
-        ),
-    )
-    flat = jax.tree_util.tree_flatten_with_path(restored)[0]
-    params = {_key(p): v for p, v in flat if is_factor(p)}
-    logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
-    return dict(sorted(params.items()))
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
-
-
-def save_lora_config(actor_dir: str | os.PathLike, config: LoraConfig) -> None:
-    """Records how the adapter is trained, beside its step folders."""
-    folder = epath.Path(absolute(actor_dir))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LORA_CONFIG_FILE).write_text(
-        json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-    )
-
-
-def read_lora_config(params_path: str | os.PathLike) -> LoraConfig | None:
-    """The config recorded for a resolved `.../actor/<step>/model_params`
-    checkpoint, or None where none was recorded (Tunix's own checkpoints)."""
-    recorded = epath.Path(params_path).parent.parent / LORA_CONFIG_FILE
-    if not storage_call(recorded, recorded.exists):
-        return None
-    return LoraConfig(**json.loads(storage_call(recorded, recorded.read_text)))
-
-
-def effective_lora_config(
-    flags_config: LoraConfig,
-    recorded: LoraConfig | None,
-    *,
-    given: set[str],
-    where: str,
-) -> LoraConfig:
-    """The rank, alpha and module_path to evaluate a checkpoint with.
-
-    Recorded by our trainer: used, and a flag given (`given`: field names)
-    that contradicts it is refused (the wrong alpha silently changes every
-    answer). Not recorded (Tunix's own checkpoints): the flags.
-    """
-    if recorded is None:
-        return flags_config
-    for field in sorted(given):
-        flag, saved = getattr(flags_config, field), getattr(recorded, field)
-        if flag != saved:
-            raise ValueError(
-                f"{CONFIG_FLAG}.{field}={flag!r}, but the checkpoint was trained with"
-                f" {field}={saved!r} ({epath.Path(where).parent.parent / LORA_CONFIG_FILE}):"
-                " drop the flag or pass the trained value."
-            )
-    return recorded
-
-
-def save_lora_params(
-    model_or_params: nnx.Module | Mapping[str, np.ndarray | jax.Array],
-    root: str | os.PathLike,
-    step: int,
-) -> str:
-    """Writes LoRA factors as Tunix does: `<root>/actor/<step>/model_params`.
-
-    Args:
-      model_or_params: a model with LoRA applied (its `nnx.LoRAParam`s are
-        saved, as Tunix saves them) or a flat dict as `restore_lora_params`
-        returns.
-      root: local folder, or `gs://` (Orbax writes to Cloud Storage directly).
-      step: the training step, the name of the step folder.
-
-    Returns:
-      The path of the `model_params` folder written.
-    """
-    if isinstance(model_or_params, nnx.Module):
-        tree = nnx.state(model_or_params, nnx.LoRAParam)
-        if not nnx.to_flat_state(tree):
-            raise CheckpointError(
-                "The model has no LoRA parameters to save (merged already, or"
-                " LoRA never applied?)."
-            )
-    else:
-        tree = _nest(model_or_params)
-    root = absolute(root)
-    checkpointer = ocp_v1.training.Checkpointer(epath.Path(root) / ACTOR_DIR)
-    try:
-        checkpointer.save_checkpointables(step, {PARAMS_DIR: tree})
-    finally:
-        checkpointer.close()
-    return str(epath.Path(root) / ACTOR_DIR / str(step) / PARAMS_DIR)
 
 
 # --------------------------------------------------------------------------
@@ -361,7 +147,7 @@ def _factors(params: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     others = []
     for key, value in params.items():
-        match = _FACTOR.fullmatch(key)
+        match = FACTOR_NAME.fullmatch(key)
         if match is None:
             others.append(key)
         else:

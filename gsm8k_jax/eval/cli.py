@@ -432,10 +432,11 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     lora_config, lora_path = None, ""
     if lora:
         from gsm8k_jax.checkpoints import lora as lora_lib
+        from gsm8k_jax.checkpoints import lora_checkpoint
 
-        lora_path = lora_lib.resolve_lora_checkpoint(cfg.lora_checkpoint_path)
-        recorded = lora_lib.read_lora_config(lora_path)
-        lora_config = lora_lib.effective_lora_config(
+        lora_path = lora_checkpoint.resolve_lora_checkpoint(cfg.lora_checkpoint_path)
+        recorded = lora_checkpoint.read_lora_config(lora_path)
+        lora_config = lora_checkpoint.effective_lora_config(
             lora_lib.LoraConfig(**cfg.lora_config.to_dict()),
             recorded,
             given=given_lora_fields(sys.argv),

@@ -204,6 +204,7 @@ def evaluate_checkpoints(
       CheckpointError, SourceError: a checkpoint or the model cannot be read.
     """
     from gsm8k_jax.checkpoints import lora as lora_lib  # qwix, orbax: heavy.
+    from gsm8k_jax.checkpoints import lora_checkpoint
 
     load_lora_fn = load_lora_fn or lora_lib.load_lora
     if not lora_paths and not include_base:
@@ -212,7 +213,7 @@ def evaluate_checkpoints(
     # Every input is checked before the model is loaded.
     # (path as given, resolved path); ("", "") is the base model.
     checkpoints = [("", "")] if include_base else []
-    checkpoints += [(str(p), lora_lib.resolve_lora_checkpoint(p)) for p in lora_paths]
+    checkpoints += [(str(p), lora_checkpoint.resolve_lora_checkpoint(p)) for p in lora_paths]
     data_path = str(data_path or BUNDLED_TEST_SET)
     examples = load_gsm8k(data_path, num_examples)
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)

@@ -56,6 +56,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from gsm8k_jax.checkpoints import lora as lora_lib
+from gsm8k_jax.checkpoints import lora_checkpoint
 from gsm8k_jax.checkpoints.paths import absolute
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE, format_prompt
@@ -280,7 +281,7 @@ def make_optimizer(model: Gemma3, config: SFTConfig) -> nnx.Optimizer:
 
 def checkpoint_dir(root: str | os.PathLike, config: SFTConfig) -> epath.Path:
     """`<root>/actor` (LoRA) or `<root>/hf` (full fine-tune): the step folders."""
-    sub = lora_lib.ACTOR_DIR if config.lora is not None else HF_DIR
+    sub = lora_checkpoint.ACTOR_DIR if config.lora is not None else HF_DIR
     return epath.Path(absolute(root)) / sub
 
 
@@ -292,7 +293,7 @@ def latest_step(root: str | os.PathLike, config: SFTConfig) -> int | None:
     if config.lora is not None:
         if not any(c.name.isdigit() for c in folder.iterdir()):
             return None
-        params = epath.Path(lora_lib.resolve_lora_checkpoint(folder))
+        params = epath.Path(lora_checkpoint.resolve_lora_checkpoint(folder))
         return int(params.parent.name)
     steps = [
         int(c.name)
@@ -340,8 +341,8 @@ def save_checkpoint(
     """Writes step `step` (see the module docstring); returns its folder."""
     step_dir = checkpoint_dir(root, config) / str(step)
     if config.lora is not None:
-        lora_lib.save_lora_config(checkpoint_dir(root, config), config.lora)
-        lora_lib.save_lora_params(model, root, step)
+        lora_checkpoint.save_lora_config(checkpoint_dir(root, config), config.lora)
+        lora_checkpoint.save_lora_params(model, root, step)
         _save_optimizer(optimizer, step_dir / OPTIMIZER_DIR)
         return str(step_dir)
     # Written under a temporary name, then renamed: a step folder is complete.
@@ -388,7 +389,7 @@ def restore_checkpoint(
     """Loads step `step`'s weights (and optimizer state, when saved) in place."""
     step_dir = checkpoint_dir(root, config) / str(step)
     if config.lora is not None:
-        _set_lora_params(model, lora_lib.restore_lora_params(step_dir))
+        _set_lora_params(model, lora_checkpoint.restore_lora_params(step_dir))
     else:
         saved = load_hf_model(step_dir, dtype=_param_dtype(model))
         if saved.config != model.config:

@@ -7,7 +7,8 @@ from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
 from gcs_emulator import upload_dir
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
-from gsm8k_jax.checkpoints.lora import LoraConfig, save_lora_config
+from gsm8k_jax.checkpoints.lora_checkpoint import save_lora_config
+from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
 
 RANK = 4

@@ -17,7 +17,7 @@ from gcs_emulator import upload_dir
 from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
-from gsm8k_jax.checkpoints import lora
+from gsm8k_jax.checkpoints import lora, lora_checkpoint
 from gsm8k_jax.checkpoints.lora import LoraConfig
 from gsm8k_jax.models.gemma3.params import CheckpointError, load_hf_model
 from gsm8k_jax.sampling.decode import prompt_positions
@@ -131,13 +131,13 @@ def test_merged_and_unmerged_match_transformers(setup, unmerged):
 
 def test_step_and_params_folders_and_layouts(setup, tmp_path):
     actor = setup.run / "actor"
-    assert lora.resolve_lora_checkpoint(actor) == str(actor / "200" / "model_params")
-    assert lora.resolve_lora_checkpoint(actor / "100") == str(
+    assert lora_checkpoint.resolve_lora_checkpoint(actor) == str(actor / "200" / "model_params")
+    assert lora_checkpoint.resolve_lora_checkpoint(actor / "100") == str(
         actor / "100" / "model_params"
     )
     expected = flat_factors(setup.factors)
     for path in (actor / "200", actor / "200" / "model_params"):
-        restored = lora.restore_lora_params(path)
+        restored = lora_checkpoint.restore_lora_params(path)
         assert list(restored) == sorted(expected)
         for key, value in expected.items():
             np.testing.assert_array_equal(restored[key], value)
@@ -145,7 +145,7 @@ def test_step_and_params_folders_and_layouts(setup, tmp_path):
     write_tunix_checkpoint(
         tmp_path / "plain", setup.factors, value_key=False, int_layers=True
     )
-    restored = lora.restore_lora_params(tmp_path / "plain")
+    restored = lora_checkpoint.restore_lora_params(tmp_path / "plain")
     assert restored.keys() == expected.keys()
     for key, value in expected.items():
         np.testing.assert_array_equal(restored[key], value)
@@ -156,7 +156,7 @@ def test_full_state_checkpoint_restores_only_factors(setup, tmp_path):
     a, b = setup.factors[(0, "attn/q_einsum/w")]
     tree["layers"]["0"]["attn"]["q_einsum"].update(w_lora_a=a, w_lora_b=b)
     ocp.PyTreeCheckpointer().save(tmp_path / "full", tree)
-    restored = lora.restore_lora_params(tmp_path / "full")
+    restored = lora_checkpoint.restore_lora_params(tmp_path / "full")
     assert list(restored) == [
         "layers/0/attn/q_einsum/w_lora_a",
         "layers/0/attn/q_einsum/w_lora_b",
@@ -165,7 +165,7 @@ def test_full_state_checkpoint_restores_only_factors(setup, tmp_path):
 
 def test_unmerged_model_samples_like_merged(setup, unmerged):
     merged = nnx.clone(setup.base)
-    lora.merge_lora(merged, lora.restore_lora_params(setup.run / "actor"), CONFIG)
+    lora.merge_lora(merged, lora_checkpoint.restore_lora_params(setup.run / "actor"), CONFIG)
     params = SamplingParams(max_generation_steps=6, eos_ids=(1,))
     prompts = [IDS[0].tolist(), IDS[1, :5].tolist()]
     from_merged = Sampler(merged, IdTokenizer()).generate(prompts, params)
@@ -180,7 +180,7 @@ def test_load_from_gcs(setup, gcs_bucket):
     # Saved locally with Orbax, then uploaded (docs/REFERENCE.md section 4).
     remote = f"{gcs_bucket}/test_lora/run"
     upload_dir(str(setup.run), remote)
-    assert lora.resolve_lora_checkpoint(f"{remote}/actor") == (
+    assert lora_checkpoint.resolve_lora_checkpoint(f"{remote}/actor") == (
         f"{remote}/actor/200/model_params"
     )
     merged = lora.load_lora(nnx.clone(setup.base), f"{remote}/actor", CONFIG)
@@ -192,16 +192,16 @@ def test_load_from_gcs(setup, gcs_bucket):
 
 
 def test_save_load_round_trip(setup, unmerged, tmp_path):
-    written = lora.save_lora_params(unmerged, tmp_path / "from_model", 7)
+    written = lora_checkpoint.save_lora_params(unmerged, tmp_path / "from_model", 7)
     assert written == str(tmp_path / "from_model" / "actor" / "7" / "model_params")
-    from_model = lora.restore_lora_params(tmp_path / "from_model" / "actor")
+    from_model = lora_checkpoint.restore_lora_params(tmp_path / "from_model" / "actor")
     expected = flat_factors(setup.factors)
     assert from_model.keys() == expected.keys()
     for key, value in expected.items():
         np.testing.assert_array_equal(from_model[key], value)
 
-    lora.save_lora_params(from_model, tmp_path / "from_dict", 3)
-    from_dict = lora.restore_lora_params(tmp_path / "from_dict" / "actor" / "3")
+    lora_checkpoint.save_lora_params(from_model, tmp_path / "from_dict", 3)
+    from_dict = lora_checkpoint.restore_lora_params(tmp_path / "from_dict" / "actor" / "3")
     for key, value in expected.items():
         np.testing.assert_array_equal(from_dict[key], value)
 
@@ -212,7 +212,7 @@ def test_save_load_round_trip(setup, unmerged, tmp_path):
 
 
 def test_wrong_rank(setup):
-    params = lora.restore_lora_params(setup.run / "actor")
+    params = lora_checkpoint.restore_lora_params(setup.run / "actor")
     with pytest.raises(
         CheckpointError,
         match=r"LoRA rank mismatch: --model\.lora_config\.rank=16 but checkpoint has"
@@ -272,17 +272,17 @@ def test_missing_and_empty_paths(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"No LoRA checkpoint at .*/nope: the path"
     ):
-        lora.resolve_lora_checkpoint(tmp_path / "nope")
+        lora_checkpoint.resolve_lora_checkpoint(tmp_path / "nope")
     (tmp_path / "run" / "actor").mkdir(parents=True)
     with pytest.raises(
         CheckpointError, match=r"expected integer step folders .* but it is empty"
     ):
-        lora.resolve_lora_checkpoint(tmp_path / "run" / "actor")
+        lora_checkpoint.resolve_lora_checkpoint(tmp_path / "run" / "actor")
     with pytest.raises(CheckpointError, match=r"Did you mean .*/run/actor\?"):
-        lora.resolve_lora_checkpoint(tmp_path / "run")
+        lora_checkpoint.resolve_lora_checkpoint(tmp_path / "run")
     (tmp_path / "run" / "actor" / "5").mkdir()
     with pytest.raises(CheckpointError, match=r"step folder .*/5 has no model_params"):
-        lora.resolve_lora_checkpoint(tmp_path / "run" / "actor")
+        lora_checkpoint.resolve_lora_checkpoint(tmp_path / "run" / "actor")
 
 
 def test_unreachable_bucket(gcs_bucket):
@@ -291,8 +291,8 @@ def test_unreachable_bucket(gcs_bucket):
         match=r"bucket gs://no-such-bucket-gsm8k does not exist or is not visible.*"
         r"gcloud auth application-default login",
     ):
-        lora.restore_lora_params("gs://no-such-bucket-gsm8k/run/actor")
+        lora_checkpoint.restore_lora_params("gs://no-such-bucket-gsm8k/run/actor")
     with pytest.raises(
         CheckpointError, match=r"No LoRA checkpoint at gs://.*: the path"
     ):
-        lora.resolve_lora_checkpoint(f"{gcs_bucket}/test_lora/absent")
+        lora_checkpoint.resolve_lora_checkpoint(f"{gcs_bucket}/test_lora/absent")

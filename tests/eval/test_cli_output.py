@@ -12,7 +12,7 @@ from absl import logging as absl_logging
 from eval.test_eval_scripts import BASE_SCRIPT, LORA_SCRIPT, REPO, run_script
 
 from gsm8k_jax import quiet, storage
-from gsm8k_jax.checkpoints import lora, sources
+from gsm8k_jax.checkpoints import lora_checkpoint, sources
 
 COMPARE_SCRIPT = REPO / "research" / "script" / "compare_checkpoints.py"
 TRAIN_SCRIPT = REPO / "research" / "script" / "train_lora_sft.py"
@@ -91,7 +91,7 @@ def test_library_reads_of_unreachable_storage_fail_at_once(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{closed_port()}")
     start = time.monotonic()
     with pytest.raises(storage.StorageError, match="gs://b/run/actor"):
-        lora.resolve_lora_checkpoint("gs://b/run/actor")
+        lora_checkpoint.resolve_lora_checkpoint("gs://b/run/actor")
     with pytest.raises(storage.StorageError, match="gs://b/model"):
         sources.resolve_model_dir("gs://b/model")
     assert time.monotonic() - start < 5

@@ -14,13 +14,8 @@ from flax import nnx
 from hf_models import make_tiny_hf_model
 from safetensors.numpy import load_file
 
-from gsm8k_jax.checkpoints.lora import (
-    LoraConfig,
-    load_lora,
-    qwix_lora_model,
-    read_lora_config,
-    restore_lora_params,
-)
+from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora, qwix_lora_model
+from gsm8k_jax.checkpoints.lora_checkpoint import read_lora_config, restore_lora_params
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.extraction import extract_answer
 from gsm8k_jax.eval.prompts import format_prompt
