@@ -33,7 +33,7 @@ PLATFORMS = ("cpu",)
 # stored axes (found in the compiled decode program's in-loop copies).
 CPU_READ_ORDERS = {
     "q_einsum": (1, 0, 2),  # [N, D, H] is read as [D, N, H]
-    "kv_einsum": (0, 1, 3, 2),  # [C, K, D, H] is read as [C, K, H, D]
+    "kv_einsum": (2, 0, 1, 3),  # [C, K, D, H] is read as [D, C, K, H]
     "attn_vec_einsum": (1, 0, 2),  # [N, H, D] is read as [H, N, D]
 }
 

@@ -152,7 +152,7 @@ class Attention(nnx.Module):
             "BTD,NDH->BTNH", (c.num_heads, c.embed_dim, c.head_dim), **kw
         )
         self.kv_einsum = Einsum(
-            "BSD,CKDH->CBSKH", (2, c.num_kv_heads, c.embed_dim, c.head_dim), **kw
+            "BSD,CKDH->BSCKH", (2, c.num_kv_heads, c.embed_dim, c.head_dim), **kw
         )
         self.attn_vec_einsum = Einsum(
             "BTNH,NHD->BTD", (c.num_heads, c.head_dim, c.embed_dim), **kw
@@ -179,7 +179,8 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         q = self._query_norm(self.q_einsum(x))  # [B, T, N, H]
-        k, v = self.kv_einsum(x)  # [B, T, K, H] each
+        kv = self.kv_einsum(x)  # [B, T, 2, K, H]
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [B, T, K, H] each
         k = self._key_norm(k)
         q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale)
         k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
