@@ -138,7 +138,9 @@ class GSM8KJaxLM(LM):
                 )
                 if value is not None
             }
-            self.lora_path = lora_checkpoint.resolve_lora_checkpoint(lora_checkpoint_path)
+            self.lora_path = lora_checkpoint.resolve_lora_checkpoint(
+                lora_checkpoint_path
+            )
             recorded = lora_checkpoint.read_lora_config(self.lora_path)
             self.lora_config = lora_checkpoint.effective_lora_config(
                 lora_lib.LoraConfig(**given),

@@ -64,10 +64,15 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        # Held back while the handlers change, so that a second signal
+        # cannot cut the restoring short; it reaches the restored handler.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXCEPTIONS)
         for signum, handler in previous.items():
-            # None: a handler not set from Python; the default stands for it.
+            # None: a handler installed outside Python, which Python cannot
+            # put back; the default disposition stands in for it.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         _received = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 @contextlib.contextmanager

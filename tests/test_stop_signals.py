@@ -27,10 +27,9 @@ def terminal_ctrl_c():
 @pytest.mark.parametrize("signum, exception", STOP_SIGNALS, ids=STOP_IDS)
 def test_a_signal_during_a_commit_stops_after_it(terminal_ctrl_c, signum, exception):
     finished = []
-    with pytest.raises(exception), stop_on_signals():
-        with finishing_write():
-            signal.raise_signal(signum)
-            finished.append("commit")
+    with pytest.raises(exception), stop_on_signals(), finishing_write():
+        signal.raise_signal(signum)
+        finished.append("commit")
     assert finished == ["commit"]
 
 
@@ -89,9 +88,8 @@ def test_a_run_stopped_leaves_the_next_one_running(terminal_ctrl_c, signum, exce
     """In one process (a notebook, a test), a stop ends its own run only:
     the next one commits, and the handlers before the first are back."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with pytest.raises(exception), stop_on_signals():
-        with finishing_write():
-            signal.raise_signal(signum)
+    with pytest.raises(exception), stop_on_signals(), finishing_write():
+        signal.raise_signal(signum)
     assert {s: signal.getsignal(s) for s in before} == before
     written = []
     with stop_on_signals(), finishing_write():

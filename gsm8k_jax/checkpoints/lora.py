@@ -22,7 +22,8 @@ Two ways to use an adapter:
   `TraceContextError`. `apply_lora` makes those layers skip rewrites of an
   unchanged value, so the unmerged model samples too.
 
-alpha is not stored in checkpoints: it must be the value used in training.
+alpha is not in Tunix's checkpoints: it must be the value used in training
+(our trainer records it beside them, and `load_lora` uses that).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ import qwix
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gsm8k_jax.checkpoints.lora_checkpoint import FACTOR_NAME, restore_lora_params
+from gsm8k_jax.checkpoints.lora_checkpoint import (
+    FACTOR_NAME,
+    effective_lora_config,
+    read_lora_config,
+    resolve_lora_checkpoint,
+    restore_lora_params,
+)
 from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum
@@ -397,7 +404,7 @@ def apply_lora(
 def load_lora(
     model: Gemma3,
     path: str | os.PathLike,
-    config: LoraConfig,
+    config: LoraConfig | None = None,
     *,
     merge: bool = True,
 ) -> Gemma3:
@@ -406,11 +413,17 @@ def load_lora(
     Args:
       model: the base model the adapter was trained on.
       path: anything `resolve_lora_checkpoint` accepts, local or `gs://`.
-      config: rank, alpha and module_path of the training run.
+      config: rank, alpha and module_path of the training run. Checkpoints
+        our trainer wrote record them: None uses those, and a config that
+        contradicts them is refused. Tunix's own record none: required.
       merge: True: merge in place and return `model`. False: return a qwix
         LoRA model that runs the factors unmerged (`model` is unchanged).
     """
-    params = restore_lora_params(path)
+    params_path = resolve_lora_checkpoint(path)
+    config = effective_lora_config(
+        config, read_lora_config(params_path), where=params_path
+    )
+    params = restore_lora_params(params_path)
     if merge:
         merge_lora(model, params, config)
         return model

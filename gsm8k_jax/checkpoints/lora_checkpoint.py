@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -44,8 +44,6 @@ LORA_CONFIG_FILE = "lora_config.json"
 FACTOR_NAME = re.compile(r"(.+)_lora_([ab])")
 
 LoraParams = dict[str, np.ndarray | jax.Array]
-
-
 
 
 def _is_pytree_checkpoint(path: epath.Path) -> bool:
@@ -176,28 +174,40 @@ def read_lora_config(params_path: str | os.PathLike) -> LoraConfig | None:
 
 
 def effective_lora_config(
-    flags_config: LoraConfig,
+    config: LoraConfig | None,
     recorded: LoraConfig | None,
     *,
-    given: set[str],
-    where: str,
+    given: Collection[str] | None = None,
+    where: str | os.PathLike,
 ) -> LoraConfig:
-    """The rank, alpha and module_path to evaluate a checkpoint with.
+    """The rank, alpha and module_path to use the checkpoint at `where` (a
+    resolved `model_params` folder) with.
 
-    Recorded by our trainer: used, and a flag given (`given`: field names)
-    that contradicts it is refused (the wrong alpha silently changes every
-    answer). Not recorded (Tunix's own checkpoints): the flags.
+    Recorded by our trainer: used, and a field of `config` that contradicts
+    it is refused (the wrong alpha silently changes every answer) where
+    `given` names it (command-line flags given; None: every field of
+    `config`). Not recorded (Tunix's own checkpoints): `config`, which is
+    then required.
     """
+    recorded_at = epath.Path(where).parent.parent / LORA_CONFIG_FILE
     if recorded is None:
-        return flags_config
-    for field in sorted(given):
-        flag, saved = getattr(flags_config, field), getattr(recorded, field)
-        if flag != saved:
-            raise ValueError(
-                f"{CONFIG_FLAG}.{field}={flag!r}, but the checkpoint was trained with"
-                f" {field}={saved!r} ({epath.Path(where).parent.parent / LORA_CONFIG_FILE}):"
-                " drop the flag or pass the trained value."
+        if config is None:
+            raise CheckpointError(
+                f"{where} records no rank and alpha (no {recorded_at}; Tunix"
+                " writes none): pass the training run's, LoraConfig(rank=...,"
+                f" alpha=...) or {CONFIG_FLAG}.rank and .alpha."
             )
+        return config
+    if config is not None:
+        names = [f.name for f in dataclasses.fields(LoraConfig)]
+        for field in sorted(names if given is None else given):
+            value, saved = getattr(config, field), getattr(recorded, field)
+            if value != saved:
+                raise ValueError(
+                    f"{CONFIG_FLAG}.{field}={value!r}, but the checkpoint was trained"
+                    f" with {field}={saved!r} ({recorded_at}): drop it or pass the"
+                    " trained value."
+                )
     return recorded
 
 

@@ -1,7 +1,8 @@
 """How a LoRA adapter was trained: rank, alpha and the layers it targets.
 
-Apart from `checkpoints.lora` so that reading or writing the setting (every
-`--model` config has one) does not import Orbax and qwix.
+Apart from `checkpoints.lora_checkpoint` and `checkpoints.lora` so that
+reading or writing the setting (every `--model` config has one) imports
+neither Orbax nor qwix.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class LoraConfig:
     Attributes:
       rank: r, the inner dimension of the factors (checked against the
         checkpoint).
-      alpha: scales the update by alpha / rank; not stored in checkpoints.
+      alpha: scales the update by alpha / rank; not in Tunix's checkpoints
+        (our trainer records it beside them).
         The default 2.0 is the Tunix CLI's; Tunix's GSM8K GRPO examples use
         rank 64, alpha 64.0.
       module_path: regex that qwix matches (re.fullmatch) against '/'-joined

@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -83,7 +83,8 @@ class _Sweep:
     model_name: str
     model_dir: os.PathLike
     dtype: str
-    lora_config: LoraConfig
+    # Each checkpoint's rank, alpha and module_path, by resolved path.
+    lora_configs: dict[str, LoraConfig]
     eval_config: EvalConfig
     examples: Sequence[GSM8KExample]
     show_progress: bool
@@ -119,7 +120,9 @@ def _evaluate_on(
             nnx.update(model, base_params)
             if lora_path:
                 logging.info("Merging %s into the base weights.", lora_path)
-                sweep.load_lora_fn(model, lora_path, sweep.lora_config, merge=True)
+                sweep.load_lora_fn(
+                    model, lora_path, sweep.lora_configs[lora_path], merge=True
+                )
             evaluate(
                 sampler,
                 sweep.examples,
@@ -139,6 +142,7 @@ def evaluate_checkpoints(
     eval_config: EvalConfig,
     output_dir: str | os.PathLike,
     *,
+    given_lora_fields: Collection[str] | None = None,
     include_base: bool = True,
     data_path: str | None = None,
     num_examples: int | None = None,
@@ -175,7 +179,12 @@ def evaluate_checkpoints(
         model's default source.
       lora_paths: LoRA checkpoints, anything `resolve_lora_checkpoint`
         accepts (local or gs://).
-      lora_config: rank, alpha and module_path the adapters were trained with.
+      lora_config: rank, alpha and module_path the adapters were trained with;
+        a checkpoint that records its own (our trainer's) is evaluated with
+        those, and refused where they contradict a field of `lora_config`
+        named in `given_lora_fields` (None: every field).
+      given_lora_fields: the fields of `lora_config` that were chosen (the
+        `--model.lora_config.*` flags given), not left at their defaults.
       eval_config: the evaluation settings (stop ids included).
       output_dir: the folder for every run's files.
       include_base: also evaluate the base model, first.
@@ -213,7 +222,16 @@ def evaluate_checkpoints(
     # Every input is checked before the model is loaded.
     # (path as given, resolved path); ("", "") is the base model.
     checkpoints = [("", "")] if include_base else []
-    checkpoints += [(str(p), lora_checkpoint.resolve_lora_checkpoint(p)) for p in lora_paths]
+    lora_configs = {}
+    for raw_path in lora_paths:
+        lora_path = lora_checkpoint.resolve_lora_checkpoint(raw_path)
+        lora_configs[lora_path] = lora_checkpoint.effective_lora_config(
+            lora_config,
+            lora_checkpoint.read_lora_config(lora_path),
+            given=given_lora_fields,
+            where=lora_path,
+        )
+        checkpoints.append((str(raw_path), lora_path))
     data_path = str(data_path or BUNDLED_TEST_SET)
     examples = load_gsm8k(data_path, num_examples)
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
@@ -224,7 +242,8 @@ def evaluate_checkpoints(
         model = model_config(model_name)
         model.model_path = model_path or ""
         model.dtype = dtype
-        model.lora_config = dataclasses.asdict(lora_config)
+        run_lora_config = lora_configs.get(lora_path, lora_config)
+        model.lora_config = dataclasses.asdict(run_lora_config)
         model.lora_checkpoint_path = raw_path
         info = run_info(
             model.to_dict(),
@@ -238,7 +257,7 @@ def evaluate_checkpoints(
             model_name,
             lora_path,
             eval_config.batch_size,
-            lora_config if lora_path else None,
+            run_lora_config if lora_path else None,
             task=eval_config.task,
         )
         files = RunFiles(output_dir, tag)
@@ -265,7 +284,7 @@ def evaluate_checkpoints(
         model_name,
         model_dir,
         dtype,
-        lora_config,
+        lora_configs,
         eval_config,
         examples,
         show_progress,
@@ -287,8 +306,12 @@ def evaluate_checkpoints(
     ]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C, SIGTERM: no group starts another commit.
+        stop.set()
+        raise
     if errors:
         raise errors[0]
     if process_index != 0:

@@ -33,6 +33,7 @@ Writes comparison.md, comparison.json and accuracy.png into --output_dir
 baseline whether the difference is significant at 5% (McNemar's exact test).
 """
 
+import sys
 from pathlib import Path
 
 from gsm8k_jax.quiet import quiet_imports
@@ -88,6 +89,7 @@ def _evaluate() -> list[RunResult]:
         LoraConfig(**cfg.lora_config.to_dict()),
         cli.eval_config_from_flags(model_dir),
         cli.FLAGS.output_dir,
+        given_lora_fields=cli.given_lora_fields(sys.argv),
         include_base=_INCLUDE_BASE.value,
         data_path=cli.FLAGS.data_path,
         num_examples=cli.FLAGS.num_examples,

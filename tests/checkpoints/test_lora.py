@@ -131,7 +131,9 @@ def test_merged_and_unmerged_match_transformers(setup, unmerged):
 
 def test_step_and_params_folders_and_layouts(setup, tmp_path):
     actor = setup.run / "actor"
-    assert lora_checkpoint.resolve_lora_checkpoint(actor) == str(actor / "200" / "model_params")
+    assert lora_checkpoint.resolve_lora_checkpoint(actor) == str(
+        actor / "200" / "model_params"
+    )
     assert lora_checkpoint.resolve_lora_checkpoint(actor / "100") == str(
         actor / "100" / "model_params"
     )
@@ -165,7 +167,9 @@ def test_full_state_checkpoint_restores_only_factors(setup, tmp_path):
 
 def test_unmerged_model_samples_like_merged(setup, unmerged):
     merged = nnx.clone(setup.base)
-    lora.merge_lora(merged, lora_checkpoint.restore_lora_params(setup.run / "actor"), CONFIG)
+    lora.merge_lora(
+        merged, lora_checkpoint.restore_lora_params(setup.run / "actor"), CONFIG
+    )
     params = SamplingParams(max_generation_steps=6, eos_ids=(1,))
     prompts = [IDS[0].tolist(), IDS[1, :5].tolist()]
     from_merged = Sampler(merged, IdTokenizer()).generate(prompts, params)
@@ -201,9 +205,29 @@ def test_save_load_round_trip(setup, unmerged, tmp_path):
         np.testing.assert_array_equal(from_model[key], value)
 
     lora_checkpoint.save_lora_params(from_model, tmp_path / "from_dict", 3)
-    from_dict = lora_checkpoint.restore_lora_params(tmp_path / "from_dict" / "actor" / "3")
+    from_dict = lora_checkpoint.restore_lora_params(
+        tmp_path / "from_dict" / "actor" / "3"
+    )
     for key, value in expected.items():
         np.testing.assert_array_equal(from_dict[key], value)
+
+
+def test_recorded_config_is_used_and_a_contradicting_one_refused(setup, tmp_path):
+    """A checkpoint our trainer wrote records rank and alpha: load_lora uses
+    them without a config, and refuses one that says otherwise (a wrong
+    alpha would silently scale every update)."""
+    factors = lora_checkpoint.restore_lora_params(setup.run / "actor")
+    lora_checkpoint.save_lora_params(factors, tmp_path, 200)
+    lora_checkpoint.save_lora_config(tmp_path / "actor", CONFIG)
+    merged = lora.load_lora(nnx.clone(setup.base), tmp_path / "actor")
+    np.testing.assert_allclose(our_logits(merged), setup.expected, atol=1e-4)
+    with pytest.raises(ValueError, match=r"alpha=2\.0, but the checkpoint was trained"):
+        lora.load_lora(nnx.clone(setup.base), tmp_path / "actor", LoraConfig(rank=RANK))
+
+
+def test_tunix_checkpoint_needs_a_config(setup):
+    with pytest.raises(CheckpointError, match="records no rank and alpha"):
+        lora.load_lora(nnx.clone(setup.base), setup.run / "actor")
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Comparing runs: statistics on constructed results against independent
 computations, loading, rendering, and real tiny-model runs end to end."""
 
+import functools
 import json
 import math
 import subprocess
@@ -16,6 +17,7 @@ from flax import nnx
 from gcs_emulator import upload_dir
 
 from gsm8k_jax.checkpoints.lora import LoraConfig
+from gsm8k_jax.checkpoints.lora_checkpoint import save_lora_config
 from gsm8k_jax.eval.comparison import Answer, compare_runs
 from gsm8k_jax.eval.multi_sample import (
     majority_vote_scorer,
@@ -689,6 +691,43 @@ def perturb_down_proj(model, key):
     kernel = model.layers[0].mlp.down_proj.kernel
     noise = jax.random.normal(key, kernel.get_value().shape)
     kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
+
+
+def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
+    """A checkpoint our trainer wrote is evaluated with its recorded rank and
+    alpha (its tag and run record say so), not the defaults; a given field
+    that contradicts it is refused before anything is loaded."""
+    recorded = fake_checkpoint(tmp_path / "trained", 100)
+    save_lora_config(recorded, LoraConfig(rank=16, alpha=16.0))
+    tunix = fake_checkpoint(tmp_path / "tunix", 100)
+    used = {}
+
+    def fake_load_lora(model, path, config, *, merge=True):
+        used[path] = config
+        return model
+
+    sweep = functools.partial(
+        evaluate_checkpoints,
+        "gemma3-tiny",
+        None,
+        [str(recorded), str(tunix)],
+        LoraConfig(rank=16, alpha=2.0),
+        EvalConfig(batch_size=2, sampling=SamplingParams(max_generation_steps=4)),
+        include_base=False,
+        num_examples=2,
+        show_progress=False,
+        load_lora_fn=fake_load_lora,
+    )
+    with pytest.raises(ValueError, match=r"alpha=2\.0, but the checkpoint was"):
+        sweep(tmp_path / "refused", given_lora_fields={"alpha"})
+    assert not (tmp_path / "refused").exists() and not used
+    runs = sweep(tmp_path / "out", given_lora_fields={"rank"})
+    assert [r.tag for r in runs] == [
+        "gemma3-tiny_trained-actor-100_r16a16_bs2",
+        "gemma3-tiny_tunix-actor-100_r16a2_bs2",
+    ]
+    assert [c.alpha for c in used.values()] == [16.0, 2.0]
+    assert runs[0].run_info["model"]["lora_config"]["alpha"] == 16.0
 
 
 def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):

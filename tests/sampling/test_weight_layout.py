@@ -18,9 +18,12 @@ ROWS, WIDTH, STEPS, ROW_TILE = 8, 32, 12, 4
 # Attention sizes that no other array of the decode program has (rows, tile,
 # width, steps, key block, vocabulary), so counting arrays of the weights'
 # shapes counts the weights.
-ATTENTION_SIZES = dict(
-    hidden_size=72, head_dim=24, num_attention_heads=3, num_key_value_heads=1
-)
+ATTENTION_SIZES = {
+    "hidden_size": 72,
+    "head_dim": 24,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +129,22 @@ def in_loop_copies(compiled_text, shapes):
 )
 def test_float32_decode_copies_no_attention_weight_in_its_loop(tiny_path):
     """XLA:CPU copies every attention weight of a float32 model at every
-    decode step unless the weights are arranged ahead of the loop."""
+    decode step unless the weights are arranged ahead of the loop: q and
+    attn_vec (one shape up to axis order) and kv, each checked."""
     model = load_hf_model(tiny_path, dtype=jnp.float32)
     attn = model.layers[0].attn
-    shapes = [e.w.shape for e in (attn.q_einsum, attn.kv_einsum, attn.attn_vec_einsum)]
+    weights = {
+        "q, attn_vec": [attn.q_einsum.w.shape, attn.attn_vec_einsum.w.shape],
+        "kv": [attn.kv_einsum.w.shape],
+    }
     state = prefilled(model)
     copies = {}
     for arrange in (False, True):
         params, run = decoder(model, arrange)
         text = run.lower(params, state, settings(0.0), jnp.int32(ROWS)).compile()
-        copies[arrange] = in_loop_copies(text.as_text(), shapes)
-    assert copies[False] >= 3 and copies[True] == 0, copies
+        for name, shapes in weights.items():
+            copies[name, arrange] = in_loop_copies(text.as_text(), shapes)
+    num_layers = len(model.layers)
+    assert copies["q, attn_vec", False] >= 2 * num_layers, copies
+    assert copies["kv", False] >= num_layers, copies
+    assert copies["q, attn_vec", True] == copies["kv", True] == 0, copies
