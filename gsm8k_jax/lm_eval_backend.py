@@ -138,17 +138,11 @@ class GSM8KJaxLM(LM):
                 )
                 if value is not None
             }
-            self.lora_path = lora_checkpoint.resolve_lora_checkpoint(
-                lora_checkpoint_path
+            trained = lora_checkpoint.resolve_trained_lora(
+                lora_checkpoint_path, lora_lib.LoraConfig(**given), given=set(given)
             )
-            recorded = lora_checkpoint.read_lora_config(self.lora_path)
-            self.lora_config = lora_checkpoint.effective_lora_config(
-                lora_lib.LoraConfig(**given),
-                recorded,
-                given=set(given),
-                where=self.lora_path,
-            )
-            if recorded is None:
+            self.lora_path, self.lora_config = trained.params_path, trained.config
+            if not trained.recorded:
                 logger.warning(
                     "LoRA: rank %d, alpha %g from model_args (the checkpoint records"
                     " neither: they must be the training run's).",

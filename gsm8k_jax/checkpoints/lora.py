@@ -44,9 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gsm8k_jax.checkpoints.lora_checkpoint import (
     FACTOR_NAME,
-    effective_lora_config,
-    read_lora_config,
-    resolve_lora_checkpoint,
+    resolve_trained_lora,
     restore_lora_params,
 )
 from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
@@ -419,12 +417,9 @@ def load_lora(
       merge: True: merge in place and return `model`. False: return a qwix
         LoRA model that runs the factors unmerged (`model` is unchanged).
     """
-    params_path = resolve_lora_checkpoint(path)
-    config = effective_lora_config(
-        config, read_lora_config(params_path), where=params_path
-    )
-    params = restore_lora_params(params_path)
+    trained = resolve_trained_lora(path, config)
+    params = restore_lora_params(trained.params_path)
     if merge:
-        merge_lora(model, params, config)
+        merge_lora(model, params, trained.config)
         return model
-    return apply_lora(model, params, config)
+    return apply_lora(model, params, trained.config)

@@ -173,7 +173,36 @@ def read_lora_config(params_path: str | os.PathLike) -> LoraConfig | None:
     return LoraConfig(**json.loads(storage_call(recorded, recorded.read_text)))
 
 
-def effective_lora_config(
+@dataclasses.dataclass(frozen=True)
+class TrainedLora:
+    """A checkpoint found, and the config to use it with."""
+
+    params_path: str  # its `model_params` folder (`resolve_lora_checkpoint`)
+    config: LoraConfig
+    recorded: bool  # the config is our trainer's record, not the one given
+
+
+def resolve_trained_lora(
+    path: str | os.PathLike,
+    config: LoraConfig | None,
+    *,
+    given: Collection[str] | None = None,
+) -> TrainedLora:
+    """The checkpoint that `path` designates, with its rank, alpha and
+    module_path: those our trainer recorded beside it, where a field of
+    `config` named in `given` (the flags given; None: every field) must not
+    contradict them; else (Tunix's own checkpoints record none) `config`,
+    which is then required."""
+    params_path = resolve_lora_checkpoint(path)
+    recorded = read_lora_config(params_path)
+    return TrainedLora(
+        params_path,
+        _effective_lora_config(config, recorded, given=given, where=params_path),
+        recorded is not None,
+    )
+
+
+def _effective_lora_config(
     config: LoraConfig | None,
     recorded: LoraConfig | None,
     *,

@@ -434,15 +434,13 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         from gsm8k_jax.checkpoints import lora as lora_lib
         from gsm8k_jax.checkpoints import lora_checkpoint
 
-        lora_path = lora_checkpoint.resolve_lora_checkpoint(cfg.lora_checkpoint_path)
-        recorded = lora_checkpoint.read_lora_config(lora_path)
-        lora_config = lora_checkpoint.effective_lora_config(
+        trained = lora_checkpoint.resolve_trained_lora(
+            cfg.lora_checkpoint_path,
             lora_lib.LoraConfig(**cfg.lora_config.to_dict()),
-            recorded,
             given=given_lora_fields(sys.argv),
-            where=lora_path,
         )
-        if recorded is None:
+        lora_path, lora_config = trained.params_path, trained.config
+        if not trained.recorded:
             print(
                 f"LoRA: rank {lora_config.rank}, alpha {lora_config.alpha} from the"
                 " flags (the checkpoint records neither: they must be the training"

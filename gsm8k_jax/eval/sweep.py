@@ -224,14 +224,11 @@ def evaluate_checkpoints(
     checkpoints = [("", "")] if include_base else []
     lora_configs = {}
     for raw_path in lora_paths:
-        lora_path = lora_checkpoint.resolve_lora_checkpoint(raw_path)
-        lora_configs[lora_path] = lora_checkpoint.effective_lora_config(
-            lora_config,
-            lora_checkpoint.read_lora_config(lora_path),
-            given=given_lora_fields,
-            where=lora_path,
+        trained = lora_checkpoint.resolve_trained_lora(
+            raw_path, lora_config, given=given_lora_fields
         )
-        checkpoints.append((str(raw_path), lora_path))
+        lora_configs[trained.params_path] = trained.config
+        checkpoints.append((str(raw_path), trained.params_path))
     data_path = str(data_path or BUNDLED_TEST_SET)
     examples = load_gsm8k(data_path, num_examples)
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
