@@ -37,12 +37,17 @@ _writes_in_progress = 0
 _writes_lock = threading.Lock()
 # The exception of the stop signal received, once one was.
 _received: type[BaseException] | None = None
+# Stop signals received so far, and whether the handlers are being put back
+# (a signal then is only counted, and raised once they are).
+_signals_seen = 0
+_restoring = False
 
 
 def _on_signal(signum, frame) -> None:
-    global _received
+    global _received, _signals_seen
     _received = _EXCEPTIONS[signum]
-    if not _writes_in_progress:
+    _signals_seen += 1
+    if not _writes_in_progress and not _restoring:
         raise _received()
 
 
@@ -55,7 +60,7 @@ def stop_on_signals() -> Iterator[None]:
     A SIGINT the process was started to ignore (a background job of a
     script) stays ignored, as Python leaves it; SIGTERM is always handled.
     """
-    global _received
+    global _received, _restoring
     previous = {signum: signal.getsignal(signum) for signum in _EXCEPTIONS}
     _received = None
     signal.signal(signal.SIGTERM, _on_signal)
@@ -64,15 +69,20 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        # Held back while the handlers change, so that a second signal
-        # cannot cut the restoring short; it reaches the restored handler.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXCEPTIONS)
-        for signum, handler in previous.items():
-            # None: a handler installed outside Python, which Python cannot
-            # put back; the default disposition stands in for it.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        _received = None
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        # A signal while the handlers are put back cannot cut that short
+        # (Python may run a handler inside signal.signal); it is raised after.
+        _restoring = True
+        seen = _signals_seen
+        try:
+            for signum, handler in previous.items():
+                # None: a handler installed outside Python, which Python
+                # cannot put back; the default disposition stands in for it.
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        finally:
+            _restoring = False
+        late, _received = _received, None
+        if _signals_seen != seen:
+            raise late()
 
 
 @contextlib.contextmanager

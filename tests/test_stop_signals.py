@@ -105,3 +105,26 @@ def test_a_ctrl_c_ignored_from_the_start_stays_ignored(terminal_ctrl_c):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         with pytest.raises(Terminated):
             signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_while_the_handlers_are_put_back_is_raised_after(
+    terminal_ctrl_c, monkeypatch
+):
+    """A signal that lands while the handlers are restored (Python may run a
+    handler inside signal.signal) neither cuts the restoring short nor is
+    lost: it is raised once the handlers before the run are back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    set_handler = signal.signal
+    landed = []
+
+    def signal_lands_during(signum, handler):
+        if not landed:
+            landed.append(signum)
+            signal.raise_signal(signal.SIGTERM)  # Handled by the run's handler.
+        return set_handler(signum, handler)
+
+    with pytest.raises(Terminated), stop_on_signals():
+        monkeypatch.setattr(signal, "signal", signal_lands_during)
+    monkeypatch.undo()
+    assert landed
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -30,6 +30,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import v1 as ocp_v1
 
+from gsm8k_jax import storage
 from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
 from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.params import CheckpointError
@@ -159,8 +160,10 @@ def save_lora_config(actor_dir: str | os.PathLike, config: LoraConfig) -> None:
     """Records how the adapter is trained, beside its step folders."""
     folder = epath.Path(absolute(actor_dir))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / LORA_CONFIG_FILE).write_text(
-        json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    # Atomic: the trainer rewrites it at every save while evaluations may read it.
+    storage.write_atomic(
+        str(folder / LORA_CONFIG_FILE),
+        json.dumps(dataclasses.asdict(config), indent=2) + "\n",
     )
 
 

@@ -306,7 +306,7 @@ def evaluate_checkpoints(
     try:
         for thread in threads:
             thread.join()
-    except BaseException:  # Ctrl-C, SIGTERM: no group starts another commit.
+    except BaseException:  # Ctrl-C, SIGTERM: no group takes another run.
         stop.set()
         raise
     if errors:
