@@ -149,7 +149,7 @@ class GSM8KJaxLM(LM):
                     self.lora_config.rank,
                     self.lora_config.alpha,
                 )
-            lora_lib.load_lora(model, self.lora_path, self.lora_config, merge=True)
+            lora_lib.load_trained_lora(model, trained, merge=True)
         self.dtype = dtype
         self.sampler = Sampler(model, self.tokenizer, mesh=local_mesh(1))
 

@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gsm8k_jax.checkpoints.lora_checkpoint import (
     FACTOR_NAME,
+    TrainedLora,
     resolve_trained_lora,
     restore_lora_params,
 )
@@ -417,7 +418,14 @@ def load_lora(
       merge: True: merge in place and return `model`. False: return a qwix
         LoRA model that runs the factors unmerged (`model` is unchanged).
     """
-    trained = resolve_trained_lora(path, config)
+    return load_trained_lora(model, resolve_trained_lora(path, config), merge=merge)
+
+
+def load_trained_lora(
+    model: Gemma3, trained: TrainedLora, *, merge: bool = True
+) -> Gemma3:
+    """`load_lora` for a checkpoint already found with its config
+    (`resolve_trained_lora`), without looking it up again."""
     params = restore_lora_params(trained.params_path)
     if merge:
         merge_lora(model, params, trained.config)
