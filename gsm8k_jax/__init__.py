@@ -32,6 +32,7 @@ _EXPORTS = {
     "SamplingParams": "gsm8k_jax.sampling.sampler",
     "compare_runs": "gsm8k_jax.eval.comparison",
     "evaluate": "gsm8k_jax.eval.runner",
+    "evaluate_checkpoints": "gsm8k_jax.eval.sweep",
     "extract_answer": "gsm8k_jax.eval.extraction",
     "format_prompt": "gsm8k_jax.eval.prompts",
     "is_correct": "gsm8k_jax.eval.extraction",

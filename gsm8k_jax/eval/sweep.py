@@ -138,7 +138,7 @@ def evaluate_checkpoints(
     model_name: str,
     model_path: str | None,
     lora_paths: Sequence[str],
-    lora_config: LoraConfig,
+    lora_config: LoraConfig | None,
     eval_config: EvalConfig,
     output_dir: str | os.PathLike,
     *,
@@ -179,10 +179,12 @@ def evaluate_checkpoints(
         model's default source.
       lora_paths: LoRA checkpoints, anything `resolve_lora_checkpoint`
         accepts (local or gs://).
-      lora_config: rank, alpha and module_path the adapters were trained with;
-        a checkpoint that records its own (our trainer's) is evaluated with
-        those, and refused where they contradict a field of `lora_config`
-        named in `given_lora_fields` (None: every field).
+      lora_config: rank, alpha and module_path the adapters were trained with,
+        or None to use what each checkpoint records. A checkpoint that
+        records its own (our trainer's) is evaluated with those, and refused
+        where they contradict a field of `lora_config` named in
+        `given_lora_fields` (None: every field); one that records none
+        (Tunix's) needs `lora_config`.
       given_lora_fields: the fields of `lora_config` that were chosen (the
         `--model.lora_config.*` flags given), not left at their defaults.
       eval_config: the evaluation settings (stop ids included).
@@ -240,7 +242,8 @@ def evaluate_checkpoints(
         model.model_path = model_path or ""
         model.dtype = dtype
         run_lora_config = lora_configs.get(lora_path, lora_config)
-        model.lora_config = dataclasses.asdict(run_lora_config)
+        if run_lora_config is not None:  # The base model's flags, or defaults.
+            model.lora_config = dataclasses.asdict(run_lora_config)
         model.lora_checkpoint_path = raw_path
         info = run_info(
             model.to_dict(),

@@ -29,6 +29,7 @@ from gsm8k_jax.eval.results import ResultsError
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.eval.runs import RunResult, load_run, load_runs
 from gsm8k_jax.eval.sweep import evaluate_checkpoints
+from gsm8k_jax.models.gemma3.params import CheckpointError
 from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.sampling.sampler import SamplingParams
 
@@ -728,6 +729,45 @@ def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
     ]
     assert [c.alpha for c in used.values()] == [16.0, 2.0]
     assert runs[0].run_info["model"]["lora_config"]["alpha"] == 16.0
+
+
+def test_sweep_without_a_config_uses_what_each_checkpoint_records(tmp_path):
+    """lora_config=None: checkpoints trained with different ranks and alphas
+    are each evaluated with their own; a checkpoint that records none is
+    refused before anything is loaded."""
+    first = fake_checkpoint(tmp_path / "first", 100)
+    save_lora_config(first, LoraConfig(rank=16, alpha=16.0))
+    second = fake_checkpoint(tmp_path / "second", 100)
+    save_lora_config(second, LoraConfig(rank=8, alpha=4.0))
+    tunix = fake_checkpoint(tmp_path / "tunix", 100)
+    used = {}
+
+    def fake_load_lora(model, path, config, *, merge=True):
+        used[path] = config
+        return model
+
+    sweep = functools.partial(
+        evaluate_checkpoints,
+        "gemma3-tiny",
+        None,
+        lora_config=None,
+        eval_config=EvalConfig(
+            batch_size=2, sampling=SamplingParams(max_generation_steps=4)
+        ),
+        num_examples=2,
+        show_progress=False,
+        load_lora_fn=fake_load_lora,
+    )
+    with pytest.raises(CheckpointError, match="records no rank and alpha"):
+        sweep([str(first), str(tunix)], output_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists() and not used
+    runs = sweep([str(first), str(second)], output_dir=tmp_path / "out")
+    assert [r.tag for r in runs] == [
+        "gemma3-tiny_base_bs2",
+        "gemma3-tiny_first-actor-100_r16a16_bs2",
+        "gemma3-tiny_second-actor-100_r8a4_bs2",
+    ]
+    assert [(c.rank, c.alpha) for c in used.values()] == [(16, 16.0), (8, 4.0)]
 
 
 def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
