@@ -694,6 +694,27 @@ def perturb_down_proj(model, key):
     kernel.set_value((kernel.get_value() + noise).astype(kernel.get_value().dtype))
 
 
+def short_sweep(used: dict):
+    """`evaluate_checkpoints` of two problems and four tokens on gemma3-tiny,
+    whose checkpoints are not loaded: `used` maps each path to its config."""
+
+    def fake_load_lora(model, path, config, *, merge=True):
+        used[path] = config
+        return model
+
+    return functools.partial(
+        evaluate_checkpoints,
+        "gemma3-tiny",
+        None,
+        eval_config=EvalConfig(
+            batch_size=2, sampling=SamplingParams(max_generation_steps=4)
+        ),
+        num_examples=2,
+        show_progress=False,
+        load_lora_fn=fake_load_lora,
+    )
+
+
 def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
     """A checkpoint our trainer wrote is evaluated with its recorded rank and
     alpha (its tag and run record say so), not the defaults; a given field
@@ -702,27 +723,16 @@ def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
     save_lora_config(recorded, LoraConfig(rank=16, alpha=16.0))
     tunix = fake_checkpoint(tmp_path / "tunix", 100)
     used = {}
-
-    def fake_load_lora(model, path, config, *, merge=True):
-        used[path] = config
-        return model
-
     sweep = functools.partial(
-        evaluate_checkpoints,
-        "gemma3-tiny",
-        None,
-        [str(recorded), str(tunix)],
-        LoraConfig(rank=16, alpha=2.0),
-        EvalConfig(batch_size=2, sampling=SamplingParams(max_generation_steps=4)),
+        short_sweep(used),
+        lora_paths=[str(recorded), str(tunix)],
+        lora_config=LoraConfig(rank=16, alpha=2.0),
         include_base=False,
-        num_examples=2,
-        show_progress=False,
-        load_lora_fn=fake_load_lora,
     )
     with pytest.raises(ValueError, match=r"alpha=2\.0, but the checkpoint was"):
-        sweep(tmp_path / "refused", given_lora_fields={"alpha"})
+        sweep(output_dir=tmp_path / "refused", given_lora_fields={"alpha"})
     assert not (tmp_path / "refused").exists() and not used
-    runs = sweep(tmp_path / "out", given_lora_fields={"rank"})
+    runs = sweep(output_dir=tmp_path / "out", given_lora_fields={"rank"})
     assert [r.tag for r in runs] == [
         "gemma3-tiny_trained-actor-100_r16a16_bs2",
         "gemma3-tiny_tunix-actor-100_r16a2_bs2",
@@ -741,27 +751,11 @@ def test_sweep_without_a_config_uses_what_each_checkpoint_records(tmp_path):
     save_lora_config(second, LoraConfig(rank=8, alpha=4.0))
     tunix = fake_checkpoint(tmp_path / "tunix", 100)
     used = {}
-
-    def fake_load_lora(model, path, config, *, merge=True):
-        used[path] = config
-        return model
-
-    sweep = functools.partial(
-        evaluate_checkpoints,
-        "gemma3-tiny",
-        None,
-        lora_config=None,
-        eval_config=EvalConfig(
-            batch_size=2, sampling=SamplingParams(max_generation_steps=4)
-        ),
-        num_examples=2,
-        show_progress=False,
-        load_lora_fn=fake_load_lora,
-    )
+    sweep = functools.partial(short_sweep(used), lora_config=None)
     with pytest.raises(CheckpointError, match="records no rank and alpha"):
-        sweep([str(first), str(tunix)], output_dir=tmp_path / "refused")
+        sweep(lora_paths=[str(first), str(tunix)], output_dir=tmp_path / "refused")
     assert not (tmp_path / "refused").exists() and not used
-    runs = sweep([str(first), str(second)], output_dir=tmp_path / "out")
+    runs = sweep(lora_paths=[str(first), str(second)], output_dir=tmp_path / "out")
     assert [r.tag for r in runs] == [
         "gemma3-tiny_base_bs2",
         "gemma3-tiny_first-actor-100_r16a16_bs2",
