@@ -28,13 +28,16 @@ import numpy as np
 
 from gsm8k_jax.eval import report as report_lib
 from gsm8k_jax.eval import stats
+from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.multi_sample import (
     MultiSampleMetrics,
-    clustered_interval,
+    accuracy_interval_of,
     correct_grid,
     multi_sample_metrics,
 )
 from gsm8k_jax.eval.runs import RunResult
+from gsm8k_jax.eval.scoring import rescore
+from gsm8k_jax.eval.tasks import get_task
 
 __all__ = [
     "Answer",
@@ -172,6 +175,7 @@ class ComparisonReport:
     paired: list[PairedComparison]
     consistency: list[BatchConsistency]
     multi_sample: list[MultiSampleMetrics]
+    extraction_method: str
     num_resamples: int
     seed: int
     significance_level: float
@@ -190,15 +194,16 @@ class ComparisonReport:
         return report_lib.render_markdown(self, max_disagreements)
 
 
+def _rescored(run: RunResult, method: str) -> RunResult:
+    """`run` with its rollouts scored again from their responses."""
+    task = get_task(run.task)
+    return dataclasses.replace(run, rollouts=rescore(run.rollouts, method, task))
+
+
 def _run_row(index: int, run: RunResult) -> RunRow:
-    correct = sum(bool(r["correct"]) for r in run.rollouts)
-    total = len(run.rollouts)
-    interval, method = None, "wilson"
-    if run.num_samples > 1:
-        _, interval = clustered_interval(correct_grid(run), CONFIDENCE)
-        method = "clustered"
-    if interval is None:
-        interval, method = stats.accuracy_interval(correct, total, CONFIDENCE), "wilson"
+    grid = correct_grid(run)
+    correct, total = int(grid.sum()), grid.size
+    interval, method = accuracy_interval_of(grid, CONFIDENCE)
     return RunRow(
         index=index,
         tag=run.tag,
@@ -334,14 +339,20 @@ def compare_runs(
     baseline: int | str = 0,
     num_resamples: int = 10_000,
     seed: int = 0,
+    extraction_method: str = "strict",
 ) -> ComparisonReport:
     """Compares runs with each other and against a baseline.
+
+    Every run is scored again from its responses, with `extraction_method`
+    and its own task's answer format, so runs evaluated under different
+    `--extraction_method`s, or by older code, compare alike.
 
     Args:
       runs: the runs, e.g. from `load_runs`; they are numbered in this order.
       baseline: the index or tag of the run the others are compared against.
       num_resamples: resamples of the paired bootstrap.
       seed: seed of the paired bootstrap.
+      extraction_method: one of `extraction.EXTRACTION_METHODS`.
 
     Returns:
       The report: accuracy per run, and whether it finished; per other run,
@@ -353,6 +364,12 @@ def compare_runs(
     """
     if not runs:
         raise ValueError("No runs to compare.")
+    if extraction_method not in EXTRACTION_METHODS:
+        raise ValueError(
+            f"extraction_method must be one of {EXTRACTION_METHODS}, got"
+            f" {extraction_method!r}."
+        )
+    runs = [_rescored(run, extraction_method) for run in runs]
     base = _baseline_index(runs, baseline)
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
@@ -375,6 +392,7 @@ def compare_runs(
             for i, run in enumerate(runs)
             if run.num_samples > 1
         ],
+        extraction_method=extraction_method,
         num_resamples=num_resamples,
         seed=seed,
         significance_level=SIGNIFICANCE_LEVEL,

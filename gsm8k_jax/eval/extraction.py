@@ -3,8 +3,10 @@
 Extraction follows lm-eval's `gsm8k` filters, extended with the `\\boxed{...}`
 convention that instruction-tuned models use:
 
-* `strict`: the last brace-balanced `\\boxed{...}`, else the first
-  `#### N` (lm-eval's strict-match regex).
+* `strict`: the last brace-balanced `\\boxed{...}`, else the first final
+  answer in the task's own format: `#### N` (lm-eval's `gsm8k`
+  strict-match regex) by default, `The answer is N.` for the chain-of-thought
+  tasks (`tasks.Task.final_answer`).
 * `flexible`: `strict`, else the last number in the text (lm-eval's
   flexible-extract regex).
 
@@ -19,8 +21,9 @@ import re
 from decimal import Decimal, InvalidOperation
 
 __all__ = [
-    "answers_match",
     "EXTRACTION_METHODS",
+    "HASH_FINAL_ANSWER",
+    "answers_match",
     "canonical_number",
     "extract_answer",
     "gold_answer",
@@ -29,8 +32,9 @@ __all__ = [
 
 EXTRACTION_METHODS = ("strict", "flexible")
 
-# lm-eval gsm8k strict-match and flexible-extract patterns.
-_STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+# lm-eval gsm8k strict-match and flexible-extract patterns; group 1 of a
+# final-answer pattern is the answer.
+HASH_FINAL_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
 
@@ -66,14 +70,18 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str, method: str = "strict") -> str | None:
+def extract_answer(
+    text: str, method: str = "strict", final_answer: re.Pattern[str] = HASH_FINAL_ANSWER
+) -> str | None:
     """Extracts the final answer from a model response.
 
     Args:
         text: The model's response.
         method: One of `EXTRACTION_METHODS`. `strict` takes the last
-            `\\boxed{...}`, else the first `#### N`; `flexible` falls back
-            further to the last number in the text.
+            `\\boxed{...}`, else the first `final_answer` match; `flexible`
+            falls back further to the last number in the text.
+        final_answer: The prompt's final-answer format, its group 1 the
+            answer: `#### N` by default (GSM8K's solutions).
 
     Returns:
         The extracted answer, stripped but otherwise raw (see `canonical_number`),
@@ -87,7 +95,7 @@ def extract_answer(text: str, method: str = "strict") -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    match = _STRICT_RE.search(text)
+    match = final_answer.search(text)
     if match:
         return match.group(1).strip()
     if method == "flexible":

@@ -126,6 +126,21 @@ def clustered_interval(
     return mean, (max(0.0, mean - z * se), min(1.0, mean + z * se))
 
 
+def accuracy_interval_of(
+    grid: np.ndarray, confidence: float
+) -> tuple[tuple[float, float], str]:
+    """The `confidence` interval of the accuracy of a [questions, samples]
+    bool grid, and its kind: with several samples per question, the
+    question-clustered normal interval ("clustered"; samples of one question
+    are correlated, so counting them as independent would make it far too
+    narrow); else, or with a single question, Wilson's ("wilson")."""
+    if grid.shape[1] > 1:
+        _, interval = clustered_interval(grid, confidence)
+        if interval is not None:
+            return interval, "clustered"
+    return stats.accuracy_interval(int(grid.sum()), grid.size, confidence), "wilson"
+
+
 def _budgets(k: int) -> list[int]:
     """1, 2, 4, ... below k, then k."""
     return sorted({2**e for e in range(k.bit_length()) if 2**e < k} | {k})

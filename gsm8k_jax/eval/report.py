@@ -76,6 +76,8 @@ def _verdict(p: PairedComparison, level: float) -> str:
 def render_markdown(report: ComparisonReport, max_disagreements: int) -> str:
     """The report as Markdown; see `ComparisonReport.to_markdown`."""
     lines = ["# GSM8K comparison", ""]
+    method = report.extraction_method
+    lines += [f"Every run is scored with `{method}` extraction of its responses.", ""]
     lines += _table_markdown(report)
     if report.paired:
         lines += _paired_section_markdown(report, max_disagreements)

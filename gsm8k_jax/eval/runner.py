@@ -22,21 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import GSM8KExample
-from gsm8k_jax.eval.extraction import EXTRACTION_METHODS, answers_match, extract_answer
-from gsm8k_jax.eval.lm_eval_filters import mean_and_stderr
+from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
-from gsm8k_jax.eval.stats import (
-    accuracy_interval,
-    clustered_mean_accuracy,
-    maj_at_k,
-    pass_at_k,
-)
+from gsm8k_jax.eval.scoring import rescore, score, summarize
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -110,126 +103,6 @@ def project_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
-
-
-def score(
-    response: str, gold: str, solution: str, method: str, task: tasks.Task
-) -> dict[str, Any]:
-    """A response's rollout fields under every extraction method, headed by
-    `method`'s (`extracted_answer`, `correct`); an lm-eval task's filters
-    (`strict-match`, `flexible-extract`) join them, judged by lm-eval's
-    exact_match against the reference `solution`."""
-    answers = {m: extract_answer(response, m) for m in EXTRACTION_METHODS}
-    correct = {m: a is not None and answers_match(a, gold) for m, a in answers.items()}
-    for name, (answer, match) in tasks.lm_eval_scores(task, response, solution).items():
-        answers[name], correct[name] = answer, match
-    return {
-        "extracted_answer": answers[method],
-        "correct": correct[method],
-        "extracted_answers": answers,
-        "correct_by_method": correct,
-    }
-
-
-def rescore(
-    rollouts: Sequence[dict[str, Any]], method: str, task: tasks.Task
-) -> list[dict[str, Any]]:
-    """The rollouts scored again from their responses, headed by `method`:
-    changing the extraction needs no generation."""
-    return [
-        r | score(r["response"], r["gold"], r["reference_solution"], method, task)
-        for r in rollouts
-    ]
-
-
-def _accuracy(correct: Sequence[bool], answers: Sequence[str | None]) -> dict[str, Any]:
-    """Accuracy with a Wilson 95% interval, and answers not found."""
-    total = len(correct)
-    low, high = accuracy_interval(sum(correct), total) if total else (0.0, 0.0)
-    return {
-        "correct": sum(correct),
-        "accuracy": sum(correct) / total if total else 0.0,
-        "accuracy_ci95": [low, high],
-        "extraction_failures": sum(a is None for a in answers),
-    }
-
-
-def _lm_eval_metrics(
-    rollouts: Sequence[dict[str, Any]], task: tasks.Task
-) -> dict[str, Any]:
-    """lm-eval's results entry of `task`: each filter's exact_match and its
-    standard error, under lm-eval's names, over each question's first sample
-    (lm-eval's `take_first`)."""
-    first = [r for r in rollouts if r["sample_index"] == 0]
-    metrics: dict[str, Any] = {"task": task.lm_eval_task, "chat": task.chat}
-    for name, _ in task.filters:
-        mean, stderr = mean_and_stderr([r["correct_by_method"][name] for r in first])
-        metrics[f"exact_match,{name}"] = mean
-        metrics[f"exact_match_stderr,{name}"] = stderr
-    return metrics
-
-
-def summarize(
-    rollouts: Sequence[dict[str, Any]],
-    num_samples: int,
-    method: str,
-    task: tasks.Task,
-) -> dict[str, Any]:
-    """Accuracy (over all samples) with a Wilson 95% interval and failure
-    counts, under `method` and under every method (`by_method`, as
-    lm-evaluation-harness reports strict and flexible together), and
-    pass@k / maj@k when several samples were drawn per question. An lm-eval
-    task adds its filters to `by_method` and lm-eval's own figures
-    (`lm_eval`). The rollouts are scored again from their responses
-    (`rescore`)."""
-    rollouts = rescore(rollouts, method, task)
-    summary: dict[str, Any] = {
-        "extraction_method": method,
-        **_accuracy(
-            [r["correct"] for r in rollouts], [r["extracted_answer"] for r in rollouts]
-        ),
-        "total": len(rollouts),
-        "num_examples": len({r["id"] for r in rollouts}),
-        "truncations": sum(r["finish_reason"] == "length" for r in rollouts),
-        "generated_tokens": sum(r["num_tokens"] for r in rollouts),
-        "by_method": {
-            m: _accuracy(
-                [r["correct_by_method"][m] for r in rollouts],
-                [r["extracted_answers"][m] for r in rollouts],
-            )
-            for m in (*EXTRACTION_METHODS, *(name for name, _ in task.filters))
-        },
-    }
-    if task.lm_eval_task is not None and rollouts:
-        summary["lm_eval"] = _lm_eval_metrics(rollouts, task)
-    total = len(rollouts)
-    if num_samples > 1 and total:
-        by_id: dict[int, list[dict[str, Any]]] = {}
-        for r in sorted(rollouts, key=lambda r: (r["id"], r["sample_index"])):
-            by_id.setdefault(r["id"], []).append(r)
-        groups = list(by_id.values())
-        grid = np.array([[r["correct"] for r in g] for g in groups], dtype=float)
-        mean, se = (
-            clustered_mean_accuracy(grid) if len(groups) > 1 else (grid.mean(), 0.0)
-        )
-        summary |= {
-            f"pass@{num_samples}": float(
-                np.mean(
-                    [
-                        pass_at_k(num_samples, int(row.sum()), num_samples)
-                        for row in grid
-                    ]
-                )
-            ),
-            f"maj@{num_samples}": maj_at_k(
-                [[r["extracted_answer"] for r in g] for g in groups],
-                [g[0]["gold"] for g in groups],
-                equal=answers_match,
-            ),
-            "mean_accuracy": float(mean),
-            "mean_accuracy_clustered_se": float(se),
-        }
-    return summary
 
 
 def _rollout(

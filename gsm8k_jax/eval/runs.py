@@ -20,6 +20,7 @@ from typing import Any
 
 from gsm8k_jax import storage
 from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.tasks import BOXED
 
 __all__ = ["RunResult", "load_run", "load_run_files", "load_runs"]
 
@@ -56,6 +57,11 @@ class RunResult:
     summary: dict[str, Any] | None
     run_info: dict[str, Any]
     source: str
+
+    @property
+    def task(self) -> str:
+        """The `--task` of the run (runs from before tasks existed: `boxed`)."""
+        return self.run_info["eval"].get("task", BOXED)
 
     @property
     def num_examples(self) -> int:

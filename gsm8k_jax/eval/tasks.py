@@ -28,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import jinja2
 
 from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET, load_gsm8k
+from gsm8k_jax.eval.extraction import HASH_FINAL_ANSWER
 from gsm8k_jax.eval.lm_eval_filters import (
     FLEXIBLE_EXTRACT,
     STRICT_MATCH,
@@ -69,8 +71,10 @@ _GSM8K_FILTERS = (
     (STRICT_MATCH, RegexFilter(r"#### (\-?[0-9\.\,]+)")),
     (FLEXIBLE_EXTRACT, _FLEXIBLE),
 )
+# The chain-of-thought tasks' final answer (their examples end with it).
+_COT_FINAL_ANSWER = r"The answer is (\-?[0-9\.\,]+)."
 _COT_FILTERS = (
-    (STRICT_MATCH, RegexFilter(r"The answer is (\-?[0-9\.\,]+).")),
+    (STRICT_MATCH, RegexFilter(_COT_FINAL_ANSWER)),
     (FLEXIBLE_EXTRACT, _FLEXIBLE),
 )
 
@@ -186,6 +190,8 @@ class Task:
       filters: lm-eval's (name, filter) pairs.
       final_answer_reference: exact_match's reference is the text after
         `####` (gsm8k_cot), not the whole reference solution.
+      final_answer: the final-answer format the prompt teaches, group 1 the
+        answer: our strict extraction reads it when there is no `\\boxed{}`.
     """
 
     name: str
@@ -198,6 +204,7 @@ class Task:
     max_gen_toks: int = _BOXED_MAX_GEN_TOKS
     filters: tuple[tuple[str, RegexFilter], ...] = ()
     final_answer_reference: bool = False
+    final_answer: re.Pattern[str] = HASH_FINAL_ANSWER
 
     def reference(self, solution: str) -> str:
         """exact_match's reference (lm-eval's `doc_to_target`) of a GSM8K
@@ -227,6 +234,7 @@ _LM_EVAL_TASKS = (
         max_gen_toks=LM_EVAL_MAX_GEN_TOKS,
         filters=_COT_FILTERS,
         final_answer_reference=True,
+        final_answer=re.compile(_COT_FINAL_ANSWER),
     ),
     Task(
         "gsm8k_cot_zeroshot",
@@ -235,6 +243,7 @@ _LM_EVAL_TASKS = (
         until=("Q:", "</s>", "<|im_end|>"),
         max_gen_toks=LM_EVAL_MAX_GEN_TOKS,
         filters=_COT_FILTERS,
+        final_answer=re.compile(_COT_FINAL_ANSWER),
     ),
 )
 

@@ -29,8 +29,10 @@ runs p, p + hosts, ...; the base model is run 0) into the shared
 --output_dir (e.g. gs://), and host 0 compares them all.
 
 Writes comparison.md, comparison.json and accuracy.png into --output_dir
-(a local folder or gs://; --results may be on gs:// too) and prints the Markdown report, which says for each run against the
-baseline whether the difference is significant at 5% (McNemar's exact test).
+(a local folder or gs://; --results may be on gs:// too) and prints the
+Markdown report, which says for each run against the baseline whether the
+difference is significant at 5% (McNemar's exact test). Every run is scored
+again from its responses with --extraction_method (default strict).
 """
 
 import sys
@@ -121,7 +123,12 @@ def main(argv: list[str]) -> None:
             " runs, or --lora_checkpoints=<paths> to evaluate checkpoints first."
         )
     baseline = int(_BASELINE.value) if _BASELINE.value.isdigit() else _BASELINE.value
-    report = compare_runs(runs, baseline, num_resamples=_NUM_RESAMPLES.value)
+    report = compare_runs(
+        runs,
+        baseline,
+        num_resamples=_NUM_RESAMPLES.value,
+        extraction_method=cli.FLAGS.extraction_method,
+    )
 
     markdown = save_report(report, cli.FLAGS.output_dir)
     print(markdown)

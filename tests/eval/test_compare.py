@@ -42,16 +42,21 @@ QUICK = ["--num_examples=6", "--max_generation_steps=12"]
 def rollout(
     i, correct, *, sample=0, response=None, answer=None, logprob=-1.0, tokens=1
 ):
+    """A rollout of a problem whose answer is 7; the response boxes `answer`
+    (default: 7 when `correct`, else nothing), as comparisons score it again."""
+    if answer is None and correct:
+        answer = "7"
+    if response is None:
+        response = f"\\boxed{{{answer}}}" if answer is not None else "x"
     return {
         "id": i,
         "sample_index": sample,
         "question": f"question {i}",
         "gold": "7",
+        "reference_solution": "3 + 4 = 7\n#### 7",
         "prompt": f"prompt {i}",
-        "response": response if response is not None else ("7" if correct else "x"),
-        "extracted_answer": answer
-        if answer is not None
-        else ("7" if correct else None),
+        "response": response,
+        "extracted_answer": answer,
         "correct": correct,
         "num_tokens": tokens,
         "finish_reason": "eos",
@@ -157,6 +162,37 @@ def test_disagreements_by_hand():
         response="so \\boxed{7}", extracted_answer="7", correct=True
     )
     assert not p.first_sample_only
+
+
+def test_runs_scored_under_other_methods_are_scored_again_alike():
+    """Two runs with the same responses, one stored as scored by `strict` and
+    one by `flexible` (--extraction_method), compare as equal: every run is
+    scored again from its responses, under the comparison's method and its
+    own task's answer format."""
+    texts = ["so 7", "\\boxed{7}", "The answer is 7.", "7 or 8", "no"]
+    by_strict = [False, True, False, False, False]
+    by_flexible = [True, True, True, False, False]
+
+    def run(stored, tag):
+        rows = [
+            rollout(i, c, response=t) for i, (t, c) in enumerate(zip(texts, stored))
+        ]
+        return make_run(rows, tag=tag)
+
+    cot = run(by_strict, "cot")
+    cot.run_info["eval"]["task"] = "gsm8k_cot"
+    runs = [run(by_strict, "strict"), run(by_flexible, "flexible"), cot]
+    report = compare_runs(runs, num_resamples=100)
+    assert report.extraction_method == "strict"
+    assert [r.correct for r in report.runs] == [1, 1, 2]  # cot: "The answer is 7."
+    assert report.paired[0].mcnemar.b == report.paired[0].mcnemar.c == 0
+    assert "scored with `strict` extraction" in report.to_markdown()
+    flexible_report = compare_runs(
+        runs, num_resamples=100, extraction_method="flexible"
+    )
+    assert [r.correct for r in flexible_report.runs] == [3, 3, 3]
+    with pytest.raises(ValueError, match="extraction_method must be one of"):
+        compare_runs(runs, extraction_method="lenient")
 
 
 def test_question_mismatch_is_left_out_and_reported():

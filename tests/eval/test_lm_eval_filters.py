@@ -8,7 +8,7 @@ from lm_eval_tasks import lm_eval_requests, lm_eval_task_objects, write_local_ta
 
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.lm_eval_filters import FLEXIBLE_EXTRACT, INVALID, STRICT_MATCH
-from gsm8k_jax.eval.runner import summarize
+from gsm8k_jax.eval.scoring import rescore, summarize
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences
 from gsm8k_jax.eval.tasks import TASKS, lm_eval_scores
 
@@ -119,6 +119,17 @@ def test_our_lm_eval_scores_are_lm_evals(name, lm_eval_tasks):
             scores
         )
         assert summary["by_method"][filter_name]["correct"] == sum(scores)
+    # Our strict extraction reads each task's own answer format, numerically:
+    # wherever lm-eval's strict-match is right, so is ours.
+    ours_strict = [
+        r["correct_by_method"]["strict"] for r in rescore(rollouts, "strict", task)
+    ]
+    assert all(
+        ours
+        for ours, (_, lm_eval) in zip(ours_strict, expected[STRICT_MATCH])
+        if lm_eval
+    )
+    assert sum(ours_strict) == summary["by_method"]["strict"]["correct"] > 0
 
 
 @pytest.mark.parametrize(
