@@ -170,7 +170,12 @@ def save_lora_config(actor_dir: str | os.PathLike, config: LoraConfig) -> None:
 def read_lora_config(params_path: str | os.PathLike) -> LoraConfig | None:
     """The config recorded for a resolved `.../actor/<step>/model_params`
     checkpoint, or None where none was recorded (Tunix's own checkpoints)."""
-    recorded = epath.Path(params_path).parent.parent / LORA_CONFIG_FILE
+    return recorded_lora_config(epath.Path(params_path).parent.parent)
+
+
+def recorded_lora_config(actor_dir: str | os.PathLike) -> LoraConfig | None:
+    """The config recorded beside the step folders of `actor_dir`, or None."""
+    recorded = epath.Path(actor_dir) / LORA_CONFIG_FILE
     if not storage_call(recorded, recorded.exists):
         return None
     return LoraConfig(**json.loads(storage_call(recorded, recorded.read_text)))

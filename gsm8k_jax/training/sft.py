@@ -285,6 +285,28 @@ def checkpoint_dir(root: str | os.PathLike, config: SFTConfig) -> epath.Path:
     return epath.Path(absolute(root)) / sub
 
 
+def check_resumable(root: str | os.PathLike, config: SFTConfig) -> None:
+    """Refuses to continue a LoRA run under `root` that was trained with
+    another rank, alpha or module_path: its `lora_config.json` is what every
+    evaluation of its earlier steps uses, so it must not change."""
+    if config.lora is None:
+        return
+    folder = checkpoint_dir(root, config)
+    recorded = lora_checkpoint.recorded_lora_config(folder)
+    if recorded is not None and recorded != config.lora:
+        differing = [
+            f"{f.name}={getattr(config.lora, f.name)!r} (trained with"
+            f" {getattr(recorded, f.name)!r})"
+            for f in dataclasses.fields(recorded)
+            if getattr(recorded, f.name) != getattr(config.lora, f.name)
+        ]
+        raise ValueError(
+            f"{folder} was trained with another LoRA config: {', '.join(differing)}"
+            f" ({folder / lora_checkpoint.LORA_CONFIG_FILE}): pass the trained"
+            " values to resume it, or another --output_dir for a new run."
+        )
+
+
 def latest_step(root: str | os.PathLike, config: SFTConfig) -> int | None:
     """The latest complete checkpoint's step under `root`, or None."""
     folder = checkpoint_dir(root, config)
@@ -456,6 +478,8 @@ def train(
         raise ValueError(
             f"No example fits max_length={config.max_length}: raise max_length."
         )
+    if output_dir is not None:
+        check_resumable(output_dir, config)
     optimizer = make_optimizer(model, config)
     start = 0
     if (

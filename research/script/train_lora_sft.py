@@ -92,6 +92,7 @@ def main(argv):
         seed=_SEED.value,
         lora=None if _FULL_FINETUNE.value else LoraConfig(**cfg.lora_config.to_dict()),
     )
+    sft.check_resumable(_OUTPUT_DIR.value, config)  # Before the model loads.
     examples = load_gsm8k(_DATA_PATH.value, _NUM_EXAMPLES.value)
     model, tokenizer, _ = load_pretrained(
         cfg.model_name, cfg.model_path or None, dtype="float32"

@@ -1,5 +1,6 @@
 """LoRA SFT: data, a falling loss, Tunix-layout checkpoints that restore, resume."""
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,11 @@ from hf_models import make_tiny_hf_model
 from safetensors.numpy import load_file
 
 from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora, qwix_lora_model
-from gsm8k_jax.checkpoints.lora_checkpoint import read_lora_config, restore_lora_params
+from gsm8k_jax.checkpoints.lora_checkpoint import (
+    LORA_CONFIG_FILE,
+    read_lora_config,
+    restore_lora_params,
+)
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.extraction import extract_answer
 from gsm8k_jax.eval.prompts import format_prompt
@@ -199,6 +204,25 @@ def test_rerun_resumes_from_the_latest_step(
     for key, value in restore_lora_params(tmp_path / root / "actor/16").items():
         np.testing.assert_allclose(value, expected[key], atol=1e-6, err_msg=key)
     assert run() == []  # Finished already: nothing to do.
+
+
+def test_resuming_with_another_lora_config_is_refused(
+    trained, tokenizer, examples, tmp_path
+):
+    """Its recorded config is what evaluations of the earlier steps use: a
+    rerun with another alpha must not rewrite it."""
+    root = tmp_path / "run"
+    shutil.copytree(trained.root / "actor", root / "actor")
+    recorded = (root / "actor" / LORA_CONFIG_FILE).read_text()
+    other = dataclasses.replace(
+        CONFIG, num_steps=20, lora=dataclasses.replace(LORA, alpha=2.0)
+    )
+    with pytest.raises(ValueError, match=r"alpha=2\.0 \(trained with 8\.0\)"):
+        sft.train(
+            trained.model, tokenizer, examples, other, output_dir=root, progress=False
+        )
+    assert (root / "actor" / LORA_CONFIG_FILE).read_text() == recorded
+    assert checkpoint_steps(root) == [12, 16]
 
 
 def test_export_inverts_loading(base_dir):
