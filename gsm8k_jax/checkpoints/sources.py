@@ -148,6 +148,11 @@ def resolve_model_dir(source: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise SourceError(
+            f"{text} is a file: pass the model's folder (config.json and"
+            " *.safetensors), a gs:// folder, or a hub id like google/gemma-3-1b-it."
+        )
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
     if path.exists() or looks_like_path:
         raise SourceError(

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import transformers
 from jax.sharding import Mesh
 
-from gsm8k_jax.checkpoints.sources import resolve_model_dir
+from gsm8k_jax.checkpoints.sources import SourceError, resolve_model_dir
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_hf_model
 
@@ -66,6 +66,10 @@ def parse_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+# A model folder's tokenizer: either file is enough for AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
 def load_pretrained(
     model_name: str,
     model_path: str | os.PathLike | None = None,
@@ -81,6 +85,12 @@ def load_pretrained(
     spec = model_spec(model_name)
     model_dir = resolve_model_dir(model_path or spec.default_path)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would fall back to a tokenizer of a few tokens.
+        raise SourceError(
+            f"{model_dir} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}):"
+            " copy the model's tokenizer files beside its weights."
+        )
     model = load_hf_model(model_dir, dtype=dtype, mesh=mesh)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer, model_dir

@@ -18,6 +18,21 @@ def test_missing_local_folder_is_clear(tmp_path):
         sources.resolve_model_dir(tmp_path / "no-such-model")
 
 
+def test_a_file_given_as_the_model_folder_is_clear(tmp_path):
+    (tmp_path / "README.md").write_text("not a model")
+    with pytest.raises(sources.SourceError, match="README.md is a file"):
+        sources.resolve_model_dir(tmp_path / "README.md")
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path):
+    """Weights copied without tokenizer files: transformers would load a
+    tokenizer of a few tokens and every answer would be noise."""
+    folder = tmp_path / "weights-only"
+    shutil.copytree(TINY_MODEL_DIR, folder, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(sources.SourceError, match="holds no tokenizer"):
+        load_pretrained("gemma3-tiny", folder)
+
+
 def test_a_folder_given_as_the_model_name_points_to_model_path():
     with pytest.raises(ValueError, match="folder or gs:// path goes in model_path"):
         load_pretrained(str(TINY_MODEL_DIR))
