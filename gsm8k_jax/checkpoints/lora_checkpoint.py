@@ -112,6 +112,21 @@ def restore_lora_params(path: str | os.PathLike) -> LoraParams:
       leaves (a checkpoint of the full model state) are skipped unread.
     """
     params_dir = epath.Path(resolve_lora_checkpoint(path))
+    try:
+        params = _restore_factors(params_dir)
+    except (ValueError, KeyError, TypeError) as e:  # JSON, tensorstore, tree.
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{params_dir} is damaged or incomplete ({type(e).__name__}: {e}):"
+            " evaluate another step, or write this one again."
+        ) from e
+    logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
+    return params
+
+
+def _restore_factors(params_dir: epath.Path) -> LoraParams:
+    """The LoRA factors of a resolved `model_params` folder, sorted by key."""
     handler = ocp.PyTreeCheckpointHandler()
     tree = storage_call(params_dir, lambda: handler.metadata(params_dir).tree)
 
@@ -140,7 +155,6 @@ def restore_lora_params(path: str | os.PathLike) -> LoraParams:
     )
     flat = jax.tree_util.tree_flatten_with_path(restored)[0]
     params = {_key(p): v for p, v in flat if is_factor(p)}
-    logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
     return dict(sorted(params.items()))
 
 

@@ -6,6 +6,7 @@ torch weights by code independent of gsm8k_jax.
 """
 
 import dataclasses
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -307,6 +308,17 @@ def test_missing_and_empty_paths(tmp_path):
     (tmp_path / "run" / "actor" / "5").mkdir()
     with pytest.raises(CheckpointError, match=r"step folder .*/5 has no model_params"):
         lora_checkpoint.resolve_lora_checkpoint(tmp_path / "run" / "actor")
+
+
+def test_damaged_checkpoint_is_named(setup, tmp_path):
+    """Every file cut to half its size (a copy interrupted, a full disk)."""
+    damaged = tmp_path / "actor"
+    shutil.copytree(setup.run / "actor" / "200", damaged / "200")
+    for file in (damaged / "200").rglob("*"):
+        if file.is_file():
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"/200/model_params is damaged"):
+        lora_checkpoint.restore_lora_params(damaged)
 
 
 def test_unreachable_bucket(gcs_bucket):
