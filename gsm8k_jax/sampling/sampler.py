@@ -225,6 +225,11 @@ class Sampler:
         many tokens, so that calls with different prompt sets (a resumed
         run) share one compiled decode program.
         """
+        if isinstance(prompts, str):  # Else one prompt per character.
+            raise TypeError(
+                "prompts is a single string: pass a list of prompts, e.g."
+                " generate([prompt])."
+            )
         if not prompts:
             return
         example_ids = (

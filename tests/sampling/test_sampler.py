@@ -385,6 +385,8 @@ def test_bad_settings_are_rejected(sampler):
         sampler.generate(PROMPTS[:3], GREEDY, batch_size=0)
     with pytest.raises(ValueError, match="Empty prompt"):
         sampler.generate([[]], GREEDY)
+    with pytest.raises(TypeError, match="a single string: pass a list"):
+        sampler.generate("What is 2 + 3?", GREEDY)
 
 
 def test_prefill_and_decode_carry_no_vocabulary_sized_array(tiny):
