@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 from gsm8k_jax import storage
@@ -20,6 +21,7 @@ from gsm8k_jax.eval.extraction import gold_answer
 __all__ = ["BUNDLED_TEST_SET", "BUNDLED_TRAIN_SET", "GSM8KExample", "load_gsm8k"]
 
 _FIELDS = ("question", "answer")
+_FORMAT = 'JSONL file with one {"question": ..., "answer": ...} object per line'
 
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # GSM8K (MIT licence, data/LICENSE): 1,319 test and 7,473 train problems.
@@ -77,38 +79,62 @@ def load_gsm8k(
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"GSM8K data file not found: {path}. Pass --data_path pointing at a"
-            ' JSONL file with one {"question": ..., "answer": ...} object per line.'
+            f" {_FORMAT}."
         ) from e
-    examples = []
+    except IsADirectoryError as e:
+        raise ValueError(
+            f"{path} is a folder: pass --data_path pointing at a {_FORMAT}."
+        ) from e
     with f:
-        for index, line in enumerate(f):
-            if num_examples is not None and len(examples) == num_examples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}, line {index + 1}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e}.") from e
-            fields = record if isinstance(record, dict) else {}
-            invalid = [k for k in _FIELDS if not isinstance(fields.get(k), str)]
-            if invalid:
-                raise ValueError(
-                    f"{where}: expected a JSON object with string {_FIELDS} fields;"
-                    f" missing or not a string: {invalid}."
-                )
-            gold = gold_answer(record["answer"])
-            if not _is_number(gold):
-                raise ValueError(
-                    f"{where}: the answer must end in '#### <number>' (GSM8K's"
-                    f" format); its final answer would be {gold[:40]!r}."
-                )
-            examples.append(
-                GSM8KExample(
-                    id=index, question=record["question"], answer=record["answer"]
-                )
+        try:
+            examples = _parse(f, path, num_examples)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not text ({e.reason} at byte {e.start}): pass"
+                f" --data_path pointing at a {_FORMAT}."
+            ) from e
+    _check_count(path, examples, num_examples)
+    return examples
+
+
+def _parse(
+    lines: Iterable[str], path: str, num_examples: int | None
+) -> list[GSM8KExample]:
+    """The problems of a JSONL file's lines, up to `num_examples`."""
+    examples = []
+    for index, line in enumerate(lines):
+        if num_examples is not None and len(examples) == num_examples:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}, line {index + 1}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON: {e}.") from e
+        fields = record if isinstance(record, dict) else {}
+        invalid = [k for k in _FIELDS if not isinstance(fields.get(k), str)]
+        if invalid:
+            raise ValueError(
+                f"{where}: expected a JSON object with string {_FIELDS} fields;"
+                f" missing or not a string: {invalid}."
             )
+        gold = gold_answer(record["answer"])
+        if not _is_number(gold):
+            raise ValueError(
+                f"{where}: the answer must end in '#### <number>' (GSM8K's"
+                f" format); its final answer would be {gold[:40]!r}."
+            )
+        examples.append(
+            GSM8KExample(id=index, question=record["question"], answer=record["answer"])
+        )
+    return examples
+
+
+def _check_count(
+    path: str, examples: list[GSM8KExample], num_examples: int | None
+) -> None:
+    """Refuses a file without problems; warns when it has fewer than asked."""
     if not examples:
         raise ValueError(
             f"{path} holds no GSM8K problems: expected one"
@@ -118,9 +144,8 @@ def load_gsm8k(
         warnings.warn(
             f"Asked for {num_examples} examples; {path} has {len(examples)}:"
             f" evaluating {len(examples)}.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return examples
 
 
 def _is_number(text: str) -> bool:

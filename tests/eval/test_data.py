@@ -121,3 +121,11 @@ def test_load_from_gcs(jsonl):
         assert examples == load_gsm8k(jsonl)[:2]
         with pytest.raises(FileNotFoundError, match="--data_path"):
             load_gsm8k("gs://gsm8k-test/missing.jsonl")
+
+
+def test_a_folder_or_a_binary_file_as_data_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder: pass --data_path"):
+        load_gsm8k(tmp_path)
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match=r"plot.png is not text .*: pass --data_path"):
+        load_gsm8k(tmp_path / "plot.png")
