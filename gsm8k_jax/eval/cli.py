@@ -275,6 +275,12 @@ def run_main(
 
     def _main(argv):
         quiet_logging()
+        if len(argv) > 1:  # Else ignored: e.g. an output folder without its flag.
+            _report(
+                f"error: unexpected argument(s) {' '.join(argv[1:])}: every setting"
+                " is a --flag=value (see --help)."
+            )
+            sys.exit(1)
         try:
             with stop_on_signals():
                 for path in _gcs_flag_values():

@@ -368,6 +368,7 @@ def finished_run(tmp_path_factory):
         ),
         (["--noresume"], "--resume to continue them or --overwrite"),
         (["--extraction_method=fuzzy"], "extraction_method"),
+        (["results/elsewhere"], "unexpected argument\\(s\\) results/elsewhere"),
     ],
 )
 def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, message):
