@@ -334,16 +334,8 @@ def eval_config_from_flags(
     """The evaluation settings of the flags; stop ids default to `model_dir`'s,
     and the batch is capped to the work (`num_problems` problems, if given)."""
     eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
-    batch_size = FLAGS.batch_size
-    if num_problems is not None and batch_size > num_problems:
-        batch_size = max(num_problems, 1)
-        print(
-            f"note: --batch_size={FLAGS.batch_size} is more than the"
-            f" {num_problems} problems; using {batch_size}.",
-            file=sys.stderr,
-        )
     config = EvalConfig(
-        batch_size=batch_size,
+        batch_size=FLAGS.batch_size,
         sampling=SamplingParams(
             max_generation_steps=FLAGS.max_generation_steps,
             temperature=FLAGS.temperature,
@@ -358,13 +350,23 @@ def eval_config_from_flags(
         system_prompt=FLAGS.system_prompt or None,
         use_chat_template=FLAGS.use_chat_template,
     )
-    return task_eval_config(
+    config = task_eval_config(
         config,
         FLAGS.task,
         model_name=FLAGS.model.model_name,
         instruction_tuned=model_spec(FLAGS.model.model_name).instruction_tuned,
         given={name for name in FLAGS if FLAGS[name].present},
     )
+    if num_problems is None:
+        return config
+    capped = config.for_problems(num_problems)
+    if capped.batch_size != config.batch_size:
+        print(
+            f"note: --batch_size={config.batch_size} is more than the"
+            f" {num_problems} problems; using {capped.batch_size}.",
+            file=sys.stderr,
+        )
+    return capped
 
 
 def given_lora_fields(argv: list[str]) -> set[str]:

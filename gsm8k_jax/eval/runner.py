@@ -67,6 +67,14 @@ class EvalConfig:
                 f" {self.extraction_method!r}."
             )
 
+    def for_problems(self, num_problems: int) -> EvalConfig:
+        """This config with its batch capped to `num_problems` (slots beyond
+        the work would only hold KV-cache memory). The eval scripts and the
+        sweep both cap, so one evaluation gets one run tag."""
+        if self.batch_size <= num_problems:
+            return self
+        return dataclasses.replace(self, batch_size=max(num_problems, 1))
+
 
 def library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}

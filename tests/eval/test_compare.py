@@ -800,6 +800,19 @@ def test_sweep_without_a_config_uses_what_each_checkpoint_records(tmp_path):
     assert [(c.rank, c.alpha) for c in used.values()] == [(16, 16.0), (8, 4.0)]
 
 
+def test_sweep_caps_the_batch_to_the_problems_as_the_eval_scripts_do(tmp_path):
+    """One evaluation, one tag: 2 problems at --batch_size=32 run as bs2."""
+    (run,) = short_sweep({})(
+        lora_paths=[],
+        lora_config=None,
+        eval_config=EvalConfig(
+            batch_size=32, sampling=SamplingParams(max_generation_steps=4)
+        ),
+        output_dir=tmp_path,
+    )
+    assert run.tag == "gemma3-tiny_base_bs2" and run.batch_size == 2
+
+
 def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
     checkpoints = [
         fake_checkpoint(tmp_path / "a", 100),
