@@ -449,10 +449,15 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         )
         lora_path, lora_config = trained.params_path, trained.config
         if not trained.recorded:
+            given = given_lora_fields(sys.argv)
+            values = ", ".join(
+                f"{field} {getattr(lora_config, field)}"
+                f" ({'given' if field in given else 'default'})"
+                for field in ("rank", "alpha")
+            )
             print(
-                f"LoRA: rank {lora_config.rank}, alpha {lora_config.alpha} from the"
-                " flags (the checkpoint records neither: they must be the training"
-                " run's).",
+                f"LoRA: {values}; the checkpoint records neither, so they must be"
+                " the training run's.",
                 flush=True,
             )
         cfg.lora_config.update(dataclasses.asdict(lora_config))

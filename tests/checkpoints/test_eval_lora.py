@@ -41,7 +41,7 @@ def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
         script=LORA_SCRIPT,
     )
     # A Tunix checkpoint records no rank or alpha: the flags' are printed.
-    assert f"LoRA: rank {RANK}, alpha 8.0 from the flags" in local_run.stdout
+    assert f"LoRA: rank {RANK} (given), alpha 8.0 (given);" in local_run.stdout
     run_script(
         *QUICK,
         *lora,
@@ -73,6 +73,8 @@ def test_lora_eval_rank_mismatch_is_clear(tmp_path):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "rank" in proc.stderr and "16" in proc.stderr and "4" in proc.stderr
+    # Alpha was left at its default: the notice says so, not "the flags".
+    assert "LoRA: rank 16 (given), alpha 2.0 (default);" in proc.stdout
 
 
 def test_lora_eval_unreachable_bucket(tmp_path, gcs_bucket):
