@@ -501,7 +501,11 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if num_processes > 1:  # No process commits before process 0 prepared.
         multihost_utils.sync_global_devices(f"gsm8k_jax prepared {tag}")
-    print(f"Results: {files.rollouts_path}", flush=True)
+    print(
+        f"Results: {files.rollouts_path} once the run finishes (finished problems"
+        " are committed as they finish).",
+        flush=True,
+    )
     summary = evaluate(
         sampler,
         examples,

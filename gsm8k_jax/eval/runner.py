@@ -168,6 +168,13 @@ def evaluate(
     task = tasks.get_task(config.task)
     done = rescore(files.read_finished(params.num_samples), method, task)
     finished_ids = {r["id"] for r in done}
+    if finished_ids and show_progress:
+        print(
+            f"Resuming: {len(finished_ids)} of {len(examples)} problems are"
+            " already finished.",
+            file=sys.stderr,
+            flush=True,
+        )
     shard = examples[files.process_index :: num_processes]
     todo = [e for e in shard if e.id not in finished_ids]
     # All examples' prompts, in order: a few-shot task's draws depend on it.

@@ -318,7 +318,11 @@ def test_ctrl_c_and_sigterm_then_resume_give_the_uninterrupted_files(
     later -= 1  # The torn chunk's complete line.
     assert_stopped_cleanly(stopped, 0, f"Stopped by SIGTERM: {RESUME_LINE}")
 
-    run_script(*STOP_ARGS, f"--output_dir={out}")
+    resumed = run_script(*STOP_ARGS, f"--output_dir={out}")
+    assert re.search(
+        rf"Resuming: {later} of {NUM_STOP_EXAMPLES} problems are already finished",
+        resumed.stderr,
+    ), resumed.stderr
     assert_uninterrupted_files(*read_outputs(out, STOP_TAG), uninterrupted, later)
     assert sorted(p.name for p in out.iterdir()) == [
         f"{name}_{STOP_TAG}.{ext}"
