@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from gsm8k_jax.storage import filesystem, gcs_bucket, is_gcs
 
@@ -36,11 +38,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GSM8K_JAX_CACHE", default))
 
 
+# Beside a gs:// folder's cached copy: each file's object version when copied.
+_VERSIONS_FILE = ".gsm8k_jax_versions"  # Not *.json: outside the model's revision.
+
+
+def _object_version(info: dict[str, Any]) -> str:
+    """What changes whenever a Cloud Storage object is rewritten: its
+    generation (else its checksum): a re-exported file of the same size must
+    not be taken for the cached one."""
+    for key in ("generation", "md5Hash", "crc32c", "etag"):
+        if info.get(key):
+            return f"{key}:{info[key]}"
+    return f"size:{info['size']}"
+
+
 def download_gcs_folder(url: str) -> Path:
-    """Copies a gs:// folder into the local cache (skipping files already there)."""
+    """Copies a gs:// folder into the local cache: files whose object version
+    changed since they were copied are copied again, and files no longer in
+    the bucket are removed, so the copy always equals the folder."""
     fs, prefix = filesystem(url)
     try:
-        files = [f for f in fs.find(prefix) if not f.endswith("/")]
+        listing = fs.find(prefix, detail=True)
     except Exception as e:  # gcsfs raises several types for auth/network errors.
         raise SourceError(
             f"Cannot read {url} ({type(e).__name__}: {e}). Check that bucket"
@@ -48,16 +66,43 @@ def download_gcs_folder(url: str) -> Path:
             " (`gcloud auth application-default login`, or"
             " GOOGLE_APPLICATION_CREDENTIALS)."
         ) from e
-    if not files:
-        raise SourceError(f"{url} is empty or does not exist.")
     prefix = prefix.rstrip("/")
+    remote = {
+        name[len(prefix) :].lstrip("/"): _object_version(info)
+        for name, info in listing.items()
+        if not name.endswith("/") and info.get("type") != "directory"
+    }
+    if not remote:
+        raise SourceError(f"{url} is empty or does not exist.")
     target = cache_dir() / "gcs" / prefix
-    for remote in files:
-        local = target / remote[len(prefix) :].lstrip("/")
-        if not local.exists() or local.stat().st_size != fs.size(remote):
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get(remote, str(local))
+    target.mkdir(parents=True, exist_ok=True)
+    versions_path = target / _VERSIONS_FILE
+    try:
+        copied = json.loads(versions_path.read_text())
+    except (OSError, ValueError):
+        copied = {}
+    for stale in [p for p in target.rglob("*") if p.is_file()]:
+        rel = stale.relative_to(target).as_posix()
+        if stale.name != _VERSIONS_FILE and rel not in remote:
+            stale.unlink()
+            copied.pop(rel, None)
+    for rel, version in sorted(remote.items()):
+        local = target / rel
+        if local.exists() and copied.get(rel) == version:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.part")
+        fs.get(f"{prefix}/{rel}", str(partial))
+        partial.replace(local)
+        copied[rel] = version
+        _write_json_atomic(versions_path, copied)
     return target
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(json.dumps(value, indent=1, sort_keys=True))
+    partial.replace(path)
 
 
 def download_hub_model(repo_id: str) -> Path:

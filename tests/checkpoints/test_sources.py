@@ -6,7 +6,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gcs_emulator import upload_dir
+from gcs_emulator import gcs_filesystem, reset_gcs_client_caches, upload_dir
 from huggingface_hub import errors
 
 from gsm8k_jax.checkpoints import sources
@@ -54,6 +54,30 @@ def test_hf_folder_on_gcs_loads_like_the_local_one(tmp_path, gcs_bucket, monkeyp
         local_model.logits(local_model(ids, positions, valid)[0]),
     )
     assert remote_tok.chat_template == local_tok.chat_template
+
+
+def test_gcs_copy_follows_the_bucket(gcs_bucket, tmp_path, monkeypatch):
+    """A file rewritten with the same size is copied again, a file removed
+    from the bucket leaves the copy, and the model's revision follows."""
+    monkeypatch.setenv("GSM8K_JAX_CACHE", str(tmp_path / "cache"))
+    url = f"{gcs_bucket}/sources/changing"
+    fs = gcs_filesystem()
+    fs.pipe(f"{url}/config.json", b'{"a": 1}')
+    fs.pipe(f"{url}/model-00002.safetensors", b"old shard")
+    first = sources.resolve_model_dir(url)
+    revision = sources._revision(first)
+    fs.pipe(f"{url}/config.json", b'{"a": 2}')  # Same size, new content.
+    fs.rm(f"{url}/model-00002.safetensors")
+    reset_gcs_client_caches()
+    second = sources.resolve_model_dir(url)
+    assert second == first
+    assert (second / "config.json").read_bytes() == b'{"a": 2}'
+    assert not (second / "model-00002.safetensors").exists()
+    assert sources._revision(second) != revision
+    # Unchanged objects are not copied again.
+    (second / "config.json").write_bytes(b'{"a": 9}')
+    sources.resolve_model_dir(url)
+    assert (second / "config.json").read_bytes() == b'{"a": 9}'
 
 
 def test_empty_gcs_folder_is_clear(gcs_bucket, tmp_path, monkeypatch):
