@@ -48,6 +48,7 @@ from gsm8k_jax.models.registry import (
     load_pretrained,
     model_spec,
     parse_dtype,
+    shape_warning,
 )
 from gsm8k_jax.quiet import quiet_logging
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -465,7 +466,10 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
-    check_model_parallelism(load_config(model_dir).num_heads, FLAGS.mesh_model)
+    weights_config = load_config(model_dir)
+    check_model_parallelism(weights_config.num_heads, FLAGS.mesh_model)
+    if warning := shape_warning(cfg.model_name, weights_config, model_dir):
+        print(f"warning: {warning}", file=sys.stderr)
     mesh = local_mesh(FLAGS.mesh_model)
     eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
     tag = run_tag(

@@ -41,7 +41,7 @@ from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
-from gsm8k_jax.models.registry import load_pretrained, model_spec
+from gsm8k_jax.models.registry import load_pretrained, model_spec, shape_warning
 from gsm8k_jax.sampling.sampler import Sampler
 
 if TYPE_CHECKING:
@@ -235,7 +235,10 @@ def evaluate_checkpoints(
     examples = load_gsm8k(data_path, num_examples)
     eval_config = eval_config.for_problems(len(examples))  # As the eval scripts.
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
-    check_model_parallelism(load_config(model_dir).num_heads, mesh_model)
+    weights_config = load_config(model_dir)
+    check_model_parallelism(weights_config.num_heads, mesh_model)
+    if warning := shape_warning(model_name, weights_config, model_dir):
+        logging.warning("%s", warning)
 
     runs: list[_Run] = []
     for raw_path, lora_path in checkpoints:

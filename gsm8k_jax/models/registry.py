@@ -16,6 +16,7 @@ import transformers
 from jax.sharding import Mesh
 
 from gsm8k_jax.checkpoints.sources import SourceError, resolve_model_dir
+from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_hf_model
 
@@ -58,6 +59,29 @@ def model_spec(name: str) -> ModelSpec:
             " folder or gs:// path goes in model_path, with the name of its size)."
         )
     return MODELS[name]
+
+
+def _shape(config: Gemma3Config) -> tuple[int, int]:
+    return config.num_layers, config.embed_dim
+
+
+def shape_warning(model_name: str, config: Gemma3Config, model_dir: Path) -> str | None:
+    """A warning when the weights in `model_dir` (of `config`) do not have the
+    shape of `model_name`'s size, else None: the name labels the run and
+    decides its instruction-tuned defaults (chat template, task), so a wrong
+    one mislabels the results silently."""
+    size = model_name.removesuffix("-it").removesuffix("-pt")
+    named = CONFIGS[size]()
+    if _shape(named) == _shape(config):
+        return None
+    matching = [n for n, make in CONFIGS.items() if _shape(make()) == _shape(config)]
+    theirs = f" (the shape of {' or '.join(matching)})" if matching else ""
+    return (
+        f"{model_dir} holds a {config.num_layers}-layer model of width"
+        f" {config.embed_dim}{theirs}, not {model_name}'s {named.num_layers} layers"
+        f" of width {named.embed_dim}: the model name labels the run and decides"
+        " whether prompts use the chat template; pass the weights' own name."
+    )
 
 
 def parse_dtype(name: str) -> jnp.dtype:

@@ -143,7 +143,7 @@ def test_hf_folder_model_path(tmp_path):
     make_tiny_hf_model(model_dir, vocab_size=4096)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(TINY_MODEL_DIR / name, model_dir / name)
-    run_script(
+    proc = run_script(
         *QUICK,
         "--model.model_name=gemma3-1b-it",
         f"--model.model_path={model_dir}",
@@ -153,6 +153,13 @@ def test_hf_folder_model_path(tmp_path):
     rollouts, summary = read_outputs(tmp_path / "out", "gemma3-1b-it_base_bs4")
     assert summary["run"]["model_dir"] == str(model_dir)
     assert len(rollouts.splitlines()) == 6
+    # The random weights are not gemma3-1b's shape: the label is questioned.
+    assert re.search(
+        r"warning: .*/hf holds a 7-layer model of width 64, not gemma3-1b-it's"
+        r" 26 layers of width 1152",
+        proc.stderr,
+    ), proc.stderr
+    assert "warning" not in run_script(*QUICK, f"--output_dir={tmp_path / 'own'}").stderr
 
 
 def committed(out_dir, tag) -> int:
