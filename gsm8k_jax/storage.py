@@ -20,12 +20,17 @@ import functools
 import os
 import posixpath
 import socket
+import threading
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from typing import IO
 
 GCS_SCHEME = "gs://"
 PROBE_TIMEOUT_S = 5.0
+# How long writing and removing the empty gs:// probe object may take: an
+# endpoint that accepts connections but never answers would hang forever.
+WRITE_PROBE_TIMEOUT_S = 60.0
 _CLOUD_STORAGE_URL = "https://storage.googleapis.com"
 
 
@@ -206,6 +211,27 @@ def remove(path: str | os.PathLike) -> None:
         fs.rm(fs_path, recursive=fs.isdir(fs_path))
 
 
+def _within(seconds: float, fn: Callable[[], object]) -> None:
+    """Runs `fn`, raising TimeoutError if it has not returned in `seconds`
+    (it then goes on in a daemon thread, which the process does not wait for)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 (raised below, in the caller)
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer in {seconds:.0f} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 def require_writable(folder: str | os.PathLike) -> None:
     """Raises StorageError, naming the folder and the fix, unless files can be
     written into `folder`, leaving nothing behind: locally its nearest
@@ -217,8 +243,9 @@ def require_writable(folder: str | os.PathLike) -> None:
     try:
         if is_gcs(folder):
             probe = join(folder, f".write_probe_{uuid.uuid4().hex[:12]}")
-            write_atomic(probe, b"")
-            remove(probe)
+            _within(
+                WRITE_PROBE_TIMEOUT_S, lambda: (write_atomic(probe, b""), remove(probe))
+            )
         else:
             _require_local_writable(folder)
     except Exception as e:  # gcsfs raises several types for auth/network errors.

@@ -98,6 +98,24 @@ def test_library_reads_of_unreachable_storage_fail_at_once(monkeypatch):
     storage.require_reachable("/local/paths/are/not/checked")
 
 
+def test_storage_that_never_answers_fails_in_the_probe_time(monkeypatch):
+    """An endpoint that accepts connections and never replies (a stuck
+    proxy): the write probe gives up, where gcsfs alone waited forever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # Connections complete; nothing is ever read or sent.
+        monkeypatch.setenv(
+            "STORAGE_EMULATOR_HOST", f"127.0.0.1:{silent.getsockname()[1]}"
+        )
+        monkeypatch.setattr(storage, "WRITE_PROBE_TIMEOUT_S", 2.0)
+        start = time.monotonic()
+        with pytest.raises(
+            storage.StorageError, match=r"output folder gs://b/out: no answer in 2 s"
+        ):
+            storage.require_writable("gs://b/out")
+        assert time.monotonic() - start < 10
+
+
 @pytest.mark.parametrize(
     "argv, given",
     [
