@@ -116,6 +116,11 @@ def _table_markdown(report: ComparisonReport) -> list[str]:
             ),
             "",
         ]
+    tags = [r.tag for r in rows]
+    shared = [r for r in rows if tags.count(r.tag) > 1]
+    if shared:
+        where = ", ".join(f"{_label(r)} from {r.source}" for r in shared)
+        lines += [f"Runs of the same tag: {where}.", ""]
     incomplete = [_label(r) for r in rows if not r.complete]
     if incomplete:
         lines += [

@@ -1,6 +1,7 @@
 """Comparing runs: statistics on constructed results against independent
 computations, loading, rendering, and real tiny-model runs end to end."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -292,6 +293,18 @@ def test_baseline_by_tag_and_bad_baselines():
         compare_runs(runs, baseline=2)
     with pytest.raises(ValueError, match="No runs"):
         compare_runs([])
+
+
+def test_runs_of_the_same_tag_are_told_apart_by_folder():
+    runs = [
+        dataclasses.replace(single([1, 0], tag="base_bs32"), source=folder)
+        for folder in ("results/walkthrough", "results/quickstart")
+    ]
+    assert (
+        "Runs of the same tag: #0 `base_bs32` from results/walkthrough,"
+        " #1 `base_bs32` from results/quickstart."
+    ) in compare_runs(runs, num_resamples=10).to_markdown()
+    assert "Runs of the same tag" not in compare_runs(runs[:1]).to_markdown()
 
 
 # --------------------------------------------------------------------------- #
