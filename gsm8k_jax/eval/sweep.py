@@ -266,13 +266,17 @@ def evaluate_checkpoints(
         )
         files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))
-    tags = [files.tag for _, files, _ in runs]
-    if len(set(tags)) < len(tags):
-        raise ValueError(
-            f"Checkpoints {[p for p, _ in checkpoints]} would share run tags {tags}"
-            " (a tag names a checkpoint by the last components of its path):"
-            " evaluate them into separate output folders."
-        )
+    by_tag: dict[str, list[str]] = {}
+    for (raw_path, _), (_, files, _) in zip(checkpoints, runs, strict=True):
+        by_tag.setdefault(files.tag, []).append(raw_path)
+    for tag, paths in by_tag.items():
+        if len(paths) > 1:
+            raise ValueError(
+                f"Checkpoints {' and '.join(paths)} would share run tag {tag} (a tag"
+                " names a checkpoint by the last components of its path, and"
+                " checkpoints/actor means its latest step): evaluate them into"
+                " separate output folders, or name each step once."
+            )
     mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
     for _, (_, files, info) in mine:
         files.prepare(info, resume=resume, overwrite=overwrite)

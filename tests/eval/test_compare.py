@@ -884,7 +884,8 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
 
 def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
     same_step = [fake_checkpoint(tmp_path / name / "run", 100) for name in ("a", "b")]
-    with pytest.raises(ValueError, match="would share run tags"):
+    paths = " and ".join(map(str, same_step))
+    with pytest.raises(ValueError, match=f"^Checkpoints {paths} would share run tag"):
         evaluate_checkpoints(
             "gemma3-tiny",
             None,
