@@ -38,6 +38,8 @@ from gsm8k_jax.models.gemma3.params import CheckpointError
 ACTOR_DIR = "actor"
 PARAMS_DIR = "model_params"
 _PYTREE_METADATA_FILE = "_METADATA"  # Written by Orbax in every PyTree checkpoint.
+# Written by Orbax's CheckpointManager into a step folder once it is complete.
+COMMIT_MARKER = "commit_success.txt"
 # Rank, alpha and module_path, written by our trainer beside the step folders
 # (`<root>/actor/lora_config.json`); Tunix ignores it and writes none.
 LORA_CONFIG_FILE = "lora_config.json"
@@ -85,7 +87,7 @@ def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
             f" (<root>/{ACTOR_DIR}/<step>/{PARAMS_DIR}), a step folder or a"
             f" {PARAMS_DIR} folder, but {found}.{hint}"
         )
-    latest = folder / str(max(steps))
+    latest = _latest_committed(folder, steps)
     params = latest / PARAMS_DIR
     if not _is_pytree_checkpoint(params):
         raise CheckpointError(
@@ -93,6 +95,30 @@ def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
             " unfinished save? Pass an earlier step folder explicitly."
         )
     return str(params)
+
+
+def _latest_committed(folder: epath.Path, steps: list[int]) -> epath.Path:
+    """The latest step folder, passing over one that Orbax has not marked
+    committed while the step before it is: on `gs://` Orbax writes a step in
+    place and marks it at the end (Tunix's trainer does), so that step is
+    still being written, or its save failed. Writers that mark no step (ours)
+    are taken at their latest."""
+    newest, *earlier = sorted(steps, reverse=True)
+
+    def committed(step: int) -> bool:
+        marker = folder / str(step) / COMMIT_MARKER
+        return storage_call(marker, marker.exists)
+
+    if earlier and not committed(newest) and committed(earlier[0]):
+        logging.warning(
+            "%s is not committed (no %s: still being written, or its save failed);"
+            " using step %d.",
+            folder / str(newest),
+            COMMIT_MARKER,
+            earlier[0],
+        )
+        return folder / str(earlier[0])
+    return folder / str(newest)
 
 
 def _key(path: tuple[Any, ...]) -> str:
