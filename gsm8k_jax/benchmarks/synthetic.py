@@ -51,7 +51,7 @@ from flax import nnx
 from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import BOS_ID, PAD_ID, hf_config, load_hf_model
-from gsm8k_jax.sampling.batching import prompt_bucket
+from gsm8k_jax.sampling.batching import default_row_tile, prompt_bucket
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 FIRST_PROMPT_ID = 3  # prompt tokens are drawn from [3, vocab): no pad, eos or bos
@@ -99,6 +99,7 @@ class BenchmarkConfig:
     repeats: int = 3
     skip_reference: bool = False
     seed: int = 0
+    row_tile: int | None = None  # decode tile; None: the platform's
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -117,6 +118,8 @@ class BenchmarkConfig:
             raise ValueError("max_generation_steps must be >= 2 to time decoding.")
         if self.prompt_len < 1 or self.batch_size < 1 or self.repeats < 1:
             raise ValueError("prompt_len, batch_size and repeats must be >= 1.")
+        if self.row_tile is not None and self.row_tile < 1:
+            raise ValueError(f"row_tile must be >= 1, got {self.row_tile}.")
 
     @property
     def model_name(self) -> str:
@@ -324,10 +327,10 @@ def _time_side(
 
 
 def _ours_runner(
-    model: Gemma3, prompts: list[list[int]], vocab_size: int
+    model: Gemma3, prompts: list[list[int]], vocab_size: int, row_tile: int | None
 ) -> tuple[Callable[[int], np.ndarray], Callable[[], int]]:
     """`run(steps)` -> [B, steps] tokens, and the sampler's compilation count."""
-    sampler = Sampler(model, IdTokenizer())
+    sampler = Sampler(model, IdTokenizer(), row_tile=row_tile)
     # One past the vocabulary: argmax never picks it, so every row runs the
     # full budget (SamplingParams only checks how many eos ids there are).
     never = (vocab_size,)
@@ -413,7 +416,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         prompts = random_prompts(
             cfg.batch_size, cfg.prompt_len, config.vocab_size, cfg.seed
         )
-        run_ours, num_compilations = _ours_runner(model, prompts, config.vocab_size)
+        run_ours, num_compilations = _ours_runner(
+            model, prompts, config.vocab_size, cfg.row_tile
+        )
         ours, our_tokens = _time_side("ours", run_ours, cfg, num_compilations)
         # Free our weights and cache before the reference runs.
         del run_ours, num_compilations, model
@@ -437,6 +442,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "settings": dataclasses.asdict(cfg) | {"model": cfg.model_name},
+        "row_tile": cfg.row_tile or default_row_tile(),
         "model": {
             "num_layers": config.num_layers,
             "embed_dim": config.embed_dim,
@@ -489,6 +495,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"model={s['model']} dtype={s['dtype']} batch={s['batch_size']}"
             f" prompt_len={s['prompt_len']} (our bucket {result['our_prompt_bucket']})"
             f" steps={s['max_generation_steps']} repeats={s['repeats']}"
+            f" row_tile={result['row_tile']}"
             f" backend={result['environment']['backend']}"
             f" load avg {result['environment']['loadavg_start'][0]:.1f}"
             f" -> {result['environment']['loadavg_end'][0]:.1f}"

@@ -25,6 +25,12 @@ import json
 
 from absl import app, flags
 
+from gsm8k_jax.benchmarks.synthetic import (
+    DTYPES,
+    BenchmarkConfig,
+    format_table,
+    run_benchmark,
+)
 from gsm8k_jax.benchmarks.workload import (
     TRAINED_MODEL,
     WorkloadConfig,
@@ -32,12 +38,6 @@ from gsm8k_jax.benchmarks.workload import (
     run_workload,
 )
 from gsm8k_jax.models.gemma3.config import CONFIGS
-from gsm8k_jax.benchmarks.synthetic import (
-    DTYPES,
-    BenchmarkConfig,
-    format_table,
-    run_benchmark,
-)
 
 _WORKLOAD = flags.DEFINE_enum(
     "workload", "synthetic", ["synthetic", "gsm8k"], "What to generate."
@@ -71,6 +71,13 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Padded prompt width.")
 _REPEATS = flags.DEFINE_integer(
     "repeats", 3, "Steady-state repeats (the best is used)."
 )
+_ROW_TILE = flags.DEFINE_integer(
+    "row_tile",
+    None,
+    "Decode tile (slots per decode program); default: the platform's. Results"
+    " are batch-invariant for one row tile, so a tile matched to a small batch"
+    " computes no empty rows.",
+)
 # gsm8k only
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "First N test problems (default: all 1,319)."
@@ -97,6 +104,8 @@ _PEAK_BANDWIDTH = flags.DEFINE_float(
 def main(argv):
     del argv
     if _WORKLOAD.value == "gsm8k":
+        if _ROW_TILE.value is not None:
+            raise app.UsageError("--row_tile applies to --workload=synthetic.")
         cfg = WorkloadConfig(
             model=_CONFIG.value or TRAINED_MODEL,
             num_examples=_NUM_EXAMPLES.value,
@@ -122,6 +131,7 @@ def main(argv):
             repeats=_REPEATS.value,
             skip_reference=_SKIP_REFERENCE.value,
             seed=_SEED.value,
+            row_tile=_ROW_TILE.value,
         )
         result, table = run_benchmark(cfg), format_table
     print(table(result))

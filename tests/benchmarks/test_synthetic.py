@@ -11,6 +11,7 @@ import pytest
 from hf_models import tiny_hf_kwargs
 
 from gsm8k_jax.benchmarks.synthetic import BenchmarkConfig, format_table, run_benchmark
+from gsm8k_jax.sampling.batching import default_row_tile
 
 MICRO = tiny_hf_kwargs()
 
@@ -18,7 +19,12 @@ MICRO = tiny_hf_kwargs()
 @pytest.fixture(scope="module")
 def result():
     cfg = BenchmarkConfig(
-        model=MICRO, batch_size=2, prompt_len=20, max_generation_steps=4, repeats=1
+        model=MICRO,
+        batch_size=2,
+        prompt_len=20,
+        max_generation_steps=4,
+        repeats=1,
+        row_tile=2,  # A tile matched to the batch (default: the platform's)
     )
     return run_benchmark(cfg)
 
@@ -44,6 +50,7 @@ def test_figures_are_positive_and_ratios_computed(result):
         == result["ours"]["num_compilations_after_warmup"]
     )
     assert result["our_prompt_bucket"] == 32
+    assert result["row_tile"] == 2 and "row_tile=2" in format_table(result)
     for key, ratio in result["ratios"].items():
         assert ratio > 0 and math.isfinite(ratio), key
     json.dumps(result)  # JSON-ready
@@ -67,5 +74,6 @@ def test_skip_reference_initialises_directly():
     )
     result = run_benchmark(cfg)
     assert result["reference"] is None and result["ratios"] is None
+    assert result["row_tile"] == default_row_tile()
     assert result["ours"]["generation_tokens_per_s"] > 0
     assert "tokens/s" in format_table(result)
