@@ -118,6 +118,15 @@ def define_flags(default_model_config: str | Path) -> None:
     flags.DEFINE_integer(
         "batch_size", 32, "Prompts decoded in parallel (x num_samples rows)."
     )
+    flags.DEFINE_integer(
+        "row_tile",
+        None,
+        "Slots per decode program; default the platform's (32 on CPU, 128 on GPU,"
+        " 256 on TPU). Answers are bitwise the same at any --batch_size for one"
+        " row tile, not across tiles (it is recorded in the run). A tile no"
+        " bigger than --batch_size computes no empty rows (CPU, small batches).",
+        lower_bound=1,
+    )
     flags.DEFINE_string(
         "output_dir",
         "results",
@@ -337,6 +346,7 @@ def eval_config_from_flags(
     eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
     config = EvalConfig(
         batch_size=FLAGS.batch_size,
+        row_tile=FLAGS.row_tile,
         sampling=SamplingParams(
             max_generation_steps=FLAGS.max_generation_steps,
             temperature=FLAGS.temperature,
@@ -498,7 +508,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     check_eos_ids(eval_config.sampling.eos_ids, model.config.vocab_size, model_dir)
     if lora:
         lora_lib.load_trained_lora(model, trained, merge=True)
-    sampler = Sampler(model, tokenizer, mesh=mesh)
+    sampler = Sampler(model, tokenizer, mesh=mesh, row_tile=eval_config.row_tile)
     # Recorded only now that model, data and checkpoint have loaded.
     info = run_record()
     if process == 0:

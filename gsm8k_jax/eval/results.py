@@ -342,7 +342,7 @@ def run_info(
         # Results are bitwise the same at any batch size for one row tile,
         # prefill group (the platform's) and set of prompt buckets, and a
         # LoRA is merged in float32.
-        "row_tile": batching.default_row_tile(),
+        "row_tile": eval_config.row_tile or batching.default_row_tile(),
         "prefill_tokens": batching.default_prefill_tokens(),
         "prompt_buckets": batching.bucket_ladder(),
         "lora_mode": "merged_float32" if lora_path else None,

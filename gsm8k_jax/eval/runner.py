@@ -56,10 +56,15 @@ class EvalConfig:
     system_prompt: str | None = None
     use_chat_template: bool = True
     task: str = tasks.BOXED  # a preset of tasks.TASKS (see tasks.task_eval_config)
+    # Slots per decode program (None: the platform's, `batching.ROW_TILES`).
+    # Results are bitwise the same at any batch size for one row tile.
+    row_tile: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.row_tile is not None and self.row_tile < 1:
+            raise ValueError(f"row_tile must be >= 1, got {self.row_tile}.")
         tasks.get_task(self.task)
         if self.extraction_method not in EXTRACTION_METHODS:
             raise ValueError(
@@ -162,6 +167,12 @@ def evaluate(
     example is committed, and writes the files a single-host run writes.
     Other processes return None.
     """
+    if config.row_tile is not None and sampler.row_tile != config.row_tile:
+        raise ValueError(
+            f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"
+            f" asks for {config.row_tile}: build it with Sampler(...,"
+            f" row_tile={config.row_tile})."
+        )
     started_at = _now()
     params = config.sampling
     method = config.extraction_method

@@ -108,7 +108,9 @@ def _evaluate_on(
         model, tokenizer, _ = load_pretrained(
             sweep.model_name, sweep.model_dir, dtype=sweep.dtype, mesh=mesh
         )
-        sampler = Sampler(model, tokenizer, mesh=mesh)
+        sampler = Sampler(
+            model, tokenizer, mesh=mesh, row_tile=sweep.eval_config.row_tile
+        )
         # New Variables holding the base arrays: merging replaces a
         # Variable's array, so these stay the base weights.
         base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))

@@ -47,11 +47,12 @@ def reference(request, tmp_path_factory):
     return request.param, sampler, examples, rows
 
 
-def run_in_process(sampler, examples, batch_size, out_dir):
+def run_in_process(sampler, examples, batch_size, out_dir, row_tile=None):
     """`evaluate`, as the scripts call it with --batch_size=batch_size."""
     config = EvalConfig(
         batch_size=batch_size,
         sampling=SamplingParams(max_generation_steps=STEPS, eos_ids=(1, 106)),
+        row_tile=row_tile,
     )
     files = RunFiles(out_dir, f"bs{batch_size}")
     files.prepare({"batch_size": batch_size}, resume=False, overwrite=True)
@@ -73,6 +74,18 @@ def test_workload_is_demanding(reference):
 def test_any_batch_size_gives_the_same_bits(reference, batch_size, tmp_path):
     _, sampler, examples, expected = reference
     assert run_in_process(sampler, examples, batch_size, tmp_path) == expected
+
+
+def test_a_smaller_row_tile_is_batch_invariant_too(reference, tmp_path):
+    """--row_tile=8: batch sizes 1 and 16 give the same bits (a tile is
+    fixed by the run, never by the batch); the evaluation refuses a sampler
+    of another tile."""
+    _, sampler, examples, _ = reference
+    small = Sampler(sampler.model, sampler.tokenizer, row_tile=8)
+    one = run_in_process(small, examples, 1, tmp_path / "bs1", row_tile=8)
+    assert run_in_process(small, examples, 16, tmp_path / "bs16", row_tile=8) == one
+    with pytest.raises(ValueError, match="row_tile=8"):
+        run_in_process(sampler, examples, 1, tmp_path / "other", row_tile=8)
 
 
 def test_shuffled_order_gives_the_same_bits(reference, tmp_path):

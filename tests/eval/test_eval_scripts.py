@@ -159,7 +159,9 @@ def test_hf_folder_model_path(tmp_path):
         r" 26 layers of width 1152",
         proc.stderr,
     ), proc.stderr
-    assert "warning" not in run_script(*QUICK, f"--output_dir={tmp_path / 'own'}").stderr
+    assert (
+        "warning" not in run_script(*QUICK, f"--output_dir={tmp_path / 'own'}").stderr
+    )
 
 
 def committed(out_dir, tag) -> int:
@@ -380,6 +382,8 @@ def finished_run(tmp_path_factory):
         (["--noresume"], "--resume to continue them or --overwrite"),
         (["--extraction_method=fuzzy"], "extraction_method"),
         (["results/elsewhere"], "unexpected argument\\(s\\) results/elsewhere"),
+        (["--row_tile=4"], "other settings \\(differing: row_tile\\)"),
+        (["--row_tile=0"], "row_tile"),
     ],
 )
 def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, message):
@@ -391,6 +395,17 @@ def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, me
     assert "Traceback" not in proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
+
+
+def test_row_tile_is_recorded(finished_run, tmp_path):
+    """--row_tile is the run's (the default is the platform's, 32 on CPU);
+    resuming under another tile is refused (above)."""
+    run_script(*QUICK, "--row_tile=4", f"--output_dir={tmp_path}")
+    _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs4")
+    assert summary["run"]["row_tile"] == 4 and summary["total"] == 6
+    default_out, _ = finished_run
+    _, default_summary = read_outputs(default_out, "gemma3-tiny_base_bs4")
+    assert default_summary["run"]["row_tile"] == 32
 
 
 def test_malformed_data_line_is_named(tmp_path):
