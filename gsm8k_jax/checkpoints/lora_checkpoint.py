@@ -98,26 +98,26 @@ def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
 
 
 def _latest_committed(folder: epath.Path, steps: list[int]) -> epath.Path:
-    """The latest step folder, passing over one that Orbax has not marked
-    committed while the step before it is: on `gs://` Orbax writes a step in
-    place and marks it at the end (Tunix's trainer does), so that step is
-    still being written, or its save failed. Writers that mark no step (ours)
-    are taken at their latest."""
-    newest, *earlier = sorted(steps, reverse=True)
-
-    def committed(step: int) -> bool:
-        marker = folder / str(step) / COMMIT_MARKER
-        return storage_call(marker, marker.exists)
-
-    if earlier and not committed(newest) and committed(earlier[0]):
+    """The latest step folder that Orbax marked committed, when it marks any:
+    on `gs://` Orbax writes a step in place and marks it at the end (Tunix's
+    trainer does), so a later unmarked step is still being written or its
+    save failed. Writers that mark no step (ours) are taken at their latest."""
+    marked = storage_call(
+        folder,
+        lambda: {p.parent.name for p in folder.glob(f"*/{COMMIT_MARKER}")},
+    )
+    committed = [step for step in steps if str(step) in marked]
+    newest = max(steps)
+    if committed and max(committed) != newest:
         logging.warning(
-            "%s is not committed (no %s: still being written, or its save failed);"
-            " using step %d.",
-            folder / str(newest),
+            "Steps after %d in %s are not committed (no %s: still being written,"
+            " or their save failed); using step %d.",
+            max(committed),
+            folder,
             COMMIT_MARKER,
-            earlier[0],
+            max(committed),
         )
-        return folder / str(earlier[0])
+        return folder / str(max(committed))
     return folder / str(newest)
 
 

@@ -9,6 +9,7 @@ and are never logged.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ def cache_dir() -> Path:
 
 # Beside a gs:// folder's cached copy: each file's object version when copied.
 _VERSIONS_FILE = ".gsm8k_jax_versions"  # Not *.json: outside the model's revision.
+_LOCK_FILE = ".gsm8k_jax_lock"
 
 
 def _object_version(info: dict[str, Any]) -> str:
@@ -76,6 +78,16 @@ def download_gcs_folder(url: str) -> Path:
         raise SourceError(f"{url} is empty or does not exist.")
     target = cache_dir() / "gcs" / prefix
     target.mkdir(parents=True, exist_ok=True)
+    # One process at a time per folder: another's partial files are not stale.
+    with open(target / _LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _sync(fs, prefix, remote, target)
+    return target
+
+
+def _sync(fs: Any, prefix: str, remote: dict[str, str], target: Path) -> None:
+    """Makes `target` hold exactly the `remote` files (path -> object version)
+    under the bucket `prefix`, copying only those whose version changed."""
     versions_path = target / _VERSIONS_FILE
     try:
         copied = json.loads(versions_path.read_text())
@@ -83,7 +95,7 @@ def download_gcs_folder(url: str) -> Path:
         copied = {}
     for stale in [p for p in target.rglob("*") if p.is_file()]:
         rel = stale.relative_to(target).as_posix()
-        if stale.name != _VERSIONS_FILE and rel not in remote:
+        if stale.name not in (_VERSIONS_FILE, _LOCK_FILE) and rel not in remote:
             stale.unlink()
             copied.pop(rel, None)
     for rel, version in sorted(remote.items()):
@@ -96,7 +108,6 @@ def download_gcs_folder(url: str) -> Path:
         partial.replace(local)
         copied[rel] = version
         _write_json_atomic(versions_path, copied)
-    return target
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
@@ -199,7 +210,7 @@ def resolve_model_dir(source: str | os.PathLike) -> Path:
             " *.safetensors), a gs:// folder, or a hub id like google/gemma-3-1b-it."
         )
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
-    if path.exists() or looks_like_path:
+    if looks_like_path:
         raise SourceError(
             f"Model folder {text} does not exist (expected a folder with config.json"
             " and *.safetensors, a gs:// folder, or a hub id like google/gemma-3-1b-it)."

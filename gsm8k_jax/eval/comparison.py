@@ -31,7 +31,6 @@ from gsm8k_jax.eval import stats
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.multi_sample import (
     MultiSampleMetrics,
-    accuracy_interval_of,
     correct_grid,
     multi_sample_metrics,
 )
@@ -60,9 +59,9 @@ class RunRow:
     """One run in the accuracy table.
 
     `accuracy` is over all (question, sample) rows of the finished problems.
-    Its interval is Wilson's with one sample per question, and with k > 1 the
-    normal interval of the question-clustered standard error (samples of a
-    question are correlated). `complete` is False while the run has fewer
+    Its interval is Wilson's with one sample per question, and with k > 1
+    Wilson's on the items the samples are worth, clustered by question
+    (`stats.clustered_accuracy_interval`). `complete` is False while the run has fewer
     finished problems (`num_finished`) than it was started on
     (`num_examples`) or no summary.
     """
@@ -203,7 +202,7 @@ def _rescored(run: RunResult, method: str) -> RunResult:
 def _run_row(index: int, run: RunResult) -> RunRow:
     grid = correct_grid(run)
     correct, total = int(grid.sum()), grid.size
-    interval, method = accuracy_interval_of(grid, CONFIDENCE)
+    interval, method = stats.grid_accuracy_interval(grid, CONFIDENCE)
     return RunRow(
         index=index,
         tag=run.tag,
@@ -291,6 +290,8 @@ def _settings_key(run: RunResult) -> str:
     files were (model folder, data file when its digest is known)."""
     info = copy.deepcopy(run.run_info)
     del info["eval"]["batch_size"]
+    # Older run records hold it; every run is scored again under one method.
+    info["eval"].pop("extraction_method", None)
     info.pop("model_dir", None)
     info.pop("num_examples", None)
     if info.get("data_sha256") != "gcs":

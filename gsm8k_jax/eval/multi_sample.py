@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -91,8 +90,8 @@ class MultiSampleMetrics:
       pass_at: unbiased pass@j for j = 1, 2, 4, ... and k.
       maj_at_k: accuracy of the majority-vote answer.
       mean_accuracy: accuracy over all samples.
-      mean_accuracy_ci95: its interval from the question-clustered standard
-        error; None with a single question.
+      mean_accuracy_ci95: its question-clustered interval
+        (`stats.clustered_accuracy_interval`); None with a single question.
       selection: accuracy when one sample per question is submitted, chosen
         by: the first sample (baseline), each built-in reranker, and an
         oracle that picks a correct one when there is one (= pass@k).
@@ -116,29 +115,12 @@ def correct_grid(run: RunResult) -> np.ndarray:
 def clustered_interval(
     grid: np.ndarray, confidence: float
 ) -> tuple[float, tuple[float, float] | None]:
-    """Mean of a [questions, samples] grid and the normal interval of its
-    question-clustered standard error (samples of a question are correlated);
-    no interval with a single question."""
+    """Mean of a [questions, samples] grid and its question-clustered
+    interval (`stats.clustered_accuracy_interval`); no interval with a
+    single question."""
     if grid.shape[0] < 2:
         return float(grid.mean()), None
-    mean, se = stats.clustered_mean_accuracy(grid)
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    return mean, (max(0.0, mean - z * se), min(1.0, mean + z * se))
-
-
-def accuracy_interval_of(
-    grid: np.ndarray, confidence: float
-) -> tuple[tuple[float, float], str]:
-    """The `confidence` interval of the accuracy of a [questions, samples]
-    bool grid, and its kind: with several samples per question, the
-    question-clustered normal interval ("clustered"; samples of one question
-    are correlated, so counting them as independent would make it far too
-    narrow); else, or with a single question, Wilson's ("wilson")."""
-    if grid.shape[1] > 1:
-        _, interval = clustered_interval(grid, confidence)
-        if interval is not None:
-            return interval, "clustered"
-    return stats.accuracy_interval(int(grid.sum()), grid.size, confidence), "wilson"
+    return float(grid.mean()), stats.clustered_accuracy_interval(grid, confidence)
 
 
 def _budgets(k: int) -> list[int]:

@@ -111,8 +111,9 @@ def _table_markdown(report: ComparisonReport) -> list[str]:
     if multi:
         lines += [
             (
-                "Accuracy is over all samples. \\* Interval from the question-clustered"
-                " standard error (samples of a question are correlated); otherwise Wilson."
+                "Accuracy is over all samples. \\* Wilson's interval on the items the"
+                " samples are worth, clustered by question (samples of a question are"
+                " correlated); otherwise Wilson's over all samples."
             ),
             "",
         ]

@@ -16,14 +16,18 @@ import numpy as np
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS, answers_match, extract_answer
 from gsm8k_jax.eval.lm_eval_filters import mean_and_stderr
-from gsm8k_jax.eval.multi_sample import accuracy_interval_of
-from gsm8k_jax.eval.stats import clustered_mean_accuracy, maj_at_k, pass_at_k
+from gsm8k_jax.eval.stats import (
+    clustered_mean_accuracy,
+    grid_accuracy_interval,
+    maj_at_k,
+    pass_at_k,
+)
 
 __all__ = ["rescore", "score", "summarize"]
 
 
 def score(
-    response: str, gold: str, solution: str, method: str, task: tasks.Task
+    response: str, gold: str, solution: str | None, method: str, task: tasks.Task
 ) -> dict[str, Any]:
     """A response's rollout fields under every extraction method, headed by
     `method`'s (`extracted_answer`, `correct`); an lm-eval task's filters
@@ -49,28 +53,32 @@ def rescore(
     """The rollouts scored again from their responses, headed by `method`:
     changing the extraction needs no generation."""
     return [
-        r | score(r["response"], r["gold"], r["reference_solution"], method, task)
+        # Runs from before 2026-12-01 have no reference solution; only the
+        # lm-eval tasks (added later) need it.
+        r | score(r["response"], r["gold"], r.get("reference_solution"), method, task)
         for r in rollouts
     ]
 
 
 def _accuracy(
-    groups: Sequence[Sequence[dict[str, Any]]], correct_key: str, answer_key: str
+    groups: Sequence[Sequence[dict[str, Any]]], method: str
 ) -> dict[str, Any]:
-    """Accuracy over every sample of the question `groups`, with its 95%
-    interval (`accuracy_interval_of`: clustered by question when a question
-    has several samples), and the answers not found."""
-    grid = np.array([[r[correct_key] for r in g] for g in groups], dtype=bool)
-    total = grid.size
-    interval, method = (
-        accuracy_interval_of(grid, 0.95) if total else ((0.0, 0.0), "wilson")
+    """Accuracy under `method` over every sample of the question `groups`
+    (rescored rollouts), with its 95% interval (`grid_accuracy_interval`:
+    clustered by question when a question has several samples), and the
+    answers not found."""
+    grid = np.array([[r["correct_by_method"][method] for r in g] for g in groups])
+    interval, kind = (
+        grid_accuracy_interval(grid, 0.95) if grid.size else ((0.0, 0.0), "wilson")
     )
     return {
         "correct": int(grid.sum()),
-        "accuracy": float(grid.mean()) if total else 0.0,
+        "accuracy": float(grid.mean()) if grid.size else 0.0,
         "accuracy_ci95": list(interval),
-        "accuracy_ci95_method": method,
-        "extraction_failures": sum(r[answer_key] is None for g in groups for r in g),
+        "accuracy_ci95_method": kind,
+        "extraction_failures": sum(
+            r["extracted_answers"][method] is None for g in groups for r in g
+        ),
     }
 
 
@@ -95,8 +103,8 @@ def summarize(
     method: str,
     task: tasks.Task,
 ) -> dict[str, Any]:
-    """Accuracy (over all samples) with a Wilson 95% interval and failure
-    counts, under `method` and under every method (`by_method`, as
+    """Accuracy (over all samples) with a 95% interval (Wilson's; with
+    several samples per question, clustered by question) and failure counts, under `method` and under every method (`by_method`, as
     lm-evaluation-harness reports strict and flexible together), and
     pass@k / maj@k when several samples were drawn per question. An lm-eval
     task adds its filters to `by_method` and lm-eval's own figures
@@ -109,26 +117,13 @@ def summarize(
     groups = list(by_id.values())
     summary: dict[str, Any] = {
         "extraction_method": method,
-        **_accuracy(groups, "correct", "extracted_answer"),
+        **_accuracy(groups, method),
         "total": len(rollouts),
         "num_examples": len({r["id"] for r in rollouts}),
         "truncations": sum(r["finish_reason"] == "length" for r in rollouts),
         "generated_tokens": sum(r["num_tokens"] for r in rollouts),
         "by_method": {
-            m: _accuracy(
-                [
-                    [
-                        {
-                            "correct": r["correct_by_method"][m],
-                            "answer": r["extracted_answers"][m],
-                        }
-                        for r in g
-                    ]
-                    for g in groups
-                ],
-                "correct",
-                "answer",
-            )
+            m: _accuracy(groups, m)
             for m in (*EXTRACTION_METHODS, *(name for name, _ in task.filters))
         },
     }

@@ -140,17 +140,63 @@ def accuracy_interval(
     if correct > total:
         raise ValueError(f"correct ({correct}) must not exceed total ({total})")
     confidence = _check_confidence(confidence)
+    return _wilson(correct / total, float(total), confidence)
 
+
+def _wilson(p: float, n: float, confidence: float) -> tuple[float, float]:
+    """Wilson's interval of a proportion `p` observed on `n` items (`n` may be
+    an effective, non-integer count)."""
     z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
-    n = float(total)
-    p = correct / n
     z2 = z * z
     denom = 1.0 + z2 / n
     center = (p + z2 / (2.0 * n)) / denom
     half = (z / denom) * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    low = 0.0 if correct == 0 else max(0.0, center - half)
-    high = 1.0 if correct == total else min(1.0, center + half)
+    low = 0.0 if p == 0 else max(0.0, center - half)
+    high = 1.0 if p == 1 else min(1.0, center + half)
     return low, high
+
+
+def clustered_accuracy_interval(
+    correct: np.ndarray, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Wilson's interval of the accuracy of a [questions, samples] grid, on
+    the number of independent items the grid is worth.
+
+    Samples of one question are correlated, so the grid is worth fewer than
+    its ``questions * samples`` items: ``p (1 - p) / SE**2`` with the
+    question-clustered SE (`clustered_mean_accuracy`), kept between the
+    number of questions and of samples. Unlike ``mean +- z SE``, this never
+    collapses to a point when every question has the same share right (all
+    wrong, all right), where the SE is 0: all wrong or all right is worth
+    one item per question, and equal shares strictly between worth every
+    sample.
+
+    Raises:
+      ValueError: as `clustered_mean_accuracy` (e.g. fewer than two questions).
+    """
+    confidence = _check_confidence(confidence)
+    p, se = clustered_mean_accuracy(correct)
+    num_questions, num_samples = np.shape(correct)
+    total = num_questions * num_samples
+    if p in (0.0, 1.0):
+        effective = float(num_questions)
+    elif se == 0:
+        effective = float(total)
+    else:
+        effective = min(max(p * (1 - p) / se**2, num_questions), total)
+    return _wilson(p, effective, confidence)
+
+
+def grid_accuracy_interval(
+    correct: np.ndarray, confidence: float = 0.95
+) -> tuple[tuple[float, float], str]:
+    """The `confidence` interval of a [questions, samples] grid's accuracy
+    and its kind: "clustered" (`clustered_accuracy_interval`) with several
+    samples of several questions, else "wilson" over all items."""
+    arr = np.asarray(correct, dtype=bool)
+    if arr.shape[1] > 1 and arr.shape[0] > 1:
+        return clustered_accuracy_interval(arr, confidence), "clustered"
+    return accuracy_interval(int(arr.sum()), arr.size, confidence), "wilson"
 
 
 # --------------------------------------------------------------------------- #

@@ -312,15 +312,16 @@ def test_missing_and_empty_paths(tmp_path):
 
 def test_latest_step_still_being_written_is_passed_over(setup, tmp_path):
     """Orbax marks a step committed at the end of its save (on gs:// it
-    writes the step folder in place): an unmarked newest step after a marked
-    one is still being written, so the marked one is evaluated."""
+    writes the step folder in place): unmarked steps after a marked one are
+    still being written or failed, so the latest marked one is evaluated."""
     actor = tmp_path / "actor"
     shutil.copytree(setup.run / "actor", actor)
+    shutil.copytree(actor / "200", actor / "300")  # 200's save failed.
     (actor / "100" / lora_checkpoint.COMMIT_MARKER).touch()
     resolve = lora_checkpoint.resolve_lora_checkpoint
     assert resolve(actor) == str(actor / "100" / "model_params")
-    (actor / "200" / lora_checkpoint.COMMIT_MARKER).touch()
-    assert resolve(actor) == str(actor / "200" / "model_params")
+    (actor / "300" / lora_checkpoint.COMMIT_MARKER).touch()
+    assert resolve(actor) == str(actor / "300" / "model_params")
 
 
 def test_damaged_checkpoint_is_named(setup, tmp_path):

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import scipy.stats
+from eval.test_scoring import wilson
 from flax import nnx
 from gcs_emulator import upload_dir
 
@@ -386,9 +387,10 @@ def test_pass_at_k_maj_and_clustered_mean_known_values():
     per_question = np.mean(GRID, axis=1)
     se = per_question.std(ddof=1) / 2
     assert m.mean_accuracy == pytest.approx(7 / 16)
-    assert m.mean_accuracy_ci95 == pytest.approx(
-        (max(0, 7 / 16 - 1.959964 * se), 7 / 16 + 1.959964 * se), abs=1e-6
-    )
+    # 16 samples worth p(1-p)/SE^2 (about 5.4) independent items.
+    effective = 7 / 16 * 9 / 16 / se**2
+    assert 4 < effective < 16
+    assert m.mean_accuracy_ci95 == pytest.approx(wilson(7 / 16, effective), abs=1e-6)
     assert m.selection == pytest.approx(
         {
             "sample 0 (baseline)": 2 / 4,

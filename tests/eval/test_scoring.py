@@ -38,18 +38,63 @@ def test_one_sample_per_question_has_wilsons_interval():
     assert summary["accuracy_ci95_method"] == "wilson"
 
 
+def wilson(p, n, confidence=0.95):
+    """Wilson's score interval, written out (n may be fractional)."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
 def test_several_samples_per_question_cluster_the_interval():
     """Each question solved by all or none of its 8 samples: 80 rows carry
     only 10 questions' worth of evidence, and the interval says so."""
     grid = [[True] * 8] * 5 + [[False] * 8] * 5
     summary = summarize(rollouts(grid), 8, "strict", get_task("boxed"))
-    per_question = np.mean(grid, axis=1)
-    half = NormalDist().inv_cdf(0.975) * per_question.std(ddof=1) / np.sqrt(10)
     assert summary["accuracy"] == 0.5
-    assert summary["accuracy_ci95"] == pytest.approx([0.5 - half, 0.5 + half])
     assert summary["accuracy_ci95_method"] == "clustered"
-    by_strict = summary["by_method"]["strict"]
-    assert by_strict["accuracy_ci95"] == summary["accuracy_ci95"]
-    # Wilson's over the 80 rows as if independent is far narrower.
-    wilson = scipy.stats.binomtest(40, 80).proportion_ci(0.95, method="wilson")
-    assert wilson.high - wilson.low < 0.5 * (2 * half)
+    expected = scipy.stats.binomtest(5, 10).proportion_ci(0.95, method="wilson")
+    assert summary["accuracy_ci95"] == pytest.approx([expected.low, expected.high])
+    assert summary["by_method"]["strict"]["accuracy_ci95"] == summary["accuracy_ci95"]
+
+
+def test_clustered_interval_uses_the_design_effect():
+    """Partly correlated samples: the grid is worth p(1-p)/SE^2 items, SE
+    clustered by question."""
+    shares = [4, 4, 3, 1, 0, 0, 2, 2]  # right samples of 4, per question
+    grid = [[s > i for i in range(4)] for s in shares]
+    summary = summarize(rollouts(grid), 4, "strict", get_task("boxed"))
+    per_question = np.mean(grid, axis=1)
+    p = per_question.mean()
+    se = per_question.std(ddof=1) / np.sqrt(len(grid))
+    effective = p * (1 - p) / se**2
+    assert len(grid) < effective < np.size(grid)
+    assert summary["accuracy_ci95"] == pytest.approx(wilson(p, effective))
+
+
+@pytest.mark.parametrize(
+    "grid, worth",
+    [
+        ([[False] * 4] * 6, 6),  # All wrong: one item per question.
+        ([[True] * 4] * 6, 6),  # All right: likewise.
+        ([[True, False] * 2] * 6, 24),  # Every question half right: SE is 0.
+    ],
+)
+def test_clustered_interval_never_collapses_to_a_point(grid, worth):
+    """Where the clustered SE is 0, mean +- z SE would be a point."""
+    summary = summarize(rollouts(grid), 4, "strict", get_task("boxed"))
+    correct = round(summary["accuracy"] * worth)
+    expected = scipy.stats.binomtest(correct, worth).proportion_ci(0.95, "wilson")
+    low, high = summary["accuracy_ci95"]
+    assert (low, high) == pytest.approx((expected.low, expected.high))
+    assert high - low > 0.1
+
+
+def test_runs_from_before_reference_solutions_are_scored():
+    """Rollouts written before 2026-12-01 have no reference_solution."""
+    old = [
+        {k: v for k, v in r.items() if k != "reference_solution"}
+        for r in rollouts([[True], [False]])
+    ]
+    summary = summarize(old, 1, "strict", get_task("boxed"))
+    assert summary["correct"] == 1 and summary["total"] == 2
