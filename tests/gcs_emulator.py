@@ -88,6 +88,11 @@ etils 1.15.0), and what differs from docs/REFERENCE.md section 4
   incl. ``max_to_keep`` deletion); save-locally-then-``upload_dir`` still
   works and mirrors checkpoints produced elsewhere.  No special Orbax
   options are needed to restore from ``gs://``.
+* Multipart uploads (gcsfs's simple uploads): the stock parser (the
+  ``email`` package) dropped a final ``\r`` of the content, so a file whose
+  last byte is 0x0D was stored one byte short (an Orbax data file, one time
+  in 256, then failed to restore).  ``multipart/related`` bodies are split
+  on their boundary here, byte-exact.
 * Server: the stock ``Server`` runs a single-threaded ``HTTPServer``
   (backlog 5, stalls on an idle client).  Here the same request handler is
   served by a ``ThreadingHTTPServer`` (daemon threads, backlog 128, bound to
@@ -102,8 +107,12 @@ etils 1.15.0), and what differs from docs/REFERENCE.md section 4
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import email
+import email.message
 import functools
+import json
 import logging
 import os
 import sys
@@ -265,6 +274,46 @@ def _with_generations(original, *, is_read: bool):
     return handler
 
 
+def _exact_multipart(original):
+    """`server._read_data`, with `multipart/related` upload bodies split on
+    their boundary instead of parsed by the `email` package."""
+    from gcp_storage_emulator import server
+
+    def read_data(request_handler, query):
+        content_type = request_handler.headers.get("Content-Type") or ""
+        if not content_type.startswith("multipart/related"):
+            return original(request_handler, query)
+        raw = server._decode_raw_data(
+            server._read_raw_data(request_handler), request_handler
+        )
+        if not raw:
+            return None
+        message = email.message.Message()
+        message["Content-Type"] = content_type
+        delimiter = b"--" + message.get_param("boundary").encode()
+        # [preamble, metadata part, content part, "--" epilogue]
+        _, meta, content, *_ = raw.split(delimiter)
+
+        def headers_and_body(part: bytes) -> tuple[email.message.Message, bytes]:
+            # The writer's line break (gcsfs: "\n", RFC 2046: "\r\n") follows
+            # the delimiter, ends the headers, and alone precedes the next one.
+            newline = b"\r\n" if part.startswith(b"\r\n") else b"\n"
+            head, _, body = part.removeprefix(newline).partition(newline * 2)
+            return email.message_from_bytes(head), body.removesuffix(newline)
+
+        _, meta_body = headers_and_body(meta)
+        content_headers, body = headers_and_body(content)
+        if content_headers.get("Content-Transfer-Encoding", "").lower() == "base64":
+            body = base64.b64decode(body)
+        return {
+            "meta": json.loads(meta_body),
+            "content": body,
+            "content-type": content_headers.get_content_type(),
+        }
+
+    return read_data
+
+
 def _patch_emulator() -> None:
     """Fixes the emulator's listing offsets and generation handling (idempotent).
 
@@ -291,6 +340,11 @@ def _patch_emulator() -> None:
         setattr(objects, name, wrapped)
 
     from gcp_storage_emulator import server
+
+    if not getattr(server._read_data, _PATCH_MARK, False):
+        exact = _exact_multipart(server._read_data)
+        setattr(exact, _PATCH_MARK, True)
+        server._read_data = exact
 
     originals = {}
     for name in wrappers:
