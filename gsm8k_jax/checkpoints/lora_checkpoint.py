@@ -106,19 +106,18 @@ def _latest_committed(folder: epath.Path, steps: list[int]) -> epath.Path:
         folder,
         lambda: {p.parent.name for p in folder.glob(f"*/{COMMIT_MARKER}")},
     )
-    committed = [step for step in steps if str(step) in marked]
-    newest = max(steps)
-    if committed and max(committed) != newest:
-        logging.warning(
-            "Steps after %d in %s are not committed (no %s: still being written,"
-            " or their save failed); using step %d.",
-            max(committed),
-            folder,
-            COMMIT_MARKER,
-            max(committed),
-        )
-        return folder / str(max(committed))
-    return folder / str(newest)
+    committed = max((step for step in steps if str(step) in marked), default=None)
+    if committed is None or committed == max(steps):
+        return folder / str(max(steps))
+    logging.warning(
+        "Steps after %d in %s are not committed (no %s: still being written, or"
+        " their save failed); using step %d.",
+        committed,
+        folder,
+        COMMIT_MARKER,
+        committed,
+    )
+    return folder / str(committed)
 
 
 def _key(path: tuple[Any, ...]) -> str:
@@ -276,15 +275,15 @@ def _effective_lora_config(
             )
         return config
     if config is not None:
-        names = [f.name for f in dataclasses.fields(LoraConfig)]
-        for field in sorted(names if given is None else given):
-            value, saved = getattr(config, field), getattr(recorded, field)
-            if value != saved:
-                raise ValueError(
-                    f"{CONFIG_FLAG}.{field}={value!r}, but the checkpoint was trained"
-                    f" with {field}={saved!r} ({recorded_at}): drop it or pass the"
-                    " trained value."
-                )
+        differing = config.differing_fields(recorded)
+        contradicted = sorted(f for f in differing if given is None or f in given)
+        if contradicted:
+            field = contradicted[0]
+            raise ValueError(
+                f"{CONFIG_FLAG}.{field}={getattr(config, field)!r}, but the checkpoint"
+                f" was trained with {field}={getattr(recorded, field)!r}"
+                f" ({recorded_at}): drop it or pass the trained value."
+            )
     return recorded
 
 

@@ -51,3 +51,11 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def differing_fields(self, other: LoraConfig) -> list[str]:
+        """The names of the fields whose values differ from `other`'s."""
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gsm8k_jax.storage import filesystem, gcs_bucket, is_gcs
+from gsm8k_jax.storage import filesystem, gcs_bucket, is_gcs, write_atomic
 
 # Only what a Gemma 3 text evaluation needs from a model repository.
 HF_FILE_PATTERNS = (
@@ -107,13 +107,7 @@ def _sync(fs: Any, prefix: str, remote: dict[str, str], target: Path) -> None:
         fs.get(f"{prefix}/{rel}", str(partial))
         partial.replace(local)
         copied[rel] = version
-        _write_json_atomic(versions_path, copied)
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    partial = path.with_name(f".{path.name}.part")
-    partial.write_text(json.dumps(value, indent=1, sort_keys=True))
-    partial.replace(path)
+        write_atomic(versions_path, json.dumps(copied, indent=1, sort_keys=True))
 
 
 def download_hub_model(repo_id: str) -> Path:

@@ -453,14 +453,14 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         from gsm8k_jax.checkpoints import lora as lora_lib
         from gsm8k_jax.checkpoints import lora_checkpoint
 
+        given = given_lora_fields(sys.argv)
         trained = lora_checkpoint.resolve_trained_lora(
             cfg.lora_checkpoint_path,
             lora_lib.LoraConfig(**cfg.lora_config.to_dict()),
-            given=given_lora_fields(sys.argv),
+            given=given,
         )
         lora_path, lora_config = trained.params_path, trained.config
         if not trained.recorded:
-            given = given_lora_fields(sys.argv)
             values = ", ".join(
                 f"{field} {getattr(lora_config, field)}"
                 f" ({'given' if field in given else 'default'})"

@@ -61,8 +61,8 @@ class RunRow:
     `accuracy` is over all (question, sample) rows of the finished problems.
     Its interval is Wilson's with one sample per question, and with k > 1
     Wilson's on the items the samples are worth, clustered by question
-    (`stats.clustered_accuracy_interval`). `complete` is False while the run has fewer
-    finished problems (`num_finished`) than it was started on
+    (`stats.clustered_accuracy_interval`). `complete` is False while the run
+    has fewer finished problems (`num_finished`) than it was started on
     (`num_examples`) or no summary.
     """
 

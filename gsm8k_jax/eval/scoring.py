@@ -104,7 +104,8 @@ def summarize(
     task: tasks.Task,
 ) -> dict[str, Any]:
     """Accuracy (over all samples) with a 95% interval (Wilson's; with
-    several samples per question, clustered by question) and failure counts, under `method` and under every method (`by_method`, as
+    several samples per question, clustered by question) and failure counts,
+    under `method` and under every method (`by_method`, as
     lm-evaluation-harness reports strict and flexible together), and
     pass@k / maj@k when several samples were drawn per question. An lm-eval
     task adds its filters to `by_method` and lm-eval's own figures

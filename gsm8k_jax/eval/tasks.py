@@ -68,13 +68,13 @@ _BOXED_MAX_GEN_TOKS = 768
 
 _FLEXIBLE = RegexFilter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1)
 _GSM8K_FILTERS = (
-    (STRICT_MATCH, RegexFilter(r"#### (\-?[0-9\.\,]+)")),
+    (STRICT_MATCH, RegexFilter(HASH_FINAL_ANSWER.pattern)),
     (FLEXIBLE_EXTRACT, _FLEXIBLE),
 )
 # The chain-of-thought tasks' final answer (their examples end with it).
-_COT_FINAL_ANSWER = r"The answer is (\-?[0-9\.\,]+)."
+_COT_FINAL_ANSWER = re.compile(r"The answer is (\-?[0-9\.\,]+).")
 _COT_FILTERS = (
-    (STRICT_MATCH, RegexFilter(_COT_FINAL_ANSWER)),
+    (STRICT_MATCH, RegexFilter(_COT_FINAL_ANSWER.pattern)),
     (FLEXIBLE_EXTRACT, _FLEXIBLE),
 )
 
@@ -234,7 +234,7 @@ _LM_EVAL_TASKS = (
         max_gen_toks=LM_EVAL_MAX_GEN_TOKS,
         filters=_COT_FILTERS,
         final_answer_reference=True,
-        final_answer=re.compile(_COT_FINAL_ANSWER),
+        final_answer=_COT_FINAL_ANSWER,
     ),
     Task(
         "gsm8k_cot_zeroshot",
@@ -243,7 +243,7 @@ _LM_EVAL_TASKS = (
         until=("Q:", "</s>", "<|im_end|>"),
         max_gen_toks=LM_EVAL_MAX_GEN_TOKS,
         filters=_COT_FILTERS,
-        final_answer=re.compile(_COT_FINAL_ANSWER),
+        final_answer=_COT_FINAL_ANSWER,
     ),
 )
 

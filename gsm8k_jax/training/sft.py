@@ -295,10 +295,9 @@ def check_resumable(root: str | os.PathLike, config: SFTConfig) -> None:
     recorded = lora_checkpoint.recorded_lora_config(folder)
     if recorded is not None and recorded != config.lora:
         differing = [
-            f"{f.name}={getattr(config.lora, f.name)!r} (trained with"
-            f" {getattr(recorded, f.name)!r})"
-            for f in dataclasses.fields(recorded)
-            if getattr(recorded, f.name) != getattr(config.lora, f.name)
+            f"{name}={getattr(config.lora, name)!r} (trained with"
+            f" {getattr(recorded, name)!r})"
+            for name in config.lora.differing_fields(recorded)
         ]
         raise ValueError(
             f"{folder} was trained with another LoRA config: {', '.join(differing)}"
