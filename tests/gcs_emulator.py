@@ -97,7 +97,9 @@ etils 1.15.0), and what differs from docs/REFERENCE.md section 4
   (backlog 5, stalls on an idle client).  Here the same request handler is
   served by a ``ThreadingHTTPServer`` (daemon threads, backlog 128, bound to
   port 0 so there is no free-port race) with one lock around request
-  handling, because the emulator's storage is not thread-safe.  Its 404
+  handling, because the emulator's storage is not thread-safe; a request's
+  body is read before the lock is taken, so a client stopped mid-upload
+  stalls no other.  Its 404
   ERROR logs are silenced while it runs; dropped client connections are
   not reported.
 * Timing: starting/stopping an emulator takes a few ms; gcsfs calls ~1-5
@@ -112,6 +114,7 @@ import contextlib
 import email
 import email.message
 import functools
+import io
 import json
 import logging
 import os
@@ -368,8 +371,20 @@ def _make_http_server(storage) -> http_server.ThreadingHTTPServer:
 
     class _Handler(emu_server.RequestHandler):
         def _route(self, method):
+            self._read_body()
             with lock:  # the emulator's Storage is not thread-safe
                 emu_server.Router(self).handle(method)
+
+        def _read_body(self):
+            """Reads the whole request body before the lock is taken: a client
+            stopped mid-upload (a test's SIGSTOP) then stalls only itself."""
+            body = emu_server._read_raw_data(self)
+            if body is None:
+                return
+            del self.headers["Transfer-Encoding"]
+            del self.headers["Content-Length"]
+            self.headers["Content-Length"] = str(len(body))
+            self.rfile = io.BytesIO(body)
 
         def do_GET(self):
             self._route("GET")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 
@@ -82,6 +84,30 @@ def test_uploads_keep_every_byte(gcs_bucket, tmp_path, ending):
     fs.put(str(tmp_path / "file"), f"{gcs_bucket}/bytes/put")
     for name in ("piped", "put"):
         assert fs.cat_file(f"{gcs_bucket}/bytes/{name}") == data, name
+
+
+def test_a_client_stopped_mid_upload_stalls_no_other(gcs_bucket):
+    """A process stopped while it uploads (the multi-host test's SIGSTOP)
+    must not hold the emulator's lock: others read and write meanwhile."""
+    host, port = os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)
+    bucket = gcs_bucket.removeprefix("gs://")
+    with socket.create_connection((host.removeprefix("http://"), int(port))) as stalled:
+        stalled.sendall(
+            f"POST /upload/storage/v1/b/{bucket}/o?uploadType=media&name=stalled"
+            " HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789".encode()
+        )
+        time.sleep(0.2)  # Its handler is now waiting for the other 90 bytes.
+        result = []
+        other = threading.Thread(
+            target=lambda: result.append(
+                gcs_filesystem().pipe(f"{gcs_bucket}/stall/other", b"ok")
+            ),
+            daemon=True,
+        )
+        other.start()
+        other.join(10)
+        assert result, "another client's upload waited for the stopped one"
+    assert gcs_filesystem().cat_file(f"{gcs_bucket}/stall/other") == b"ok"
 
 
 def test_ranged_listing_honours_offsets(gcs_bucket):
