@@ -8,6 +8,7 @@ another hub id. `gemma3-tiny` ships inside the package, so it works offline.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -116,8 +117,32 @@ def load_pretrained(
             " copy the model's tokenizer files beside its weights."
         )
     model = load_hf_model(model_dir, dtype=dtype, mesh=mesh)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return model, tokenizer, model_dir
+    return model, load_tokenizer(model_dir), model_dir
+
+
+# The tokenizer classes a Gemma 3 folder's tokenizer_config.json names, and
+# the transformers class AutoTokenizer loads for each.
+_TOKENIZER_CLASSES = {
+    "GemmaTokenizer": "GemmaTokenizer",
+    "GemmaTokenizerFast": "GemmaTokenizer",
+    "PreTrainedTokenizerFast": "TokenizersBackend",
+    "TokenizersBackend": "TokenizersBackend",
+}
+
+
+def load_tokenizer(model_dir: Path) -> transformers.PreTrainedTokenizerBase:
+    """The folder's tokenizer, as AutoTokenizer loads it. The classes a Gemma 3
+    folder names are loaded directly: AutoTokenizer imports transformers'
+    config classes, and with them torch wherever it is installed (about 2 s
+    of every start). Any other class goes through AutoTokenizer."""
+    try:
+        declared = json.loads((model_dir / "tokenizer_config.json").read_text())
+        name = _TOKENIZER_CLASSES.get(declared.get("tokenizer_class"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        name = None
+    if name is None:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    return getattr(transformers, name).from_pretrained(model_dir)
 
 
 def default_eos_ids(model_dir: Path) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 Numbers follow the Gemma 3 technical report and the Hugging Face configs.
 `Gemma3Config.from_hf` reads any Gemma 3 text checkpoint's `config.json`
-(through transformers, which normalises old and new config formats), so the
+(old and new formats, as transformers reads them: `hf_config.py`), so the
 named sizes below are conveniences, not a closed list.
 """
 
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from typing import Any
+
+from gsm8k_jax.models.gemma3 import hf_config as hf_config_fields
 
 
 class AttentionType(enum.Enum):
@@ -81,52 +84,49 @@ class Gemma3Config:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "Gemma3Config":
-        """Builds a config from a transformers `Gemma3TextConfig` (or a
-        multimodal `Gemma3Config`, whose `text_config` is used)."""
-        text = getattr(hf_config, "text_config", None) or hf_config
-        model_type = getattr(text, "model_type", None)
-        if model_type not in ("gemma3_text", "gemma3"):
+    def from_hf(cls, hf_config: Mapping[str, Any] | Any) -> Gemma3Config:
+        """Builds a config from a Gemma 3 `config.json`'s contents, text-only
+        or multimodal (its `text_config`), or from a transformers config
+        object (`Gemma3TextConfig` or `Gemma3Config`)."""
+        raw = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        text = hf_config_fields.text_fields(raw)
+        if text["use_bidirectional_attention"]:
             raise ValueError(
-                f"Expected a Gemma 3 config (model_type 'gemma3_text' or"
-                f" 'gemma3'), got model_type={model_type!r}. gsm8k_jax implements"
-                " Gemma 3 only."
+                "This Gemma 3 config attends bidirectionally (an embedding"
+                " model): gsm8k_jax implements the causal language model only."
             )
-        rope = text.rope_parameters
+        rope = text["rope_parameters"]
         global_rope, local_rope = rope["full_attention"], rope["sliding_attention"]
-        for name, params in (
-            ("full_attention", global_rope),
-            ("sliding_attention", local_rope),
-        ):
-            if params.get("rope_type", "default") not in ("default", "linear"):
+        for name, params in rope.items():
+            if params["rope_type"] not in ("default", "linear"):
                 raise ValueError(
                     f"Unsupported rope_type {params['rope_type']!r} for {name} layers;"
                     " Gemma 3 uses 'default' or 'linear'."
                 )
-        if local_rope.get("rope_type", "default") != "default":
+        if local_rope["rope_type"] != "default":
             raise ValueError("Gemma 3 scales RoPE on global layers only.")
         global_scale = (
             float(global_rope["factor"])
-            if global_rope.get("rope_type") == "linear"
+            if global_rope["rope_type"] == "linear"
             else 1.0
         )
         return cls(
-            num_layers=text.num_hidden_layers,
-            vocab_size=text.vocab_size,
-            embed_dim=text.hidden_size,
-            hidden_dim=text.intermediate_size,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads,
-            head_dim=text.head_dim,
-            sliding_window=text.sliding_window,
-            layer_types=tuple(AttentionType(t) for t in text.layer_types),
-            query_pre_attn_scalar=float(text.query_pre_attn_scalar),
+            num_layers=text["num_hidden_layers"],
+            vocab_size=text["vocab_size"],
+            embed_dim=text["hidden_size"],
+            hidden_dim=text["intermediate_size"],
+            num_heads=text["num_attention_heads"],
+            num_kv_heads=text["num_key_value_heads"],
+            head_dim=text["head_dim"],
+            sliding_window=text["sliding_window"],
+            layer_types=tuple(AttentionType(t) for t in text["layer_types"]),
+            query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
             local_rope_base=float(local_rope["rope_theta"]),
             global_rope_base=float(global_rope["rope_theta"]),
             global_rope_scale=global_scale,
-            rms_norm_eps=float(text.rms_norm_eps),
-            attn_logit_softcap=text.attn_logit_softcapping,
-            final_logit_softcap=text.final_logit_softcapping,
+            rms_norm_eps=float(text["rms_norm_eps"]),
+            attn_logit_softcap=text["attn_logit_softcapping"],
+            final_logit_softcap=text["final_logit_softcapping"],
         )
 
 

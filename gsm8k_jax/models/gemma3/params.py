@@ -54,8 +54,20 @@ def load_config(model_dir: str | os.PathLike) -> Gemma3Config:
             f"No config.json in {model_dir}: expected a Hugging Face model folder"
             " (config.json plus *.safetensors)."
         )
-    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-    return Gemma3Config.from_hf(hf_config)
+    try:
+        raw = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{config_file} is not valid JSON ({e}): download it again."
+        ) from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} holds no JSON object: download it again.")
+    try:
+        return Gemma3Config.from_hf(raw)
+    except KeyError as e:
+        raise CheckpointError(f"{config_file} lacks the field {e}.") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
 
 
 @contextlib.contextmanager
