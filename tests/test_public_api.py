@@ -1,5 +1,7 @@
 """`import gsm8k_jax` is all a notebook needs."""
 
+import ast
+import importlib.util
 import subprocess
 import sys
 
@@ -12,14 +14,27 @@ def test_every_public_name_resolves():
         assert getattr(value, "__name__", name) == name or not callable(value), name
 
 
+def _imported(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after `code`."""
+    code += f"\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return ast.literal_eval(done.stdout.strip())
+
+
 def test_reading_and_comparing_runs_imports_no_jax():
     """Comparing results on a laptop needs no jax or flax."""
-    code = (
-        "import sys, gsm8k_jax; gsm8k_jax.load_runs; gsm8k_jax.compare_runs;"
-        " gsm8k_jax.LoraConfig; print(sorted(m for m in ('jax', 'flax') if m in"
-        " sys.modules))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == "[]"
+    code = "import gsm8k_jax; gsm8k_jax.load_runs; gsm8k_jax.compare_runs; gsm8k_jax.LoraConfig"
+    assert _imported(code, ("jax", "flax")) == []
+
+
+def test_loading_a_model_does_not_import_torch():
+    """transformers' config classes import torch where it is installed (as in
+    the test extras): about 2 s of every start, for nothing."""
+    assert importlib.util.find_spec("torch") is not None
+    code = "import gsm8k_jax; gsm8k_jax.load_pretrained('gemma3-tiny')"
+    assert _imported(code, ("torch",)) == []
