@@ -3,9 +3,10 @@ default dtype (bfloat16) and in float32.
 
 64 test problems of mixed prompt lengths (two prompt buckets), 128 new
 tokens: prompt + generation is longer than the model's 64-token window.
-Every row's response and summed log-probability must be the same bits at
-batch sizes 1, 2, 7, 32 and 64, in shuffled order, after kill -9 and
-resume, and on 8 devices.
+Every row's response, token count and summed log-probability must be the
+same bits at batch sizes 1, 2, 7, 32 and 64 and in shuffled order; after
+kill -9 and resume, and on 8 devices, the rollouts file must be the
+batch-size-1 run's, byte for byte.
 """
 
 import json
@@ -38,13 +39,32 @@ def rows_by_id(rollouts):
 
 
 @pytest.fixture(scope="module", params=DTYPES)
-def reference(request, tmp_path_factory):
-    """(dtype, sampler, examples, batch-size-1 rows)."""
+def reference_run(request, tmp_path_factory):
+    """(dtype, sampler, examples, folder of the batch-size-1 run)."""
     model, tokenizer, _ = load_pretrained("gemma3-tiny", dtype=request.param)
     sampler = Sampler(model, tokenizer)
     examples = load_gsm8k()[:NUM_EXAMPLES]
-    rows = run_in_process(sampler, examples, 1, tmp_path_factory.mktemp("bs1"))
-    return request.param, sampler, examples, rows
+    out_dir = tmp_path_factory.mktemp("bs1")
+    run_in_process(sampler, examples, 1, out_dir)
+    return request.param, sampler, examples, out_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    """(dtype, sampler, examples, batch-size-1 rows)."""
+    dtype, sampler, examples, out_dir = reference_run
+    return (
+        dtype,
+        sampler,
+        examples,
+        rows_by_id(RunFiles(out_dir, "bs1").read_rollouts()),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_file(reference_run):
+    """The batch-size-1 run's rollouts file, as text."""
+    return Path(RunFiles(reference_run[3], "bs1").rollouts_path).read_text()
 
 
 def run_in_process(sampler, examples, batch_size, out_dir, row_tile=None):
@@ -107,27 +127,32 @@ def _script(dtype, out_dir, batch_size):
     ]
 
 
-def _script_rows(out_dir, batch_size):
-    path = out_dir / f"rollouts_gemma3-tiny_base_bs{batch_size}.jsonl"
-    return rows_by_id(json.loads(line) for line in path.read_text().splitlines())
+def _script_rollouts(out_dir, batch_size):
+    return (out_dir / f"rollouts_gemma3-tiny_base_bs{batch_size}.jsonl").read_text()
 
 
-def test_kill_and_resume_gives_the_same_bits(reference, tmp_path):
-    dtype, _, _, expected = reference
+def test_kill_and_resume_gives_the_same_bits(reference, reference_file, tmp_path):
+    """kill -9 mid-run and a rerun: the batch-size-1 rollouts, byte for byte."""
+    dtype = reference[0]
     command = _script(dtype, tmp_path, 2)
     finished = kill_after(command, tmp_path, "gemma3-tiny_base_bs2", 8)
     assert 8 <= finished < NUM_EXAMPLES, "the kill must land mid-run"
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-    assert _script_rows(tmp_path, 2) == expected
+    assert _script_rollouts(tmp_path, 2) == reference_file
 
 
-def test_eight_devices_give_the_same_bits(reference, tmp_path):
-    dtype, _, _, expected = reference
+def test_eight_devices_give_the_same_bits(reference, reference_file, tmp_path):
+    dtype = reference[0]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
-        _script(dtype, tmp_path, 32), cwd=REPO, env=env, capture_output=True, text=True
+        _script(dtype, tmp_path, 32),
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary_gemma3-tiny_base_bs32.json").read_text())
     assert len(summary["devices"]) == 8
-    assert _script_rows(tmp_path, 32) == expected
+    assert _script_rollouts(tmp_path, 32) == reference_file
