@@ -85,8 +85,7 @@ def _model_field_error(error: Exception, argv: Sequence[str]) -> str:
     """One line naming the first unknown `--model.<field>` in `argv` and the
     nearest known one (ml_collections' own message spans lines, quoted)."""
     fields = model_fields()
-    given = (arg.lstrip("-").split("=", 1)[0] for arg in argv[1:])
-    for name in (g.removeprefix("model.") for g in given if g.startswith("model.")):
+    for name in sorted(given_model_fields(argv)):
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f"; did you mean --model.{close[0]}?" if close else "."
@@ -380,10 +379,19 @@ def eval_config_from_flags(
     return capped
 
 
-def given_lora_fields(argv: list[str]) -> set[str]:
+def given_model_fields(argv: Sequence[str]) -> set[str]:
+    """The `--model.<field>` flags given on the command line, by field
+    (`dtype`, `lora_config.rank`)."""
+    names = (arg.lstrip("-").split("=", 1)[0] for arg in argv[1:] if arg[:1] == "-")
+    return {name.removeprefix("model.") for name in names if name.startswith("model.")}
+
+
+def given_lora_fields(argv: Sequence[str]) -> set[str]:
     """The `--model.lora_config.<field>` flags given on the command line."""
-    prefix = "--model.lora_config."
-    return {a[len(prefix) :].split("=")[0] for a in argv if a.startswith(prefix)}
+    prefix = "lora_config."
+    return {
+        f.removeprefix(prefix) for f in given_model_fields(argv) if f.startswith(prefix)
+    }
 
 
 def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) -> None:

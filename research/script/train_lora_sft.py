@@ -10,11 +10,12 @@ and the same rank, alpha and module_path); `--full_finetune` writes Hugging
 Face folders `<output_dir>/hf/<step>/` instead (evaluate with
 `eval_gsm8k_base.py --model.model_path=<output_dir>/hf/<step>`). Rerunning the
 same command resumes from the latest step. Parameters train in float32
-(`--model.dtype` is not used). See gsm8k_jax/training/sft.py.
+(`--model.dtype` other than float32 is refused). See gsm8k_jax/training/sft.py.
 
 --data_path defaults to GSM8K's train split, bundled with the package.
 """
 
+import sys
 from pathlib import Path
 
 from gsm8k_jax.quiet import quiet_imports
@@ -71,6 +72,12 @@ def main(argv):
 
     cfg = flags.FLAGS.model
     cli.check_model_config(cfg)
+    if "dtype" in cli.given_model_fields(sys.argv) and cfg.dtype != "float32":
+        raise ValueError(
+            f"train_lora_sft.py trains in float32, not --model.dtype={cfg.dtype}:"
+            " drop the flag (evaluate the checkpoint in any dtype with the eval"
+            " scripts)."
+        )
     if cfg.lora_checkpoint_path:
         raise ValueError(
             "train_lora_sft.py writes checkpoints to --output_dir and takes no"

@@ -274,12 +274,20 @@ def test_script_full_finetune_writes_hf_folders(tmp_path):
     )
 
 
-def test_script_needs_training_data(tmp_path):
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--data_path=", "--data_path"),
+        # Training is float32 only: a dtype flag must not pass unnoticed.
+        ("--model.dtype=bfloat16", "trains in float32, not --model.dtype=bfloat16"),
+    ],
+)
+def test_script_refuses_in_one_line(tmp_path, flag, message):
     proc = subprocess.run(
         [
             sys.executable,
             str(REPO / "research/script/train_lora_sft.py"),
-            "--data_path=",
+            flag,
             f"--output_dir={tmp_path}",
         ],
         capture_output=True,
@@ -287,5 +295,5 @@ def test_script_needs_training_data(tmp_path):
         cwd=REPO,
         check=False,
     )
-    assert proc.returncode == 1 and "--data_path" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
