@@ -124,6 +124,31 @@ results["merged_q_spec"] = str(model.layers[0].attn.q_einsum.w[...].sharding.spe
 del model, targets
 gc.collect()
 
+
+def merged_in_float32_where_split(model) -> bool:
+    """Merges the LoRA checkpoint; every merged weight must be float32 and
+    keep its base weight's sharding."""
+    before = {
+        path: t.variable.get_value().sharding
+        for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items()
+    }
+    lora_lib.load_lora(
+        model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK)
+    )
+    after = lora_lib._targets(model, DEFAULT_MODULE_PATH)
+    return after.keys() == before.keys() and all(
+        t.variable.get_value().sharding == before[path]
+        and t.variable.get_value().dtype == jnp.float32
+        for path, t in after.items()
+    )
+
+
+# The default dtype: merged weights go from bfloat16 to float32, still split.
+bf16_model = params_lib.load_hf_model(model_dir, dtype=jnp.bfloat16, mesh=mesh)
+results["bfloat16_merge_kept_shardings"] = merged_in_float32_where_split(bf16_model)
+del bf16_model
+gc.collect()
+
 # The control: today's load then shard, measured the same way.
 meter.start()
 model = params_lib.load_hf_model(model_dir, dtype=jnp.float32)
@@ -234,7 +259,11 @@ for i, path in enumerate(checkpoints):
     files = RunFiles(scratch / "single", f"single{i}")
     files.prepare({}, resume=False, overwrite=True)
     evaluate(
-        Sampler(model, tokenizer), examples, eval_config, files, run_info={},
+        Sampler(model, tokenizer),
+        examples,
+        eval_config,
+        files,
+        run_info={},
         show_progress=False,
     )
     singles.append(files.read_rollouts())

@@ -78,8 +78,10 @@ def test_lora_merges_in_place_on_the_mesh(measured):
     merge = measured["sharded_merge"]
     assert merge["samples"] == 2 * 6  # after every merged weight
     assert max(merge["peak"]) <= measured["merge_bound_bytes"]
-    # Every merged weight is float32 and split as its base weight was.
+    # Every merged weight is float32 and split as its base weight was, in a
+    # float32 model and in a bfloat16 one.
     assert measured["merge_kept_shardings"]
+    assert measured["bfloat16_merge_kept_shardings"]
     assert measured["merged_q_spec"] == str(PartitionSpec("model", None, None))
 
 
