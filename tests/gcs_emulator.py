@@ -46,7 +46,7 @@ Environment while the emulator runs
 
 Findings with these versions (gcp-storage-emulator 2026.7.19, gcsfs
 2026.10.1, fsspec 2026.9.0, tensorstore 0.1.86, orbax-checkpoint 0.12.8,
-etils 1.15.0), and what differs from docs/REFERENCE.md section 4
+etils 1.15.0), each fixed or worked around here
 ---------------------------------------------------------------------
 * ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` is read once, when ``gcsfs`` is
   *imported*: unset/true makes ``gcsfs.GCSFileSystem`` the
@@ -66,19 +66,19 @@ etils 1.15.0), and what differs from docs/REFERENCE.md section 4
   ``endpoint_url`` follows ``STORAGE_EMULATOR_HOST`` per request, so a stale
   one would reach a new emulator but with stale listings; hence the resets
   on entry/exit and after ``upload_dir``.
-* Listing defect (as in REFERENCE): ``objects.ls`` ignored
+* Listing defect: ``objects.ls`` ignored
   ``startOffset``/``endOffset``.  Fixed here for any import order: the
   ``handlers.objects`` functions are replaced (before ``server`` is first
   imported, if it is not yet) *and* the references ``server.HANDLERS``
   bound at import are swapped in place.
-* Generations (differs from REFERENCE): media downloads carried no
+* Generations: media downloads carried no
   ``x-goog-generation`` header and ``ifGeneration[Not]Match`` /
   ``ifMetageneration[Not]Match`` were ignored.  tensorstore then stamps
   every read with generation 0, and the next conditional re-read of that key
   fails client-side with "Malformed StorageGeneration".  So *reading* was
   what broke: ``PyTreeCheckpointer().restore(gs_path)`` without a target
   re-reads ``_sharding`` once per array and failed for any tree with 2+
-  arrays (the REFERENCE recipe); direct Orbax *saves* to gs:// worked even
+  arrays (restoring without a target); direct Orbax *saves* to gs:// worked even
   unpatched, only because the preconditions were ignored.  This module adds
   the ``x-goog-generation``/``x-goog-metageneration``/
   ``x-goog-stored-content-length`` headers on reads and implements the four

@@ -1,7 +1,9 @@
 """Tunix-layout LoRA checkpoints written with plain Orbax, for tests.
 
 Independent of gsm8k_jax's own save function: shapes are written out by hand
-from REFERENCE.md §3 and the tree is nested as Tunix's nnx.State saves it.
+from qwix's LoRA layout (`<param>_lora_a` takes the weight's contracting
+dims and the rank, `<param>_lora_b` the rank and the rest) and the tree is
+nested as Tunix's nnx.State saves it.
 """
 
 import numpy as np
@@ -9,7 +11,7 @@ import orbax.checkpoint as ocp
 
 
 def factor_shapes(hf_config, rank):
-    """LoRA factor shapes per module, written out by hand (REFERENCE.md §3)."""
+    """LoRA factor shapes per module, written out by hand (qwix's layout)."""
     d, f = hf_config.hidden_size, hf_config.intermediate_size
     n, k, h = (
         hf_config.num_attention_heads,

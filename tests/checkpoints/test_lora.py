@@ -6,6 +6,7 @@ torch weights by code independent of gsm8k_jax.
 """
 
 import dataclasses
+import logging
 import shutil
 
 import jax.numpy as jnp
@@ -182,7 +183,7 @@ def test_unmerged_model_samples_like_merged(setup, unmerged):
 
 
 def test_load_from_gcs(setup, gcs_bucket):
-    # Saved locally with Orbax, then uploaded (docs/REFERENCE.md section 4).
+    # Saved locally with Orbax, then uploaded, as a run's folder is copied.
     remote = f"{gcs_bucket}/test_lora/run"
     upload_dir(str(setup.run), remote)
     assert lora_checkpoint.resolve_lora_checkpoint(f"{remote}/actor") == (
@@ -310,18 +311,24 @@ def test_missing_and_empty_paths(tmp_path):
         lora_checkpoint.resolve_lora_checkpoint(tmp_path / "run" / "actor")
 
 
-def test_latest_step_still_being_written_is_passed_over(setup, tmp_path):
+def test_latest_step_still_being_written_is_passed_over(setup, tmp_path, caplog):
     """Orbax marks a step committed at the end of its save (on gs:// it
     writes the step folder in place): unmarked steps after a marked one are
-    still being written or failed, so the latest marked one is evaluated."""
+    still being written or failed, so the latest marked one is evaluated,
+    with a warning."""
     actor = tmp_path / "actor"
     shutil.copytree(setup.run / "actor", actor)
     shutil.copytree(actor / "200", actor / "300")  # 200's save failed.
     (actor / "100" / lora_checkpoint.COMMIT_MARKER).touch()
     resolve = lora_checkpoint.resolve_lora_checkpoint
-    assert resolve(actor) == str(actor / "100" / "model_params")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert resolve(actor) == str(actor / "100" / "model_params")
+    assert "Steps after 100" in caplog.text and "using step 100" in caplog.text
+    caplog.clear()
     (actor / "300" / lora_checkpoint.COMMIT_MARKER).touch()
-    assert resolve(actor) == str(actor / "300" / "model_params")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert resolve(actor) == str(actor / "300" / "model_params")
+    assert "not committed" not in caplog.text
 
 
 def test_damaged_checkpoint_is_named(setup, tmp_path):

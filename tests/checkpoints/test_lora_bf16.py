@@ -24,7 +24,8 @@ from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 RANK, ALPHA = 4, 4.0  # scale alpha / rank = 1
 RELATIVE_SIZE = 1e-3
-# How each factor pair lays out as its weight (REFERENCE.md §3), written out
+# How each factor pair lays out as its weight (qwix: a's contracting dims and
+# the rank, then b's rank and the rest), written out
 # independently of the library's own mapping.
 DELTA_EQUATIONS = {
     "attn/q_einsum/w": "dr,rnh->ndh",
@@ -79,11 +80,12 @@ def test_merged_update_matches_float32_to_one_percent(small_update):
     after = base_weights(model)
     for name, delta in deltas.items():
         assert relative_error(after[name] - before[name], delta) < 0.01, name
-        # The test can fail: rounding the merged weight to bf16 loses most of it.
+        # The test can fail: rounding the merged weight to bf16 loses most of it
+        # (73-78% of each update here).
         rounded = np.asarray(
             jnp.asarray(before[name] + delta, jnp.bfloat16), np.float64
         )
-        assert relative_error(rounded - before[name], delta) > 0.2, name
+        assert relative_error(rounded - before[name], delta) > 0.6, name
 
 
 def test_eval_script_runs_the_float32_merge(small_update, tmp_path):

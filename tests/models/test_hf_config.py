@@ -16,8 +16,9 @@ from gsm8k_jax.models.gemma3.params import CheckpointError, load_config
 from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_tokenizer
 
 # The formats of the released checkpoints' config.json files: 1b's text-only
-# config in transformers 4.50's older fields; 4b's and 27b's multimodal
-# configs, whose text_config leaves out every field equal to a default.
+# config in transformers 4.50's older fields; 4b's, 12b's and 27b's
+# multimodal configs, whose text_config leaves out every field equal to a
+# default.
 GEMMA3_1B = {
     "architectures": ["Gemma3ForCausalLM"],
     "attn_logit_softcapping": None,
@@ -39,6 +40,30 @@ GEMMA3_1B = {
     "rope_theta": 1000000,
     "sliding_window": 512,
     "sliding_window_pattern": 6,
+    "vocab_size": 262144,
+}
+# 270m's, in transformers 4.56's fields: layer_types spelled out.
+GEMMA3_270M = {
+    "_sliding_window_pattern": 6,
+    "architectures": ["Gemma3ForCausalLM"],
+    "head_dim": 256,
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "layer_types": [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)
+    ],
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 18,
+    "num_key_value_heads": 1,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": 512,
+    "use_bidirectional_attention": False,
     "vocab_size": 262144,
 }
 SIGLIP = {
@@ -72,6 +97,18 @@ GEMMA3_4B = _multimodal(
         "sliding_window": 1024,
     }
 )
+GEMMA3_12B = _multimodal(
+    {
+        "hidden_size": 3840,
+        "intermediate_size": 15360,
+        "model_type": "gemma3_text",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 8,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    }
+)
 GEMMA3_27B = _multimodal(
     {
         "head_dim": 128,
@@ -94,10 +131,15 @@ def _variant(base, **changes):
     return config
 
 
-FORMATS = {
+RELEASED = {
+    "270m": GEMMA3_270M,
     "1b": GEMMA3_1B,
     "4b": GEMMA3_4B,
+    "12b": GEMMA3_12B,
     "27b": GEMMA3_27B,
+}
+FORMATS = {
+    **RELEASED,
     "tiny (transformers 5 format)": json.loads(
         (TINY_MODEL_DIR / "config.json").read_text()
     ),
@@ -148,7 +190,7 @@ def test_load_config_equals_reading_through_transformers(tmp_path, name):
 
 
 def test_released_sizes_read_as_their_named_configs():
-    for size, config in (("1b", GEMMA3_1B), ("4b", GEMMA3_4B), ("27b", GEMMA3_27B)):
+    for size, config in RELEASED.items():
         ours = Gemma3Config.from_hf(config)
         named = NAMED_CONFIGS[f"gemma3-{size}"]()
         # Multimodal configs count the image tokens in their vocabulary.
