@@ -12,6 +12,7 @@ batch-size-1 run's, byte for byte.
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,11 @@ def test_workload_is_demanding(reference):
     window = sampler.model.config.sliding_window
     assert sum(n + rows[e.id][2] > window for n, e in zip(lengths, examples)) >= 32
     assert len({row[0] for row in rows.values()}) > NUM_EXAMPLES // 2
+    # As the README says of the bundled model: most answers end in \boxed{N}
+    # and stop on their own.
+    stopped = [row[0] for row in rows.values() if row[3] == "eos"]
+    assert len(stopped) >= NUM_EXAMPLES * 3 // 4
+    assert all(re.search(r"\\boxed\{[^}]+\}\.?\s*$", text) for text in stopped)
 
 
 @pytest.mark.parametrize("batch_size", [2, 7, 32, 64])
