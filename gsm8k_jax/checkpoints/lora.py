@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -282,6 +283,28 @@ def _merge_weight(target: _Target, a: Any, b: Any, scale: float) -> jax.Array:
     )
 
 
+# Each model's merged weights, as merge_lora wrote them: while a weight still
+# holds its merged array, another merge would add a second update to it.
+# Putting the base weights back (as a sweep does) clears the mark.
+_MERGED: weakref.WeakKeyDictionary[nnx.Module, dict[str, weakref.ref]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _check_not_merged(model: Gemma3, targets: Mapping[str, _Target]) -> None:
+    """Refuses a model whose weights still hold an earlier merge's arrays."""
+    merged = _MERGED.get(model, {})
+    if any(
+        path in targets and ref() is targets[path].variable.get_value()
+        for path, ref in merged.items()
+    ):
+        raise ValueError(
+            "This model already has a LoRA update merged in; merging another"
+            " would add to it. Load the base model again (load_pretrained), or"
+            " put its weights back, before merging the next checkpoint."
+        )
+
+
 def merge_lora(
     model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
 ) -> None:
@@ -296,6 +319,8 @@ def merge_lora(
     """
     validate_lora_params(model, params, config)
     targets = _targets(model, config.module_path)
+    _check_not_merged(model, targets)
+    merged_weights = {}
     for weight in _factors(params):
         target = targets[weight]
         merged = _merge_weight(
@@ -305,6 +330,8 @@ def merge_lora(
             config.scale,
         )
         target.variable.set_value(merged)
+        merged_weights[weight] = weakref.ref(merged)
+    _MERGED[model] = merged_weights
 
 
 _SAMPLEABLE_CLASSES: dict[type, type] = {}

@@ -1,12 +1,13 @@
 """A small LoRA update survives the default bfloat16 model.
 
 Adapters from low-learning-rate SFT and RL change weights by ~0.1%:
-bf16(W + delta) keeps about a fifth of such an update. The merge keeps the
+bf16(W + delta) keeps about a quarter of such an update. The merge keeps the
 adapted weights in float32, which must give the float32 update to 1%.
 """
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,6 +87,22 @@ def test_merged_update_matches_float32_to_one_percent(small_update):
             jnp.asarray(before[name] + delta, jnp.bfloat16), np.float64
         )
         assert relative_error(rounded - before[name], delta) > 0.6, name
+
+
+def test_merging_twice_is_refused_until_the_base_weights_are_back(small_update):
+    """A notebook cell run twice must not add the update twice."""
+    root, _ = small_update
+    model, _, _ = load_pretrained("gemma3-tiny")
+    base = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+    config = LoraConfig(rank=RANK, alpha=ALPHA)
+    load_lora(model, root / "actor", config)
+    merged = base_weights(model)
+    with pytest.raises(ValueError, match="already has a LoRA update merged in"):
+        load_lora(model, root / "actor", config)
+    assert all(np.array_equal(base_weights(model)[k], v) for k, v in merged.items())
+    nnx.update(model, base)  # As a sweep puts the base weights back.
+    load_lora(model, root / "actor", config)
+    assert all(np.array_equal(base_weights(model)[k], v) for k, v in merged.items())
 
 
 def test_eval_script_runs_the_float32_merge(small_update, tmp_path):
