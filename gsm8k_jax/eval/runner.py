@@ -66,6 +66,18 @@ class EvalConfig:
         if self.row_tile is not None and self.row_tile < 1:
             raise ValueError(f"row_tile must be >= 1, got {self.row_tile}.")
         tasks.get_task(self.task)
+        if "{question}" not in self.prompt_template:
+            raise ValueError(
+                "The prompt template (--prompt_template) must contain '{question}',"
+                f" where each problem goes; got {self.prompt_template!r}."
+            )
+        samples = self.sampling.num_samples
+        if samples > 1 and self.sampling.temperature == 0:
+            raise ValueError(
+                f"num_samples={samples} at temperature 0 (greedy) gives {samples}"
+                " identical samples: set a temperature > 0 (--temperature=0.7) for"
+                " pass@k and maj@k."
+            )
         if self.extraction_method not in EXTRACTION_METHODS:
             raise ValueError(
                 f"extraction_method must be one of {EXTRACTION_METHODS}, got"

@@ -384,6 +384,8 @@ def finished_run(tmp_path_factory):
         (["results/elsewhere"], "unexpected argument\\(s\\) results/elsewhere"),
         (["--row_tile=4"], "other settings \\(differing: row_tile\\)"),
         (["--row_tile=0"], "row_tile"),
+        (["--num_samples=3"], "gives 3 identical samples: set a temperature > 0"),
+        (["--prompt_template=Solve this."], "--prompt_template\\) must contain"),
     ],
 )
 def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, message):
