@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -258,6 +259,26 @@ def _gcs_flag_values() -> list[str]:
     return [v for v in values if isinstance(v, str) and is_gcs(v)]
 
 
+def _home(value):
+    """`~/x` as the user meant it: the shell leaves a `~` after `=` as it is."""
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    return value
+
+
+def _expand_home() -> None:
+    """Expands a leading `~/` in every flag's value, `--model`'s fields and
+    list flags' items included (`--output_dir=~/runs` made a folder `~`)."""
+    for name, value in FLAGS.flag_values_dict().items():
+        if isinstance(value, ml_collections.ConfigDict):
+            for field, item in value.items():
+                value[field] = _home(item)
+        elif isinstance(value, list):
+            FLAGS[name].value = [_home(item) for item in value]
+        elif _home(value) != value:
+            FLAGS[name].value = _home(value)
+
+
 def _list_in_help() -> None:
     """absl's --help lists the running script's key flags (--helpfull buries
     the rest among absl's own): the flags defined here become key flags of the
@@ -290,6 +311,7 @@ def run_main(
                 " is a --flag=value (see --help)."
             )
             sys.exit(1)
+        _expand_home()
         try:
             with stop_on_signals():
                 for path in _gcs_flag_values():

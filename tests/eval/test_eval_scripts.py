@@ -1,6 +1,7 @@
 """End to end: the evaluation scripts as a user runs them, crashes included."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -397,6 +398,17 @@ def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, me
     assert "Traceback" not in proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
+
+
+def test_a_home_folder_after_equals_is_expanded(tmp_path):
+    """The shell leaves `~` after `=` as it is: `--output_dir=~/runs` must
+    not write into a folder named `~` in the working directory."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home))
+    run_script(*QUICK, "--output_dir=~/runs", cwd=tmp_path, env=env)
+    assert (home / "runs" / "summary_gemma3-tiny_base_bs4.json").is_file()
+    assert not (tmp_path / "~").exists()
 
 
 def test_row_tile_is_recorded(finished_run, tmp_path):
