@@ -1,4 +1,4 @@
-"""Times the evaluation as a user runs it: our eval script against a plain
+r"""Times the evaluation as a user runs it: our eval script against a plain
 transformers GSM8K loop, each a whole process, same model folder and prompts
 (`gsm8k_jax/benchmarks/eval_cli.py`).
 

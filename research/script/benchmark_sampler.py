@@ -1,4 +1,4 @@
-"""Benchmarks our sampler against transformers' `generate` on the same weights.
+r"""Benchmarks our sampler against transformers' `generate` on the same weights.
 
 Two workloads, both timing the two sides in one process:
 

@@ -1,4 +1,4 @@
-"""Writes the offline demo model `gemma3-tiny` as a Hugging Face folder.
+r"""Writes the offline demo model `gemma3-tiny` as a Hugging Face folder.
 
 The architecture is `gsm8k_jax.models.gemma3.config.gemma3_tiny()`, saved in
 the HF Gemma3ForCausalLM safetensors layout (bfloat16) next to the packaged

@@ -1,4 +1,4 @@
-"""Compares GSM8K runs: runs on disk, or LoRA checkpoints it evaluates first.
+r"""Compares GSM8K runs: runs on disk, or LoRA checkpoints it evaluates first.
 
 Runs on disk (results folders, or their rollouts/summary files); a run that
 has not finished is compared on the problems it finished and marked

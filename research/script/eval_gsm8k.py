@@ -1,4 +1,4 @@
-"""Evaluates a Gemma 3 model with a LoRA checkpoint (Tunix layout) on GSM8K.
+r"""Evaluates a Gemma 3 model with a LoRA checkpoint (Tunix layout) on GSM8K.
 
     python research/script/eval_gsm8k.py --model.model_name=gemma3-1b-it \
         --model.lora_config.rank=16 --model.lora_checkpoint_path=gs://bucket/run/actor \

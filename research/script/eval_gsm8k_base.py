@@ -1,4 +1,4 @@
-"""Evaluates a base Gemma 3 model (no LoRA) on GSM8K.
+r"""Evaluates a base Gemma 3 model (no LoRA) on GSM8K.
 
     python research/script/eval_gsm8k_base.py --model.model_name=gemma3-1b-it \
         --output_dir=results/base --batch_size=32

@@ -1,4 +1,4 @@
-"""Fine-tunes a Gemma 3 on GSM8K solutions: LoRA (default) or every weight.
+r"""Fine-tunes a Gemma 3 on GSM8K solutions: LoRA (default) or every weight.
 
     python research/script/train_lora_sft.py --model=configs/gemma3_tiny.py \
         --model.lora_config.rank=16 --model.lora_config.alpha=16.0 \
