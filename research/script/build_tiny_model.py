@@ -12,7 +12,7 @@ Without --from_trained the weights are deterministic random numbers (numpy
 seed). The shipped weights were made from those: a full fine-tune on the
 GSM8K train set (800 steps of 8 sequences, 7.8 minutes on 2 CPU cores, final
 loss ~2.1), so that answers look like GSM8K solutions and end in `The final
-answer is \\boxed{N}.<end_of_turn>` (28 of the first 32 test problems, greedy;
+answer is \boxed{N}.<end_of_turn>` (28 of the first 32 test problems, greedy;
 accuracy still ~0%):
 
     python research/script/build_tiny_model.py            # random, seed 0
