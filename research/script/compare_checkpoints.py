@@ -105,11 +105,33 @@ def _evaluate() -> list[RunResult]:
     )
 
 
+# The flags that shape a comparison of runs on disk; every other flag only
+# shapes the evaluation that --lora_checkpoints runs first.
+_COMPARISON_FLAGS = ("output_dir", "extraction_method")
+
+
+def _evaluation_flags_given() -> list[str]:
+    """The evaluation flags on the command line (`--model.<field>` too)."""
+    flags_here = ("include_base", "devices_per_checkpoint")
+    names = [f.name for f in cli.FLAGS.get_key_flags_for_module(cli.__name__)]
+    given = [
+        f"--{name}"
+        for name in sorted((*names, *flags_here))
+        if name not in _COMPARISON_FLAGS and cli.FLAGS[name].present
+    ]
+    return given + [f"--model.{f}" for f in sorted(cli.given_model_fields(sys.argv))]
+
+
 def main(argv: list[str]) -> None:
     del argv
     require_writable(cli.FLAGS.output_dir)
     if _RESULTS.value and _LORA_CHECKPOINTS.value:
         raise ValueError("Pass either --results or --lora_checkpoints, not both.")
+    if _RESULTS.value and (ignored := _evaluation_flags_given()):
+        raise ValueError(
+            f"{', '.join(ignored)} set how --lora_checkpoints are evaluated;"
+            " --results compares runs as they were recorded: drop them."
+        )
     if _RESULTS.value:
         runs = [run for path in _RESULTS.value for run in load_runs(path)]
     elif _LORA_CHECKPOINTS.value:

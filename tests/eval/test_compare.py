@@ -718,15 +718,26 @@ def test_reading_and_comparing_import_neither_jax_nor_the_cli():
     assert proc.stdout == "[]\n"
 
 
-def test_compare_script_needs_something_to_compare(tmp_path):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "Nothing to compare"),
+        # Evaluation flags beside runs on disk would be silently ignored.
+        (
+            ["--results=x", "--temperature=0.7", "--num_examples=2", "--model.dtype=f"],
+            "--num_examples, --temperature, --model.dtype set how --lora_checkpoints",
+        ),
+    ],
+)
+def test_compare_script_refuses_in_one_line(tmp_path, args, message):
     proc = subprocess.run(
-        [sys.executable, str(COMPARE_SCRIPT), f"--output_dir={tmp_path}"],
+        [sys.executable, str(COMPARE_SCRIPT), *args, f"--output_dir={tmp_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
     )
-    assert proc.returncode == 1 and "Nothing to compare" in proc.stderr
+    assert proc.returncode == 1 and message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
