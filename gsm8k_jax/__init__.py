@@ -20,9 +20,16 @@ does not import jax and flax through this package.
 import importlib
 from typing import Any
 
+from gsm8k_jax.quiet import quiet_imports
+
+# Before anything imports transformers: without torch it advises at import
+# that PyTorch was not found, and this project runs on JAX.
+quiet_imports()
+
 # Public name -> the module defining it.
 _EXPORTS = {
     "BUNDLED_TEST_SET": "gsm8k_jax.eval.data",
+    "BUNDLED_TRAIN_SET": "gsm8k_jax.eval.data",
     "EvalConfig": "gsm8k_jax.eval.runner",
     "Gemma3": "gsm8k_jax.models.gemma3.model",
     "Gemma3Config": "gsm8k_jax.models.gemma3.config",

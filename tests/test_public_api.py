@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -38,3 +39,22 @@ def test_loading_a_model_does_not_import_torch():
     assert importlib.util.find_spec("torch") is not None
     code = "import gsm8k_jax; gsm8k_jax.load_pretrained('gemma3-tiny')"
     assert _imported(code, ("torch",)) == []
+
+
+def test_importing_the_package_silences_transformers_advice():
+    """Without torch, transformers advises at import that PyTorch was not
+    found (a notebook would show it; the test extras install torch, so the
+    advice itself cannot show here): the package turns that advice off before
+    anything imports transformers, as the scripts do."""
+    code = "import os, gsm8k_jax; print(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))"
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    assert done.stdout.strip() == "1"
