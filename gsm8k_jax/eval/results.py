@@ -170,9 +170,16 @@ class RunFiles:
     @staticmethod
     def _read_json(path: str) -> dict[str, Any] | None:
         try:
-            return json.loads(storage.read_text(path))
+            text = storage.read_text(path)
         except FileNotFoundError:
             return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is damaged (not valid JSON: {e.msg}, line {e.lineno}):"
+                " restore it, or evaluate again."
+            ) from e
 
     def _parse_rollouts(self) -> list[dict[str, Any]]:
         """The rollouts file's records; a torn final line (an interrupted

@@ -532,6 +532,14 @@ def test_load_run_from_folder_or_files(tmp_path):
     assert b.summary is None and b.run_info == a.run_info  # Unfinished: run file.
 
 
+def test_a_damaged_summary_is_named(tmp_path):
+    write_run(tmp_path, "t", [rollout(0, True)])
+    (summary,) = tmp_path.glob("summary_*.json")
+    summary.write_text("{")
+    with pytest.raises(ValueError, match=f"{summary} is damaged"):
+        load_runs(tmp_path)
+
+
 def test_load_keeps_finished_examples_only(tmp_path):
     info = make_run([], num_samples=2).run_info
     rows = [rollout(0, True, sample=0), rollout(0, True, sample=1), rollout(1, True)]
