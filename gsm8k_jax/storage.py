@@ -232,8 +232,14 @@ def _within(seconds: float, fn: Callable[[], object]) -> None:
         raise outcome[0]
 
 
-def require_writable(folder: str | os.PathLike) -> None:
-    """Raises StorageError, naming the folder and the fix, unless files can be
+def require_writable(
+    folder: str | os.PathLike,
+    *,
+    role: str = "output folder",
+    flag: str = "--output_dir",
+) -> None:
+    """Raises StorageError, naming the folder (its `role`, set by `flag`) and
+    the fix, unless files can be
     written into `folder`, leaving nothing behind: locally its nearest
     existing ancestor must be a writable folder (nothing is created); on
     `gs://` an empty probe object is written and removed."""
@@ -259,8 +265,7 @@ def require_writable(folder: str | os.PathLike) -> None:
             else ""
         )
         raise StorageError(
-            f"Cannot write to output folder {folder}: {reason}.{hint} Choose"
-            " another --output_dir."
+            f"Cannot write to {role} {folder}: {reason}.{hint} Choose another {flag}."
         ) from e
 
 

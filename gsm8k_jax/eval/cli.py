@@ -444,6 +444,12 @@ def local_mesh(model_parallel: int) -> Mesh | None:
 def start_jax() -> None:
     """JAX as the flags set it up: the persistent compilation cache, and
     `jax.distributed.initialize` with --distributed."""
+    if FLAGS.compilation_cache_dir:
+        require_writable(
+            FLAGS.compilation_cache_dir,
+            role="compilation cache folder",
+            flag="--compilation_cache_dir (or '' for none)",
+        )
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.distributed:
         jax.distributed.initialize(

@@ -527,6 +527,24 @@ def test_bad_output_dir_is_one_line_before_any_work(
     assert not any(cwd.iterdir()) and sorted(tmp_path.iterdir()) == [cwd, blocker]
 
 
+def test_a_file_as_compilation_cache_is_one_line_before_any_work(tmp_path):
+    """It was half ignored: JAX warned on every program and cached nothing."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_script(
+        "--data_path=/nonexistent/test.jsonl",
+        f"--compilation_cache_dir={blocker}",
+        f"--output_dir={tmp_path / 'out'}",
+        check=False,
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"error: Cannot write to compilation cache folder {blocker}: {blocker} is a"
+        " file, not a folder. Choose another --compilation_cache_dir (or '' for"
+        " none)."
+    ), proc.stderr
+
+
 def test_lora_script_requires_a_checkpoint(tmp_path):
     proc = run_script(
         *QUICK, f"--output_dir={tmp_path}", script=LORA_SCRIPT, check=False
