@@ -118,7 +118,17 @@ def load_run_files(files: RunFiles) -> RunResult:
             f" {storage.basename(files.run_path)}, which say what"
             " produced them."
         )
-    num_samples = run_info["eval"]["sampling"]["num_samples"]
+    try:
+        num_samples = run_info["eval"]["sampling"]["num_samples"]
+        model_name = run_info["model"]["model_name"]
+        checkpoint = run_info["lora_checkpoint"]
+        batch_size = run_info["eval"]["batch_size"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(
+            f"The record of run '{files.tag}' in {files.output_dir} lacks {e}:"
+            " it was not written by this project's scripts or with a run record"
+            " from gsm8k_jax.run_info(...), so it cannot be compared."
+        ) from e
     rollouts = sorted(
         files.read_finished(num_samples), key=lambda r: (r["id"], r["sample_index"])
     )
@@ -129,9 +139,9 @@ def load_run_files(files: RunFiles) -> RunResult:
         )
     return RunResult(
         tag=files.tag,
-        model_name=run_info["model"]["model_name"],
-        checkpoint=run_info["lora_checkpoint"],
-        batch_size=run_info["eval"]["batch_size"],
+        model_name=model_name,
+        checkpoint=checkpoint,
+        batch_size=batch_size,
         num_samples=num_samples,
         rollouts=rollouts,
         summary=summary,

@@ -540,6 +540,13 @@ def test_a_damaged_summary_is_named(tmp_path):
         load_runs(tmp_path)
 
 
+def test_a_run_without_a_run_record_is_one_clear_error(tmp_path):
+    """evaluate(..., run_info={}) writes results the comparison cannot place."""
+    write_run(tmp_path, "t", [rollout(0, True)], run_info={"note": "mine"})
+    with pytest.raises(ValueError, match="run 't' .* lacks 'eval'.*gsm8k_jax.run_info"):
+        load_runs(tmp_path)
+
+
 def test_load_keeps_finished_examples_only(tmp_path):
     info = make_run([], num_samples=2).run_info
     rows = [rollout(0, True, sample=0), rollout(0, True, sample=1), rollout(1, True)]
