@@ -40,10 +40,13 @@ try:
     from lm_eval.api.registry import model_registry
     from lm_eval.models.utils import normalize_gen_kwargs
 except ImportError as e:
-    raise ImportError(
+    _NEEDS_LM_EVAL = (
         "gsm8k_jax.lm_eval_backend needs lm-evaluation-harness:"
         " pip install 'gsm8k_jax[lmeval]'."
-    ) from e
+    )
+    if __name__ == "__main__":  # python -m: one line, no traceback.
+        sys.exit(f"error: {_NEEDS_LM_EVAL}")
+    raise ImportError(_NEEDS_LM_EVAL) from e
 from tqdm import tqdm
 
 from gsm8k_jax.checkpoints import lora as lora_lib

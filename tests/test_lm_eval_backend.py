@@ -2,6 +2,9 @@
 with a LoRA checkpoint and lm-eval's chat template; its registration and its
 refusals. The command line is exercised in tests/eval/test_lm_eval_parity.py."""
 
+import subprocess
+import sys
+
 import pytest
 from checkpoints.test_eval_lora import RANK, tiny_factors
 from eval.test_lm_eval_parity import by_doc
@@ -103,3 +106,21 @@ def test_bad_settings_are_refused_clearly():
         pretrained.generate_until([request])
     with pytest.raises(NotImplementedError, match="generate_until only"):
         pretrained.loglikelihood([request])
+
+
+def test_without_lm_eval_the_command_line_says_how_to_install_it():
+    """lm-eval is an extra: `python -m gsm8k_jax.lm_eval_backend` without it is
+    one line naming the extra, no traceback."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['lm_eval'] = None  # as if not installed\n"
+        "runpy.run_module('gsm8k_jax.lm_eval_backend', run_name='__main__')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "error: gsm8k_jax.lm_eval_backend needs lm-evaluation-harness:"
+        " pip install 'gsm8k_jax[lmeval]'.\n"
+    )
