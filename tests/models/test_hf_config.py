@@ -259,3 +259,14 @@ def test_tokenizer_is_the_one_autotokenizer_loads(tmp_path, tokenizer_class):
     )
     for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "padding_side"):
         assert getattr(ours, attribute) == getattr(theirs, attribute), attribute
+
+
+def test_a_folder_of_steps_points_to_its_latest(tmp_path):
+    """The trainer's --full_finetune writes <output_dir>/hf/<step>/."""
+    for step in (2, 10):
+        (tmp_path / str(step)).mkdir()
+        shutil.copy(TINY_MODEL_DIR / "config.json", tmp_path / str(step))
+    with pytest.raises(CheckpointError, match=f"latest step, {tmp_path / '10'}\\?$"):
+        load_config(tmp_path)
+    with pytest.raises(CheckpointError, match=r"\*\.safetensors\)\.$"):
+        load_config(tmp_path / "2" / "missing")

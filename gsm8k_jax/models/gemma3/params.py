@@ -50,9 +50,19 @@ def load_config(model_dir: str | os.PathLike) -> Gemma3Config:
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
+        steps = sorted(
+            int(d.name)
+            for d in (model_dir.iterdir() if model_dir.is_dir() else ())
+            if d.name.isdigit() and (d / "config.json").is_file()
+        )
+        hint = (
+            f"; did you mean its latest step, {model_dir / str(steps[-1])}?"
+            if steps
+            else "."
+        )
         raise CheckpointError(
             f"No config.json in {model_dir}: expected a Hugging Face model folder"
-            " (config.json plus *.safetensors)."
+            f" (config.json plus *.safetensors){hint}"
         )
     try:
         raw = json.loads(config_file.read_text())
