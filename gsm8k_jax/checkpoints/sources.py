@@ -63,7 +63,7 @@ def download_gcs_folder(url: str) -> Path:
         listing = fs.find(prefix, detail=True)
     except Exception as e:  # gcsfs raises several types for auth/network errors.
         raise SourceError(
-            f"Cannot read {url} ({type(e).__name__}: {e}). Check that bucket"
+            f"Cannot read {url} ({type(e).__name__}: {_one_line(e)}). Check that bucket"
             f" '{gcs_bucket(url)}' exists and that credentials are set up"
             " (`gcloud auth application-default login`, or"
             " GOOGLE_APPLICATION_CREDENTIALS)."
@@ -110,6 +110,11 @@ def _sync(fs: Any, prefix: str, remote: dict[str, str], target: Path) -> None:
         write_atomic(versions_path, json.dumps(copied, indent=1, sort_keys=True))
 
 
+def _one_line(error: BaseException) -> str:
+    """Another library's message, which may span lines, as one line."""
+    return " ".join(str(error).split())
+
+
 def download_hub_model(repo_id: str) -> Path:
     """Downloads a hub model's config, weights and tokenizer (HF_TOKEN for gated models)."""
     import huggingface_hub
@@ -138,7 +143,8 @@ def download_hub_model(repo_id: str) -> Path:
     except (errors.LocalEntryNotFoundError, OSError) as e:
         raise SourceError(
             f"Could not download {repo_id}: the hub is unreachable and no cached copy"
-            f" exists ({e}). Pass a local folder or gs:// path with --model.model_path."
+            f" exists ({_one_line(e)}). Pass a local folder or gs:// path with"
+            " --model.model_path."
         ) from e
 
 

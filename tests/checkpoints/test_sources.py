@@ -104,8 +104,8 @@ class _FakeResponse:
 )
 def test_hub_errors_are_clear(monkeypatch, error, token, message):
     def fail(*args, **kwargs):
-        if error is errors.LocalEntryNotFoundError:
-            raise error("offline")
+        if error is errors.LocalEntryNotFoundError:  # Its message spans lines.
+            raise error("An error happened.\nCannot find the files offline.")
         raise error("denied", response=_FakeResponse())
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fail)
@@ -116,6 +116,7 @@ def test_hub_errors_are_clear(monkeypatch, error, token, message):
     with pytest.raises(sources.SourceError, match=message) as info:
         sources.resolve_model_dir("google/gemma-3-1b-it")
     assert not token or token not in str(info.value)  # never echo credentials
+    assert "\n" not in str(info.value)
 
 
 def test_local_folder_is_used_in_place(tmp_path):
