@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import gsm8k_jax
 
 
@@ -58,3 +60,15 @@ def test_importing_the_package_silences_transformers_advice():
         env=env,
     )
     assert done.stdout.strip() == "1"
+
+
+def test_plausible_misuse_is_a_clear_error():
+    with pytest.raises(TypeError, match="pass num_examples=5"):
+        gsm8k_jax.load_gsm8k(5)
+    with pytest.raises(TypeError, match=r"e\.g\. \(1,\)"):
+        gsm8k_jax.SamplingParams(eos_ids=1)
+    with pytest.raises(TypeError, match=r"RunFiles\(output_dir, tag\)"):
+        gsm8k_jax.evaluate(None, [], gsm8k_jax.EvalConfig(), "results", run_info={})
+    # A number as the gold answer is read as its text.
+    assert gsm8k_jax.is_correct("\\boxed{18}", 18)
+    assert not gsm8k_jax.is_correct("\\boxed{18}", 12.5)

@@ -71,6 +71,11 @@ def load_gsm8k(
 
     Asking for more problems than the file holds warns and loads them all.
     """
+    if isinstance(path, int):
+        raise TypeError(
+            f"load_gsm8k's first argument is the file; for the first {path}"
+            f" problems of the bundled test set, pass num_examples={path}."
+        )
     if num_examples is not None and num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}.")
     path = os.fspath(BUNDLED_TEST_SET if path is None else path)

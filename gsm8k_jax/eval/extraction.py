@@ -197,12 +197,13 @@ def gold_answer(answer_text: str) -> str:
     return answer_text.rpartition("####")[2].replace(",", "").strip()
 
 
-def is_correct(response: str, gold: str, method: str = "strict") -> bool:
+def is_correct(response: str, gold: str | float, method: str = "strict") -> bool:
     """Whether `response` answers a GSM8K problem correctly.
 
     Args:
         response: The model's response.
-        gold: A GSM8K answer text (ending in `#### N`) or a bare answer.
+        gold: A GSM8K answer text (ending in `#### N`), a bare answer, or a
+            number.
         method: How to extract the answer, one of `EXTRACTION_METHODS`.
 
     Returns:
@@ -210,7 +211,7 @@ def is_correct(response: str, gold: str, method: str = "strict") -> bool:
         either is not a number, as text after normalisation.
     """
     predicted = extract_answer(response, method)
-    return predicted is not None and answers_match(predicted, gold_answer(gold))
+    return predicted is not None and answers_match(predicted, gold_answer(str(gold)))
 
 
 def answers_match(a: str, b: str) -> bool:

@@ -13,6 +13,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from matplotlib.figure import Figure
@@ -351,7 +352,8 @@ def plot_accuracies(
 
     Args:
       report: the comparison.
-      path: a local file, or a binary file object.
+      path: a local file (its folder is made if need be), or a binary file
+        object.
 
     Returns:
       The figure, for further use.
@@ -377,5 +379,7 @@ def plot_accuracies(
     ax.set_xlabel("GSM8K accuracy, 95% interval")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    if isinstance(path, (str, os.PathLike)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, format="png")
     return fig

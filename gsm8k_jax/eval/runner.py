@@ -179,6 +179,11 @@ def evaluate(
     example is committed, and writes the files a single-host run writes.
     Other processes return None.
     """
+    if not isinstance(files, RunFiles):
+        raise TypeError(
+            f"files is a RunFiles(output_dir, tag), prepared with"
+            f" files.prepare(run_info, ...), not {files!r}."
+        )
     if config.row_tile is not None and sampler.row_tile != config.row_tile:
         raise ValueError(
             f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"

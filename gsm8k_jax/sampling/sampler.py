@@ -76,6 +76,11 @@ class SamplingParams:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"seed must be in [0, 2**31), got {self.seed}.")
+        if not isinstance(self.eos_ids, (tuple, list)):
+            raise TypeError(
+                f"eos_ids is a tuple of token ids, e.g. ({self.eos_ids},), got"
+                f" {self.eos_ids!r}."
+            )
         if not 1 <= len(self.eos_ids) <= MAX_EOS_IDS:
             raise ValueError(f"Give 1 to {MAX_EOS_IDS} eos ids, got {self.eos_ids}.")
 
@@ -323,7 +328,7 @@ class Sampler:
             ]
 
     def _completions(
-        self, finished: list["_Finished"], example_ids: list[int]
+        self, finished: list[_Finished], example_ids: list[int]
     ) -> list[Completion]:
         """Detokenised completions of finished sequences."""
         completions = []

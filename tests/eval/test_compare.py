@@ -468,7 +468,7 @@ def test_markdown_json_and_png(tmp_path):
     assert len(data["paired"][0]["disagreements"]) == 2
     assert data["multi_sample"][0]["pass_at"]["pass@4"] == 0.75
 
-    png = tmp_path / "accuracy.png"
+    png = tmp_path / "not yet made" / "accuracy.png"
     plot_accuracies(report, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
