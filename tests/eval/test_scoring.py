@@ -98,3 +98,34 @@ def test_runs_from_before_reference_solutions_are_scored():
     ]
     summary = summarize(old, 1, "strict", get_task("boxed"))
     assert summary["correct"] == 1 and summary["total"] == 2
+
+
+def test_several_samples_give_pass_maj_and_lm_evals_first_sample():
+    """pass@k: a question counts if any sample is right; maj@k: if its most
+    common answer is; lm-eval's figures read each question's first sample,
+    as lm-eval scores one response per document."""
+    answers = [[7, 8, 8, 9], [7, 7, 8, 9], [8, 8, 8, 8], [7, 8, 7, 9]]  # gold: 7
+    rows = [
+        {
+            "id": i,
+            "sample_index": s,
+            "gold": "7",
+            "reference_solution": "3 + 4 = 7\n#### 7",
+            "response": f"3 + 4 = {a}\n#### {a}",
+            "finish_reason": "eos",
+            "num_tokens": 9,
+        }
+        for i, row in enumerate(answers)
+        for s, a in enumerate(row)
+    ]
+    summary = summarize(rows, 4, "strict", get_task("gsm8k"))
+    right = [[a == 7 for a in row] for row in answers]
+    assert summary["accuracy"] == np.mean(right) == 5 / 16
+    assert summary["pass@4"] == np.mean([any(r) for r in right]) == 3 / 4
+    majority = [max(set(row), key=row.count) == 7 for row in answers]
+    assert summary["maj@4"] == np.mean(majority) == 2 / 4
+    first = np.mean([row[0] == 7 for row in answers])
+    assert summary["lm_eval"]["exact_match,strict-match"] == first == 3 / 4
+    assert summary["lm_eval"]["exact_match_stderr,strict-match"] == pytest.approx(
+        np.std([row[0] == 7 for row in answers], ddof=1) / 2
+    )
