@@ -411,6 +411,22 @@ def test_a_home_folder_after_equals_is_expanded(tmp_path):
     assert not (tmp_path / "~").exists()
 
 
+def test_credentials_are_never_written(tmp_path):
+    """Tokens and credential paths in the environment appear in no output,
+    file or log (the run records versions, devices and settings)."""
+    secrets = {
+        "HF_TOKEN": "hf_SECRETtoken123",
+        "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "SECRETcreds.json"),
+    }
+    proc = run_script(
+        *QUICK, f"--output_dir={tmp_path / 'out'}", env=dict(os.environ, **secrets)
+    )
+    written = [p.read_text() for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(written) == 3
+    for text in (proc.stdout, proc.stderr, *written):
+        assert "SECRET" not in text
+
+
 def test_row_tile_is_recorded(finished_run, tmp_path):
     """--row_tile is the run's (the default is the platform's, 32 on CPU);
     resuming under another tile is refused (above)."""
