@@ -49,7 +49,11 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
     resolve_trained_lora,
     restore_lora_params,
 )
-from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
+from gsm8k_jax.checkpoints.lora_config import (
+    CONFIG_FLAG,
+    DEFAULT_MODULE_PATH,
+    LoraConfig,
+)
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum
 from gsm8k_jax.models.gemma3.params import CheckpointError
@@ -372,6 +376,10 @@ def qwix_lora_model(model: Gemma3, config: LoraConfig, *, seed: int = 0) -> Gemm
     qwix finds the layers and adds the factors by running the model once.
     That run changes the layers, so it, and the LoRA model (whose layers
     each carry their own qwix path), run them directly (`Gemma3.jit_layers`).
+
+    Raises:
+      ValueError: `config.module_path` selects no layer (qwix would silently
+        add no factors, leaving nothing to train or load).
     """
     provider = qwix.LoraProvider(
         module_path=config.module_path, rank=config.rank, alpha=config.alpha
@@ -381,9 +389,16 @@ def qwix_lora_model(model: Gemma3, config: LoraConfig, *, seed: int = 0) -> Gemm
     valid = jnp.ones((1, 4), bool)
     model = nnx.clone(model)  # shares the weights' arrays
     model.jit_layers = False
-    return qwix.apply_lora_to_model(
+    lora_model = qwix.apply_lora_to_model(
         model, provider, tokens, positions, valid, rngs=nnx.Rngs(seed)
     )
+    if not nnx.to_flat_state(nnx.state(lora_model, nnx.LoRAParam)):
+        raise ValueError(
+            f"{CONFIG_FLAG}.module_path={config.module_path!r} matches no layer of"
+            " the model (it must match a whole path such as"
+            f" 'layers/0/attn/q_einsum'); Tunix's default is {DEFAULT_MODULE_PATH!r}."
+        )
+    return lora_model
 
 
 def apply_lora(

@@ -27,9 +27,16 @@ Checkpoints are written every `checkpoint_every` steps and at the end:
 Rerunning with the same root resumes from its latest step: weights and
 optimizer state (hence the learning-rate schedule) are restored, and the
 batch of each step is a function of (seed, step), so with the same config a
-resumed run continues as the uninterrupted run would. A step saved without
-optimizer state (a Tunix checkpoint, or a crash between the two saves)
-resumes with a fresh optimizer state, and a warning.
+resumed run continues as the uninterrupted run would. The settings that
+define the steps (`run_settings`) are recorded beside them at the first save
+(`<root>/actor/sft_settings.json` or `<root>/hf/sft_settings.json`), and a
+resume with other settings is refused (`check_resumable`). A step saved
+without optimizer state (a Tunix checkpoint, or a crash between the two
+saves) resumes with a fresh optimizer state, and a warning.
+
+A stop signal (Ctrl-C, SIGTERM) under `stop_signals.stop_on_signals()`, as
+the training script runs, waits for the step or save in progress, and the
+steps trained since the last save are saved before it propagates.
 
 Parameters train in the dtype the model was loaded in: load in float32.
 """
@@ -38,11 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +65,7 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
+from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints import lora as lora_lib
 from gsm8k_jax.checkpoints import lora_checkpoint
 from gsm8k_jax.checkpoints.paths import absolute
@@ -67,11 +78,14 @@ from gsm8k_jax.models.gemma3.params import (
     save_hf_model,
 )
 from gsm8k_jax.sampling.decode import prompt_positions
-from gsm8k_jax.storage import is_gcs
 
 END_OF_TURN = "<end_of_turn>"
 HF_DIR = "hf"  # Full fine-tune checkpoints: <root>/hf/<step>/.
 OPTIMIZER_DIR = "optimizer_state"
+# The run's settings (`run_settings`), beside its step folders.
+SETTINGS_FILE = "sft_settings.json"
+# SFTConfig fields a resumed run may change: how far it goes, how often it saves.
+RESUMABLE_CHANGES = ("num_steps", "checkpoint_every")
 
 # {'tokens', 'targets': int32, 'loss_mask': float32, 'valid': bool}, each
 # [N, max_length]; targets[:, t] is the token after tokens[:, t].
@@ -87,11 +101,14 @@ class SFTConfig:
         `num_steps`).
       warmup_steps: linear warmup from 0.
       num_steps: total optimizer steps (a resumed run counts from its
-        checkpoint's step).
+        checkpoint's step, and may raise it: the cosine then stretches to
+        the new end, so the steps after the resumed one differ from those of
+        a run started with the new value).
       batch_size: sequences per step.
       max_length: model input length; longer examples are dropped.
       weight_decay: AdamW's decoupled weight decay.
-      checkpoint_every: save every this many steps (0: at the end only).
+      checkpoint_every: save every this many steps (0: at the end only, or
+        when a stop signal ends the run).
       seed: batch order and LoRA initialisation.
       lora: LoRA settings (alpha / rank scales the update); None trains every
         parameter (full fine-tune).
@@ -285,24 +302,88 @@ def checkpoint_dir(root: str | os.PathLike, config: SFTConfig) -> epath.Path:
     return epath.Path(absolute(root)) / sub
 
 
-def check_resumable(root: str | os.PathLike, config: SFTConfig) -> None:
-    """Refuses to continue a LoRA run under `root` that was trained with
-    another rank, alpha or module_path: its `lora_config.json` is what every
-    evaluation of its earlier steps uses, so it must not change."""
-    if config.lora is None:
-        return
+def run_settings(
+    config: SFTConfig,
+    examples: Sequence[GSM8KExample],
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+) -> dict[str, Any]:
+    """What defines a run's steps, as recorded beside them (JSON values).
+
+    Every SFTConfig field but `RESUMABLE_CHANGES` and `lora` (recorded in
+    its own file, which evaluations read), the prompt template, and the
+    training data: its number of problems and a digest of their text (a
+    path may move; the problems and their order are what make the batches).
+    """
+    settings = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in (*RESUMABLE_CHANGES, "lora")
+    }
+    text = json.dumps([[e.question, e.answer] for e in examples])
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    settings["prompt_template"] = template
+    settings["data"] = f"{len(examples)} problems, sha256 {digest}"
+    return json.loads(json.dumps(settings))
+
+
+def _settings_path(root: str | os.PathLike, config: SFTConfig) -> str:
+    return str(checkpoint_dir(root, config) / SETTINGS_FILE)
+
+
+def record_settings(
+    root: str | os.PathLike, config: SFTConfig, settings: dict[str, Any]
+) -> None:
+    """Writes `settings` (`run_settings`) beside the step folders under `root`."""
+    storage.write_atomic(
+        _settings_path(root, config), json.dumps(settings, indent=2) + "\n"
+    )
+
+
+def check_resumable(
+    root: str | os.PathLike,
+    config: SFTConfig,
+    examples: Sequence[GSM8KExample],
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+) -> None:
+    """Refuses to continue a run under `root` with other settings than it was
+    trained with, naming each differing one.
+
+    A LoRA run's rank, alpha and module_path (`lora_config.json`) are what
+    every evaluation of its earlier steps uses; its other settings
+    (`run_settings`, in `SETTINGS_FILE`) are what its steps were trained
+    with. A run saved before either was recorded is not checked against it.
+    """
     folder = checkpoint_dir(root, config)
-    recorded = lora_checkpoint.recorded_lora_config(folder)
-    if recorded is not None and recorded != config.lora:
+    recorded_lora = (
+        lora_checkpoint.recorded_lora_config(folder) if config.lora else None
+    )
+    if recorded_lora is not None and recorded_lora != config.lora:
         differing = [
             f"{name}={getattr(config.lora, name)!r} (trained with"
-            f" {getattr(recorded, name)!r})"
-            for name in config.lora.differing_fields(recorded)
+            f" {getattr(recorded_lora, name)!r})"
+            for name in config.lora.differing_fields(recorded_lora)
         ]
         raise ValueError(
             f"{folder} was trained with another LoRA config: {', '.join(differing)}"
             f" ({folder / lora_checkpoint.LORA_CONFIG_FILE}): pass the trained"
             " values to resume it, or another --output_dir for a new run."
+        )
+    path = _settings_path(root, config)
+    if not storage.exists(path):
+        return
+    recorded = json.loads(storage.read_text(path))
+    settings = run_settings(config, examples, template)
+    differing = [
+        f"{name}={settings.get(name)!r} (trained with {recorded.get(name)!r})"
+        for name in dict.fromkeys([*settings, *recorded])
+        if settings.get(name) != recorded.get(name)
+    ]
+    if differing:
+        raise ValueError(
+            f"{folder} was trained with other settings: {', '.join(differing)}"
+            f" ({path}): pass the trained values (the same --data_path and"
+            " --num_examples for data) to resume it, or another --output_dir for"
+            " a new run."
         )
 
 
@@ -449,12 +530,20 @@ def train(
       examples: training problems, e.g. `load_gsm8k(train_path)`.
       config: the run's settings.
       output_dir: checkpoint root (LoRA: local or gs://; full: local); None
-        saves nothing. Resumes from its latest step if it has one.
+        saves nothing. Resumes from its latest step if it has one, unless
+        it was trained with other settings (`check_resumable`: ValueError).
       template: the user turn; must match the evaluation's prompt template.
       progress: show a tqdm bar with the loss.
 
     Returns:
       The loss of each step run by this call (from the resumed step on).
+
+    Raises:
+      KeyboardInterrupt, stop_signals.Terminated: a stop signal, once the
+        steps trained since the last save are saved (under
+        `stop_signals.stop_on_signals()`, a signal waits for the step in
+        progress; without it, one that lands inside a step leaves the
+        weights half-updated, and they are not saved).
     """
     has_lora = bool(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
     if config.lora is not None and not has_lora:
@@ -466,7 +555,7 @@ def train(
         raise ValueError(
             "Full fine-tuning (config.lora=None) needs a model without LoRA."
         )
-    if config.lora is None and output_dir is not None and is_gcs(output_dir):
+    if config.lora is None and output_dir is not None and storage.is_gcs(output_dir):
         raise ValueError(
             "Full fine-tune checkpoints are written to local folders only."
         )
@@ -478,7 +567,7 @@ def train(
             f"No example fits max_length={config.max_length}: raise max_length."
         )
     if output_dir is not None:
-        check_resumable(output_dir, config)
+        check_resumable(output_dir, config, examples, template)
     optimizer = make_optimizer(model, config)
     start = 0
     if (
@@ -489,26 +578,42 @@ def train(
         start = saved
         logging.info("Resuming from step %d in %s.", start, output_dir)
 
+    settings = run_settings(config, examples, template)
+
+    def save(step: int) -> None:
+        # The settings first: no step is ever on disk without them.
+        record_settings(output_dir, config, settings)
+        path = save_checkpoint(model, optimizer, tokenizer, output_dir, step, config)
+        logging.info("Saved step %d to %s.", step, path)
+
     losses: list[float] = []
-    bar = tqdm(
-        range(start, config.num_steps),
-        initial=start,
-        total=config.num_steps,
-        desc="sft",
-        disable=not progress,
-    )
-    for step in bar:
-        rows = batch_indices(num_examples, config.batch_size, step, config.seed)
-        batch = {k: jnp.asarray(v[rows]) for k, v in data.items()}
-        losses.append(float(train_step(model, optimizer, batch)))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        done = step + 1
-        if output_dir is not None and (
-            done == config.num_steps
-            or (config.checkpoint_every and done % config.checkpoint_every == 0)
-        ):
-            path = save_checkpoint(
-                model, optimizer, tokenizer, output_dir, done, config
-            )
-            logging.info("Saved step %d to %s.", done, path)
+    done = saved = start  # Steps applied to the model; the latest on disk.
+    stepping = False  # Inside a step: the weights may be half-updated.
+    try:
+        with tqdm(
+            range(start, config.num_steps),
+            initial=start,
+            total=config.num_steps,
+            desc="sft",
+            disable=not progress,
+        ) as bar:
+            for step in bar:
+                rows = batch_indices(num_examples, config.batch_size, step, config.seed)
+                batch = {k: jnp.asarray(v[rows]) for k, v in data.items()}
+                with stop_signals.finishing_write():  # A step is whole or not at all.
+                    stepping = True
+                    losses.append(float(train_step(model, optimizer, batch)))
+                    done, stepping = step + 1, False
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if output_dir is not None and (
+                    done == config.num_steps
+                    or (config.checkpoint_every and done % config.checkpoint_every == 0)
+                ):
+                    with stop_signals.finishing_write():
+                        save(done)
+                        saved = done
+    except (KeyboardInterrupt, stop_signals.Terminated):
+        if output_dir is not None and done > saved and not stepping:
+            save(done)
+        raise
     return losses

@@ -9,12 +9,16 @@ layout; evaluate with `eval_gsm8k.py --model.lora_checkpoint_path=<output_dir>/a
 and the same rank, alpha and module_path); `--full_finetune` writes Hugging
 Face folders `<output_dir>/hf/<step>/` instead (evaluate with
 `eval_gsm8k_base.py --model.model_path=<output_dir>/hf/<step>`). Rerunning the
-same command resumes from the latest step. Parameters train in float32
-(`--model.dtype` other than float32 is refused). See gsm8k_jax/training/sft.py.
+same command resumes from the latest step; one with other training settings
+(but --num_steps and --checkpoint_every) is refused. Ctrl-C or SIGTERM saves
+the steps trained since the last save, then stops. Parameters train in
+float32 (`--model.dtype` other than float32 is refused). See
+gsm8k_jax/training/sft.py.
 
 --data_path defaults to GSM8K's train split, bundled with the package.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from absl import flags
 from gsm8k_jax.eval import cli
 from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
+from gsm8k_jax.stop_signals import Terminated
+from gsm8k_jax.storage import require_writable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,6 +94,7 @@ def main(argv):
             "No GSM8K training set: pass --data_path (a GSM8K-style JSONL file), or"
             " leave it out for the bundled train split."
         )
+    require_writable(_OUTPUT_DIR.value)  # Before any work.
     config = sft.SFTConfig(
         learning_rate=_LEARNING_RATE.value,
         warmup_steps=_WARMUP_STEPS.value,
@@ -99,27 +106,50 @@ def main(argv):
         seed=_SEED.value,
         lora=None if _FULL_FINETUNE.value else LoraConfig(**cfg.lora_config.to_dict()),
     )
-    sft.check_resumable(_OUTPUT_DIR.value, config)  # Before the model loads.
     examples = load_gsm8k(_DATA_PATH.value, _NUM_EXAMPLES.value)
-    model, tokenizer, _ = load_pretrained(
-        cfg.model_name, cfg.model_path or None, dtype="float32"
-    )
-    if config.lora is not None:
-        model = qwix_lora_model(model, config.lora, seed=config.seed)
-    losses = sft.train(
-        model,
-        tokenizer,
-        examples,
-        config,
-        output_dir=_OUTPUT_DIR.value,
-        template=_PROMPT_TEMPLATE.value,
-    )
+    # Before the model loads.
+    sft.check_resumable(_OUTPUT_DIR.value, config, examples, _PROMPT_TEMPLATE.value)
     where = sft.checkpoint_dir(_OUTPUT_DIR.value, config)
+    try:
+        model, tokenizer, _ = load_pretrained(
+            cfg.model_name, cfg.model_path or None, dtype="float32"
+        )
+        if config.lora is not None:
+            model = qwix_lora_model(model, config.lora, seed=config.seed)
+        losses = sft.train(
+            model,
+            tokenizer,
+            examples,
+            config,
+            output_dir=_OUTPUT_DIR.value,
+            template=_PROMPT_TEMPLATE.value,
+        )
+    except (KeyboardInterrupt, Terminated) as stop:
+        _exit_stopped(stop, sft.latest_step(_OUTPUT_DIR.value, config), where)
     if losses:
-        print(f"Trained {len(losses)} steps, last loss {losses[-1]:.4f}.")
+        steps = "step" if len(losses) == 1 else "steps"
+        print(f"Trained {len(losses)} {steps}, last loss {losses[-1]:.4f}.")
     else:
-        print(f"Nothing to do: {where} is already at step {config.num_steps}.")
+        step = sft.latest_step(_OUTPUT_DIR.value, config)
+        print(
+            f"Nothing to do: {where} is already at step {step}"
+            f" (--num_steps={config.num_steps})."
+        )
     print(f"Checkpoints: {where}")
+
+
+def _exit_stopped(stop: BaseException, step: int | None, where: os.PathLike) -> None:
+    """Exits as `cli.run_main` does on a stop signal, saying what is saved
+    (`step`: the latest step in `where`, None if none)."""
+    if step is None:
+        kept = "no step finished yet, nothing to keep"
+    else:
+        kept = f"saved step {step} in {where}; rerun the same command to resume"
+    if isinstance(stop, Terminated):
+        print(f"Stopped by SIGTERM: {kept}.", file=sys.stderr)
+        sys.exit(0)
+    print(f"Interrupted: {kept}.", file=sys.stderr)
+    sys.exit(cli.INTERRUPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

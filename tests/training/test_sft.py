@@ -1,9 +1,13 @@
 """LoRA SFT: data, a falling loss, Tunix-layout checkpoints that restore, resume."""
 
 import dataclasses
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +32,7 @@ from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.params import export_hf_weights, hf_config, load_hf_model
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
 from gsm8k_jax.sampling.decode import prompt_positions
+from gsm8k_jax.stop_signals import Terminated, stop_on_signals
 from gsm8k_jax.training import sft
 
 REPO = Path(__file__).resolve().parents[2]
@@ -225,6 +230,86 @@ def test_resuming_with_another_lora_config_is_refused(
     assert checkpoint_steps(root) == [12, 16]
 
 
+def test_resuming_with_other_settings_is_refused(
+    trained, tokenizer, examples, tmp_path
+):
+    """The settings recorded at the first save define the run's steps: a rerun
+    may go further or save more often, but not change them; a run saved
+    before they were recorded is not checked."""
+    root = tmp_path / "run"
+    shutil.copytree(trained.root / "actor", root / "actor")
+    other = dataclasses.replace(
+        CONFIG, num_steps=20, batch_size=2, learning_rate=0.1, seed=3
+    )
+    expected = (
+        r"learning_rate=0\.1 \(trained with 0\.03\), batch_size=2 \(trained with 4\),"
+        r" seed=3 \(trained with 0\), data='16 problems, sha256 \w+' \(trained with"
+        r" '32 problems, sha256 \w+'\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        sft.train(
+            trained.model,
+            tokenizer,
+            examples[:16],
+            other,
+            output_dir=root,
+            progress=False,
+        )
+    assert checkpoint_steps(root) == [12, 16]
+    with pytest.raises(ValueError, match=r"prompt_template='Q: \{question\}'"):
+        sft.check_resumable(root, CONFIG, examples, template="Q: {question}")
+    longer = dataclasses.replace(CONFIG, num_steps=20, checkpoint_every=5)
+    sft.check_resumable(root, longer, examples)
+    (root / "actor" / sft.SETTINGS_FILE).unlink()  # As a run saved before.
+    sft.check_resumable(root, other, examples)
+
+
+def test_stop_signal_mid_step_saves_that_step_and_resume_continues(
+    trained, tokenizer, examples, tmp_path, monkeypatch
+):
+    """SIGTERM inside step 3 of a run that saves only at its end: step 3
+    finishes, is saved, and a rerun continues from it as the uninterrupted
+    run did (weights, optimizer state and batches)."""
+    root = tmp_path / "run"
+    config = dataclasses.replace(CONFIG, checkpoint_every=0)
+    real_step, steps = sft.train_step, []
+
+    def step_with_signal(model, optimizer, batch):
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(model, optimizer, batch)
+
+    def reset_model():
+        state = nnx.state(trained.model)
+        nnx.replace_by_pure_dict(state, trained.initial)
+        nnx.update(trained.model, state)
+
+    def run():
+        return sft.train(
+            trained.model, tokenizer, examples, config, output_dir=root, progress=False
+        )
+
+    reset_model()
+    monkeypatch.setattr(sft, "train_step", step_with_signal)
+    with pytest.raises(Terminated), stop_on_signals():
+        run()
+    assert steps == [1, 2, 3] and checkpoint_steps(root) == [3]
+    monkeypatch.setattr(sft, "train_step", real_step)
+    reset_model()
+    np.testing.assert_allclose(run(), trained.losses[3:], rtol=1e-5)
+
+
+def test_qwix_lora_model_refuses_a_module_path_matching_nothing(base_dir):
+    base = load_hf_model(base_dir, dtype=jnp.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"--model\.lora_config\.module_path='nomatch' matches no layer of the"
+        r" model .*; Tunix's default is '\.\*q_einsum",
+    ):
+        qwix_lora_model(base, LoraConfig(module_path="nomatch"))
+
+
 def test_export_inverts_loading(base_dir):
     exported = export_hf_weights(load_hf_model(base_dir, dtype=jnp.float32))
     original = load_file(base_dir / "model.safetensors")
@@ -261,7 +346,8 @@ def test_script_full_finetune_writes_hf_folders(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Trained 2 steps" in proc.stdout
     folder = tmp_path / "run/hf/2"
-    assert sorted(p.name for p in (tmp_path / "run/hf").iterdir()) == ["1", "2"]
+    names = sorted(p.name for p in (tmp_path / "run/hf").iterdir())
+    assert names == ["1", "2", sft.SETTINGS_FILE]
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (folder / name).is_file(), name
     assert (folder / "optimizer_state").is_dir()
@@ -297,3 +383,120 @@ def test_script_refuses_in_one_line(tmp_path, flag, message):
     )
     assert proc.returncode == 1 and message in proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_script_refuses_an_output_dir_that_is_a_file(tmp_path):
+    """Before any work, not at the first save."""
+    output = tmp_path / "out"
+    output.write_text("")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "research/script/train_lora_sft.py"),
+            f"--output_dir={output}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"Cannot write to output folder {output}: {output} is a file" in proc.stderr
+    assert "Traceback" not in proc.stderr and output.read_text() == ""
+
+
+def train_script(data, output_dir, *flags):
+    return [
+        sys.executable,
+        str(REPO / "research/script/train_lora_sft.py"),
+        f"--data_path={data}",
+        f"--output_dir={output_dir}",
+        "--batch_size=2",
+        "--max_length=256",
+        *flags,
+    ]
+
+
+@pytest.fixture
+def small_train_set(tmp_path):
+    data = tmp_path / "train.jsonl"
+    lines = (REPO / "gsm8k_jax/data/test.jsonl").read_text().splitlines()[:8]
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
+    tmp_path, small_train_set
+):
+    """Ctrl-C mid-run with the default --checkpoint_every=0 saves the current
+    step and says so; rerunning resumes there."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_script(small_train_set, run, "--num_steps=100000"),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    # tqdm's bar ("sft: ... 3/100000") shows the steps done.
+    stderr, deadline = "", time.monotonic() + 120
+    while not re.search(r"[1-9]\d*/100000", stderr) and time.monotonic() < deadline:
+        assert proc.poll() is None, stderr + proc.stderr.read()
+        stderr += os.read(proc.stderr.fileno(), 4096).decode()
+    proc.send_signal(signal.SIGINT)
+    stderr += proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr
+    match = re.search(r"Interrupted: saved step (\d+) in (\S+); rerun", stderr)
+    assert match, stderr
+    step = int(match[1])
+    assert match[2] == str(run / "actor") and checkpoint_steps(run) == [step]
+
+    def rerun(num_steps):
+        proc = subprocess.run(
+            train_script(small_train_set, run, f"--num_steps={num_steps}"),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "Trained 1 step, last loss" in rerun(step + 1)  # From the saved step.
+    assert checkpoint_steps(run) == [step, step + 1]
+    assert (
+        f"Nothing to do: {run / 'actor'} is already at step {step + 1} (--num_steps=1)."
+        in rerun(1)
+    )
+
+
+def test_script_interrupted_before_a_step_says_nothing_is_kept(
+    tmp_path, small_train_set
+):
+    """A stop before the first step (here while the model loads) keeps nothing."""
+    code = (
+        "import runpy, sys\n"
+        "from gsm8k_jax.models import registry\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "registry.load_pretrained = interrupted\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            *train_script(small_train_set, tmp_path / "run")[1:],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().endswith(
+        "Interrupted: no step finished yet, nothing to keep."
+    ), proc.stderr
+    assert not (tmp_path / "run").exists()
