@@ -125,15 +125,22 @@ def test_multimodal_checkpoint_uses_its_language_model(tmp_path):
     )
 
 
-def test_bfloat16_load_is_close(tmp_path):
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(tmp_path, seed):
+    """The default dtype: our bfloat16 logits are about as far from the
+    float32 reference as transformers' own bfloat16 model's are (measured:
+    mean 0.8-1.1x, max 0.9-1.4x of its error)."""
     ref = make_tiny_hf_model(tmp_path)
     model = load_hf_model(tmp_path)  # bfloat16 default
     assert model.embedder.input_embedding[...].dtype == jnp.bfloat16
-    ids = np.random.RandomState(4).randint(3, 512, (1, SEQ_LEN))
+    ids = np.random.RandomState(seed).randint(3, 512, (1, SEQ_LEN))
     ours = our_logits(model, ids, np.ones_like(ids, bool))
     expected = reference_logits(ref, ids)
-    # bfloat16 keeps ~3 significant digits: the argmax mostly agrees.
-    assert (ours.argmax(-1) == expected.argmax(-1)).mean() > 0.8
+    with torch.no_grad():
+        theirs = ref.to(torch.bfloat16)(torch.tensor(ids)).logits.float().numpy()
+    ours_error, their_error = np.abs(ours - expected), np.abs(theirs - expected)
+    assert ours_error.mean() <= 1.5 * their_error.mean()
+    assert ours_error.max() <= 2 * their_error.max()
 
 
 def test_named_sizes_match_reference_table():
