@@ -7,6 +7,7 @@ finds every program already compiled on disk.
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -16,6 +17,28 @@ from gsm8k_jax.checkpoints.sources import cache_dir
 
 # Programs that compile faster than this are not worth a disk entry.
 MIN_COMPILE_TIME_S = 0.5
+# JAX's monitoring events for a program read from the cache and one written
+# to it (JAX names a write a miss: programs not worth an entry are neither).
+_CACHE_EVENTS = {
+    "/jax/compilation_cache/cache_hits": "read",
+    "/jax/compilation_cache/cache_misses": "written",
+}
+_counts: collections.Counter[str] = collections.Counter()
+
+
+def _count(event: str, **_) -> None:
+    if event in _CACHE_EVENTS:
+        _counts[_CACHE_EVENTS[event]] += 1
+
+
+jax.monitoring.register_event_listener(_count)
+
+
+def cache_counts() -> dict[str, int]:
+    """Programs this process has read from and written to the persistent
+    cache so far: a rerun of the same settings reads what the first run
+    wrote, and writes nothing."""
+    return {name: _counts[name] for name in _CACHE_EVENTS.values()}
 
 
 def default_compilation_cache_dir() -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from gsm8k_jax.compilation_cache import cache_counts
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
@@ -221,6 +222,7 @@ def evaluate(
     batch_size = config.batch_size * params.num_samples
 
     start = time.perf_counter()
+    cached_before = cache_counts()
     if todo and show_progress:
         print("Compiling the model's programs...", file=sys.stderr, flush=True)
     sampler.compile(
@@ -259,6 +261,7 @@ def evaluate(
 
     generation_s = time.perf_counter() - generation_start
     phases = sampler.phase_seconds - phases_before
+    cached = {k: v - cached_before[k] for k, v in cache_counts().items()}
     summary = summarize(files.read_rollouts(), params.num_samples, method, task)
     summary |= _run_metadata(files.tag, run_info)
     # Generated in this session, by every process.
@@ -267,6 +270,8 @@ def evaluate(
         "started_at": started_at,
         "finished_at": _now(),
         "compile_s": compile_s,
+        # Programs read from and written to the persistent compilation cache.
+        "compilation_cache": cached,
         # Where this session's time went: compile, then the sampler's phases
         # (host: scheduling, detokenising and writing results).
         "phase_seconds": {

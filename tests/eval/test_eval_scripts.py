@@ -31,6 +31,7 @@ TIMING_KEYS = {
     "wall_time_s",
     "tokens_per_s",
     "resumed_examples",
+    "compilation_cache",
 }
 ROLLOUT_KEYS = {
     "id",
@@ -425,6 +426,22 @@ def test_credentials_are_never_written(tmp_path):
     assert len(written) == 3
     for text in (proc.stdout, proc.stderr, *written):
         assert "SECRET" not in text
+
+
+def test_a_rerun_reads_every_program_the_first_run_compiled(tmp_path):
+    """The persistent compilation cache: a rerun of the same settings reads
+    what the first run wrote and compiles nothing worth caching again; ''
+    turns the cache off."""
+    counts = []
+    for run, cache in enumerate([tmp_path / "cache", tmp_path / "cache", ""]):
+        out = tmp_path / f"out{run}"
+        run_script(*QUICK, f"--compilation_cache_dir={cache}", f"--output_dir={out}")
+        _, summary = read_outputs(out, "gemma3-tiny_base_bs4")
+        counts.append(summary["compilation_cache"])
+    first, rerun, off = counts
+    assert first["written"] > 0 and first["read"] == 0
+    assert rerun == {"read": first["written"], "written": 0}
+    assert off == {"read": 0, "written": 0}
 
 
 def test_row_tile_is_recorded(finished_run, tmp_path):
