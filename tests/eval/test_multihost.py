@@ -40,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_processes(out_dir):
+def start_two_processes(out_dir, heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S):
     """The two processes of one run into `out_dir`, each with its stdout in a
     temporary file: [(process, stdout file)]."""
     address = f"127.0.0.1:{free_port()}"
@@ -54,7 +54,7 @@ def start_two_processes(out_dir):
         # Held with SIGSTOP, a process sends no heartbeat: without a long
         # timeout the other aborts if its share takes over jax's default
         # 100 s (a loaded machine).
-        command += [f"--heartbeat_timeout_s={HELD_PROCESS_TIMEOUT_S}"]
+        command += [f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
         proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True
         )
@@ -154,3 +154,27 @@ def test_two_processes_on_gcs_killed_and_resumed(gcs_bucket, two_process_run):
         k: v for k, v in expected_summary.items() if k not in IGNORED
     }
     assert not fs.exists(f"{out}/chunks_{TAG}")
+
+
+def test_a_silent_process_makes_the_others_abort_and_chunks_stay(tmp_path):
+    """Process 1 held (SIGSTOP) sends no heartbeat: after
+    --heartbeat_timeout_s process 0 aborts instead of waiting for its share
+    for ever, and what was committed stays for --resume."""
+    timeout_s = 10
+    (p0, out0), (p1, out1) = start_two_processes(tmp_path, timeout_s)
+    try:
+        wait_until(
+            lambda: committed(tmp_path, TAG) > 0, "a first commit", processes=(p0, p1)
+        )
+        p1.send_signal(signal.SIGSTOP)
+        held = committed(tmp_path, TAG)
+        p0.communicate(timeout=30 * timeout_s)
+        assert p0.returncode != 0
+        assert committed(tmp_path, TAG) >= held
+        assert not (tmp_path / f"rollouts_{TAG}.jsonl").exists()
+    finally:
+        for p in (p0, p1):
+            p.kill()
+            p.communicate()
+        for out in (out0, out1):
+            out.close()
