@@ -81,6 +81,9 @@ class RunRow:
     accuracy_ci95: tuple[float, float]
     interval: str  # "wilson" or "clustered"
     source: str
+    # The weights' folder when given (--model.model_path), else "": a base
+    # run of fine-tuned weights is told apart from the named model's.
+    model_path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +211,7 @@ def _run_row(index: int, run: RunResult) -> RunRow:
         tag=run.tag,
         model_name=run.model_name,
         checkpoint=run.checkpoint,
+        model_path=run.run_info["model"].get("model_path") or "",
         batch_size=run.batch_size,
         num_samples=run.num_samples,
         num_examples=run.num_examples,

@@ -103,7 +103,8 @@ def _table_markdown(report: ComparisonReport) -> list[str]:
         interval = _interval(*r.accuracy_ci95) + (
             "*" if r.interval == "clustered" else ""
         )
-        cells = [name, r.model_name, r.checkpoint or "base", str(r.batch_size)]
+        base = f"base ({r.model_path})" if r.model_path else "base"
+        cells = [name, r.model_name, r.checkpoint or base, str(r.batch_size)]
         cells += [str(r.num_samples)] if multi else []
         cells += [_progress(r), str(r.correct), str(r.total)]
         cells += [f"{r.accuracy:.2%} ({interval})"]

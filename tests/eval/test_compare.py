@@ -473,6 +473,17 @@ def test_markdown_json_and_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_base_runs_of_other_weights_are_told_apart():
+    """A full fine-tune evaluated as a base model (--model.model_path) is not
+    labelled as the named model's base weights."""
+    named = single([1, 0, 1], tag="gemma3-tiny_base_bs4")
+    tuned = single([1, 1, 1], tag="gemma3-tiny_base_bs4")
+    tuned.run_info["model"]["model_path"] = "runs/ff/hf/2"
+    markdown = compare_runs([named, tuned], num_resamples=10).to_markdown()
+    assert "| gemma3-tiny | base | 4 |" in markdown
+    assert "| gemma3-tiny | base (runs/ff/hf/2) | 4 |" in markdown
+
+
 def test_plot_labels_each_run_with_n_and_its_interval(tmp_path):
     runs = [
         single([1, 0, 1, 1], tag="base"),
