@@ -235,8 +235,17 @@ def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str,
     return [r for r in records if counts[r["id"]] == num_samples]
 
 
+# Sampling settings greedy decoding never reads.
+_UNUSED_WHEN_GREEDY = (
+    "eval.sampling.seed",
+    "eval.sampling.top_k",
+    "eval.sampling.top_p",
+)
+
+
 def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted names of the settings that differ, e.g. `eval.sampling.seed`."""
+    """Dotted names of the settings that differ, e.g. `eval.sampling.seed`;
+    between two greedy runs, not those greedy decoding never reads."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -247,7 +256,13 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    greedy = (
+        a.get("eval.sampling.temperature") == 0 == b.get("eval.sampling.temperature")
+    )
+    ignored = _UNUSED_WHEN_GREEDY if greedy else ()
+    return sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignored
+    )
 
 
 def model_config(model_name: str) -> ml_collections.ConfigDict:

@@ -444,6 +444,17 @@ def test_a_rerun_reads_every_program_the_first_run_compiled(tmp_path):
     assert off == {"read": 0, "written": 0}
 
 
+def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_path):
+    """Greedy decoding reads no seed, top_k or top_p: a rerun that names them
+    (or drops them) resumes instead of being refused as other settings."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    run_script(*QUICK, "--seed=5", "--top_k=3", "--top_p=0.5", f"--output_dir={out}")
+    assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == finished_run[1]
+    refused = run_script(*QUICK, "--temperature=0.5", f"--output_dir={out}", check=False)
+    assert refused.returncode == 1 and "eval.sampling.temperature" in refused.stderr
+
+
 def test_row_tile_is_recorded(finished_run, tmp_path):
     """--row_tile is the run's (the default is the platform's, 32 on CPU);
     resuming under another tile is refused (above)."""
