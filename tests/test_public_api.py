@@ -67,6 +67,8 @@ def test_plausible_misuse_is_a_clear_error():
         gsm8k_jax.load_gsm8k(5)
     with pytest.raises(TypeError, match=r"e\.g\. \(1,\)"):
         gsm8k_jax.SamplingParams(eos_ids=1)
+    with pytest.raises(ValueError, match="row_tile must be >= 1"):
+        gsm8k_jax.Sampler(None, None, row_tile=0)
     with pytest.raises(TypeError, match=r"RunFiles\(output_dir, tag\)"):
         gsm8k_jax.evaluate(None, [], gsm8k_jax.EvalConfig(), "results", run_info={})
     # A number as the gold answer is read as its text.

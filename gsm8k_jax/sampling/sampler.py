@@ -128,6 +128,10 @@ class Sampler:
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
+        if row_tile is not None and row_tile < 1:
+            raise ValueError(
+                f"row_tile must be >= 1 (None: the platform's), got {row_tile}."
+            )
         self.row_tile = row_tile or default_row_tile()
         self.prefill_tokens = default_prefill_tokens()
         self.data_shards = mesh.shape[DATA] if mesh is not None else 1

@@ -134,6 +134,14 @@ def main(argv: list[str]) -> None:
         )
     if _RESULTS.value:
         runs = [run for path in _RESULTS.value for run in load_runs(path)]
+        seen = set()
+        for run in runs:
+            if (run.source, run.tag) in seen:
+                raise ValueError(
+                    f"--results names run '{run.tag}' in {run.source} twice: list"
+                    " each folder or file once."
+                )
+            seen.add((run.source, run.tag))
     elif _LORA_CHECKPOINTS.value:
         runs = _evaluate()
         if cli.FLAGS.distributed and jax.process_index() != 0:

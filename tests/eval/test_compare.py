@@ -767,6 +767,24 @@ def test_compare_script_refuses_in_one_line(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_compare_script_refuses_a_run_listed_twice(cli_runs, tmp_path):
+    """It was compared with itself, as a batch-size consistency pair too."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(COMPARE_SCRIPT),
+            f"--results={cli_runs},{cli_runs}/summary_gemma3-tiny_base_bs4.json",
+            f"--output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "names run 'gemma3-tiny_base_bs4' in" in proc.stderr
+
+
 def fake_checkpoint(root, step):
     """The folder layout `resolve_lora_checkpoint` accepts (no real factors)."""
     params = root / "actor" / str(step) / "model_params"
