@@ -103,6 +103,17 @@ def make_run(
     )
 
 
+def run_compare(*args: str) -> subprocess.CompletedProcess:
+    """compare_checkpoints.py with `args`, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(COMPARE_SCRIPT), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def single(correct, **kwargs):
     return make_run([rollout(i, bool(c)) for i, c in enumerate(correct)], **kwargs)
 
@@ -686,17 +697,9 @@ def test_compare_script_on_real_runs_one_stopped(cli_runs, tmp_path, request, wh
             f"{results}/runs",
             f"{results}/cmp",
         )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(COMPARE_SCRIPT),
-            f"--results={results}/rollouts_gemma3-tiny_base_bs2.jsonl,{results}/summary_gemma3-tiny_base_bs4.json,{stopped}",
-            f"--output_dir={out}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = run_compare(
+        f"--results={results}/rollouts_gemma3-tiny_base_bs2.jsonl,{results}/summary_gemma3-tiny_base_bs4.json,{stopped}",
+        f"--output_dir={out}",
     )
     assert proc.returncode == 0, proc.stderr
     fs, out = fsspec.core.url_to_fs(str(out))
@@ -756,30 +759,16 @@ def test_reading_and_comparing_import_neither_jax_nor_the_cli():
     ],
 )
 def test_compare_script_refuses_in_one_line(tmp_path, args, message):
-    proc = subprocess.run(
-        [sys.executable, str(COMPARE_SCRIPT), *args, f"--output_dir={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = run_compare(*args, f"--output_dir={tmp_path}")
     assert proc.returncode == 1 and message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_compare_script_refuses_a_run_listed_twice(cli_runs, tmp_path):
     """It was compared with itself, as a batch-size consistency pair too."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(COMPARE_SCRIPT),
-            f"--results={cli_runs},{cli_runs}/summary_gemma3-tiny_base_bs4.json",
-            f"--output_dir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
+    proc = run_compare(
+        f"--results={cli_runs},{cli_runs}/summary_gemma3-tiny_base_bs4.json",
+        f"--output_dir={tmp_path}",
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "names run 'gemma3-tiny_base_bs4' in" in proc.stderr
