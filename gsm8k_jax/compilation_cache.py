@@ -46,9 +46,18 @@ def default_compilation_cache_dir() -> Path:
     return cache_dir() / "jax_compilation_cache"
 
 
+# JAX's own setting of the threshold, which wins over MIN_COMPILE_TIME_S.
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
 def enable_compilation_cache(path: str | os.PathLike) -> None:
-    """Stores compiled programs in `path` and reuses them ("" turns it off)."""
+    """Stores compiled programs in `path` and reuses them ("" turns it off);
+    those compiling in under MIN_COMPILE_TIME_S are not stored, unless
+    JAX's own environment variable sets another threshold."""
     if not os.fspath(path):
         return
     jax.config.update("jax_compilation_cache_dir", os.fspath(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
+    if MIN_COMPILE_TIME_ENV not in os.environ:
+        jax.config.update(
+            "jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S
+        )
