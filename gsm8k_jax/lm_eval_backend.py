@@ -92,6 +92,9 @@ class GSM8KJaxLM(LM):
         rounded up to whole row tiles; answers do not depend on it.
       max_gen_toks: most new tokens when a request does not say.
       seed: sampling seed, for requests with `do_sample`.
+      row_tile: slots per decode program (default: the platform's); a tile
+        matched to a small batch computes no empty rows. Answers are the
+        same bits at any batch size for one tile, not across tiles.
       device, max_batch_size: passed by lm-eval's CLI and unused: JAX runs on
         all local devices.
     """
@@ -108,6 +111,7 @@ class GSM8KJaxLM(LM):
         batch_size: int | str = 32,
         max_gen_toks: int = LM_EVAL_MAX_GEN_TOKS,
         seed: int = 0,
+        row_tile: int | None = None,
         device: str | None = None,
         max_batch_size: int | None = None,
     ):
@@ -154,7 +158,12 @@ class GSM8KJaxLM(LM):
                 )
             lora_lib.load_trained_lora(model, trained, merge=True)
         self.dtype = dtype
-        self.sampler = Sampler(model, self.tokenizer, mesh=local_mesh(1))
+        self.sampler = Sampler(
+            model,
+            self.tokenizer,
+            mesh=local_mesh(1),
+            row_tile=int(row_tile) if row_tile is not None else None,
+        )
 
     def generate_until(
         self, requests: list[Instance], disable_tqdm: bool = False

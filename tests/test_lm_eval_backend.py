@@ -106,6 +106,13 @@ def test_bad_settings_are_refused_clearly():
         pretrained.generate_until([request])
     with pytest.raises(NotImplementedError, match="generate_until only"):
         pretrained.loglikelihood([request])
+    with pytest.raises(ValueError, match="row_tile must be >= 1"):
+        GSM8KJaxLM(model_name="gemma3-tiny", row_tile=0)
+
+
+def test_row_tile_is_the_samplers_and_recorded():
+    lm = GSM8KJaxLM(model_name="gemma3-tiny", row_tile="8")  # as lm-eval may pass it
+    assert lm.sampler.row_tile == 8 and lm.get_model_info()["row_tile"] == 8
 
 
 def test_without_lm_eval_the_command_line_says_how_to_install_it():
