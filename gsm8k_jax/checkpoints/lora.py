@@ -33,7 +33,7 @@ import functools
 import os
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -287,26 +287,29 @@ def _merge_weight(target: _Target, a: Any, b: Any, scale: float) -> jax.Array:
     )
 
 
-# Each model's merged weights, as merge_lora wrote them: while a weight still
-# holds its merged array, another merge would add a second update to it.
-# Putting the base weights back (as a sweep does) clears the mark.
-_MERGED: weakref.WeakKeyDictionary[nnx.Module, dict[str, weakref.ref]] = (
-    weakref.WeakKeyDictionary()
+# Every array merge_lora has written, by id: a weight that still holds one
+# (in this model, a clone or a copy of its state) has an update merged in,
+# and another merge or an unmerged LoRA on top would add a second. Putting
+# the base arrays back (as a sweep does) clears it.
+_MERGED_ARRAYS: weakref.WeakValueDictionary[int, jax.Array] = (
+    weakref.WeakValueDictionary()
 )
 
 
-def _check_not_merged(model: Gemma3, targets: Mapping[str, _Target]) -> None:
-    """Refuses a model whose weights still hold an earlier merge's arrays."""
-    merged = _MERGED.get(model, {})
-    if any(
-        path in targets and ref() is targets[path].variable.get_value()
-        for path, ref in merged.items()
-    ):
-        raise ValueError(
-            "This model already has a LoRA update merged in; merging another"
-            " would add to it. Load the base model again (load_pretrained), or"
-            " put its weights back, before merging the next checkpoint."
-        )
+def _check_not_merged(
+    model: Gemma3, config: LoraConfig, weights: Iterable[str]
+) -> None:
+    """Refuses a model whose `weights` (paths under `config.module_path`)
+    still hold arrays an earlier merge wrote."""
+    targets = _targets(model, config.module_path)
+    for weight in weights:
+        value = targets[weight].variable.get_value()
+        if _MERGED_ARRAYS.get(id(value)) is value:
+            raise ValueError(
+                f"{weight} already has a LoRA update merged in; another would add"
+                " to it. Load the base model again (load_pretrained), or put its"
+                " weights back, before applying the next checkpoint."
+            )
 
 
 def merge_lora(
@@ -322,9 +325,8 @@ def merge_lora(
     match), so no device ever holds a whole merged weight.
     """
     validate_lora_params(model, params, config)
+    _check_not_merged(model, config, _factors(params))
     targets = _targets(model, config.module_path)
-    _check_not_merged(model, targets)
-    merged_weights = {}
     for weight in _factors(params):
         target = targets[weight]
         merged = _merge_weight(
@@ -334,8 +336,7 @@ def merge_lora(
             config.scale,
         )
         target.variable.set_value(merged)
-        merged_weights[weight] = weakref.ref(merged)
-    _MERGED[model] = merged_weights
+        _MERGED_ARRAYS[id(merged)] = merged
 
 
 _SAMPLEABLE_CLASSES: dict[type, type] = {}
@@ -412,6 +413,7 @@ def apply_lora(
     factors for get zero factors (no update).
     """
     validate_lora_params(model, params, config)
+    _check_not_merged(model, config, _factors(params))
     # qwix creates the factors by running the model once, on any input.
     # Tracing that run abstractly gives the structure without computing
     # anything; the values come from `model` and the checkpoint.

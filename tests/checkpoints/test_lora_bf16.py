@@ -97,8 +97,15 @@ def test_merging_twice_is_refused_until_the_base_weights_are_back(small_update):
     config = LoraConfig(rank=RANK, alpha=ALPHA)
     load_lora(model, root / "actor", config)
     merged = base_weights(model)
-    with pytest.raises(ValueError, match="already has a LoRA update merged in"):
-        load_lora(model, root / "actor", config)
+    # Again, into a clone or a copy of its state, or unmerged on top.
+    for target, merge in (
+        (model, True),
+        (nnx.clone(model), True),
+        (nnx.merge(*nnx.split(model)), True),
+        (model, False),
+    ):
+        with pytest.raises(ValueError, match="already has a LoRA update merged in"):
+            load_lora(target, root / "actor", config, merge=merge)
     assert all(np.array_equal(base_weights(model)[k], v) for k, v in merged.items())
     nnx.update(model, base)  # As a sweep puts the base weights back.
     load_lora(model, root / "actor", config)
