@@ -86,13 +86,18 @@ def stop_on_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def finishing_write() -> Iterator[None]:
+def finishing_write(*, while_stopping: bool = False) -> Iterator[None]:
     """A block that no stop signal interrupts: one received inside raises
     once the last such block (in any thread) has ended, and one received
-    before it (whose exception was lost) raises before it starts."""
+    before it (whose exception was lost) raises before it starts.
+
+    while_stopping: for a last write made while a stop signal's exception
+    is already being handled (the caller raises it again): a further signal
+    does not cut it short, and none is raised before or after it.
+    """
     global _writes_in_progress
     with _writes_lock:
-        if _received is not None and not _writes_in_progress:
+        if _received is not None and not _writes_in_progress and not while_stopping:
             raise _received()
         _writes_in_progress += 1
     try:
@@ -101,5 +106,5 @@ def finishing_write() -> Iterator[None]:
         with _writes_lock:
             _writes_in_progress -= 1
             last = not _writes_in_progress
-    if last and _received is not None:
+    if last and _received is not None and not while_stopping:
         raise _received()

@@ -128,3 +128,19 @@ def test_a_signal_while_the_handlers_are_put_back_is_raised_after(
     monkeypatch.undo()
     assert landed
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_the_last_write_while_stopping_is_not_cut_short(terminal_ctrl_c):
+    """The trainer saves the steps it trained once a stop signal arrived: a
+    second Ctrl-C during that save must not cut it short, and the first
+    signal is raised again by the handler, not by the save."""
+    saved = []
+    with pytest.raises(KeyboardInterrupt), stop_on_signals():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Terminated:
+            with finishing_write(while_stopping=True):
+                signal.raise_signal(signal.SIGINT)
+                saved.append("step")
+            raise KeyboardInterrupt from None
+    assert saved == ["step"]

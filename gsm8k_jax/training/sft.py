@@ -369,14 +369,28 @@ def check_resumable(
             " values to resume it, or another --output_dir for a new run."
         )
     path = _settings_path(root, config)
-    if not storage.exists(path):
+    # Settings with no step beside them (a first save cut short) bind nothing.
+    if not storage.exists(path) or latest_step(root, config) is None:
         return
-    recorded = json.loads(storage.read_text(path))
+    try:
+        recorded = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is damaged (not valid JSON: {e.msg}): restore it, or train"
+            " into another --output_dir."
+        ) from e
     settings = run_settings(config, examples, template)
+    # A setting added after the run was saved: it trained with the default.
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(SFTConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    recorded = {**defaults, **recorded}
     differing = [
         f"{name}={settings.get(name)!r} (trained with {recorded.get(name)!r})"
-        for name in dict.fromkeys([*settings, *recorded])
-        if settings.get(name) != recorded.get(name)
+        for name in settings
+        if settings[name] != recorded.get(name)
     ]
     if differing:
         raise ValueError(
@@ -588,7 +602,9 @@ def train(
 
     losses: list[float] = []
     done = saved = start  # Steps applied to the model; the latest on disk.
-    stepping = False  # Inside a step: the weights may be half-updated.
+    # Inside a step (the weights may be half-updated) or a save (the step's
+    # folder may be half-written): a stop there saves nothing more.
+    stepping = saving = False
     try:
         with tqdm(
             range(start, config.num_steps),
@@ -610,10 +626,12 @@ def train(
                     or (config.checkpoint_every and done % config.checkpoint_every == 0)
                 ):
                     with stop_signals.finishing_write():
+                        saving = True
                         save(done)
-                        saved = done
+                        saved, saving = done, False
     except (KeyboardInterrupt, stop_signals.Terminated):
-        if output_dir is not None and done > saved and not stepping:
-            save(done)
+        if output_dir is not None and done > saved and not (stepping or saving):
+            with stop_signals.finishing_write(while_stopping=True):
+                save(done)
         raise
     return losses

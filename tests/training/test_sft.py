@@ -1,6 +1,7 @@
 """LoRA SFT: data, a falling loss, Tunix-layout checkpoints that restore, resume."""
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -260,7 +261,16 @@ def test_resuming_with_other_settings_is_refused(
         sft.check_resumable(root, CONFIG, examples, template="Q: {question}")
     longer = dataclasses.replace(CONFIG, num_steps=20, checkpoint_every=5)
     sft.check_resumable(root, longer, examples)
-    (root / "actor" / sft.SETTINGS_FILE).unlink()  # As a run saved before.
+    path = root / "actor" / sft.SETTINGS_FILE
+    record = json.loads(path.read_text())
+    del record["weight_decay"]  # As if the setting came later: its default.
+    path.write_text(json.dumps(record))
+    default = dataclasses.replace(CONFIG, weight_decay=sft.SFTConfig.weight_decay)
+    sft.check_resumable(root, default, examples)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="sft_settings.json is damaged"):
+        sft.check_resumable(root, CONFIG, examples)
+    path.unlink()  # As a run saved before settings were recorded.
     sft.check_resumable(root, other, examples)
 
 
