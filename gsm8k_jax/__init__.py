@@ -18,13 +18,16 @@ does not import jax and flax through this package.
 """
 
 import importlib
+import importlib.util
 from typing import Any
 
 from gsm8k_jax.quiet import quiet_imports
 
-# Before anything imports transformers: without torch it advises at import
-# that PyTorch was not found, and this project runs on JAX.
-quiet_imports()
+# Without torch, transformers advises at import that PyTorch was not found;
+# this project runs on JAX. Where torch is installed, its advice is the
+# user's to see.
+if importlib.util.find_spec("torch") is None:
+    quiet_imports()
 
 # Public name -> the module defining it.
 _EXPORTS = {

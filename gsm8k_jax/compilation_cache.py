@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -17,18 +18,23 @@ from gsm8k_jax.checkpoints.sources import cache_dir
 
 # Programs that compile faster than this are not worth a disk entry.
 MIN_COMPILE_TIME_S = 0.5
+# JAX's own setting of the threshold, which wins over MIN_COMPILE_TIME_S.
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 # JAX's monitoring events for a program read from the cache and one written
 # to it (JAX names a write a miss: programs not worth an entry are neither).
 _CACHE_EVENTS = {
     "/jax/compilation_cache/cache_hits": "read",
     "/jax/compilation_cache/cache_misses": "written",
 }
+# Over the whole process: programs compile in worker threads.
 _counts: collections.Counter[str] = collections.Counter()
+_counts_lock = threading.Lock()
 
 
 def _count(event: str, **_) -> None:
     if event in _CACHE_EVENTS:
-        _counts[_CACHE_EVENTS[event]] += 1
+        with _counts_lock:
+            _counts[_CACHE_EVENTS[event]] += 1
 
 
 jax.monitoring.register_event_listener(_count)
@@ -36,18 +42,16 @@ jax.monitoring.register_event_listener(_count)
 
 def cache_counts() -> dict[str, int]:
     """Programs this process has read from and written to the persistent
-    cache so far: a rerun of the same settings reads what the first run
+    cache so far (a sweep evaluating on device groups side by side counts
+    all groups'): a rerun of the same settings reads what the first run
     wrote, and writes nothing."""
-    return {name: _counts[name] for name in _CACHE_EVENTS.values()}
+    with _counts_lock:
+        return {name: _counts[name] for name in _CACHE_EVENTS.values()}
 
 
 def default_compilation_cache_dir() -> Path:
     """Under the package's cache folder ($GSM8K_JAX_CACHE, else ~/.cache/gsm8k_jax)."""
     return cache_dir() / "jax_compilation_cache"
-
-
-# JAX's own setting of the threshold, which wins over MIN_COMPILE_TIME_S.
-MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def enable_compilation_cache(path: str | os.PathLike) -> None:

@@ -43,12 +43,17 @@ def test_loading_a_model_does_not_import_torch():
     assert _imported(code, ("torch",)) == []
 
 
-def test_importing_the_package_silences_transformers_advice():
+@pytest.mark.parametrize("torch_installed", [False, True])
+def test_without_torch_the_package_silences_transformers_advice(torch_installed):
     """Without torch, transformers advises at import that PyTorch was not
-    found (a notebook would show it; the test extras install torch, so the
-    advice itself cannot show here): the package turns that advice off before
-    anything imports transformers, as the scripts do."""
-    code = "import os, gsm8k_jax; print(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))"
+    found (a notebook showed it): the package turns that advice off before
+    anything imports transformers, as the scripts do; with torch installed,
+    transformers' advice is left alone."""
+    hide = "" if torch_installed else "import sys; sys.modules['torch'] = None\n"
+    code = hide + (
+        "import os, gsm8k_jax\n"
+        "print(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))"
+    )
     env = {
         k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"
     }
@@ -59,7 +64,7 @@ def test_importing_the_package_silences_transformers_advice():
         check=True,
         env=env,
     )
-    assert done.stdout.strip() == "1"
+    assert done.stdout.strip() == ("None" if torch_installed else "1")
 
 
 def test_plausible_misuse_is_a_clear_error():

@@ -178,7 +178,8 @@ class RunFiles:
         except json.JSONDecodeError as e:
             raise ValueError(
                 f"{path} is damaged (not valid JSON: {e.msg}, line {e.lineno}):"
-                " restore it, or evaluate again."
+                " restore it, or evaluate again (--overwrite, or another"
+                " --output_dir)."
             ) from e
 
     def _parse_rollouts(self) -> list[dict[str, Any]]:

@@ -105,19 +105,30 @@ def _evaluate() -> list[RunResult]:
     )
 
 
-# The flags that shape a comparison of runs on disk; every other flag only
-# shapes the evaluation that --lora_checkpoints runs first.
-_COMPARISON_FLAGS = ("output_dir", "extraction_method")
+# Flags that shape a comparison of runs on disk, or only how the processes
+# start (a launcher may pass them to every command): every other evaluation
+# flag only shapes the evaluation that --lora_checkpoints runs first.
+_NOT_EVALUATION_FLAGS = (
+    "output_dir",
+    "extraction_method",
+    "model",
+    "compilation_cache_dir",
+    "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "heartbeat_timeout_s",
+)
 
 
 def _evaluation_flags_given() -> list[str]:
     """The evaluation flags on the command line (`--model.<field>` too)."""
-    flags_here = ("include_base", "devices_per_checkpoint")
+    here = (_INCLUDE_BASE.name, _DEVICES_PER_CHECKPOINT.name)
     names = [f.name for f in cli.FLAGS.get_key_flags_for_module(cli.__name__)]
     given = [
         f"--{name}"
-        for name in sorted((*names, *flags_here))
-        if name not in _COMPARISON_FLAGS and cli.FLAGS[name].present
+        for name in sorted((*names, *here))
+        if name not in _NOT_EVALUATION_FLAGS and cli.FLAGS[name].present
     ]
     return given + [f"--model.{f}" for f in sorted(cli.given_model_fields(sys.argv))]
 

@@ -756,6 +756,11 @@ def test_reading_and_comparing_import_neither_jax_nor_the_cli():
             ["--results=x", "--temperature=0.7", "--num_examples=2", "--model.dtype=f"],
             "--num_examples, --temperature, --model.dtype set how --lora_checkpoints",
         ),
+        # Flags a launcher passes to every command are not refused.
+        (
+            ["--results=/no/such/x", "--compilation_cache_dir=", "--distributed=false"],
+            "/no/such/x",
+        ),
     ],
 )
 def test_compare_script_refuses_in_one_line(tmp_path, args, message):

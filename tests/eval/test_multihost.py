@@ -36,15 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_processes(out_dir, heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S):
-    """The two processes of one run into `out_dir`, each with its stdout in a
-    temporary file: [(process, stdout file)]."""
+def start_two_processes(
+    out_dir, heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S, args=tuple(ARGS)
+):
+    """The two processes of one run of `args` into `out_dir`, each with its
+    stdout in a temporary file: [(process, stdout file)]."""
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     started = []
     for i in range(2):
         stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read while it runs)
-        command = [sys.executable, str(BASE_SCRIPT), *ARGS, f"--output_dir={out_dir}"]
+        command = [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={out_dir}"]
         command += ["--distributed", f"--coordinator_address={address}"]
         command += ["--num_processes=2", f"--process_id={i}"]
         # Held with SIGSTOP, a process sends no heartbeat: without a long
@@ -151,16 +153,18 @@ def test_a_silent_process_makes_the_others_abort_and_chunks_stay(tmp_path):
     --heartbeat_timeout_s process 0 aborts instead of waiting for its share
     for ever, and what was committed stays for --resume."""
     timeout_s = 10
-    (p0, out0), (p1, out1) = start_two_processes(tmp_path, timeout_s)
+    # Shares of 32 problems of 64 tokens: far from done at the first commit.
+    args = ["--num_examples=64", "--batch_size=2", "--max_generation_steps=64"]
+    (p0, out0), (p1, out1) = start_two_processes(tmp_path, timeout_s, args)
     try:
         wait_until(
             lambda: committed(tmp_path, TAG) > 0, "a first commit", processes=(p0, p1)
         )
         p1.send_signal(signal.SIGSTOP)
         held = committed(tmp_path, TAG)
-        p0.communicate(timeout=30 * timeout_s)
-        assert p0.returncode != 0
-        assert committed(tmp_path, TAG) >= held
+        _, err = p0.communicate(timeout=30 * timeout_s)
+        assert p0.returncode != 0, err[-3000:]
+        assert held <= committed(tmp_path, TAG) < 64, (held, err[-3000:])
         assert not (tmp_path / f"rollouts_{TAG}.jsonl").exists()
     finally:
         for p in (p0, p1):
