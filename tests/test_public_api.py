@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,8 @@ def test_every_public_name_resolves():
 
 
 def _imported(code: str, modules: tuple[str, ...]) -> list[str]:
-    """Which of `modules` a fresh interpreter has imported after `code`."""
+    """Which of `modules` a fresh interpreter has imported after `code` (its
+    last line of output)."""
     code += f"\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", "import sys\n" + code],
@@ -26,7 +28,7 @@ def _imported(code: str, modules: tuple[str, ...]) -> list[str]:
         text=True,
         check=True,
     )
-    return ast.literal_eval(done.stdout.strip())
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
 def test_reading_and_comparing_runs_imports_no_jax():
@@ -35,12 +37,21 @@ def test_reading_and_comparing_runs_imports_no_jax():
     assert _imported(code, ("jax", "flax")) == []
 
 
-def test_loading_a_model_does_not_import_torch():
+def test_loading_a_model_or_evaluating_does_not_import_torch(tmp_path):
     """transformers' config classes import torch where it is installed (as in
     the test extras): about 2 s of every start, for nothing."""
     assert importlib.util.find_spec("torch") is not None
     code = "import gsm8k_jax; gsm8k_jax.load_pretrained('gemma3-tiny')"
     assert _imported(code, ("torch",)) == []
+    script = Path(__file__).parent.parent / "research/script/eval_gsm8k_base.py"
+    args = ["--num_examples=2", "--max_generation_steps=4", f"--output_dir={tmp_path}"]
+    code = (
+        f"import runpy; sys.argv = {[str(script), *args]!r}\n"
+        f"try: runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit as e: assert not e.code, e.code"
+    )
+    assert _imported(code, ("torch",)) == []
+    assert (tmp_path / "summary_gemma3-tiny_base_bs2.json").is_file()
 
 
 @pytest.mark.parametrize("torch_installed", [False, True])
