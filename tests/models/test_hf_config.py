@@ -215,6 +215,11 @@ def test_released_sizes_read_as_their_named_configs():
             json.dumps(_variant(GEMMA3_1B, rope_scaling={"rope_type": "linear"})),
             "lacks the field 'factor'",
         ),
+        (json.dumps(_variant(GEMMA3_1B, head_dim=None)), "its head_dim is None"),
+        (
+            json.dumps(_variant(GEMMA3_1B, rope_theta=None)),
+            "its rope_theta of full_attention layers is None, not a number",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, text, message):

@@ -35,6 +35,20 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "attn_logit_softcapping": None,
     "use_bidirectional_attention": False,
 }
+# Fields the model is built from, which must be numbers (transformers' own
+# config classes refuse other types too).
+NUMERIC_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "query_pre_attn_scalar",
+    "sliding_window",
+)
 DEFAULT_SLIDING_WINDOW_PATTERN = 6
 DEFAULT_ROPE_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 # Older configs' RoPE bases, before `rope_parameters`.
@@ -61,6 +75,8 @@ def text_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
             " gsm8k_jax implements Gemma 3 only."
         )
     fields = {key: text.get(key, default) for key, default in TEXT_DEFAULTS.items()}
+    for name in NUMERIC_FIELDS:
+        _require_number(name, fields[name])
     if fields["layer_types"] is None:
         pattern = text.get("sliding_window_pattern", DEFAULT_SLIDING_WINDOW_PATTERN)
         fields["layer_types"] = [
@@ -85,4 +101,10 @@ def _rope_parameters(text: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "rope_theta", text.get(LEGACY_ROPE_THETA[layer_type], default)
         )
         params.setdefault("rope_type", params.get("type", "default"))
+        _require_number(f"rope_theta of {layer_type} layers", params["rope_theta"])
     return rope
+
+
+def _require_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"its {name} is {value!r}, not a number.")
