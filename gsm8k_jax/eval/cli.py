@@ -402,8 +402,9 @@ def eval_config_from_flags(
 
 
 def given_model_fields(argv: Sequence[str]) -> set[str]:
-    """The `--model.<field>` flags given on the command line, by field
-    (`dtype`, `lora_config.rank`)."""
+    """The `--model.<field>` flags given on the command line (or in a
+    `--flagfile` it names), by field (`dtype`, `lora_config.rank`)."""
+    argv = FLAGS.read_flags_from_files(list(argv), force_gnu=True)
     names = (arg.lstrip("-").split("=", 1)[0] for arg in argv[1:] if arg[:1] == "-")
     return {name.removeprefix("model.") for name in names if name.startswith("model.")}
 

@@ -376,9 +376,13 @@ def test_script_full_finetune_writes_hf_folders(tmp_path):
         ("--data_path=", "--data_path"),
         # Training is float32 only: a dtype flag must not pass unnoticed.
         ("--model.dtype=bfloat16", "trains in float32, not --model.dtype=bfloat16"),
+        ("--flagfile={flags}", "trains in float32, not --model.dtype=bfloat16"),
     ],
 )
 def test_script_refuses_in_one_line(tmp_path, flag, message):
+    flags = tmp_path.parent / f"{tmp_path.name}.flags"  # Not in the output folder.
+    flags.write_text("--model.dtype=bfloat16\n")
+    flag = flag.format(flags=flags)
     proc = subprocess.run(
         [
             sys.executable,
