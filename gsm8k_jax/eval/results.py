@@ -346,14 +346,25 @@ def run_info(
     Args:
       model: the `--model` config as a dict (`model_config(...).to_dict()`).
       model_dir: the local folder the weights were loaded from.
-      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      lora_path: the LoRA checkpoint, or "" for the base model. Recorded as
+        the step it designates (`<root>/actor` is its latest step), with the
+        rank, alpha and module path the trainer recorded beside it (else
+        `model`'s), as `load_lora` uses them: a run of another step is
+        another run.
       data_path: the GSM8K file (local or gs://).
       num_examples: how many problems are evaluated.
       eval_config: the evaluation settings.
     """
+    from gsm8k_jax.checkpoints.lora_checkpoint import resolve_trained_lora
     from gsm8k_jax.checkpoints.sources import model_revision
     from gsm8k_jax.sampling import batching
 
+    if lora_path:
+        trained = resolve_trained_lora(
+            lora_path, LoraConfig(**model["lora_config"]), given=()
+        )
+        lora_path = trained.params_path
+        model = {**model, "lora_config": dataclasses.asdict(trained.config)}
     return {
         "model": dict(model),
         "model_dir": str(model_dir),

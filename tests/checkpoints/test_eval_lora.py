@@ -1,7 +1,10 @@
 """eval_gsm8k.py end to end with a Tunix LoRA checkpoint, local and on gs://."""
 
+import dataclasses
+import functools
 import json
 
+import pytest
 import transformers
 from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
 from gcs_emulator import upload_dir
@@ -9,6 +12,9 @@ from lora_checkpoints import random_factors, write_tunix_checkpoint
 
 from gsm8k_jax.checkpoints.lora_checkpoint import save_lora_config
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET
+from gsm8k_jax.eval.results import ResultsError, RunFiles, model_config, run_info
+from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
 
 RANK = 4
@@ -118,3 +124,36 @@ def test_recorded_lora_config_is_used_and_enforced(tmp_path):
     )
     assert summary["run"]["model"]["lora_config"]["alpha"] == 8.0
     assert summary["run"]["model"]["lora_config"]["rank"] == RANK
+
+
+def test_run_info_records_the_step_and_config_load_lora_uses(tmp_path):
+    """The notebook's way (`run_info` with the path given to `load_lora`):
+    `<root>/actor` is recorded as its latest step, with the config recorded
+    beside it, so a rerun after another step was saved is another run, not a
+    resume of the earlier step's results."""
+    actor = tmp_path / "run" / "actor"
+    write_tunix_checkpoint(actor / "10" / "model_params", tiny_factors())
+    record = functools.partial(
+        run_info,
+        model_config("gemma3-tiny").to_dict(),  # alpha 2.0, the default
+        model_dir=TINY_MODEL_DIR,
+        lora_path=str(actor),
+        data_path=str(BUNDLED_TEST_SET),
+        num_examples=8,
+        eval_config=EvalConfig(),
+    )
+    first = record()
+    assert first["lora_checkpoint"] == str(actor / "10" / "model_params")
+    assert first["model"]["lora_config"]["alpha"] == 2.0  # None recorded.
+    write_tunix_checkpoint(actor / "12" / "model_params", tiny_factors())
+    save_lora_config(actor, LoraConfig(rank=RANK, alpha=16.0))
+    later = record()
+    assert later["lora_checkpoint"] == str(actor / "12" / "model_params")
+    assert later["model"]["lora_config"] == dataclasses.asdict(
+        LoraConfig(rank=RANK, alpha=16.0)
+    )
+    files = RunFiles(tmp_path / "out", "tag")
+    files.prepare(first, resume=True, overwrite=False)
+    files.chunks.commit([{"id": 0, "sample_index": 0}])  # A first result.
+    with pytest.raises(ResultsError, match="differing: lora_checkpoint"):
+        files.check(lambda: later, resume=True, overwrite=False)
