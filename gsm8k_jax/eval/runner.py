@@ -199,8 +199,8 @@ def evaluate(
     finished_ids = {r["id"] for r in done}
     if finished_ids and show_progress:
         print(
-            f"Resuming: {len(finished_ids)} of {len(examples)} problems are"
-            " already finished.",
+            f"Resuming {files.tag}: {len(finished_ids)} of {len(examples)}"
+            " problems are already finished.",
             file=sys.stderr,
             flush=True,
         )
@@ -224,7 +224,11 @@ def evaluate(
     start = time.perf_counter()
     cached_before = cache_counts()
     if todo and show_progress:
-        print("Compiling the model's programs...", file=sys.stderr, flush=True)
+        print(
+            f"Compiling the model's programs for {files.tag}...",
+            file=sys.stderr,
+            flush=True,
+        )
     sampler.compile(
         [prompts[e.id] for e in todo],
         params,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -120,6 +121,8 @@ def _evaluate_on(
             except queue.Empty:
                 return
             nnx.update(model, base_params)
+            if sweep.show_progress:
+                print(f"Run tag: {files.tag}", file=sys.stderr, flush=True)
             if lora_path:
                 logging.info("Merging %s into the base weights.", lora_path)
                 sweep.load_lora_fn(

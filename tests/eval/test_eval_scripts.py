@@ -331,7 +331,8 @@ def test_ctrl_c_and_sigterm_then_resume_give_the_uninterrupted_files(
 
     resumed = run_script(*STOP_ARGS, f"--output_dir={out}")
     assert re.search(
-        rf"Resuming: {later} of {NUM_STOP_EXAMPLES} problems are already finished",
+        rf"Resuming {STOP_TAG}: {later} of {NUM_STOP_EXAMPLES} problems are already"
+        " finished",
         resumed.stderr,
     ), resumed.stderr
     assert_uninterrupted_files(*read_outputs(out, STOP_TAG), uninterrupted, later)
