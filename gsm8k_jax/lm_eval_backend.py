@@ -276,7 +276,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli_evaluate()
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = (
+            " Offline, give lm-eval the task's data locally with --include_path"
+            " (README: lm-eval offline)."
+            if isinstance(e, ConnectionError)
+            else ""
+        )
+        print(f"error: {e}{hint}", file=sys.stderr)
         sys.exit(1)
 
 

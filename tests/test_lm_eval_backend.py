@@ -20,7 +20,7 @@ from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.eval.tasks import TASKS, format_prompts
-from gsm8k_jax.lm_eval_backend import GSM8KJaxLM, register
+from gsm8k_jax.lm_eval_backend import GSM8KJaxLM, main, register
 from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_pretrained
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -131,3 +131,20 @@ def test_without_lm_eval_the_command_line_says_how_to_install_it():
         "error: gsm8k_jax.lm_eval_backend needs lm-evaluation-harness:"
         " pip install 'gsm8k_jax[lmeval]'.\n"
     )
+
+
+def test_an_unreachable_hub_points_to_the_offline_recipe(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    def offline():
+        raise ConnectionError(
+            "Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)"
+        )
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", offline)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main rewrites it.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--model", "gsm8k_jax", "--tasks", "gsm8k"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "on the Hub" in err and "--include_path" in err
