@@ -90,3 +90,11 @@ def test_plausible_misuse_is_a_clear_error():
     # A number as the gold answer is read as its text.
     assert gsm8k_jax.is_correct("\\boxed{18}", 18)
     assert not gsm8k_jax.is_correct("\\boxed{18}", 12.5)
+
+
+def test_a_tokenizer_without_chat_template_names_the_fix_in_python_too():
+    _, tokenizer, _ = gsm8k_jax.load_pretrained("gemma3-tiny")
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match=r"use_chat_template=False from Python"):
+        gsm8k_jax.format_prompt("What is 2 + 3?", tokenizer)
+    assert gsm8k_jax.format_prompt("2 + 3?", tokenizer, use_chat_template=False)

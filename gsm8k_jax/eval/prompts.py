@@ -34,7 +34,8 @@ def format_prompt(
         return user_text if system_prompt is None else f"{system_prompt}\n\n{user_text}"
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "This tokenizer has no chat template; pass --nouse_chat_template for a base"
+            "This tokenizer has no chat template; pass --nouse_chat_template"
+            " (use_chat_template=False from Python) for a base"
             " (pretrained-only) model."
         )
     messages = [{"role": "user", "content": user_text}]
