@@ -262,8 +262,12 @@ class GSM8KJaxLM(LM):
 
 
 def register() -> None:
-    """Makes `--model gsm8k_jax` known to lm-eval in this process."""
-    model_registry.register(MODEL_NAME, target="gsm8k_jax.lm_eval_backend:GSM8KJaxLM")
+    """Makes `--model gsm8k_jax` known to lm-eval in this process (once: a
+    second call, e.g. a second `main` in a notebook, changes nothing)."""
+    if MODEL_NAME not in model_registry:
+        model_registry.register(
+            MODEL_NAME, target="gsm8k_jax.lm_eval_backend:GSM8KJaxLM"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -87,6 +87,7 @@ def test_simple_evaluate_with_a_lora_checkpoint_in_chat(tmp_path):
 
 def test_registered_for_the_command_line_beside_lm_evals_own_models():
     register()
+    register()  # A second call (a second main in a notebook) changes nothing.
     assert get_model("gsm8k_jax") is GSM8KJaxLM
     assert get_model("hf").__name__ == "HFLM"
 
