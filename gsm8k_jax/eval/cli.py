@@ -293,6 +293,11 @@ def _report(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def _what_survives(stop: BaseException, kept: str) -> str:
+    """The account a stop exception carries, else `kept` and how to resume."""
+    return str(stop) or f"{kept}; rerun the same command to resume"
+
+
 def run_main(
     main_fn: Callable[[list[str]], Any], *, kept: str = "finished results are kept"
 ) -> None:
@@ -300,7 +305,9 @@ def run_main(
     is reachable. A user error is one line (exit status 1); so is Ctrl-C, which
     says that rerunning resumes (`kept`: what survives the interruption), and
     so is SIGTERM (a preemption notice), which stops the work the same way
-    and exits 0."""
+    and exits 0. `main_fn` may raise the stop signal's exception again with
+    its own account of what survives, e.g. `KeyboardInterrupt("saved step
+    4")`, which then replaces that sentence."""
     _list_in_help()
 
     def _main(argv):
@@ -320,11 +327,11 @@ def run_main(
         except USER_ERRORS as e:
             _report(f"error: {e}")
             sys.exit(1)
-        except KeyboardInterrupt:
-            _report(f"Interrupted: {kept}; rerun the same command to resume.")
+        except KeyboardInterrupt as stop:
+            _report(f"Interrupted: {_what_survives(stop, kept)}.")
             sys.exit(INTERRUPTED_EXIT_STATUS)
-        except Terminated:
-            _report(f"Stopped by SIGTERM: {kept}; rerun the same command to resume.")
+        except Terminated as stop:
+            _report(f"Stopped by SIGTERM: {_what_survives(stop, kept)}.")
             sys.exit(0)
 
     app.run(_main, flags_parser=parse_flags)

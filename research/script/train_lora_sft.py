@@ -18,7 +18,6 @@ gsm8k_jax/training/sft.py.
 --data_path defaults to GSM8K's train split, bundled with the package.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -125,7 +124,12 @@ def main(argv):
             template=_PROMPT_TEMPLATE.value,
         )
     except (KeyboardInterrupt, Terminated) as stop:
-        _exit_stopped(stop, sft.latest_step(_OUTPUT_DIR.value, config), where)
+        step = sft.latest_step(_OUTPUT_DIR.value, config)
+        if step is None:
+            raise type(stop)("no step finished yet, nothing to keep") from stop
+        raise type(stop)(
+            f"saved step {step} in {where}; rerun the same command to resume"
+        ) from stop
     if losses:
         steps = "step" if len(losses) == 1 else "steps"
         print(f"Trained {len(losses)} {steps}, last loss {losses[-1]:.4f}.")
@@ -136,20 +140,6 @@ def main(argv):
             f" (--num_steps={config.num_steps})."
         )
     print(f"Checkpoints: {where}")
-
-
-def _exit_stopped(stop: BaseException, step: int | None, where: os.PathLike) -> None:
-    """Exits as `cli.run_main` does on a stop signal, saying what is saved
-    (`step`: the latest step in `where`, None if none)."""
-    if step is None:
-        kept = "no step finished yet, nothing to keep"
-    else:
-        kept = f"saved step {step} in {where}; rerun the same command to resume"
-    if isinstance(stop, Terminated):
-        print(f"Stopped by SIGTERM: {kept}.", file=sys.stderr)
-        sys.exit(0)
-    print(f"Interrupted: {kept}.", file=sys.stderr)
-    sys.exit(cli.INTERRUPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
