@@ -296,12 +296,9 @@ _MERGED_ARRAYS: weakref.WeakValueDictionary[int, jax.Array] = (
 )
 
 
-def _check_not_merged(
-    model: Gemma3, config: LoraConfig, weights: Iterable[str]
-) -> None:
-    """Refuses a model whose `weights` (paths under `config.module_path`)
-    still hold arrays an earlier merge wrote."""
-    targets = _targets(model, config.module_path)
+def _check_not_merged(targets: Mapping[str, _Target], weights: Iterable[str]) -> None:
+    """Refuses a model whose `weights` (keys of its `_targets`) still hold
+    arrays an earlier merge wrote."""
     for weight in weights:
         value = targets[weight].variable.get_value()
         if _MERGED_ARRAYS.get(id(value)) is value:
@@ -325,9 +322,9 @@ def merge_lora(
     match), so no device ever holds a whole merged weight.
     """
     validate_lora_params(model, params, config)
-    _check_not_merged(model, config, _factors(params))
-    targets = _targets(model, config.module_path)
-    for weight in _factors(params):
+    targets, weights = _targets(model, config.module_path), _factors(params)
+    _check_not_merged(targets, weights)
+    for weight in weights:
         target = targets[weight]
         merged = _merge_weight(
             target,
@@ -413,7 +410,7 @@ def apply_lora(
     factors for get zero factors (no update).
     """
     validate_lora_params(model, params, config)
-    _check_not_merged(model, config, _factors(params))
+    _check_not_merged(_targets(model, config.module_path), _factors(params))
     # qwix creates the factors by running the model once, on any input.
     # Tracing that run abstractly gives the structure without computing
     # anything; the values come from `model` and the checkpoint.
