@@ -12,7 +12,6 @@ them against transformers itself on the released configs' formats.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,9 +89,11 @@ def text_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _rope_parameters(text: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{layer type: RoPE parameters}, from `rope_parameters` or the older
     fields; an older `rope_scaling` applies to global layers."""
-    rope = copy.deepcopy(text.get("rope_parameters")) or {}
-    for layer_type in DEFAULT_ROPE_THETA:
-        rope[layer_type] = rope.get(layer_type) or {"rope_type": "default"}
+    given = text.get("rope_parameters") or {}
+    rope = {
+        layer_type: dict(given.get(layer_type) or {"rope_type": "default"})
+        for layer_type in DEFAULT_ROPE_THETA
+    }
     if text.get("rope_scaling") is not None:
         rope["full_attention"].update(text["rope_scaling"])
     for layer_type, default in DEFAULT_ROPE_THETA.items():
