@@ -51,7 +51,11 @@ from flax import nnx
 from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import BOS_ID, PAD_ID, hf_config, load_hf_model
-from gsm8k_jax.sampling.batching import default_row_tile, prompt_bucket
+from gsm8k_jax.sampling.batching import (
+    default_prefill_chunk,
+    default_row_tile,
+    round_up,
+)
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 FIRST_PROMPT_ID = 3  # prompt tokens are drawn from [3, vocab): no pad, eos or bos
@@ -461,7 +465,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
-        "our_prompt_bucket": prompt_bucket(cfg.prompt_len),
+        "our_padded_prompt": round_up(cfg.prompt_len, default_prefill_chunk()),
         "setup_s": setup_s,
         "ours": dataclasses.asdict(ours),
         "reference": dataclasses.asdict(reference) if reference else None,
@@ -493,7 +497,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         (
             f"model={s['model']} dtype={s['dtype']} batch={s['batch_size']}"
-            f" prompt_len={s['prompt_len']} (our bucket {result['our_prompt_bucket']})"
+            f" prompt_len={s['prompt_len']} (ours padded to {result['our_padded_prompt']})"
             f" steps={s['max_generation_steps']} repeats={s['repeats']}"
             f" row_tile={result['row_tile']}"
             f" backend={result['environment']['backend']}"

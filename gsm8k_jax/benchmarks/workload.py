@@ -40,22 +40,22 @@ import jax
 import numpy as np
 import transformers
 
-from gsm8k_jax.eval.data import GSM8KExample, load_gsm8k
-from gsm8k_jax.eval.prompts import format_prompt
-from gsm8k_jax.models.gemma3.config import CONFIGS
-from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
-from gsm8k_jax.models.registry import TINY_MODEL_DIR, default_eos_ids
 from gsm8k_jax.benchmarks import roofline
-from gsm8k_jax.sampling.batching import prompt_bucket, round_up
 from gsm8k_jax.benchmarks.synthetic import (
     DTYPES,
     IdTokenizer,
     build_model,
     left_pad,
     load_reference,
-    reference_device,
     peak_memory,
+    reference_device,
 )
+from gsm8k_jax.eval.data import GSM8KExample, load_gsm8k
+from gsm8k_jax.eval.prompts import format_prompt
+from gsm8k_jax.models.gemma3.config import CONFIGS
+from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
+from gsm8k_jax.models.registry import TINY_MODEL_DIR, default_eos_ids
+from gsm8k_jax.sampling.batching import default_prefill_chunk, round_up
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 TRAINED_MODEL = "gemma3-tiny"  # the shipped weights: real answers, real eos
@@ -241,7 +241,10 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
             "num_prompts": len(prompts),
             "prompt_tokens_mean": float(np.mean(prompt_lengths)),
             "prompt_tokens_max": max(prompt_lengths),
-            "prompt_bucket": prompt_bucket(max(prompt_lengths)),
+            # Prompt tokens with each prompt's padding to whole prefill chunks.
+            "padded_prompt_tokens": sum(
+                round_up(n, default_prefill_chunk()) for n in prompt_lengths
+            ),
             "generated_tokens": int(sum(num_tokens)),
             "generated_tokens_mean": float(np.mean(num_tokens)),
             "generated_tokens_max": int(max(num_tokens)),
@@ -289,13 +292,9 @@ def _run_ours(sampler, prompts, lengths, params, cfg):
         sampler, prompts, caps, params, cfg.batch_size, ids
     )
     rows = list(range(len(prompts)))
-    # Warm-up at the workload's shapes (slots, cache length) with a prompt of
-    # every bucket: compiles decode and each prefill, so the timed run
-    # compiles nothing.
-    first_of_bucket = {}
-    for i, prompt in enumerate(prompts):
-        first_of_bucket.setdefault(prompt_bucket(len(prompt)), i)
-    warm = sorted(set(rows[: cfg.batch_size]) | set(first_of_bucket.values()))
+    # Warm-up at the workload's shapes (slots, cache length): compiles the
+    # prefill and the decode, so the timed run compiles nothing.
+    warm = rows[: cfg.batch_size]
     start = time.perf_counter()
     run(warm, [2] * len(rows))
     warmup_s = time.perf_counter() - start
@@ -390,7 +389,7 @@ def format_workload(result: dict[str, Any]) -> str:
         f" batch={s['batch_size']} answers={s['answer_lengths']}"
         f" backend={result['environment']['backend']}",
         f"{w['num_prompts']} prompts (mean {w['prompt_tokens_mean']:.0f}, max"
-        f" {w['prompt_tokens_max']} tokens; bucket {w['prompt_bucket']}),"
+        f" {w['prompt_tokens_max']} tokens; {w['padded_prompt_tokens']} padded),"
         f" {w['generated_tokens']} tokens generated (mean"
         f" {w['generated_tokens_mean']:.0f}, max {w['generated_tokens_max']})",
         "",

@@ -1,14 +1,15 @@
 """The on-device programs of the sampler: prefill into slots, and decode.
 
-The batch is a set of B slots (continuous batching). `prefill` runs a
-group of new prompts of one length bucket and installs them into free
-slots; `decode` advances every live slot one token at a time inside a
-`lax.while_loop`, a tile of slots at a time, and returns when enough slots
-are free for the next prefill (so the host can refill them) or when all
-are done. Each slot keeps its own write cursor, position and generation
-step, and every program has a shape fixed by constants and the prompt's own
-bucket, so a sequence's computation never depends, to the bit, on what
-shares the batch with it.
+The batch is a set of B slots (continuous batching). `prefill` runs one
+chunk of the prompts of a group of free slots straight into the slots'
+caches (a prompt takes as many calls as it has chunks; its last one starts
+the sequence); `decode` advances every live slot one token at a time
+inside a `lax.while_loop`, a tile of slots at a time, and returns when
+enough slots are free for the next prefill (so the host can refill them)
+or when all are done. Each slot keeps its own write cursor, position and
+generation step, and every program has a shape fixed by constants, so a
+sequence's computation never depends, to the bit, on what shares the
+batch with it.
 
 Both are pure functions of (model state, decode state, settings): whatever
 may change between calls is an argument, never a stale jit constant.
@@ -44,7 +45,7 @@ class DecodeSettings(NamedTuple):
 class DecodeState:
     """Everything about the B slots that lives on device between calls."""
 
-    cache: KVCache  # S >= widest prompt bucket + max_steps tokens per slot
+    cache: KVCache  # S >= longest padded prompt + max_steps tokens per slot
     # [B, D] final hidden state of each slot's last token: its next token's
     # logits are computed from it when needed (never a [B, V] carry).
     hidden: jax.Array
@@ -64,24 +65,44 @@ class DecodeState:
 
     @classmethod
     def empty(
-        cls, model, batch: int, width: int, max_steps: int, pad_id: int
+        cls,
+        model,
+        batch: int,
+        width: int,
+        max_steps: int,
+        pad_id: int,
+        chunk: int,
     ) -> "DecodeState":
+        """Slots for prompts of up to `width` tokens, prefilled `chunk` tokens
+        per call, and `max_steps` generated tokens."""
         # A whole number of attention key blocks: every run's cache splits
         # into the same blocks (see blocked_attention).
         length = round_up(width + max_steps, KEY_BLOCK)
         return _empty_state(
-            model.config, jnp.dtype(model.dtype), batch, length, max_steps, pad_id
+            model.config,
+            jnp.dtype(model.dtype),
+            batch,
+            length,
+            max_steps,
+            pad_id,
+            chunk,
         )
 
 
-@functools.partial(jax.jit, static_argnums=range(6))
+@functools.partial(jax.jit, static_argnums=range(7))
 def _empty_state(
-    config, dtype: jnp.dtype, batch: int, length: int, max_steps: int, pad_id: int
+    config,
+    dtype: jnp.dtype,
+    batch: int,
+    length: int,
+    max_steps: int,
+    pad_id: int,
+    chunk: int,
 ) -> DecodeState:
     """`DecodeState.empty` as one program: built op by op, each array would
     compile a program of its own (about 15, 50 ms apiece on CPU)."""
     return DecodeState(
-        cache=KVCache.empty(config, batch, length, dtype),
+        cache=KVCache.empty(config, batch, length, dtype, chunk=chunk),
         hidden=jnp.zeros((batch, config.embed_dim), dtype),
         positions=jnp.zeros((batch,), jnp.int32),
         cursor=jnp.zeros((batch,), jnp.int32),
@@ -116,8 +137,10 @@ def prefill(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     state: DecodeState,
-    tokens: jax.Array,  # [G, W] left-padded prompts
-    valid: jax.Array,  # [G, W] bool
+    tokens: jax.Array,  # [G, C] chunk `chunk_index` of each prompt (left-padded)
+    pads: jax.Array,  # [G] left pads of each prompt (C for an unused row)
+    chunk_index: jax.Array,  # [G] int32; chunk 0 starts its slot afresh
+    last: jax.Array,  # [G] bool: the prompt's last chunk
     slots: jax.Array,  # [G] target slots; an out-of-range slot drops the row
     seed: jax.Array,  # int32 scalar
     example_ids: jax.Array,  # [G] int32: the new sequences' keys come from
@@ -126,23 +149,31 @@ def prefill(
     *,
     pad_id: int,
 ) -> DecodeState:
-    """Runs G prompts and installs them, with a fresh history, into `slots`."""
-    model = nnx.merge(graphdef, params)
-    group, width = tokens.shape
-    positions = prompt_positions(valid)
-    # Every prompt token at once: the fresh cache keeps all of them in every
-    # layer; installing it into the slots keeps what each layer's table holds.
-    fresh = KVCache.empty(model.config, group, width, model.dtype, ring=False)
-    hidden, fresh = model(tokens, positions, valid, fresh, 0)
+    """Runs one chunk of C tokens of G prompts into their slots' caches.
 
-    set_rows = lambda full, new: full.at[slots].set(new, mode="drop")
+    A prompt is left-padded to whole chunks, and chunk k goes in at write
+    cursors [k*C, (k+1)*C) of its slot, attending over what the slot holds
+    (so the pads of its first chunk are invalid keys at cursors the prompt
+    alone decides). Rows whose last chunk this is start decoding.
+    """
+    model = nnx.merge(graphdef, params)
+    chunk = tokens.shape[1]
+    cursors = chunk_index * chunk  # [G]
+    columns = cursors[:, None] + jnp.arange(chunk)  # [G, C] in the padded prompt
+    valid = columns >= pads[:, None]
+    positions = jnp.maximum(columns - pads[:, None], 0)
+    rows = state.cache.take_rows(slots, fresh=chunk_index == 0)
+    hidden, rows = model(tokens, positions, valid, rows, cursors)
+
+    starting = jnp.where(last, slots, state.done.shape[0])  # others: dropped
+    set_rows = lambda full, new: full.at[starting].set(new, mode="drop")
+    group = tokens.shape[0]
     return state.replace(
-        # Without its padding: the row's cursor starts at its own length.
-        cache=state.cache.install_rows(slots, fresh),
+        cache=state.cache.put_rows(rows),
         # Left padding puts every prompt's last token in the last column.
         hidden=set_rows(state.hidden, hidden[:, -1]),
         positions=set_rows(state.positions, positions[:, -1] + 1),
-        cursor=set_rows(state.cursor, jnp.sum(valid, axis=1, dtype=jnp.int32)),
+        cursor=set_rows(state.cursor, cursors + chunk),
         keys=set_rows(state.keys, sequence_keys(seed, example_ids, sample_indices)),
         done=set_rows(state.done, jnp.zeros((group,), bool)),
         tokens=set_rows(state.tokens, jnp.full((group, state.tokens.shape[1]), pad_id)),

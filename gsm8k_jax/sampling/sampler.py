@@ -1,7 +1,7 @@
 """Batched generation over a Gemma 3 model: prompts in, completions out.
 
-The host side of sampling: tokenises, left-pads each prompt to its own
-bucketed length, feeds sequences into the slots of the jitted programs in
+The host side of sampling: tokenises, left-pads each prompt to whole
+prefill chunks, feeds sequences into the slots of the jitted programs in
 `decode.py` (continuous batching, scheduled by `batching.SlotScheduler`;
 each sequence's random key comes from (seed, example id, sample index) on
 device) and turns their arrays back into `Completion`s, while the device
@@ -32,9 +32,10 @@ from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_mod
 from gsm8k_jax.sampling import weight_layout
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
-    default_prefill_tokens,
+    default_prefill_chunk,
+    default_prefill_rows,
     default_row_tile,
-    prompt_bucket,
+    num_chunks,
     round_up,
 )
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
@@ -44,9 +45,9 @@ MAX_EOS_IDS = 8
 # may keep a fused intermediate in float32, and whether it fuses depends on
 # shapes and surroundings, so the same row could round differently.
 COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
-# Programs compiled at once by `Sampler.compile` (a run has a prefill per
-# prompt bucket and one decode: a few).
-COMPILE_THREADS = 4
+# Programs compiled at once by `Sampler.compile` (a run has one prefill and
+# one decode).
+COMPILE_THREADS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +134,10 @@ class Sampler:
                 f"row_tile must be >= 1 (None: the platform's), got {row_tile}."
             )
         self.row_tile = row_tile or default_row_tile()
-        self.prefill_tokens = default_prefill_tokens()
+        self.prefill_chunk = default_prefill_chunk()
         self.data_shards = mesh.shape[DATA] if mesh is not None else 1
+        # Rows of every prefill program, over all data shards.
+        self.prefill_group = default_prefill_rows(self.row_tile) * self.data_shards
         if mesh is not None:
             shard_model(model, mesh)
         # Decode iterations run by this sampler (all calls): each runs the
@@ -143,7 +146,7 @@ class Sampler:
         self.decode_steps = 0
         self.tile_steps = 0
         # Prompt tokens run by prefill programs, padding rows and columns
-        # included (each group is `group_size` rows of its bucket).
+        # included (each call is `prefill_group` rows of `prefill_chunk`).
         self.prefilled_tokens = 0
         # Seconds spent by all calls in each phase: "prefill" (dispatch until
         # done), "decode" (waiting for its results), "host" (the rest:
@@ -272,20 +275,16 @@ class Sampler:
         finished: list[_Finished] = []
         while True:
             while (group := schedule.next_group()) is not None:
-                bucket, members = group
                 clock.start()
                 state = self._prefill_group(
                     weights,
                     state,
-                    bucket,
-                    schedule.group_size(bucket),
-                    [(rows[row], slot) for row, slot in members],
+                    [(rows[row], slot) for row, slot in group],
                     encoded,
                     example_ids,
                     limits,
                     params.seed,
                 )
-                self.prefilled_tokens += schedule.group_size(bucket) * bucket
                 jax.block_until_ready(state)
                 clock.stop("prefill")
             if schedule.idle:
@@ -361,23 +360,20 @@ class Sampler:
         max_prompt_len: int | None = None,
     ) -> None:
         """Compiles the programs that `generate_stream` runs for the same
-        arguments (a prefill per prompt bucket, and the decode loop) without
-        running them: JAX keeps each executable, so the call that follows
-        traces and compiles nothing. Timing after it excludes compilation."""
+        arguments (the prefill and the decode loop) without running them:
+        JAX keeps each executable, so the call that follows traces and
+        compiles nothing. Timing after it excludes compilation."""
         if not prompts:
             return
         lengths = [len(self.encode(p)) for p in prompts]
-        state, schedule = self._empty_run(lengths, params, batch_size, max_prompt_len)
+        state, _ = self._empty_run(lengths, params, batch_size, max_prompt_len)
         weights = nnx.state(self.model)
         # Tracing holds the GIL and XLA's compiler does not: each program
         # compiles in a thread while the next one traces.
         with concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
-            compiling = []
-            for bucket in sorted(set(schedule.buckets)):
-                size = schedule.group_size(bucket)
-                args = self._prefill_args(state, bucket, size, [], [], [], [], 0)
-                lowered = self._prefill.lower(weights, *args, pad_id=self.pad_id)
-                compiling.append(pool.submit(lowered.compile))
+            args = self._chunk_args(state, [], 0, 0)
+            lowered = self._prefill.lower(weights, *args, pad_id=self.pad_id)
+            compiling = [pool.submit(lowered.compile)]
             lowered = self._decode.lower(
                 weights, state, _settings(params), np.int32(0), pad_id=self.pad_id
             )
@@ -396,64 +392,87 @@ class Sampler:
         depend on its arguments alone."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        buckets = [
-            prompt_bucket(n) for n in prompt_lengths for _ in range(params.num_samples)
+        chunks = [
+            num_chunks(n, self.prefill_chunk)
+            for n in prompt_lengths
+            for _ in range(params.num_samples)
         ]
         num_slots = round_up(
-            batch_size or len(buckets), self.row_tile * self.data_shards
+            batch_size or len(chunks), self.row_tile * self.data_shards
         )
-        width = prompt_bucket(max(max_prompt_len or 0, *prompt_lengths))
+        width = round_up(max(max_prompt_len or 0, *prompt_lengths), self.prefill_chunk)
         state = DecodeState.empty(
-            self.model, num_slots, width, params.max_generation_steps, self.pad_id
+            self.model,
+            num_slots,
+            width,
+            params.max_generation_steps,
+            self.pad_id,
+            self.prefill_chunk,
         )
         if self.mesh is not None:
             state = shard_decode_state(state, self.mesh)
         schedule = SlotScheduler(
-            buckets,
-            num_slots=num_slots,
-            row_tile=self.row_tile,
-            prefill_tokens=self.prefill_tokens,
-            data_shards=self.data_shards,
+            chunks, num_slots=num_slots, group_size=self.prefill_group
         )
         return state, schedule
 
-    def _prefill_group(self, weights: nnx.State, *args) -> DecodeState:
-        """Prefills one group (`_prefill_args`) into the state."""
-        return self._prefill(weights, *self._prefill_args(*args), pad_id=self.pad_id)
-
-    def _prefill_args(
+    def _prefill_group(
         self,
+        weights: nnx.State,
         state: DecodeState,
-        bucket: int,
-        size: int,
         members: list[tuple[tuple[int, int], int]],
         encoded: list[list[int]],
         example_ids: list[int],
         limits: list[int],
         seed: int,
+    ) -> DecodeState:
+        """Prefills `members` ([((prompt, sample), slot)]) chunk by chunk:
+        call k runs the k-th chunk of every member that has one."""
+        chunk = self.prefill_chunk
+        rows = []
+        for (i, j), slot in members:
+            ids = encoded[i]
+            padded = [self.pad_id] * (-len(ids) % chunk) + ids
+            rows.append(
+                _PrefillRow(
+                    padded, len(padded) - len(ids), slot, example_ids[i], j, limits[i]
+                )
+            )
+        for k in range(max(len(r.tokens) for r in rows) // chunk):
+            args = self._chunk_args(state, rows, k, seed)
+            state = self._prefill(weights, *args, pad_id=self.pad_id)
+            self.prefilled_tokens += self.prefill_group * chunk
+        return state
+
+    def _chunk_args(
+        self, state: DecodeState, rows: list[_PrefillRow], k: int, seed: int
     ) -> tuple:
-        """The prefill program's arguments (after the weights) for `members`
-        ([((prompt, sample), slot)]) as one fixed-shape group of `size` rows of
-        `bucket` tokens; unused rows are dropped."""
-        num_slots = state.done.shape[0]
-        tokens = np.full((size, bucket), self.pad_id, np.int32)
-        valid = np.zeros((size, bucket), bool)
-        slots = np.full((size,), num_slots, np.int32)  # out of range: dropped
+        """The prefill program's arguments (after the weights) for chunk k of
+        `rows`, as one fixed-shape group; rows without a chunk k, and unused
+        rows, are dropped."""
+        chunk, size = self.prefill_chunk, self.prefill_group
+        tokens = np.full((size, chunk), self.pad_id, np.int32)
+        pads = np.full((size,), chunk, np.int32)  # no valid token
+        chunk_index = np.zeros((size,), np.int32)
+        last = np.zeros((size,), bool)
+        slots = np.full((size,), state.done.shape[0], np.int32)  # out of range
         ids_of_rows = np.zeros((size,), np.int32)
         samples = np.zeros((size,), np.int32)
         group_limits = np.ones((size,), np.int32)
-        for g, ((i, j), slot) in enumerate(members):
-            ids = encoded[i]
-            tokens[g, bucket - len(ids) :] = ids
-            valid[g, bucket - len(ids) :] = True
-            slots[g] = slot
-            ids_of_rows[g], samples[g] = example_ids[i], j
-            group_limits[g] = limits[i]
-        tokens, valid = self._split_rows(tokens), self._split_rows(valid)
+        for g, row in enumerate(rows):
+            if (k + 1) * chunk > len(row.tokens):
+                continue
+            tokens[g] = row.tokens[k * chunk : (k + 1) * chunk]
+            pads[g], chunk_index[g], slots[g] = row.pads, k, row.slot
+            last[g] = (k + 1) * chunk == len(row.tokens)
+            ids_of_rows[g], samples[g] = row.example_id, row.sample
+            group_limits[g] = row.limit
         return (
             state,
-            tokens,
-            valid,
+            self._split_rows(tokens),
+            pads,
+            chunk_index,
+            last,
             slots,
             np.int32(seed),
             ids_of_rows,
@@ -463,10 +482,22 @@ class Sampler:
 
     def _split_rows(self, array: np.ndarray) -> jax.Array:
         """Puts a prefill group's rows over the data shards (each shard
-        prefills `prefill_rows` of them, as one device would)."""
+        prefills as many of them as one device would)."""
         if self.mesh is None:
             return jax.device_put(array)
         return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(DATA)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefillRow:
+    """A sequence waiting for its prefill chunks."""
+
+    tokens: list[int]  # the prompt, left-padded to whole chunks
+    pads: int  # how many of `tokens` are padding
+    slot: int
+    example_id: int
+    sample: int  # sample index
+    limit: int  # most tokens it may generate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_figures_are_positive_and_ratios_computed(result):
         result["ours"]["num_compilations"]
         == result["ours"]["num_compilations_after_warmup"]
     )
-    assert result["our_prompt_bucket"] == 32
+    assert result["our_padded_prompt"] == 32
     assert result["row_tile"] == 2 and "row_tile=2" in format_table(result)
     for key, ratio in result["ratios"].items():
         assert ratio > 0 and math.isfinite(ratio), key

@@ -25,7 +25,7 @@ from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.models.registry import load_pretrained
-from gsm8k_jax.sampling.batching import prompt_bucket
+from gsm8k_jax.sampling.batching import num_chunks
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +85,8 @@ def test_workload_is_demanding(reference):
     _, sampler, examples, rows = reference
     prompts = [format_prompt(e.question, sampler.tokenizer) for e in examples]
     lengths = [len(sampler.encode(p)) for p in prompts]
-    assert len({prompt_bucket(n) for n in lengths}) >= 2
+    # Prompts of several prefill chunks, prefilled in groups of mixed lengths.
+    assert len({num_chunks(n, sampler.prefill_chunk) for n in lengths}) >= 2
     window = sampler.model.config.sliding_window
     assert sum(n + rows[e.id][2] > window for n, e in zip(lengths, examples)) >= 32
     assert len({row[0] for row in rows.values()}) > NUM_EXAMPLES // 2

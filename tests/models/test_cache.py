@@ -1,5 +1,6 @@
-"""The KV cache: sliding-window layers keep a ring buffer of one window, and
-decoding through it gives the logits of a cache-free forward pass."""
+"""The KV cache: sliding-window layers keep a ring buffer of about one
+window, and prefilling through it in chunks, then decoding, gives the
+logits of a cache-free forward pass."""
 
 import dataclasses
 
@@ -8,10 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gsm8k_jax.models.gemma3.cache import KVCache, _ring_layout
+from gsm8k_jax.models.gemma3.cache import KVCache, SlotRows, ring_slots
 from gsm8k_jax.models.gemma3.config import AttentionType, gemma3_tiny
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.sampling.decode import prompt_positions
 
 WINDOW = 6
 CONFIG = dataclasses.replace(gemma3_tiny(), sliding_window=WINDOW)
@@ -31,106 +31,139 @@ def test_sliding_layers_keep_one_window():
     assert cache.is_ring
     short = KVCache.empty(CONFIG, 3, WINDOW - 2, jnp.bfloat16)
     assert not short.is_ring and {k.shape[1] for k in short.k} == {WINDOW - 2}
+    chunked = KVCache.empty(CONFIG, 3, 40, jnp.bfloat16, chunk=4)
+    assert chunked.window.length == ring_slots(WINDOW, 4) == 8
 
 
-@pytest.mark.parametrize("tokens,length", [(3, 8), (8, 8), (11, 4), (17, 5)])
-def test_ring_layout_keeps_the_latest_token_of_each_slot(tokens, length):
-    latest = {}
-    for cursor in range(tokens):  # Writing tokens one by one into the ring.
-        latest[cursor % length] = cursor
-    source, present = _ring_layout(tokens, length)
-    for slot in range(length):
-        assert present[slot] == (slot in latest)
-        if present[slot]:
-            assert source[slot] == latest[slot]
+@pytest.mark.parametrize("window", [1, 5, 6, 8, 64, 512])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 32])
+def test_a_chunk_never_wraps_around_the_ring(window, chunk):
+    ring = ring_slots(window, chunk)
+    assert window <= ring < window + chunk and ring % chunk == 0
+    for start in range(0, 4 * ring, chunk):
+        assert start % ring + chunk <= ring
 
 
-def test_decoding_through_the_ring_matches_a_full_forward_pass(model):
-    """Left-padded prompts installed from a full-width prefill, then decoded a
-    token at a time for several windows; rows at different positions."""
+def prefill_in_chunks(model, prompts, width, chunk, cache, slots):
+    """Writes left-padded prompts ([ids] each) chunk by chunk into rows
+    `slots` of the cache (each at its own cursors), as the sampler's prefill
+    does. Returns (the last token's hidden state per prompt, cache)."""
+    pads = np.array([width - len(p) for p in prompts])
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, pads[row] :] = p
+    columns = np.arange(width)[None, :]
+    valid, positions = columns >= pads[:, None], np.maximum(columns - pads[:, None], 0)
+    for start in range(0, width, chunk):
+        taken = cache.take_rows(
+            jnp.asarray(slots), fresh=jnp.full(len(slots), start == 0)
+        )
+        part = slice(start, start + chunk)
+        hidden, taken = model(
+            jnp.asarray(tokens[:, part]),
+            jnp.asarray(positions[:, part]),
+            jnp.asarray(valid[:, part]),
+            taken,
+            jnp.full((len(prompts),), start),
+        )
+        cache = cache.put_rows(taken)
+    return hidden[:, -1], cache
+
+
+def test_chunked_prefill_and_decoding_through_the_ring_match_a_forward_pass(model):
+    """Left-padded prompts prefilled 4 tokens per call into a ring of 8
+    slots (a window of 6: a chunk overwrites keys its first queries still
+    see), then decoded a token at a time for several windows; rows at
+    different positions, compared with each sequence's own forward pass
+    without padding or cache."""
     rng = np.random.RandomState(0)
-    prompt_lengths, width, steps = [5, 9, 1], 9, 3 * WINDOW
-    total = width + steps
-    tokens = rng.randint(3, CONFIG.vocab_size, size=(3, total))
-    valid = np.ones((3, total), bool)
-    for row, n in enumerate(prompt_lengths):
-        valid[row, : width - n] = False
-    positions = prompt_positions(jnp.asarray(valid))
-    expected, _ = model(jnp.asarray(tokens), positions, jnp.asarray(valid))
-    expected = model.logits(expected)  # [B, total, V], no cache at all
+    chunk, width, steps = 4, 12, 3 * WINDOW
+    prompt_lengths = [5, 12, 1]
+    sequences = [
+        rng.randint(3, CONFIG.vocab_size, size=n + steps) for n in prompt_lengths
+    ]
+    expected = []
+    for seq in sequences:
+        hidden, _ = model(
+            jnp.asarray(seq)[None],
+            jnp.arange(len(seq))[None],
+            jnp.ones((1, len(seq)), bool),
+        )
+        expected.append(model.logits(hidden[0]))
 
-    fresh = KVCache.empty(CONFIG, 3, width, jnp.float32, ring=False)
-    hidden, fresh = model(
-        jnp.asarray(tokens[:, :width]), positions[:, :width], valid[:, :width], fresh
-    )
-    # Rows land in slots 2, 0, 1 of a cache with a spare slot left empty,
-    # without their padding: row r decodes from cursor prompt_lengths[r].
-    slots = jnp.asarray([2, 0, 1])
-    cache = KVCache.empty(CONFIG, 4, total, jnp.float32)
-    cache = cache.install_rows(slots, fresh)
+    # Rows land in slots 2, 0, 1 of a cache with a spare slot left empty.
+    slots = [2, 0, 1]
+    cache = KVCache.empty(CONFIG, 4, width + steps, jnp.float32, chunk=chunk)
     assert cache.is_ring
-    cursors = jnp.zeros((4,), jnp.int32).at[slots].set(jnp.asarray(prompt_lengths))
-    got = [model.logits(hidden[:, -1])]
-    for step in range(width, total - 1):
-        row_tokens = jnp.zeros((4, 1), jnp.int32).at[slots, 0].set(tokens[:, step])
+    prompts = [seq[:n] for seq, n in zip(sequences, prompt_lengths)]
+    hidden, cache = prefill_in_chunks(model, prompts, width, chunk, cache, slots)
+    got = [[logits] for logits in model.logits(hidden)]
+    for step in range(steps - 1):
+        row_tokens = (
+            jnp.zeros((4, 1), jnp.int32)
+            .at[jnp.asarray(slots), 0]
+            .set(
+                jnp.asarray(
+                    [seq[n + step] for seq, n in zip(sequences, prompt_lengths)]
+                )
+            )
+        )
         row_positions = (
-            jnp.zeros((4, 1), jnp.int32).at[slots, 0].set(positions[:, step])
+            jnp.zeros((4, 1), jnp.int32)
+            .at[jnp.asarray(slots), 0]
+            .set(jnp.asarray(prompt_lengths) + step)
         )
         hidden, cache = model(
             row_tokens,
             row_positions,
-            jnp.zeros((4, 1), bool).at[slots].set(True),
+            jnp.zeros((4, 1), bool).at[jnp.asarray(slots)].set(True),
             cache,
-            cursors + (step - width),
+            jnp.full((4,), width + step),
         )
-        got.append(model.logits(hidden[slots, 0]))
-    got = jnp.stack(got, axis=1)
-    np.testing.assert_allclose(got, expected[:, width - 1 : -1], atol=1e-4, rtol=1e-4)
+        for row, slot in enumerate(slots):
+            got[row].append(model.logits(hidden[slot, 0]))
+    for row, n in enumerate(prompt_lengths):
+        np.testing.assert_allclose(
+            jnp.stack(got[row]), expected[row][n - 1 : -1], atol=1e-4, rtol=1e-4
+        )
 
 
-def test_ring_cache_refuses_many_tokens_at_once(model):
-    cache = KVCache.empty(CONFIG, 1, 20, jnp.float32)
-    with pytest.raises(ValueError, match="ring=False"):
+def test_ring_cache_refuses_chunks_it_was_not_made_for(model):
+    cache = KVCache.empty(CONFIG, 1, 20, jnp.float32)  # a ring of 6 slots
+    with pytest.raises(ValueError, match=r"KVCache.empty\(\.\.\., chunk=4\)"):
         model(
-            jnp.zeros((1, 2), jnp.int32),
-            jnp.zeros((1, 2), jnp.int32),
-            jnp.ones((1, 2), bool),
+            jnp.zeros((1, 4), jnp.int32),
+            jnp.zeros((1, 4), jnp.int32),
+            jnp.ones((1, 4), bool),
             cache,
         )
 
 
-def test_installing_a_prompt_invalidates_the_previous_occupant():
-    cache = KVCache.empty(CONFIG, 2, 20, jnp.float32)
+def test_a_fresh_row_forgets_the_previous_occupant():
+    """take_rows empties the tables of fresh rows (nothing of a slot's last
+    sequence can leak into the next), and put_rows puts its tables back in
+    their rows, dropping out-of-range ones."""
+    cache = KVCache.empty(CONFIG, 3, 20, jnp.float32)
     cache = cache.replace(
         full=cache.full.replace(valid=jnp.ones_like(cache.full.valid)),
         window=cache.window.replace(valid=jnp.ones_like(cache.window.valid)),
     )
-    fresh = KVCache.empty(CONFIG, 1, 3, jnp.float32, ring=False)
-    fresh = fresh.replace(
-        full=fresh.full.replace(valid=jnp.ones((1, 3), bool)),
-        window=fresh.window.replace(valid=jnp.ones((1, 3), bool)),
-    )
-    cache = cache.install_rows(jnp.asarray([1]), fresh)
+    rows, fresh = jnp.asarray([1, 2, 3]), jnp.asarray([True, False, True])
+    taken = cache.take_rows(rows, fresh=fresh)  # row 3: out of range
+    for table in (taken.full, taken.window):
+        assert table.valid.any(axis=1).tolist() == [False, True, False]
+    cache = cache.put_rows(taken)
     for table in (cache.full, cache.window):
-        assert table.valid[0].all()  # the other row is untouched
-        assert table.valid[1].tolist() == [True] * 3 + [False] * (table.length - 3)
+        assert table.valid.any(axis=1).tolist() == [True, False, True]
 
 
-def test_installing_drops_the_left_padding():
-    """A prompt's first real token lands in slot 0, whatever its padding."""
-    width, pad = 5, 2
-    fresh = KVCache.empty(CONFIG, 1, width, jnp.float32, ring=False)
-    keys = jnp.arange(width, dtype=jnp.float32)[None, :, None, None]
-    valid = jnp.arange(width)[None] >= pad
-    fresh = fresh.replace(
-        k=tuple(jnp.broadcast_to(keys, k.shape) for k in fresh.k),
-        full=fresh.full.replace(valid=valid, positions=jnp.arange(width)[None] - pad),
-        window=fresh.window.replace(valid=valid),
+def test_a_view_of_some_rows_reads_and_writes_them_in_place():
+    keys = jnp.arange(4 * 6, dtype=jnp.float32).reshape(4, 6, 1, 1)
+    rows = SlotRows(jnp.asarray([2, 0, 4]))  # row 4: out of range
+    np.testing.assert_array_equal(
+        rows.take(keys, 3, 2)[:2, :, 0, 0], [[15, 16], [3, 4]]
     )
-    cache = KVCache.empty(CONFIG, 1, 20, jnp.float32)
-    cache = cache.install_rows(jnp.asarray([0]), fresh)
-    real = width - pad
-    assert cache.full.valid[0].tolist() == [True] * real + [False] * (20 - real)
-    assert cache.full.positions[0, :real].tolist() == list(range(real))
-    for k in cache.k:
-        assert k[0, :real, 0, 0].tolist() == list(range(pad, width))
+    written = rows.put(keys, -jnp.ones((3, 2, 1, 1)), jnp.asarray([1, 4, 0]))
+    expected = np.asarray(keys).copy()
+    expected[2, 1:3] = expected[0, 4:6] = -1
+    np.testing.assert_array_equal(written, expected)

@@ -18,7 +18,7 @@ from jax import monitoring
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.models.gemma3.sharding import make_mesh
-from gsm8k_jax.sampling.batching import prompt_bucket
+from gsm8k_jax.sampling.batching import SlotScheduler, num_chunks
 from gsm8k_jax.sampling.decode import DecodeState, prefill
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -56,8 +56,8 @@ def bf16_sampler(tiny_path):
 
 def make_prompts(count, seed=0):
     rng = np.random.RandomState(seed)
-    # Lengths 3..45 span two prompt buckets (32, 64): rows get different
-    # amounts of left padding depending on which batch they land in.
+    # Lengths 3..45 take one or two prefill chunks of 32 on CPU: rows get
+    # different amounts of left padding and of prefill calls.
     return [
         [2, *rng.randint(3, 512, size=n).tolist()]
         for n in rng.randint(2, 45, size=count)
@@ -256,37 +256,35 @@ def count_compile_events():
 
 
 def test_compiles_once_per_shape(tiny):
-    """One decode program per (slots, cache length) and one prefill program
-    per (slots, cache length, prompt bucket), also when continuous batching
-    refills slots."""
+    """One decode program and one prefill program per (slots, cache length),
+    whatever the prompts' lengths, also when continuous batching refills
+    slots."""
     sampler = Sampler(tiny[1], IdTokenizer(), row_tile=4)
-    lengths = [3, 9, 20, 31, 32]  # all in the 32 bucket
+    lengths = [3, 9, 20, 31, 32, 60]  # one or two chunks, one cache length
     for n in lengths:
         sampler.generate([[2] * n] * 3, GREEDY, batch_size=4)
     assert sampler.num_compilations == 2
-    sampler.generate([[2] * 60], GREEDY, batch_size=4)  # 64 bucket, same cache
     sampler.generate(
         [[2] * 50], dataclasses.replace(GREEDY, temperature=1.0, seed=3), batch_size=4
     )
-    assert sampler.num_compilations == 3
     sampler.generate([[2] * 50] * 9, GREEDY, batch_size=4)  # refills slots
-    assert sampler.num_compilations == 3
+    assert sampler.num_compilations == 2
     sampler.generate([[2] * 50] * 9, GREEDY, batch_size=8)  # two tiles of slots
-    assert sampler.num_compilations == 5
-    sampler.generate([[2] * 120], GREEDY, batch_size=4)  # 128 bucket, longer cache
-    assert sampler.num_compilations == 7
+    assert sampler.num_compilations == 4
+    sampler.generate([[2] * 120], GREEDY, batch_size=4)  # a longer cache
+    assert sampler.num_compilations == 6
     steps_before_compile = sampler.decode_steps
     # `compile` builds exactly the programs the same call runs, ahead of it
     # and without running them: the call then traces and compiles nothing.
-    mixed = [[2] * 5, [2] * 70, [2] * 200]  # buckets 32, 128 and 256
+    mixed = [[2] * 5, [2] * 70, [2] * 300]  # 1, 3 and 10 chunks; a longer cache
     with count_compile_events() as during_compile:
         sampler.compile(mixed, GREEDY, batch_size=4)
-    assert during_compile["backend_compile"] >= 4  # 3 prefills, 1 decode
+    assert during_compile["backend_compile"] >= 2  # the prefill and the decode
     assert sampler.decode_steps == steps_before_compile
     with count_compile_events() as during_call:
         sampler.generate(mixed, GREEDY, batch_size=4)
     assert during_call == {}
-    assert sampler.num_compilations == 11
+    assert sampler.num_compilations == 8
 
 
 def test_compiles_ahead_on_a_mesh(tiny_path):
@@ -354,7 +352,7 @@ def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
     first tile's sequences stop after 3 tokens and the second's after 10, so
     10 decode steps run 3 + 10 tiles."""
     never = SamplingParams(max_generation_steps=10, eos_ids=(10**6,))
-    prompts = [PROMPTS[0]] * 8  # one bucket: two prefill groups of 4 slots
+    prompts = [PROMPTS[0]] * 8  # two prefill groups of 4 slots
     before = sampler.decode_steps, sampler.tile_steps
     out = sampler.generate(prompts, never, batch_size=8, max_tokens=[3] * 4 + [10] * 4)
     assert [c.num_tokens for c in out] == [3] * 4 + [10] * 4
@@ -362,20 +360,28 @@ def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
     assert sampler.tile_steps - before[1] == 3 + 10
 
 
-def test_prompt_buckets():
-    assert [prompt_bucket(n) for n in (1, 32, 33, 64, 65, 300)] == [
-        32,
-        32,
-        64,
-        64,
-        128,
-        512,
-    ]
-    buckets = [prompt_bucket(n) for n in range(1, 5000)]
-    assert buckets == sorted(buckets)  # longer prompts never get a smaller one
-    for n, bucket in enumerate(buckets, start=1):
-        assert bucket >= max(n, 32) and bucket & (bucket - 1) == 0  # a power of 2
-        assert n <= 32 or bucket < 2 * n  # under half is padding
+def test_prompts_are_prefilled_in_whole_chunks(sampler):
+    """A group of prompts takes as many prefill calls as its longest prompt
+    has chunks, each call one fixed-shape program; the scheduler groups
+    prompts of about the same length."""
+    chunk, group = sampler.prefill_chunk, sampler.prefill_group
+    chunks = [num_chunks(n, chunk) for n in (1, chunk, chunk + 1, 3 * chunk)]
+    assert chunks == [1, 1, 2, 3]
+    lengths = [3, chunk + 5, 3 * chunk, 2]
+    before = sampler.prefilled_tokens
+    sampler.generate([[2] * n for n in lengths], GREEDY, batch_size=group)
+    assert sampler.prefilled_tokens - before == 3 * group * chunk
+
+    schedule = SlotScheduler([3, 1, 2, 1, 1, 2], num_slots=4, group_size=2)
+    assert schedule.next_group() == [(1, 0), (3, 1)]  # the fewest chunks first
+    assert schedule.next_group() == [(4, 2), (2, 3)]
+    assert schedule.next_group() is None  # no slot free
+    assert schedule.min_free() == 2  # two rows wait
+    schedule.release(2)
+    assert schedule.next_group() is None  # others decode: wait for the group
+    schedule.release(0)
+    assert schedule.next_group() == [(5, 0), (0, 2)]
+    assert schedule.min_free() == len(schedule.owner) + 1  # none waits
 
 
 def test_bad_settings_are_rejected(sampler):
@@ -395,13 +401,25 @@ def test_prefill_and_decode_carry_no_vocabulary_sized_array(tiny):
     computes them for the tile it runs."""
     model = tiny[1]
     graphdef, params = nnx.split(model)
-    state = DecodeState.empty(model, 4, 32, 8, pad_id=0)
-    tokens, valid = jnp.zeros((4, 32), jnp.int32), jnp.ones((4, 32), bool)
+    state = DecodeState.empty(model, 4, 32, 8, pad_id=0, chunk=32)
+    tokens, pads = jnp.zeros((4, 32), jnp.int32), jnp.zeros((4,), jnp.int32)
     slots, ids = jnp.arange(4), jnp.arange(4)
     limits = jnp.full((4,), 8)
     jaxpr = jax.make_jaxpr(
         lambda p, s: prefill(
-            graphdef, p, s, tokens, valid, slots, 0, ids, ids, limits, pad_id=0
+            graphdef,
+            p,
+            s,
+            tokens,
+            pads,
+            ids * 0,
+            ids >= 0,
+            slots,
+            0,
+            ids,
+            ids,
+            limits,
+            pad_id=0,
         )
     )(params, state)
 

@@ -34,17 +34,19 @@ def tiny_path(tmp_path_factory):
 
 
 def prefilled(model):
-    """A decode state with ROWS random prompts of different lengths."""
+    """A decode state with ROWS random prompts of different lengths, each
+    prefilled as one chunk of WIDTH tokens."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(4, WIDTH + 1, size=ROWS)
-    valid = np.arange(WIDTH)[None, :] >= WIDTH - lengths[:, None]
+    pads = WIDTH - lengths
+    valid = np.arange(WIDTH)[None, :] >= pads[:, None]
     tokens = np.where(valid, rng.integers(3, 200, size=(ROWS, WIDTH)), 0)
     ids = jnp.arange(ROWS)
-    state = DecodeState.empty(model, ROWS, WIDTH, STEPS, pad_id=0)
+    state = DecodeState.empty(model, ROWS, WIDTH, STEPS, pad_id=0, chunk=WIDTH)
     graphdef, params = nnx.split(model)
     return prefill(
-        graphdef, params, state, tokens, valid, ids, 7, ids, ids * 0,
-        jnp.full((ROWS,), STEPS), pad_id=0,
+        graphdef, params, state, tokens, pads, ids * 0, ids >= 0, ids, 7, ids,
+        ids * 0, jnp.full((ROWS,), STEPS), pad_id=0,
     )  # fmt: skip
 
 

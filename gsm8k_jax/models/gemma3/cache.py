@@ -1,12 +1,11 @@
 """The key/value cache and the attention masks derived from it.
 
 Token number c of a row (its write cursor) lives in slot c of the global
-layers' cache and in slot c mod W of the sliding-window layers' cache, a
-ring buffer of W = sliding_window slots: a local layer never looks further
-back than its window, so it never keeps more. For gemma3-1b at 256 + 768
-tokens that halves 22 of its 26 layers. A prompt's left padding is dropped
-when it is installed (`install_rows`): its first real token is cursor 0,
-so decoding reads keys up to the row's own length, not its bucket's.
+layers' cache and in slot c mod R of the sliding-window layers' cache, a
+ring buffer of R slots: a local layer never looks further back than its
+window W, so it keeps R = W slots (rounded up to whole chunks when a call
+writes T tokens at once; see `ring_slots`). For gemma3-1b at 256 + 768
+tokens that halves 22 of its 26 layers.
 
 Each of the two slot tables records, per slot, the token position used
 for RoPE and whether the slot holds a real key. Masks come from those two
@@ -38,6 +37,13 @@ class SlotTable:
     @property
     def length(self) -> int:
         return self.positions.shape[1]
+
+    def extend(self, positions: jax.Array, valid: jax.Array) -> "SlotTable":
+        """This table followed by T more slots ([B, T] positions, validity)."""
+        return SlotTable(
+            positions=jnp.concatenate([self.positions, positions.astype(jnp.int32)], 1),
+            valid=jnp.concatenate([self.valid, valid], 1),
+        )
 
     def write(self, positions: jax.Array, valid: jax.Array, slots: jax.Array):
         """Records T new tokens at slots [slots[b], +T) of each row b."""
@@ -80,6 +86,10 @@ class RowWindow:
         One scatter over absolute rows: a scatter vmapped over the shards'
         blocks made XLA:CPU re-lay out and copy the whole cache every step.
         """
+        if update.shape[1] != 1:
+            raise ValueError(
+                f"A decode tile writes one token per row, got {update.shape[1]}."
+            )
         per_shard = x.shape[0] // self.shards
         rows = (
             jnp.arange(self.shards)[:, None] * per_shard
@@ -87,6 +97,38 @@ class RowWindow:
             + jnp.arange(self.size)[None, :]
         ).reshape(-1)
         return x.at[rows, slots].set(update[:, 0].astype(x.dtype))
+
+
+@flax.struct.dataclass
+class SlotRows:
+    """Any rows of a cache (a prefill group's slots), addressed in place.
+
+    A prefill chunk reads its key blocks and writes its tokens straight in
+    the full arrays: taking the rows out and putting them back would copy
+    every layer's whole rows at every chunk.
+    """
+
+    index: jax.Array  # [G] int32 rows; out of range: reads clip, writes drop
+
+    def take(self, x: jax.Array, start: jax.Array, length: int) -> jax.Array:
+        """x[index, start : start + length]: [G, length, ...] from [B, S, ...]."""
+        columns = start + jnp.arange(length)
+        return x.at[self.index[:, None], columns[None, :]].get(mode="clip")
+
+    def gather(self, x: jax.Array) -> jax.Array:
+        """x's rows: [G, S, ...] from [B, S, ...] (a copy)."""
+        return jnp.take(x, self.index, axis=0, mode="clip")
+
+    def scatter(self, x: jax.Array, rows: jax.Array) -> jax.Array:
+        """x with its rows replaced by `rows` ([G, S, ...], from `gather`)."""
+        return x.at[self.index].set(rows.astype(x.dtype), mode="drop")
+
+    def put(self, x: jax.Array, update: jax.Array, slots: jax.Array) -> jax.Array:
+        """x[index[g], slots[g] : slots[g] + T] = update[g]; update: [G, T, ...]."""
+        columns = slots[:, None] + jnp.arange(update.shape[1])
+        return x.at[self.index[:, None], columns].set(
+            update.astype(x.dtype), mode="drop"
+        )
 
 
 @flax.struct.dataclass
@@ -101,10 +143,10 @@ class KVCache:
     v: tuple[jax.Array, ...]
     full: SlotTable  # [B, S]: one slot per token
     window: SlotTable  # [B, min(S, sliding_window)]: a ring buffer
-    # None: k and v have the tables' rows. Else a decode tile's view: the
-    # tables are the tile's R rows, k and v the whole cache's B rows, of
-    # which `rows` says which are the tile's.
-    rows: RowWindow | None = None
+    # None: k and v have the tables' rows. Else a view of some rows (a
+    # decode tile's, a prefill group's): the tables are those R rows, k and
+    # v the whole cache's B rows, of which `rows` says which are the view's.
+    rows: RowWindow | SlotRows | None = None
 
     @classmethod
     def empty(
@@ -114,11 +156,11 @@ class KVCache:
         length: int,
         dtype: jnp.dtype,
         *,
-        ring: bool = True,
+        chunk: int = 1,
     ) -> "KVCache":
-        """A cache for `length` tokens per row. ring=False keeps every token
-        in the sliding layers too (for writing many tokens in one call)."""
-        window = min(length, config.sliding_window) if ring else length
+        """A cache for `length` tokens per row, written `chunk` tokens per
+        call at most (see `ring_slots`)."""
+        window = min(length, ring_slots(config.sliding_window, chunk))
         table = lambda n: SlotTable(
             positions=jnp.zeros((batch_size, n), jnp.int32),
             valid=jnp.zeros((batch_size, n), bool),
@@ -152,13 +194,19 @@ class KVCache:
     def write(
         self, positions: jax.Array, valid: jax.Array, cursors: jax.Array
     ) -> "KVCache":
-        """Records T new tokens ([B, T] positions and validity) at `cursors`."""
-        if self.is_ring and positions.shape[1] != 1:
+        """Records T new tokens ([B, T] positions and validity) at `cursors`.
+
+        In a ring, T tokens go in at a cursor that is a multiple of T, into
+        a ring of a whole number of T-token chunks: a chunk never wraps
+        around. (It may overwrite keys its own first queries still see:
+        attend over the ring as it was before writing; see
+        `Gemma3.__call__`.)
+        """
+        chunk = positions.shape[1]
+        if self.is_ring and self.window.length % chunk:
             raise ValueError(
-                f"A ring-buffer cache takes one token per call, got"
-                f" {positions.shape[1]}: write prompts into a cache made with"
-                " KVCache.empty(..., ring=False) and install it with"
-                " `install_rows`."
+                f"A ring of {self.window.length} slots cannot take {chunk} tokens"
+                f" per call: make the cache with KVCache.empty(..., chunk={chunk})."
             )
         return self.replace(
             full=self.full.write(
@@ -171,64 +219,47 @@ class KVCache:
             ),
         )
 
-    def install_rows(self, rows: jax.Array, fresh: "KVCache") -> "KVCache":
-        """Replaces rows `rows` ([G]; out-of-range rows are dropped) with the
-        G rows of `fresh`, a ring=False cache holding their first T tokens,
-        left-padded: the columns before a row's first valid one
-        (`fresh.full.valid`) are dropped, so its first real token becomes
-        cursor 0.
-
-        Every slot past the new tokens becomes invalid: nothing of a row's
-        previous occupant can leak into the new sequence.
-        """
-        if fresh.is_ring:
-            raise ValueError("install_rows takes a cache made with ring=False.")
-        lengths = jnp.sum(fresh.full.valid, axis=1, dtype=jnp.int32)  # [G]
-        pads = fresh.full.length - lengths  # [G] leading padding
-
-        def arrange(new: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
-            """[G, T, ...] fresh columns -> [G, length, ...] slots, and which
-            slots hold a token ([G, length])."""
-            source, present = _ring_layout(lengths, length)
-            columns = source + pads[:, None]
-            return jax.vmap(lambda x, c: jnp.take(x, c, axis=0))(new, columns), present
-
-        def set_rows(old: jax.Array, new: jax.Array) -> jax.Array:
-            return old.at[rows].set(new.astype(old.dtype), mode="drop")
-
-        def install_table(old: SlotTable, new: SlotTable) -> SlotTable:
-            positions, _ = arrange(new.positions, old.length)
-            valid, present = arrange(new.valid, old.length)
-            return SlotTable(
-                set_rows(old.positions, positions), set_rows(old.valid, valid & present)
-            )
-
-        install = lambda old, new: set_rows(old, arrange(new, old.shape[1])[0])
+    def take_rows(self, rows: jax.Array, fresh: jax.Array) -> KVCache:
+        """A view of rows `rows` ([G] indices; out-of-range ones are dropped
+        when put back): their slot tables, and k and v addressed in place.
+        Rows where `fresh` ([G] bool) start empty: nothing of a slot's
+        previous occupant can leak into a new sequence."""
+        view = SlotRows(rows)
+        emptied = lambda t: SlotTable(
+            positions=view.gather(t.positions),
+            valid=view.gather(t.valid) & ~fresh[:, None],
+        )
         return self.replace(
-            k=tuple(map(install, self.k, fresh.k)),
-            v=tuple(map(install, self.v, fresh.v)),
-            full=install_table(self.full, fresh.full),
-            window=install_table(self.window, fresh.window),
+            full=emptied(self.full), window=emptied(self.window), rows=view
+        )
+
+    def put_rows(self, taken: KVCache) -> KVCache:
+        """The cache with a view from `take_rows` put back: k and v as the
+        view wrote them, the view's tables in their rows."""
+        put = taken.rows.scatter
+        put_table = lambda old, new: SlotTable(
+            put(old.positions, new.positions), put(old.valid, new.valid)
+        )
+        return self.replace(
+            k=taken.k,
+            v=taken.v,
+            full=put_table(self.full, taken.full),
+            window=put_table(self.window, taken.window),
         )
 
 
-def _ring_layout(tokens: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
-    """Where the first `tokens` cursors ([...] int) land in a ring of
-    `length` slots (slot = cursor mod L).
-
-    Returns, per slot ([..., L]), the cursor of the latest token stored
-    there (clamped to 0 where none is) and whether one is. For L >= T that
-    is cursor = slot for the first T slots; for L < T only the last L
-    tokens remain.
-    """
-    slots = jnp.arange(length)
-    tokens = jnp.asarray(tokens, jnp.int32)[..., None]
-    source = tokens - 1 - (tokens - 1 - slots) % length
-    return jnp.maximum(source, 0), source >= 0
+def ring_slots(sliding_window: int, chunk: int = 1) -> int:
+    """Slots of a sliding layer's ring written `chunk` tokens per call: the
+    window rounded up to whole chunks, so that a chunk starting at a
+    multiple of `chunk` never wraps around."""
+    return -(-sliding_window // chunk) * chunk
 
 
 def read_kv(
-    layer_kv: jax.Array, start: jax.Array, length: int, rows: RowWindow | None
+    layer_kv: jax.Array,
+    start: jax.Array,
+    length: int,
+    rows: RowWindow | SlotRows | None,
 ) -> jax.Array:
     """Slots [start, start + length) of one layer's keys or values, for the
     rows of `rows` (None: every row): [R, length, K, H]."""
@@ -241,14 +272,12 @@ def write_kv(
     layer_kv: jax.Array,
     update: jax.Array,
     slots: jax.Array,
-    rows: RowWindow | None,
+    rows: RowWindow | SlotRows | None,
 ) -> jax.Array:
     """Writes T tokens' keys or values ([R, T, K, H]) at slots [slots[r], +T)
     of the rows of `rows` (None: every row) of one layer's array."""
     if rows is None:
         return write_rows(layer_kv, update, slots)
-    if update.shape[1] != 1:
-        raise ValueError(f"A decode tile writes one token per row, got {update.shape[1]}.")
     return rows.put(layer_kv, update, slots)
 
 

@@ -28,10 +28,12 @@ from flax import nnx
 from gsm8k_jax.models.gemma3.cache import (
     KVCache,
     RowWindow,
+    SlotRows,
     SlotTable,
     attention_masks,
     read_kv,
     write_kv,
+    write_rows,
 )
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
 from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
@@ -74,10 +76,11 @@ def blocked_attention(
     q: jax.Array,  # [B, T, K, G, H] queries, scaled
     k: jax.Array,  # [B, S, K, H]
     v: jax.Array,  # [B, S, K, H]
-    mask: jax.Array,  # [B, T, S] bool
+    mask: jax.Array,  # [B, T, S] bool, or [B, T, S + T] with `own`
     *,
     softcap: float | None = None,
-    rows: RowWindow | None = None,
+    rows: RowWindow | SlotRows | None = None,
+    own: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """softmax(q.k) . v over the valid keys, bitwise independent of S.
 
@@ -90,19 +93,19 @@ def blocked_attention(
     every row are not read at all. Returns [B, T, K, G, H] in float32;
     fully masked rows give zeros.
 
-    rows: k and v hold more rows than q (a decode tile's view of the whole
-    cache, `cache.RowWindow`); each block is read from them in place.
+    rows: k and v hold more rows than q (a decode tile's or a prefill
+    group's view of the whole cache); each block is read from them in place.
+    own: the queries' own keys and values ([B, T, K, H] each), not in k and
+    v: the mask's last T columns, reduced over after the cache's blocks.
     """
     b, t, kh, g, h = q.shape
     s = k.shape[1]
     block = key_block(s)
 
-    def step(n, carry):
+    def reduce(carry, keys, values, valid):
+        """Folds keys and values ([B, N, K, H]) into the running softmax."""
         top, total, out = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
-        start = n * block
-        keys, values = (read_kv(x, start, block, rows) for x in (k, v))
-        valid = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2)
-        valid = valid[:, None, None]  # [B, 1, 1, T, S]
+        valid = valid[:, None, None]  # [B, 1, 1, T, N]
         scores = jnp.where(valid, _scores(q, keys, softcap), -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
         shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -118,6 +121,12 @@ def blocked_attention(
         )
         return new_top, total, out
 
+    def step(n, carry):
+        start = n * block
+        keys, values = (read_kv(x, start, block, rows) for x in (k, v))
+        valid = jax.lax.dynamic_slice_in_dim(mask, start, block, axis=2)
+        return reduce(carry, keys, values, valid)
+
     init = (
         jnp.full((b, kh, g, t), -jnp.inf, jnp.float32),
         jnp.zeros((b, kh, g, t), jnp.float32),
@@ -125,9 +134,13 @@ def blocked_attention(
     )
     # Blocks past the last valid key of every row change nothing: skip them
     # (decode then reads only the occupied part of the cache).
-    any_valid = jnp.any(mask, axis=(0, 1))  # [S]
+    any_valid = jnp.any(mask[:, :, :s], axis=(0, 1))  # [S]
     last = jnp.max(jnp.where(any_valid, jnp.arange(s), -1))
-    _, total, out = jax.lax.fori_loop(0, (last + block) // block, step, init)
+    carry = jax.lax.fori_loop(0, (last + block) // block, step, init)
+    if own is not None:
+        own_k, own_v = (x.astype(c.dtype) for x, c in zip(own, (k, v)))
+        carry = reduce(carry, own_k, own_v, mask[:, :, s:])
+    _, total, out = carry
     out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
     return out.transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
 
@@ -172,10 +185,10 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
-        mask: jax.Array,  # [B, T, S]
+        mask: jax.Array,  # [B, T, S], or [B, T, S + T]: the cache, then x's keys
         cache_kv: tuple[jax.Array, jax.Array] | None,  # [B, S, K, H] each
         write_slots: jax.Array,  # [B] first cache slot written, per row
-        rows: RowWindow | None = None,  # cache_kv holds more rows than x
+        rows: RowWindow | SlotRows | None = None,  # cache_kv has more rows than x
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         q = self._query_norm(self.q_einsum(x))  # [B, T, N, H]
@@ -186,24 +199,39 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
         q = q * jnp.asarray(c.query_pre_attn_scalar**-0.5, q.dtype)
 
-        if cache_kv is not None:
-            k, v = (
-                write_kv(c, new, write_slots, rows) for c, new in zip(cache_kv, (k, v))
-            )
-            cache_kv = (k, v)
-
         b, t, _, h = q.shape
         q = q.reshape(b, t, c.num_kv_heads, c.num_query_groups, h)  # [B, T, K, G, H]
-        # Decode reads the run's cache, whose length differs between runs:
-        # its attention must not depend on that length. Elsewhere (prefill,
-        # training) keys are the prompt's own bucket: plain softmax, which
-        # also differentiates.
-        if cache_kv is not None and t == 1:
-            encoded = blocked_attention(
-                q, k, v, mask, softcap=c.attn_logit_softcap, rows=rows
-            )
-        else:
+        attend = functools.partial(
+            blocked_attention, softcap=c.attn_logit_softcap, rows=rows
+        )
+        # The sampler's prefill chunks and decode steps read the run's cache,
+        # whose length differs between runs: their attention must not depend
+        # on that length. Without a cache (training, scoring) keys are the
+        # call's own tokens: plain softmax, which also differentiates.
+        if cache_kv is None:
             encoded = attention(q, k, v, mask, softcap=c.attn_logit_softcap)
+        elif mask.shape[-1] == cache_kv[0].shape[1]:
+            cache_kv = tuple(
+                write_kv(old, new, write_slots, rows)
+                for old, new in zip(cache_kv, (k, v))
+            )
+            encoded = attend(q, *cache_kv, mask)
+        else:
+            # The mask covers the cache as it was, then the new keys: a chunk
+            # written into a ring could overwrite keys its own first queries
+            # still see. It attends over a copy of its rows' ring and its own
+            # keys, is written into the copy, and the rows go back. (Read in
+            # place, then written in place, made XLA copy the whole cache.)
+            ring = cache_kv if rows is None else tuple(map(rows.gather, cache_kv))
+            encoded = blocked_attention(
+                q, *ring, mask, softcap=c.attn_logit_softcap, own=(k, v)
+            )
+            ring = tuple(
+                write_rows(r, new, write_slots) for r, new in zip(ring, (k, v))
+            )
+            cache_kv = (
+                ring if rows is None else tuple(map(rows.scatter, cache_kv, ring))
+            )
         encoded = encoded.reshape(b, t, c.num_heads, h).astype(x.dtype)
         return self.attn_vec_einsum(encoded), cache_kv
 
@@ -347,8 +375,14 @@ class Gemma3(nnx.Module):
             keys = {t: SlotTable(positions, valid) for t in AttentionType}
             write_slots = {t: cursors for t in AttentionType}  # nothing is written
         else:
+            ring_before = cache.window
             cache = cache.write(positions, valid, cursors)
             keys = {t: cache.table(t) for t in AttentionType}
+            if tokens.shape[1] > 1 and cache.is_ring:
+                # A chunk written into a ring may overwrite keys that its own
+                # first queries still see: sliding layers attend over the
+                # ring as it was and the chunk's own keys.
+                keys[AttentionType.LOCAL_SLIDING] = ring_before.extend(positions, valid)
             write_slots = {t: cache.write_slots(t, cursors) for t in AttentionType}
         masks = attention_masks(self.config, positions, keys)
 
