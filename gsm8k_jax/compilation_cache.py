@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache, so a rerun skips compiling.
 
-A run's programs have shapes fixed by its settings (batch, prompt buckets,
+A run's programs have shapes fixed by its settings (batch, prefill chunk,
 cache length), so the next run of the same settings, or a resumed one,
 finds every program already compiled on disk.
 """
