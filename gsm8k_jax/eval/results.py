@@ -373,10 +373,13 @@ def run_info(
         "data_path": data_path,
         "data_sha256": _file_digest(data_path),
         "num_examples": num_examples,
-        # Results are bitwise the same at any batch size for one row tile
-        # and prefill chunk (the platform's), and a LoRA is merged in float32.
+        # Results are bitwise the same at any batch size for one row tile and
+        # prefill group shape (the platform's), and a LoRA is merged in float32.
         "row_tile": eval_config.row_tile or batching.default_row_tile(),
         "prefill_chunk": batching.default_prefill_chunk(),
+        "prefill_rows": batching.default_prefill_rows(
+            eval_config.row_tile or batching.default_row_tile()
+        ),
         "lora_mode": "merged_float32" if lora_path else None,
         "eval": {
             "batch_size": eval_config.batch_size,

@@ -7,8 +7,8 @@ sums) by shape. So:
 
 - a prompt is left-padded to whole chunks of `prefill_chunk` tokens (its
   own length decides how many), never to the longest prompt of its batch;
-- prefill runs one chunk of `prefill_rows` prompts per program (per data
-  shard), padding the group with empty rows when fewer wait; a prompt of
+- prefill runs one chunk of `default_prefill_rows` prompts per program
+  (per data shard), padding the group with empty rows when fewer wait; a prompt of
   n chunks takes n calls, each attending over what its slot holds;
 - decode runs `row_tile` slots at a time (per data shard); the number of
   slots is rounded up to whole tiles.

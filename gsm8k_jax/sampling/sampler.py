@@ -467,17 +467,18 @@ class Sampler:
             last[g] = (k + 1) * chunk == len(row.tokens)
             ids_of_rows[g], samples[g] = row.example_id, row.sample
             group_limits[g] = row.limit
+        split = self._split_rows
         return (
             state,
-            self._split_rows(tokens),
-            pads,
-            chunk_index,
-            last,
-            slots,
+            split(tokens),
+            split(pads),
+            split(chunk_index),
+            split(last),
+            split(slots),
             np.int32(seed),
-            ids_of_rows,
-            samples,
-            group_limits,
+            split(ids_of_rows),
+            split(samples),
+            split(group_limits),
         )
 
     def _split_rows(self, array: np.ndarray) -> jax.Array:

@@ -38,7 +38,7 @@ def test_each_attention_type_is_traced_once(monkeypatch):
         return nnx.merge(graphdef, state)(tokens, positions, valid, cache)
 
     cache = jax.eval_shape(
-        lambda: KVCache.empty(config, BATCH, CACHE, jnp.float32)
+        lambda: KVCache.empty(config, BATCH, CACHE, jnp.float32, chunk=TOKENS)
     )
     tokens = jax.ShapeDtypeStruct((BATCH, TOKENS), jnp.int32)
     jax.jit(forward).trace(state, tokens, cache)

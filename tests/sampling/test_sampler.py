@@ -16,6 +16,8 @@ from flax import nnx
 from hf_models import IdTokenizer, make_tiny_hf_model
 from jax import monitoring
 
+from gsm8k_jax.models.gemma3.config import gemma3_tiny
+from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.sampling.batching import SlotScheduler, num_chunks
@@ -115,6 +117,23 @@ def test_results_do_not_depend_on_the_cache_length(request, which):
     assert as_bits({(c.example_id, 0): c for c in mixed[:4]}) == alone
     roomy = sampler.generate(short, GREEDY, max_prompt_len=1000)
     assert as_bits({(c.example_id, 0): c for c in roomy}) == alone
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_results_do_not_depend_on_whether_the_cache_outgrows_the_window(dtype):
+    """With a 128-token window, a prompt's cache is shorter than the window
+    alone, and longer with room reserved for longer prompts: the same bits
+    (the sliding layers keep a whole ring either way)."""
+    config = dataclasses.replace(gemma3_tiny(), sliding_window=128)
+    model = Gemma3(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    sampler = Sampler(model, IdTokenizer(), row_tile=4)
+    prompts = [[2, *range(3, 63)], [2, *range(100, 110)]]  # 61 and 11 tokens
+    params = SamplingParams(max_generation_steps=40, eos_ids=(EOS,))
+    alone = sampler.generate(prompts, params)
+    roomy = sampler.generate(prompts, params, max_prompt_len=200)
+    assert [(c.tokens, c.logprob) for c in roomy] == [
+        (c.tokens, c.logprob) for c in alone
+    ]
 
 
 def test_greedy_equals_transformers_generate(tiny, sampler):

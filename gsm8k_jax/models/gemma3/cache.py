@@ -142,7 +142,7 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     full: SlotTable  # [B, S]: one slot per token
-    window: SlotTable  # [B, min(S, sliding_window)]: a ring buffer
+    window: SlotTable  # [B, ring_slots(sliding_window, chunk)]: a ring buffer
     # None: k and v have the tables' rows. Else a view of some rows (a
     # decode tile's, a prefill group's): the tables are those R rows, k and
     # v the whole cache's B rows, of which `rows` says which are the view's.
@@ -159,8 +159,11 @@ class KVCache:
         chunk: int = 1,
     ) -> "KVCache":
         """A cache for `length` tokens per row, written `chunk` tokens per
-        call at most (see `ring_slots`)."""
-        window = min(length, ring_slots(config.sliding_window, chunk))
+        call at most (see `ring_slots`). The sliding layers keep their ring
+        even when it is longer than `length`: their keys then sit in the
+        same slots, and are reduced over in the same blocks, whatever the
+        cache's length."""
+        window = ring_slots(config.sliding_window, chunk)
         table = lambda n: SlotTable(
             positions=jnp.zeros((batch_size, n), jnp.int32),
             valid=jnp.zeros((batch_size, n), bool),
@@ -196,14 +199,13 @@ class KVCache:
     ) -> "KVCache":
         """Records T new tokens ([B, T] positions and validity) at `cursors`.
 
-        In a ring, T tokens go in at a cursor that is a multiple of T, into
-        a ring of a whole number of T-token chunks: a chunk never wraps
-        around. (It may overwrite keys its own first queries still see:
-        attend over the ring as it was before writing; see
-        `Gemma3.__call__`.)
+        T tokens go in at a cursor that is a multiple of T, into a ring of a
+        whole number of T-token chunks: a chunk never wraps around. (It may
+        overwrite keys its own first queries still see: they attend over the
+        ring as it was before writing; see `Gemma3.__call__`.)
         """
         chunk = positions.shape[1]
-        if self.is_ring and self.window.length % chunk:
+        if self.window.length % chunk:
             raise ValueError(
                 f"A ring of {self.window.length} slots cannot take {chunk} tokens"
                 f" per call: make the cache with KVCache.empty(..., chunk={chunk})."

@@ -378,10 +378,11 @@ class Gemma3(nnx.Module):
             ring_before = cache.window
             cache = cache.write(positions, valid, cursors)
             keys = {t: cache.table(t) for t in AttentionType}
-            if tokens.shape[1] > 1 and cache.is_ring:
+            if tokens.shape[1] > 1:
                 # A chunk written into a ring may overwrite keys that its own
                 # first queries still see: sliding layers attend over the
-                # ring as it was and the chunk's own keys.
+                # ring as it was and the chunk's own keys (always, so that a
+                # prompt's bits do not depend on whether its ring wrapped).
                 keys[AttentionType.LOCAL_SLIDING] = ring_before.extend(positions, valid)
             write_slots = {t: cache.write_slots(t, cursors) for t in AttentionType}
         masks = attention_masks(self.config, positions, keys)
