@@ -56,9 +56,13 @@ def default_prefill_chunk(platform: str | None = None) -> int:
     return _of_platform(PREFILL_CHUNKS, platform)
 
 
-def default_prefill_rows(row_tile: int, platform: str | None = None) -> int:
-    """Prompts per prefill program and data shard for a JAX platform."""
-    return min(row_tile, _of_platform(PREFILL_ROWS, platform))
+def default_prefill_rows(
+    row_tile: int | None = None, platform: str | None = None
+) -> int:
+    """Prompts per prefill program and data shard for a JAX platform, at
+    most `row_tile` (None: the platform's rows, uncapped)."""
+    rows = _of_platform(PREFILL_ROWS, platform)
+    return rows if row_tile is None else min(row_tile, rows)
 
 
 def num_chunks(length: int, chunk: int) -> int:
