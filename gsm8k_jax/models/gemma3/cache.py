@@ -183,11 +183,6 @@ class KVCache:
             return self.window
         return self.full
 
-    @property
-    def is_ring(self) -> bool:
-        """Whether the sliding layers wrap around (hold fewer slots than tokens)."""
-        return self.window.length < self.full.length
-
     def write_slots(
         self, attention_type: AttentionType, cursors: jax.Array
     ) -> jax.Array:
