@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import gc
 import os
 import sys
 import warnings
@@ -333,6 +334,11 @@ def run_main(
         except Terminated as stop:
             _report(f"Stopped by SIGTERM: {_what_survives(stop, kept)}.")
             sys.exit(0)
+        finally:
+            # The work is done and written: spare the interpreter's last
+            # collection over every object jax, flax and transformers made
+            # (about 0.5 s of each exit on CPU).
+            gc.freeze()
 
     app.run(_main, flags_parser=parse_flags)
 

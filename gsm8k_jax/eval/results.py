@@ -355,11 +355,12 @@ def run_info(
       num_examples: how many problems are evaluated.
       eval_config: the evaluation settings.
     """
-    from gsm8k_jax.checkpoints.lora_checkpoint import resolve_trained_lora
     from gsm8k_jax.checkpoints.sources import model_revision
     from gsm8k_jax.sampling import batching
 
-    if lora_path:
+    if lora_path:  # Orbax is imported for LoRA runs alone.
+        from gsm8k_jax.checkpoints.lora_checkpoint import resolve_trained_lora
+
         trained = resolve_trained_lora(
             lora_path, LoraConfig(**model["lora_config"]), given=()
         )
