@@ -72,7 +72,7 @@ class DecodeState:
         max_steps: int,
         pad_id: int,
         chunk: int,
-    ) -> "DecodeState":
+    ) -> DecodeState:
         """Slots for prompts of up to `width` tokens, prefilled `chunk` tokens
         per call, and `max_steps` generated tokens."""
         # A whole number of attention key blocks: every run's cache splits
@@ -148,6 +148,7 @@ def prefill(
     limits: jax.Array,  # [G] most tokens each new sequence may generate
     *,
     pad_id: int,
+    arranged: bool = False,
 ) -> DecodeState:
     """Runs one chunk of C tokens of G prompts into their slots' caches.
 
@@ -155,8 +156,10 @@ def prefill(
     cursors [k*C, (k+1)*C) of its slot, attending over what the slot holds
     (so the pads of its first chunk are invalid keys at cursors the prompt
     alone decides). Rows whose last chunk this is start decoding.
+
+    arranged: `params` are `weight_layout.arrange`d (for XLA:CPU).
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, weight_layout.view(params) if arranged else params)
     chunk = tokens.shape[1]
     cursors = chunk_index * chunk  # [G]
     columns = cursors[:, None] + jnp.arange(chunk)  # [G, C] in the padded prompt
@@ -194,7 +197,7 @@ def decode(
     pad_id: int,
     row_tile: int,
     data_shards: int = 1,
-    arrange_weights: bool = False,
+    arranged: bool = False,
 ) -> DecodeState:
     """Generates until every slot is done or `min_free` slots are free.
 
@@ -205,14 +208,12 @@ def decode(
     writes the KV cache in place (`cache.RowWindow`), and tiles whose slots
     are all done are not run.
 
-    arrange_weights: lay the attention weights out once, before the loop,
-    in the order the matmuls read them (`weight_layout`; for XLA:CPU).
+    arranged: `params` are `weight_layout.arrange`d (for XLA:CPU).
     """
     # The views are taken inside the loop, where XLA makes them free; taken
     # outside it, XLA would copy the weights back into the loop.
-    if arrange_weights:
-        arranged = weight_layout.arrange(params)
-        loop_model = lambda: nnx.merge(graphdef, weight_layout.view(arranged))
+    if arranged:
+        loop_model = lambda: nnx.merge(graphdef, weight_layout.view(params))
     else:
         loop_model = lambda: nnx.merge(graphdef, params)
     tiles_per_shard = state.done.shape[0] // (row_tile * data_shards)
@@ -296,7 +297,7 @@ def _per_slot(fn, state: DecodeState, *others: DecodeState) -> DecodeState:
     counters and the cache's keys and values)."""
     strip = lambda s: _without_kv(s).replace(decode_steps=None, tile_steps=None)
     out = jax.tree.map(fn, strip(state), *map(strip, others))
-    counters = dict(decode_steps=state.decode_steps, tile_steps=state.tile_steps)
+    counters = {"decode_steps": state.decode_steps, "tile_steps": state.tile_steps}
     return _with_kv(out.replace(**counters), state)
 
 

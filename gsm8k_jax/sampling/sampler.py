@@ -157,8 +157,10 @@ class Sampler:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
         graphdef, _ = nnx.split(model)
+        # Whether the programs take their weights `weight_layout.arrange`d.
+        self._arranged = weight_layout.arranges()
         self._prefill = jax.jit(
-            functools.partial(prefill, graphdef),
+            functools.partial(prefill, graphdef, arranged=self._arranged),
             static_argnames="pad_id",
             donate_argnums=1,
             compiler_options=COMPILER_OPTIONS,
@@ -169,7 +171,7 @@ class Sampler:
                 graphdef,
                 row_tile=self.row_tile,
                 data_shards=self.data_shards,
-                arrange_weights=weight_layout.arranges(),
+                arranged=self._arranged,
             ),
             static_argnames="pad_id",
             donate_argnums=1,
@@ -180,6 +182,12 @@ class Sampler:
     def num_compilations(self) -> int:
         """How many programs were compiled so far (one per distinct shape)."""
         return self._prefill._cache_size() + self._decode._cache_size()
+
+    def _program_weights(self) -> nnx.State:
+        """The model's current weights as the programs take them: arranged
+        for the platform's matmuls (`weight_layout`), once per call."""
+        weights = nnx.state(self.model)
+        return weight_layout.arrange(weights) if self._arranged else weights
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt. Text is used as is (chat-templated text keeps
@@ -269,7 +277,7 @@ class Sampler:
             [len(ids) for ids in encoded], params, batch_size, max_prompt_len
         )
         settings = _settings(params)
-        weights = nnx.state(self.model)
+        weights = self._program_weights()
         steps_counted = (0, 0)  # this call's (decode_steps, tile_steps)
         clock = _PhaseClock(self.phase_seconds)
         finished: list[_Finished] = []
@@ -367,7 +375,7 @@ class Sampler:
             return
         lengths = [len(self.encode(p)) for p in prompts]
         state, _ = self._empty_run(lengths, params, batch_size, max_prompt_len)
-        weights = nnx.state(self.model)
+        weights = self._program_weights()
         # Tracing holds the GIL and XLA's compiler does not: each program
         # compiles in a thread while the next one traces.
         with concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:

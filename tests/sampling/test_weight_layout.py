@@ -1,5 +1,6 @@
-"""Decoding with the attention weights laid out ahead of the loop
-(`sampling.weight_layout`): the same results, without in-loop weight copies."""
+"""Prefill and decode on attention weights laid out ahead of the programs
+(`sampling.weight_layout`): the same results, without the programs' weight
+copies."""
 
 import functools
 import re
@@ -12,6 +13,7 @@ from flax import nnx
 from hf_models import make_tiny_hf_model
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
+from gsm8k_jax.sampling import weight_layout
 from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
 
 ROWS, WIDTH, STEPS, ROW_TILE = 8, 32, 12, 4
@@ -33,9 +35,9 @@ def tiny_path(tmp_path_factory):
     return path
 
 
-def prefilled(model):
-    """A decode state with ROWS random prompts of different lengths, each
-    prefilled as one chunk of WIDTH tokens."""
+def prefill_args(model):
+    """An empty decode state and ROWS random prompts of different lengths,
+    each to be prefilled as one chunk of WIDTH tokens."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(4, WIDTH + 1, size=ROWS)
     pads = WIDTH - lengths
@@ -43,25 +45,44 @@ def prefilled(model):
     tokens = np.where(valid, rng.integers(3, 200, size=(ROWS, WIDTH)), 0)
     ids = jnp.arange(ROWS)
     state = DecodeState.empty(model, ROWS, WIDTH, STEPS, pad_id=0, chunk=WIDTH)
-    graphdef, params = nnx.split(model)
-    return prefill(
-        graphdef, params, state, tokens, pads, ids * 0, ids >= 0, ids, 7, ids,
-        ids * 0, jnp.full((ROWS,), STEPS), pad_id=0,
+    return (
+        state, tokens, pads, ids * 0, ids >= 0, ids, 7, ids, ids * 0,
+        jnp.full((ROWS,), STEPS),
     )  # fmt: skip
 
 
-def decoder(model, arrange_weights):
+def program_weights(model, arranged):
     graphdef, params = nnx.split(model)
+    return graphdef, weight_layout.arrange(params) if arranged else params
+
+
+def prefiller(model, arranged):
+    graphdef, params = program_weights(model, arranged)
+    run = jax.jit(functools.partial(prefill, graphdef, pad_id=0, arranged=arranged))
+    return params, run
+
+
+def prefilled(model):
+    """A decode state with the prompts of `prefill_args` prefilled."""
+    params, run = prefiller(model, arranged=False)
+    return run(params, *prefill_args(model))
+
+
+def decoder(model, arranged):
+    graphdef, params = program_weights(model, arranged)
     run = jax.jit(
         functools.partial(
-            decode,
-            graphdef,
-            pad_id=0,
-            row_tile=ROW_TILE,
-            arrange_weights=arrange_weights,
+            decode, graphdef, pad_id=0, row_tile=ROW_TILE, arranged=arranged
         )
     )
     return params, run
+
+
+def assert_same_bits(a_tree, b_tree):
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def settings(temperature):
@@ -81,25 +102,57 @@ def test_arranged_weights_decode_the_same_bits(tiny_path, dtype, temperature):
     model = load_hf_model(tiny_path, dtype=dtype)
     state = prefilled(model)
     results = []
-    for arrange in (False, True):
-        params, run = decoder(model, arrange)
+    for arranged in (False, True):
+        params, run = decoder(model, arranged)
         results.append(run(params, state, settings(temperature), jnp.int32(ROWS)))
     plain, arranged = results
     assert int(plain.num_tokens.sum()) > ROWS  # it decoded
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(arranged), strict=True):
-        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-            a, b = jax.random.key_data(a), jax.random.key_data(b)
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_bits(plain, arranged)
 
 
-def in_loop_copies(compiled_text, shapes):
-    """How many copies and transposes run inside the program's while loops
-    (in their bodies or in computations those call, branches included) and
-    produce an array of one of `shapes`, in any axis order."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_arranged_weights_prefill_the_same_bits(tiny_path, dtype):
+    """Every array of the prefilled state (the cache, the last hidden
+    states) is the same to the bit with the weights arranged as without."""
+    model = load_hf_model(tiny_path, dtype=dtype)
+    results = []
+    for arranged in (False, True):
+        params, run = prefiller(model, arranged)
+        results.append(run(params, *prefill_args(model)))
+    plain, arranged = results
+    assert bool(jnp.any(plain.hidden != 0))  # it prefilled
+    assert_same_bits(plain, arranged)
+
+
+def test_only_float32_attention_weights_are_arranged(tiny_path):
+    """Arranging moves the float32 attention weights alone (every other
+    leaf is the same array), and leaves a bfloat16 model as it is."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        params = nnx.state(load_hf_model(tiny_path, dtype=dtype))
+        arranged = weight_layout.arrange(params)
+        paths = lambda tree: {
+            jax.tree_util.keystr(path): x
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        }
+        before, after = paths(params), paths(arranged)
+        moved = {p for p in before if after[p] is not before[p]}
+        if dtype == jnp.bfloat16:
+            assert arranged is params
+            continue
+        assert moved and all(
+            any(name in p for name in weight_layout.CPU_READ_ORDERS) for p in moved
+        ), moved
+        assert len(moved) == 3 * len(params["layers"]), moved
+
+
+def weight_copies(compiled_text, shapes, *, in_loops):
+    """How many copies and transposes produce an array of one of `shapes`,
+    in any axis order: inside the program's while loops (their bodies and
+    the computations those call, branches included), or anywhere."""
     computations = {
         m.group(1): m.group(2)
         for m in re.finditer(
-            r"\n%([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", compiled_text, re.S
+            r"\n%([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", compiled_text, re.DOTALL
         )
     }
 
@@ -110,20 +163,30 @@ def in_loop_copies(compiled_text, shapes):
             name for group in branches for name in re.findall(r"%([\w.\-]+)", group)
         ]
 
-    in_loop, todo = set(), re.findall(r"body=%([\w.\-]+)", compiled_text)
+    searched, todo = set(), re.findall(r"body=%([\w.\-]+)", compiled_text)
     while todo:
         name = todo.pop()
-        if name not in in_loop and name in computations:
-            in_loop.add(name)
+        if name not in searched and name in computations:
+            searched.add(name)
             todo += callees(computations[name])
+    if not in_loops:
+        searched = set(computations)
     wanted = {tuple(sorted(s)) for s in shapes}
     return sum(
         tuple(sorted(int(d) for d in dims.split(","))) in wanted
-        for name in in_loop
+        for name in searched
         for dims in re.findall(
             r"= \w+\[([\d,]+)\]\{[^}]*\} (?:copy|transpose)\(", computations[name]
         )
     )
+
+
+def attention_weight_shapes(model):
+    attn = model.layers[0].attn
+    return {
+        "q, attn_vec": [attn.q_einsum.w.shape, attn.attn_vec_einsum.w.shape],
+        "kv": [attn.kv_einsum.w.shape],
+    }
 
 
 @pytest.mark.skipif(
@@ -131,21 +194,38 @@ def in_loop_copies(compiled_text, shapes):
 )
 def test_float32_decode_copies_no_attention_weight_in_its_loop(tiny_path):
     """XLA:CPU copies every attention weight of a float32 model at every
-    decode step unless the weights are arranged ahead of the loop: q and
+    decode step unless the weights are arranged ahead of the program: q and
     attn_vec (one shape up to axis order) and kv, each checked."""
     model = load_hf_model(tiny_path, dtype=jnp.float32)
-    attn = model.layers[0].attn
-    weights = {
-        "q, attn_vec": [attn.q_einsum.w.shape, attn.attn_vec_einsum.w.shape],
-        "kv": [attn.kv_einsum.w.shape],
-    }
     state = prefilled(model)
     copies = {}
-    for arrange in (False, True):
-        params, run = decoder(model, arrange)
+    for arranged in (False, True):
+        params, run = decoder(model, arranged)
         text = run.lower(params, state, settings(0.0), jnp.int32(ROWS)).compile()
-        for name, shapes in weights.items():
-            copies[name, arrange] = in_loop_copies(text.as_text(), shapes)
+        for name, shapes in attention_weight_shapes(model).items():
+            copies[name, arranged] = weight_copies(
+                text.as_text(), shapes, in_loops=True
+            )
+    num_layers = len(model.layers)
+    assert copies["q, attn_vec", False] >= 2 * num_layers, copies
+    assert copies["kv", False] >= num_layers, copies
+    assert copies["q, attn_vec", True] == copies["kv", True] == 0, copies
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the weight copies are XLA:CPU's"
+)
+def test_float32_prefill_copies_no_attention_weight(tiny_path):
+    """Likewise, each prefill call copies every attention weight unless the
+    weights are arranged ahead of it."""
+    model = load_hf_model(tiny_path, dtype=jnp.float32)
+    args = prefill_args(model)
+    copies = {}
+    for arranged in (False, True):
+        params, run = prefiller(model, arranged)
+        text = run.lower(params, *args).compile().as_text()
+        for name, shapes in attention_weight_shapes(model).items():
+            copies[name, arranged] = weight_copies(text, shapes, in_loops=False)
     num_layers = len(model.layers)
     assert copies["q, attn_vec", False] >= 2 * num_layers, copies
     assert copies["kv", False] >= num_layers, copies
