@@ -8,8 +8,9 @@ sums) by shape. So:
 - a prompt is left-padded to whole chunks of `prefill_chunk` tokens (its
   own length decides how many), never to the longest prompt of its batch;
 - prefill runs one chunk of `default_prefill_rows` prompts per program
-  (per data shard), padding the group with empty rows when fewer wait; a prompt of
-  n chunks takes n calls, each attending over what its slot holds;
+  (per data shard), padding the group with empty rows when fewer wait; a
+  prompt of n chunks takes n calls, each attending over what its slot
+  holds (the other rows of a call may be at other chunks);
 - decode runs `row_tile` slots at a time (per data shard); the number of
   slots is rounded up to whole tiles.
 
@@ -77,19 +78,27 @@ def round_up(n: int, multiple: int) -> int:
 class SlotScheduler:
     """Which waiting rows to prefill into which free slots, and when.
 
-    Rows wait sorted by their number of prefill chunks (shortest first), so
-    the rows of a group take about as many calls. A group is prefilled once
-    enough slots are free for all of it, or when nothing else would run;
-    decode meanwhile returns only when that many slots are free
-    (`min_free`), not at every finished sequence.
+    Prefill runs in bursts of calls, each call one chunk of up to
+    `group_size` rows. A burst starts once enough slots are free for a
+    whole group (or when nothing else would run) and lasts until every free
+    slot has a row and every row its whole prompt: each call carries on the
+    rows mid-prompt and starts waiting rows in the places left, so a row
+    whose prompt ends leaves its place to the next one instead of idling
+    while longer prompts finish. Decode meanwhile returns only when a
+    group's worth of slots is free (`min_free`), not at every finished
+    sequence. Rows wait sorted by their number of chunks, longest first, so
+    that short prompts fill the places long ones leave, not the reverse.
     """
 
     def __init__(self, chunks: Sequence[int], *, num_slots: int, group_size: int):
+        self.chunks = list(chunks)
         self.group_size = group_size
         self.waiting = collections.deque(
-            sorted(range(len(chunks)), key=lambda row: (chunks[row], row))
+            sorted(range(len(chunks)), key=lambda row: (-chunks[row], row))
         )
         self.owner: list[int | None] = [None] * num_slots
+        self.next_chunk: dict[int, int] = {}  # slot -> its row's next chunk
+        self._bursting = False
 
     @property
     def free_slots(self) -> list[int]:
@@ -101,22 +110,37 @@ class SlotScheduler:
         return not self.waiting and all(row is None for row in self.owner)
 
     def _wanted(self) -> int:
-        """Rows of the next group: as many as wait, up to a whole group."""
+        """Rows a burst starts with: as many as wait, up to a whole group."""
         return min(len(self.waiting), self.group_size)
 
-    def next_group(self) -> list[tuple[int, int]] | None:
-        """[(row, slot), ...] to prefill now, or None to decode first."""
-        if not self.waiting:
+    def _starts_burst(self) -> bool:
+        free = len(self.free_slots)
+        decoding = free < len(self.owner)
+        return bool(self.waiting) and (
+            free >= self._wanted() or (free and not decoding)
+        )
+
+    def next_call(self) -> list[tuple[int, int, int]] | None:
+        """[(row, slot, chunk index), ...] to prefill now, or None to decode
+        first. A row's last chunk starts its sequence."""
+        self._bursting = self._bursting or self._starts_burst()
+        call = [(self.owner[slot], slot, k) for slot, k in self.next_chunk.items()]
+        if self._bursting:
+            for slot in self.free_slots[: self.group_size - len(call)]:
+                if not self.waiting:
+                    break
+                row = self.waiting.popleft()
+                self.owner[slot] = row
+                call.append((row, slot, 0))
+        if not call:
+            self._bursting = False
             return None
-        wanted = self._wanted()
-        free = self.free_slots
-        decoding = len(free) < len(self.owner)
-        if len(free) < wanted and (decoding or not free):
-            return None
-        group = [(self.waiting.popleft(), slot) for slot in free[:wanted]]
-        for row, slot in group:
-            self.owner[slot] = row
-        return group
+        for row, slot, k in call:
+            if k + 1 < self.chunks[row]:
+                self.next_chunk[slot] = k + 1
+            else:
+                self.next_chunk.pop(slot, None)
+        return call
 
     def min_free(self) -> int:
         """Free slots at which decode should hand back to the host."""

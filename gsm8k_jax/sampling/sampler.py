@@ -19,7 +19,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -280,21 +280,15 @@ class Sampler:
         weights = self._program_weights()
         steps_counted = (0, 0)  # this call's (decode_steps, tile_steps)
         clock = _PhaseClock(self.phase_seconds)
+        new_row = functools.partial(
+            self._prefill_row, encoded, rows, example_ids, limits
+        )
         finished: list[_Finished] = []
         while True:
-            while (group := schedule.next_group()) is not None:
-                clock.start()
-                state = self._prefill_group(
-                    weights,
-                    state,
-                    [(rows[row], slot) for row, slot in group],
-                    encoded,
-                    example_ids,
-                    limits,
-                    params.seed,
-                )
-                jax.block_until_ready(state)
-                clock.stop("prefill")
+            clock.start()
+            state = self._prefill_burst(weights, state, schedule, new_row, params.seed)
+            jax.block_until_ready(state)
+            clock.stop("prefill")
             if schedule.idle:
                 if finished:
                     yield self._completions(finished, example_ids)
@@ -379,7 +373,7 @@ class Sampler:
         # Tracing holds the GIL and XLA's compiler does not: each program
         # compiles in a thread while the next one traces.
         with concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
-            args = self._chunk_args(state, [], 0, 0)
+            args = self._chunk_args(state, [], 0)
             lowered = self._prefill.lower(weights, *args, pad_id=self.pad_id)
             compiling = [pool.submit(lowered.compile)]
             lowered = self._decode.lower(
@@ -424,40 +418,46 @@ class Sampler:
         )
         return state, schedule
 
-    def _prefill_group(
+    def _prefill_burst(
         self,
         weights: nnx.State,
         state: DecodeState,
-        members: list[tuple[tuple[int, int], int]],
-        encoded: list[list[int]],
-        example_ids: list[int],
-        limits: list[int],
+        schedule: SlotScheduler,
+        new_row: Callable[[int, int], _PrefillRow],
         seed: int,
     ) -> DecodeState:
-        """Prefills `members` ([((prompt, sample), slot)]) chunk by chunk:
-        call k runs the k-th chunk of every member that has one."""
-        chunk = self.prefill_chunk
-        rows = []
-        for (i, j), slot in members:
-            ids = encoded[i]
-            padded = [self.pad_id] * (-len(ids) % chunk) + ids
-            rows.append(
-                _PrefillRow(
-                    padded, len(padded) - len(ids), slot, example_ids[i], j, limits[i]
-                )
-            )
-        for k in range(max(len(r.tokens) for r in rows) // chunk):
-            args = self._chunk_args(state, rows, k, seed)
+        """Runs the prefill calls the schedule asks for now, if any."""
+        while (call := schedule.next_call()) is not None:
+            members = [(new_row(row, slot), k) for row, slot, k in call]
+            args = self._chunk_args(state, members, seed)
             state = self._prefill(weights, *args, pad_id=self.pad_id)
-            self.prefilled_tokens += self.prefill_group * chunk
+            self.prefilled_tokens += self.prefill_group * self.prefill_chunk
         return state
 
+    def _prefill_row(
+        self,
+        encoded: list[list[int]],
+        rows: list[tuple[int, int]],
+        example_ids: list[int],
+        limits: list[int],
+        row: int,
+        slot: int,
+    ) -> _PrefillRow:
+        """Row `row` (rows[row] = (prompt, sample)) in `slot`, as prefill
+        takes it."""
+        i, j = rows[row]
+        ids = encoded[i]
+        padded = [self.pad_id] * (-len(ids) % self.prefill_chunk) + ids
+        return _PrefillRow(
+            padded, len(padded) - len(ids), slot, example_ids[i], j, limits[i]
+        )
+
     def _chunk_args(
-        self, state: DecodeState, rows: list[_PrefillRow], k: int, seed: int
+        self, state: DecodeState, members: list[tuple[_PrefillRow, int]], seed: int
     ) -> tuple:
-        """The prefill program's arguments (after the weights) for chunk k of
-        `rows`, as one fixed-shape group; rows without a chunk k, and unused
-        rows, are dropped."""
+        """The prefill program's arguments (after the weights) for one call
+        of `members` ([(row, chunk index)]), as one fixed-shape group;
+        unused rows are dropped."""
         chunk, size = self.prefill_chunk, self.prefill_group
         tokens = np.full((size, chunk), self.pad_id, np.int32)
         pads = np.full((size,), chunk, np.int32)  # no valid token
@@ -467,9 +467,7 @@ class Sampler:
         ids_of_rows = np.zeros((size,), np.int32)
         samples = np.zeros((size,), np.int32)
         group_limits = np.ones((size,), np.int32)
-        for g, row in enumerate(rows):
-            if (k + 1) * chunk > len(row.tokens):
-                continue
+        for g, (row, k) in enumerate(members):
             tokens[g] = row.tokens[k * chunk : (k + 1) * chunk]
             pads[g], chunk_index[g], slots[g] = row.pads, k, row.slot
             last[g] = (k + 1) * chunk == len(row.tokens)

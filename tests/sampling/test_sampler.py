@@ -380,27 +380,36 @@ def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
 
 
 def test_prompts_are_prefilled_in_whole_chunks(sampler):
-    """A group of prompts takes as many prefill calls as its longest prompt
-    has chunks, each call one fixed-shape program; the scheduler groups
-    prompts of about the same length."""
+    """A prompt takes as many prefill calls as it has chunks, each call one
+    fixed-shape program, and a call's places that short prompts leave are
+    taken by waiting ones: one 3-chunk prompt and 2(G - 1) one-chunk ones
+    take 3 calls of G rows, where whole groups would take 4."""
     chunk, group = sampler.prefill_chunk, sampler.prefill_group
     chunks = [num_chunks(n, chunk) for n in (1, chunk, chunk + 1, 3 * chunk)]
     assert chunks == [1, 1, 2, 3]
-    lengths = [3, chunk + 5, 3 * chunk, 2]
+    lengths = [3 * chunk] + [chunk - 1, 2] * (group - 1)
     before = sampler.prefilled_tokens
-    sampler.generate([[2] * n for n in lengths], GREEDY, batch_size=group)
+    sampler.generate([[2] * n for n in lengths], GREEDY, batch_size=2 * group)
     assert sampler.prefilled_tokens - before == 3 * group * chunk
 
-    schedule = SlotScheduler([3, 1, 2, 1, 1, 2], num_slots=4, group_size=2)
-    assert schedule.next_group() == [(1, 0), (3, 1)]  # the fewest chunks first
-    assert schedule.next_group() == [(4, 2), (2, 3)]
-    assert schedule.next_group() is None  # no slot free
+
+def test_the_scheduler_keeps_prefill_calls_full():
+    """Rows wait longest first; a call carries on the rows mid-prompt and
+    starts waiting rows in the places left; a burst of calls fills every
+    free slot; decode returns for a whole group."""
+    schedule = SlotScheduler([1, 3, 1, 1, 2, 1], num_slots=4, group_size=2)
+    assert schedule.next_call() == [(1, 0, 0), (4, 1, 0)]  # the most chunks first
+    assert schedule.next_call() == [(1, 0, 1), (4, 1, 1)]
+    assert schedule.next_call() == [(1, 0, 2), (0, 2, 0)]  # 4 is done: 0 starts
+    assert schedule.next_call() == [(2, 3, 0)]  # a burst fills every free slot
+    assert schedule.next_call() is None  # no slot free
     assert schedule.min_free() == 2  # two rows wait
     schedule.release(2)
-    assert schedule.next_group() is None  # others decode: wait for the group
+    assert schedule.next_call() is None  # others decode: wait for the group
     schedule.release(0)
-    assert schedule.next_group() == [(5, 0), (0, 2)]
+    assert schedule.next_call() == [(3, 0, 0), (5, 2, 0)]
     assert schedule.min_free() == len(schedule.owner) + 1  # none waits
+    assert schedule.next_call() is None
 
 
 def test_bad_settings_are_rejected(sampler):
