@@ -100,8 +100,9 @@ def _model_field_error(error: Exception, argv: Sequence[str]) -> str:
 
 def define_model_flag(default_model_config: str | Path) -> None:
     """`--model`, a config file whose fields `--model.<field>=` overrides; a
-    misspelt field is a one-line flag error (ml_collections applies the
-    overrides while defining the flag)."""
+    misspelt field, or a `--flagfile` that cannot be read, is a one-line
+    flag error (ml_collections reads the command line, flag files included,
+    while defining the flag)."""
     try:
         config_flags.DEFINE_config_file(
             "model",
@@ -111,6 +112,8 @@ def define_model_flag(default_model_config: str | Path) -> None:
         )
     except (AttributeError, KeyError) as e:
         _flags_error(_model_field_error(e, sys.argv))
+    except flags.Error as e:
+        _flags_error(" ".join(str(e).replace("ERROR:: ", "").split()))
 
 
 def define_flags(default_model_config: str | Path) -> None:

@@ -59,6 +59,11 @@ def test_help_lists_the_project_flags(script, expected):
             "--model=configs/nonexistent.py",
             "--model=configs/nonexistent.py: cannot load this config file",
         ),
+        (
+            "--flagfile=nonexistent.cfg",
+            "Unable to open flagfile: [Errno 2] No such file or directory:"
+            " 'nonexistent.cfg'",
+        ),
     ],
 )
 def test_a_bad_model_flag_is_one_clean_line(tmp_path, arg, message):
