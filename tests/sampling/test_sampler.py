@@ -412,6 +412,42 @@ def test_the_scheduler_keeps_prefill_calls_full():
     assert schedule.next_call() is None
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_the_scheduler_prefills_every_row_whole_before_decode(seed):
+    """Under random prompts, groups, slots and finishing orders: a call
+    holds each slot once and at most a group; a row's chunks run 0, 1, ...
+    in successive calls of one burst into the slot it was given; decode
+    never runs while a row is mid-prompt; every row is prefilled once and
+    the schedule ends."""
+    rng = np.random.default_rng(seed)
+    chunks = rng.integers(1, 7, size=int(rng.integers(1, 41))).tolist()
+    group = int(rng.integers(1, 9))
+    num_slots = group * int(rng.integers(1, 5))
+    schedule = SlotScheduler(chunks, num_slots=num_slots, group_size=group)
+    progress, done_rows = {}, []  # row -> (slot, chunks run)
+    for _ in range(10_000):
+        if schedule.idle:
+            break
+        while (call := schedule.next_call()) is not None:
+            assert 0 < len(call) <= group
+            assert len({slot for _, slot, _ in call}) == len(call)
+            for row, slot, k in call:
+                assert schedule.owner[slot] == row
+                assert progress.get(row, (slot, 0)) == (slot, k)
+                progress[row] = (slot, k + 1)
+        mid_prompt = [r for r, (_, n) in progress.items() if n < chunks[r]]
+        assert not mid_prompt and not schedule.next_chunk
+        decoding = [s for s, r in enumerate(schedule.owner) if r is not None]
+        assert decoding  # decode has work
+        # Decode returns once min_free slots are free (or all are done).
+        need = min(schedule.min_free(), num_slots) - len(schedule.free_slots)
+        for slot in rng.permutation(decoding)[: max(need, 1)]:
+            done_rows.append(schedule.release(int(slot)))
+    assert schedule.idle
+    assert sorted(done_rows) == list(range(len(chunks)))
+    assert all(progress[r][1] == chunks[r] for r in range(len(chunks)))
+
+
 def test_bad_settings_are_rejected(sampler):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)

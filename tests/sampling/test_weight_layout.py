@@ -94,12 +94,12 @@ def settings(temperature):
     )
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
-def test_arranged_weights_decode_the_same_bits(tiny_path, dtype, temperature):
+def test_arranged_weights_decode_the_same_bits(tiny_path, temperature):
     """Every array of the decoded state (tokens, log-probabilities, the
-    cache) is the same to the bit with the weights arranged as without."""
-    model = load_hf_model(tiny_path, dtype=dtype)
+    cache) is the same to the bit with the weights arranged as without
+    (float32: bfloat16 weights are not arranged, tested below)."""
+    model = load_hf_model(tiny_path, dtype=jnp.float32)
     state = prefilled(model)
     results = []
     for arranged in (False, True):
@@ -110,17 +110,22 @@ def test_arranged_weights_decode_the_same_bits(tiny_path, dtype, temperature):
     assert_same_bits(plain, arranged)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_arranged_weights_prefill_the_same_bits(tiny_path, dtype):
+def test_arranged_weights_prefill_the_same_bits(tiny_path):
     """Every array of the prefilled state (the cache, the last hidden
-    states) is the same to the bit with the weights arranged as without."""
-    model = load_hf_model(tiny_path, dtype=dtype)
+    states) is the same to the bit with the weights arranged as without,
+    for a first chunk and for a second one that attends over the first."""
+    model = load_hf_model(tiny_path, dtype=jnp.float32)
+    state, tokens, pads, chunk_index, last, *rest = prefill_args(model)
     results = []
     for arranged in (False, True):
         params, run = prefiller(model, arranged)
-        results.append(run(params, *prefill_args(model)))
+        first = run(params, state, tokens, pads * 0, chunk_index, ~last, *rest)
+        second = run(
+            params, first, tokens[:, ::-1], pads * 0, chunk_index + 1, last, *rest
+        )
+        results.append((first, second))
     plain, arranged = results
-    assert bool(jnp.any(plain.hidden != 0))  # it prefilled
+    assert bool(jnp.any(plain[1].hidden != 0))  # it prefilled
     assert_same_bits(plain, arranged)
 
 
