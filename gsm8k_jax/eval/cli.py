@@ -80,7 +80,9 @@ def model_fields() -> list[str]:
 
 
 def _flags_error(message: str) -> NoReturn:
-    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
+    """One line (absl's own messages may carry a prefix and line breaks)."""
+    line = " ".join(message.removeprefix("ERROR:: ").split())
+    print(f"FATAL Flags parsing error: {line}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -114,7 +116,7 @@ def define_model_flag(default_model_config: str | Path) -> None:
     except (AttributeError, KeyError) as e:
         _flags_error(_model_field_error(e, sys.argv))
     except flags.Error as e:
-        _flags_error(" ".join(str(e).replace("ERROR:: ", "").split()))
+        _flags_error(str(e))
 
 
 def define_flags(default_model_config: str | Path) -> None:

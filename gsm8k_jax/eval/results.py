@@ -378,7 +378,8 @@ def run_info(
         # prefill group shape (the platform's), and a LoRA is merged in float32.
         "row_tile": eval_config.row_tile or batching.default_row_tile(),
         "prefill_chunk": batching.default_prefill_chunk(),
-        "prefill_rows": batching.default_prefill_rows(),  # capped by row_tile
+        # The platform's; a program runs at most row_tile of them.
+        "prefill_rows": batching.default_prefill_rows(),
         "lora_mode": "merged_float32" if lora_path else None,
         "eval": {
             "batch_size": eval_config.batch_size,

@@ -52,34 +52,30 @@ def _read_order(path, weight: jax.Array) -> tuple[int, ...] | None:
     return None
 
 
-def _map_arranged(fn, tree: nnx.State) -> nnx.State:
-    """`fn(weight, read_order)` for each weight of `tree` that has a read
-    order; every other leaf as it is."""
-
-    def apply(path, x):
-        order = _read_order(path, x)
-        return x if order is None else fn(x, order)
-
-    return jax.tree_util.tree_map_with_path(apply, tree)
-
-
-def arrange(params: nnx.State) -> nnx.State:
-    """`params` with each attention weight copied into its read order, by
-    one program; every other leaf is the same array (and `params` itself is
-    returned when no weight has a read order, e.g. in bfloat16)."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+def _replace_ordered(fn, tree: nnx.State) -> nnx.State:
+    """`tree` with its weights that have a read order replaced by
+    `fn(weights, orders)` (tuples, in tree order); `tree` itself when no
+    weight has one (e.g. in bfloat16)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     orders = {
         i: order
         for i, (path, x) in enumerate(flat)
         if (order := _read_order(path, x)) is not None
     }
     if not orders:
-        return params
+        return tree
     leaves = [x for _, x in flat]
-    moved = _transposed(tuple(leaves[i] for i in orders), tuple(orders.values()))
+    moved = fn(tuple(leaves[i] for i in orders), tuple(orders.values()))
     for i, x in zip(orders, moved, strict=True):
         leaves[i] = x
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def arrange(params: nnx.State) -> nnx.State:
+    """`params` with each attention weight copied into its read order, by
+    one program; every other leaf is the same array (and `params` itself is
+    returned when no weight has a read order, e.g. in bfloat16)."""
+    return _replace_ordered(_transposed, params)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -91,7 +87,10 @@ def _transposed(
 
 def view(arranged: nnx.State) -> nnx.State:
     """The weights of `arrange(params)` in their stored shapes again."""
-    return _map_arranged(lambda x, order: jnp.transpose(x, np.argsort(order)), arranged)
+    back = lambda weights, orders: tuple(
+        jnp.transpose(x, np.argsort(o)) for x, o in zip(weights, orders, strict=True)
+    )
+    return _replace_ordered(back, arranged)
 
 
 def arranges(platform: str | None = None) -> bool:
