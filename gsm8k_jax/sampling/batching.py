@@ -9,8 +9,9 @@ sums) by shape. So:
   own length decides how many), never to the longest prompt of its batch;
 - prefill runs one chunk of `default_prefill_rows` prompts per program
   (per data shard), padding the group with empty rows when fewer wait; a
-  prompt of n chunks takes n calls, each attending over what its slot
-  holds (the other rows of a call may be at other chunks);
+  prompt of n chunks takes n calls, not necessarily successive, each
+  attending over what its slot holds (the other rows of a call may be at
+  other chunks);
 - decode runs `row_tile` slots at a time (per data shard); the number of
   slots is rounded up to whole tiles.
 
@@ -80,14 +81,14 @@ class SlotScheduler:
 
     Prefill runs in bursts of calls, each call one chunk of up to
     `group_size` rows. A burst starts once enough slots are free for a
-    whole group (or when nothing else would run) and lasts until every free
-    slot has a row and every row its whole prompt: each call carries on the
-    rows mid-prompt and starts waiting rows in the places left, so a row
-    whose prompt ends leaves its place to the next one instead of idling
-    while longer prompts finish. Decode meanwhile returns only when a
-    group's worth of slots is free (`min_free`), not at every finished
-    sequence. Rows wait sorted by their number of chunks, longest first, so
-    that short prompts fill the places long ones leave, not the reverse.
+    whole group (or when nothing else would run): it gives every free slot
+    a waiting row (longest first), and each of its calls runs the next
+    chunk of the rows with the most chunks left, until every row has its
+    whole prompt. A row's chunks need not run in successive calls (its slot
+    keeps what it has), so the burst takes the fewest calls there can be:
+    its chunks over the group, or its longest prompt, whichever is more.
+    Decode meanwhile returns only when a group's worth of slots is free
+    (`min_free`), not at every finished sequence.
     """
 
     def __init__(self, chunks: Sequence[int], *, num_slots: int, group_size: int):
@@ -98,7 +99,6 @@ class SlotScheduler:
         )
         self.owner: list[int | None] = [None] * num_slots
         self.next_chunk: dict[int, int] = {}  # slot -> its row's next chunk
-        self._bursting = False
 
     @property
     def free_slots(self) -> list[int]:
@@ -120,27 +120,26 @@ class SlotScheduler:
             free >= self._wanted() or (free and not decoding)
         )
 
+    def _chunks_left(self, slot: int) -> int:
+        return self.chunks[self.owner[slot]] - self.next_chunk[slot]
+
     def next_call(self) -> list[tuple[int, int, int]] | None:
         """[(row, slot, chunk index), ...] to prefill now, or None to decode
         first. A row's last chunk starts its sequence."""
-        self._bursting = self._bursting or self._starts_burst()
-        call = [(self.owner[slot], slot, k) for slot, k in self.next_chunk.items()]
-        if self._bursting:
-            for slot in self.free_slots[: self.group_size - len(call)]:
-                if not self.waiting:
-                    break
-                row = self.waiting.popleft()
-                self.owner[slot] = row
-                call.append((row, slot, 0))
-        if not call:
-            self._bursting = False
-            return None
-        for row, slot, k in call:
+        if not self.next_chunk and self._starts_burst():
+            for slot in self.free_slots[: len(self.waiting)]:
+                self.owner[slot] = self.waiting.popleft()
+                self.next_chunk[slot] = 0
+        slots = sorted(self.next_chunk, key=lambda s: (-self._chunks_left(s), s))
+        call = []
+        for slot in slots[: self.group_size]:
+            row, k = self.owner[slot], self.next_chunk[slot]
+            call.append((row, slot, k))
             if k + 1 < self.chunks[row]:
                 self.next_chunk[slot] = k + 1
             else:
-                self.next_chunk.pop(slot, None)
-        return call
+                del self.next_chunk[slot]
+        return call or None
 
     def min_free(self) -> int:
         """Free slots at which decode should hand back to the host."""

@@ -381,26 +381,38 @@ def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
 
 def test_prompts_are_prefilled_in_whole_chunks(sampler):
     """A prompt takes as many prefill calls as it has chunks, each call one
-    fixed-shape program, and a call's places that short prompts leave are
-    taken by waiting ones: one 3-chunk prompt and 2(G - 1) one-chunk ones
-    take 3 calls of G rows, where whole groups would take 4."""
+    fixed-shape program of G rows, and a burst takes as few calls as its
+    chunks allow: G + 1 two-chunk prompts take 3 calls, where running each
+    row's chunks in successive calls takes 4 (G rows, then the last one)."""
     chunk, group = sampler.prefill_chunk, sampler.prefill_group
-    chunks = [num_chunks(n, chunk) for n in (1, chunk, chunk + 1, 3 * chunk)]
-    assert chunks == [1, 1, 2, 3]
-    lengths = [3 * chunk] + [chunk - 1, 2] * (group - 1)
+    assert [num_chunks(n, chunk) for n in (1, chunk, chunk + 1)] == [1, 1, 2]
     before = sampler.prefilled_tokens
-    sampler.generate([[2] * n for n in lengths], GREEDY, batch_size=2 * group)
+    prompts = [[2] * (chunk + 1 + i) for i in range(group + 1)]
+    assert {num_chunks(len(p), chunk) for p in prompts} == {2}
+    out = sampler.generate(prompts, GREEDY, batch_size=group + 1)
     assert sampler.prefilled_tokens - before == 3 * group * chunk
+    # The same greedy tokens as each prompt alone.
+    for prompt, completion in zip(prompts, out):
+        assert completion.tokens == sampler.generate([prompt], GREEDY)[0].tokens
+
+
+def test_a_burst_runs_the_rows_with_most_chunks_left():
+    """Each call of a burst runs the rows with the most chunks left, so three
+    two-chunk rows share calls of two: 3 calls, not 4."""
+    schedule = SlotScheduler([2, 2, 2], num_slots=3, group_size=2)
+    assert schedule.next_call() == [(0, 0, 0), (1, 1, 0)]
+    assert schedule.next_call() == [(2, 2, 0), (0, 0, 1)]  # 2 has most left
+    assert schedule.next_call() == [(1, 1, 1), (2, 2, 1)]
+    assert schedule.next_call() is None
 
 
 def test_the_scheduler_keeps_prefill_calls_full():
-    """Rows wait longest first; a call carries on the rows mid-prompt and
-    starts waiting rows in the places left; a burst of calls fills every
-    free slot; decode returns for a whole group."""
+    """Rows wait longest first; a burst gives every free slot a row and runs
+    the rows with the most chunks left; decode returns for a whole group."""
     schedule = SlotScheduler([1, 3, 1, 1, 2, 1], num_slots=4, group_size=2)
     assert schedule.next_call() == [(1, 0, 0), (4, 1, 0)]  # the most chunks first
     assert schedule.next_call() == [(1, 0, 1), (4, 1, 1)]
-    assert schedule.next_call() == [(1, 0, 2), (0, 2, 0)]  # 4 is done: 0 starts
+    assert schedule.next_call() == [(1, 0, 2), (0, 2, 0)]
     assert schedule.next_call() == [(2, 3, 0)]  # a burst fills every free slot
     assert schedule.next_call() is None  # no slot free
     assert schedule.min_free() == 2  # two rows wait
@@ -416,9 +428,10 @@ def test_the_scheduler_keeps_prefill_calls_full():
 def test_the_scheduler_prefills_every_row_whole_before_decode(seed):
     """Under random prompts, groups, slots and finishing orders: a call
     holds each slot once and at most a group; a row's chunks run 0, 1, ...
-    in successive calls of one burst into the slot it was given; decode
-    never runs while a row is mid-prompt; every row is prefilled once and
-    the schedule ends."""
+    in calls of one burst into the slot it was given; a burst takes the
+    fewest calls its chunks allow (its chunks over the group, or its longest
+    prompt); decode never runs while a row is mid-prompt; every row is
+    prefilled once and the schedule ends."""
     rng = np.random.default_rng(seed)
     chunks = rng.integers(1, 7, size=int(rng.integers(1, 41))).tolist()
     group = int(rng.integers(1, 9))
@@ -428,13 +441,19 @@ def test_the_scheduler_prefills_every_row_whole_before_decode(seed):
     for _ in range(10_000):
         if schedule.idle:
             break
+        burst = collections.Counter()  # row -> its chunks run in this burst
+        calls = 0
         while (call := schedule.next_call()) is not None:
+            calls += 1
+            burst.update(row for row, _, _ in call)
             assert 0 < len(call) <= group
             assert len({slot for _, slot, _ in call}) == len(call)
             for row, slot, k in call:
                 assert schedule.owner[slot] == row
                 assert progress.get(row, (slot, 0)) == (slot, k)
                 progress[row] = (slot, k + 1)
+        if calls:
+            assert calls == max(-(-sum(burst.values()) // group), max(burst.values()))
         mid_prompt = [r for r, (_, n) in progress.items() if n < chunks[r]]
         assert not mid_prompt and not schedule.next_chunk
         decoding = [s for s, r in enumerate(schedule.owner) if r is not None]
