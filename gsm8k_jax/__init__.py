@@ -39,7 +39,7 @@ _EXPORTS = {
     "LoraConfig": "gsm8k_jax.checkpoints.lora_config",
     "RunFiles": "gsm8k_jax.eval.results",
     "Sampler": "gsm8k_jax.sampling.sampler",
-    "SamplingParams": "gsm8k_jax.sampling.sampler",
+    "SamplingParams": "gsm8k_jax.sampling.params",
     "compare_runs": "gsm8k_jax.eval.comparison",
     "evaluate": "gsm8k_jax.eval.runner",
     "evaluate_checkpoints": "gsm8k_jax.eval.sweep",

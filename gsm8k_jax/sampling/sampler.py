@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 import jax
 import numpy as np
@@ -38,9 +37,9 @@ from gsm8k_jax.sampling.batching import (
     num_chunks,
     round_up,
 )
-from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
+from gsm8k_jax.sampling.decode import DecodeState, decode, prefill
+from gsm8k_jax.sampling.params import Completion, SamplingParams, decode_settings
 
-MAX_EOS_IDS = 8
 # Every rounding to bfloat16 that the program asks for happens: otherwise XLA
 # may keep a fused intermediate in float32, and whether it fuses depends on
 # shapes and surroundings, so the same row could round differently.
@@ -48,55 +47,6 @@ COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 # Programs compiled at once by `Sampler.compile` (a run has one prefill and
 # one decode).
 COMPILE_THREADS = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to generate. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
-
-    max_generation_steps: int = 768
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_samples: int = 1
-    seed: int = 0
-    eos_ids: tuple[int, ...] = (1, 106)
-
-    def __post_init__(self):
-        if self.max_generation_steps < 1:
-            raise ValueError(
-                f"max_generation_steps must be >= 1, got {self.max_generation_steps}."
-            )
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
-        if not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed must be in [0, 2**31), got {self.seed}.")
-        if not isinstance(self.eos_ids, (tuple, list)):
-            raise TypeError(
-                f"eos_ids is a tuple of token ids, e.g. ({self.eos_ids},), got"
-                f" {self.eos_ids!r}."
-            )
-        if not 1 <= len(self.eos_ids) <= MAX_EOS_IDS:
-            raise ValueError(f"Give 1 to {MAX_EOS_IDS} eos ids, got {self.eos_ids}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """One generated sequence."""
-
-    example_id: int
-    sample_index: int
-    text: str  # decoded tokens before the eos, special tokens removed
-    tokens: list[int]  # generated ids, including the final eos if any
-    num_tokens: int
-    finish_reason: Literal["eos", "length"]
-    logprob: float  # sum of log-probs of the chosen tokens under the model
 
 
 class Sampler:
@@ -276,7 +226,7 @@ class Sampler:
         state, schedule = self._empty_run(
             [len(ids) for ids in encoded], params, batch_size, max_prompt_len
         )
-        settings = _settings(params)
+        settings = decode_settings(params)
         weights = self._program_weights()
         steps_counted = (0, 0)  # this call's (decode_steps, tile_steps)
         clock = _PhaseClock(self.phase_seconds)
@@ -377,7 +327,7 @@ class Sampler:
             lowered = self._prefill.lower(weights, *args, pad_id=self.pad_id)
             compiling = [pool.submit(lowered.compile)]
             lowered = self._decode.lower(
-                weights, state, _settings(params), np.int32(0), pad_id=self.pad_id
+                weights, state, decode_settings(params), np.int32(0), pad_id=self.pad_id
             )
             compiling.append(pool.submit(lowered.compile))
             for program in compiling:
@@ -533,16 +483,3 @@ class _PhaseClock:
     def start(self) -> None:
         """Starts a timed phase; the time since the last one was host time."""
         self.stop("host")
-
-
-def _settings(params: SamplingParams) -> DecodeSettings:
-    """The decode settings as host arrays: a jitted call transfers them,
-    where building them with jnp would compile a small program for each."""
-    eos = np.full((MAX_EOS_IDS,), -1, np.int32)
-    eos[: len(params.eos_ids)] = params.eos_ids
-    return DecodeSettings(
-        eos_ids=eos,
-        temperature=np.float32(params.temperature),
-        top_k=np.int32(params.top_k),
-        top_p=np.float32(params.top_p),
-    )
