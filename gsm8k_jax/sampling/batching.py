@@ -110,7 +110,8 @@ class SlotScheduler:
         return not self.waiting and all(row is None for row in self.owner)
 
     def _wanted(self) -> int:
-        """Rows a burst starts with: as many as wait, up to a whole group."""
+        """Free slots a burst waits for (while others decode): as many as
+        rows wait, up to a whole group. The burst then takes every free slot."""
         return min(len(self.waiting), self.group_size)
 
     def _starts_burst(self) -> bool:

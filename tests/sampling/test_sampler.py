@@ -387,7 +387,10 @@ def test_prompts_are_prefilled_in_whole_chunks(sampler):
     chunk, group = sampler.prefill_chunk, sampler.prefill_group
     assert [num_chunks(n, chunk) for n in (1, chunk, chunk + 1)] == [1, 1, 2]
     before = sampler.prefilled_tokens
-    prompts = [[2] * (chunk + 1 + i) for i in range(group + 1)]
+    # Varied tokens: a chunk run against the wrong cache changes the answer.
+    prompts = [
+        [3 + (i + j) % 7 for j in range(chunk + 1 + i)] for i in range(group + 1)
+    ]
     assert {num_chunks(len(p), chunk) for p in prompts} == {2}
     out = sampler.generate(prompts, GREEDY, batch_size=group + 1)
     assert sampler.prefilled_tokens - before == 3 * group * chunk
