@@ -230,8 +230,9 @@ class Sampler:
         weights = self._program_weights()
         steps_counted = (0, 0)  # this call's (decode_steps, tile_steps)
         clock = _PhaseClock(self.phase_seconds)
-        new_row = functools.partial(
-            self._prefill_row, encoded, rows, example_ids, limits
+        # Each row is padded once, at its first chunk, not at every call.
+        new_row = functools.cache(
+            functools.partial(self._prefill_row, encoded, rows, example_ids, limits)
         )
         finished: list[_Finished] = []
         while True:
