@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -61,6 +60,10 @@ from gsm8k_jax.storage import is_gcs, require_reachable, require_writable
 FLAGS = flags.FLAGS
 # jax.distributed.initialize's own default.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100
+# How long processes wait for each other to load the model and data: loading
+# a large model from gs:// can take tens of minutes, and not on every process
+# alike.
+BARRIER_TIMEOUT_S = 3600
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -479,6 +482,15 @@ def start_jax() -> None:
         )
 
 
+def wait_for_all_processes(name: str) -> None:
+    """A barrier of the jax.distributed coordination service, not a device
+    collective (`sync_global_devices`): a process stopped or killed just
+    after passing a collective can leave the others inside it for ever."""
+    from orbax.checkpoint import multihost  # Only multi-host runs import Orbax.
+
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=BARRIER_TIMEOUT_S * 1000)
+
+
 def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     """Runs one evaluation from the parsed flags; returns the summary (None
     on the processes other than 0 of a multi-host run)."""
@@ -569,7 +581,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     if process == 0:
         files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if num_processes > 1:  # No process commits before process 0 prepared.
-        multihost_utils.sync_global_devices(f"gsm8k_jax prepared {tag}")
+        wait_for_all_processes(f"gsm8k_jax prepared {tag}")
     print(
         f"Results: {files.rollouts_path} once the run finishes (finished problems"
         " are committed as they finish).",

@@ -36,16 +36,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_device_env() -> dict[str, str]:
+    """This environment, with two CPU devices per process."""
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
 def start_two_processes(
-    out_dir, heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S, args=tuple(ARGS)
+    out_dir, heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S, args=tuple(ARGS), piped=()
 ):
     """The two processes of one run of `args` into `out_dir`, each with its
-    stdout in a temporary file: [(process, stdout file)]."""
+    stdout in a temporary file, or a pipe for the indices in `piped`:
+    [(process, stdout file or None)]."""
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     started = []
     for i in range(2):
-        stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read while it runs)
+        if i in piped:
+            stdout = subprocess.PIPE
+        else:  # Read while it runs: no context manager.
+            stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115
         command = [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={out_dir}"]
         command += ["--distributed", f"--coordinator_address={address}"]
         command += ["--num_processes=2", f"--process_id={i}"]
@@ -54,9 +62,14 @@ def start_two_processes(
         # 100 s (a loaded machine).
         command += [f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
         proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True
+            command,
+            cwd=REPO,
+            env=two_device_env(),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        started.append((proc, stdout))
+        started.append((proc, None if i in piped else stdout))
     return started
 
 
@@ -94,6 +107,51 @@ def wait_until(condition, what, timeout_s=300, processes=()):
         time.sleep(0.02)
 
 
+BARRIER_PROGRAM = """
+import os, signal, sys
+import jax
+from gsm8k_jax.eval.cli import wait_for_all_processes
+process_id, address = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(address, num_processes=2, process_id=process_id)
+wait_for_all_processes("test barrier")
+if process_id == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)
+# A computation on every local device, as generation's first is.
+local = jax.sharding.Mesh(jax.local_devices(), ("data",))
+sharding = jax.sharding.NamedSharding(local, jax.sharding.PartitionSpec("data"))
+jax.block_until_ready(jax.device_put(jax.numpy.arange(2), sharding) + 1)
+# Done: exit without jax.distributed's shutdown barrier, which waits for the
+# held process.
+os._exit(0)
+"""
+
+
+def test_a_process_held_just_past_the_barrier_holds_no_other():
+    """The barrier before generation: process 1 stops itself (SIGSTOP) the
+    moment it is past; process 0 must get past and compute. After a device
+    collective (`sync_global_devices`) it could wait for ever: that returns
+    once one local device has the result, and the next computation waits
+    for the others, which can still be waiting for the held process."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BARRIER_PROGRAM, str(i), address],
+            cwd=REPO,
+            env=two_device_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode == 0, err[-3000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """The files and stdout of an uninterrupted two-process run, local."""
@@ -121,15 +179,19 @@ def test_two_processes_merge_into_the_single_process_files(tmp_path, two_process
 
 
 def test_two_processes_on_gcs_killed_and_resumed(gcs_bucket, two_process_run):
-    """Process 1 is held (SIGSTOP) once it is ready to generate, so the kill
-    -9 of both lands when only process 0's share is committed; the rerun
-    writes the uninterrupted run's files, byte for byte."""
+    """Process 1 is held (SIGSTOP) the moment it is past the barrier that
+    starts generation, so the kill -9 of both lands when only process 0's
+    share is committed; the rerun writes the uninterrupted run's files, byte
+    for byte. (Held there, process 1 once left process 0 waiting inside the
+    barrier's device collective.)"""
     out = f"{gcs_bucket}/multihost"
-    (proc0, _), (proc1, stdout1) = start_two_processes(out)
+    (proc0, _), (proc1, _) = start_two_processes(out, piped=(1,))
     procs = (proc0, proc1)
-    started = lambda: "Results: " in output(stdout1)
-    wait_until(started, "process 1 to start", processes=procs)
+    for line in proc1.stdout:
+        if line.startswith("Results: "):
+            break
     proc1.send_signal(signal.SIGSTOP)
+    assert proc1.poll() is None, proc1.stderr.read()[-3000:]
     wait_until(lambda: committed(out, TAG) >= 5, "process 0's share", processes=procs)
     for proc in (proc0, proc1):
         proc.kill()
