@@ -162,8 +162,9 @@ class Sampler:
 
         example_ids identify prompts for their random keys (default 0..n-1).
         batch_size is the number of slots decoded in parallel (default: all
-        prompts x samples at once), rounded up to whole row tiles. max_tokens caps each prompt's completions
-        below `params.max_generation_steps` (like lm-evaluation-harness'
+        prompts x samples at once), rounded up to whole row tiles.
+        max_tokens caps each prompt's completions below
+        `params.max_generation_steps` (like lm-evaluation-harness'
         per-request max_gen_toks).
         """
         stream = self.generate_stream(
