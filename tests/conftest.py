@@ -21,6 +21,18 @@ from gcs_emulator import running_gcs_emulator
 GCS_TEST_BUCKET = "gsm8k-jax-test"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def package_cache(tmp_path_factory) -> Iterator[str]:
+    """The package's cache folder ($GSM8K_JAX_CACHE: compiled programs,
+    gs:// downloads) is this session's own (each xdist worker's): a run that
+    a test kills mid-write, or another session, cannot leave entries that a
+    later run reads (JAX writes its cache entries in place)."""
+    path = str(tmp_path_factory.mktemp("gsm8k_jax_cache"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GSM8K_JAX_CACHE", path)
+        yield path
+
+
 @pytest.fixture(scope="session")
 def gcs_bucket() -> Iterator[str]:
     """`gs://<bucket>` served by an in-process GCS emulator for the session.

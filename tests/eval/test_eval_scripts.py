@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from ctrl_c import WITH_DEFAULT_CTRL_C
 from gcs_emulator import gcs_filesystem
 from hf_models import make_tiny_hf_model
 
@@ -183,17 +184,6 @@ def committed(out_dir, tag) -> int:
 
 # How long the child runs between two checks of what it has committed.
 RUN_SLICE_S = 0.02
-# Runs the command after it with Ctrl-C at its default, as from a terminal:
-# a test run started as a background job of a script ignores SIGINT, and a
-# child inherits that (the default disposition survives exec, and Python
-# then installs its KeyboardInterrupt handler). A wrapper rather than
-# Popen's preexec_fn, which is unsafe while other threads run.
-WITH_DEFAULT_CTRL_C = [
-    sys.executable,
-    "-c",
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
-    " os.execv(sys.argv[1], sys.argv[1:])",
-]
 
 
 def interrupt_after(command, out_dir, tag, lines, *, sig, timeout_s=300):
@@ -457,7 +447,9 @@ def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_pat
     shutil.copytree(finished_run[0], out)
     run_script(*QUICK, "--seed=5", "--top_k=3", "--top_p=0.5", f"--output_dir={out}")
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == finished_run[1]
-    refused = run_script(*QUICK, "--temperature=0.5", f"--output_dir={out}", check=False)
+    refused = run_script(
+        *QUICK, "--temperature=0.5", f"--output_dir={out}", check=False
+    )
     assert refused.returncode == 1 and "eval.sampling.temperature" in refused.stderr
 
 

@@ -215,8 +215,16 @@ def test_a_silent_process_makes_the_others_abort_and_chunks_stay(tmp_path):
     --heartbeat_timeout_s process 0 aborts instead of waiting for its share
     for ever, and what was committed stays for --resume."""
     timeout_s = 10
-    # Shares of 32 problems of 64 tokens: far from done at the first commit.
-    args = ["--num_examples=64", "--batch_size=2", "--max_generation_steps=64"]
+    # Shares of 32 problems of 64 tokens, decoded two at a time (one tile of
+    # two slots): far from done at the first commit. (At the default CPU
+    # tile of 32 slots a share is committed whole, and a process stopped
+    # after its first commit may have written all it had to.)
+    args = [
+        "--num_examples=64",
+        "--batch_size=2",
+        "--row_tile=2",
+        "--max_generation_steps=64",
+    ]
     (p0, out0), (p1, out1) = start_two_processes(tmp_path, timeout_s, args)
     try:
         wait_until(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from ctrl_c import WITH_DEFAULT_CTRL_C
 from flax import nnx
 from hf_models import make_tiny_hf_model
 from safetensors.numpy import load_file
@@ -447,18 +448,26 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
     step and says so; rerunning resumes there."""
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        train_script(small_train_set, run, "--num_steps=100000"),
+        [
+            *WITH_DEFAULT_CTRL_C,
+            *train_script(small_train_set, run, "--num_steps=100000"),
+        ],
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
     )
-    # tqdm's bar ("sft: ... 3/100000") shows the steps done.
-    stderr, deadline = "", time.monotonic() + 120
-    while not re.search(r"[1-9]\d*/100000", stderr) and time.monotonic() < deadline:
-        assert proc.poll() is None, stderr + proc.stderr.read()
-        stderr += os.read(proc.stderr.fileno(), 4096).decode()
-    proc.send_signal(signal.SIGINT)
-    stderr += proc.communicate(timeout=120)[1]
+    try:
+        # tqdm's bar ("sft: ... 3/100000") shows the steps done.
+        stderr, deadline = "", time.monotonic() + 300
+        while not re.search(r"[1-9]\d*/100000", stderr):
+            assert proc.poll() is None, stderr + proc.stderr.read()
+            assert time.monotonic() < deadline, f"no step trained: {stderr}"
+            stderr += os.read(proc.stderr.fileno(), 4096).decode()
+        proc.send_signal(signal.SIGINT)
+        stderr += proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, stderr
     match = re.search(r"Interrupted: saved step (\d+) in (\S+); rerun", stderr)
     assert match, stderr
