@@ -371,9 +371,16 @@ def _make_http_server(storage) -> http_server.ThreadingHTTPServer:
 
     class _Handler(emu_server.RequestHandler):
         def _route(self, method):
+            """Handles a request under the lock, then sends the response
+            after it: a client stopped mid-download stalls only itself."""
             self._read_body()
-            with lock:  # the emulator's Storage is not thread-safe
-                emu_server.Router(self).handle(method)
+            client, self.wfile = self.wfile, io.BytesIO()
+            try:
+                with lock:  # the emulator's Storage is not thread-safe
+                    emu_server.Router(self).handle(method)
+            finally:
+                response, self.wfile = self.wfile.getvalue(), client
+            self.wfile.write(response)
 
         def _read_body(self):
             """Reads the whole request body before the lock is taken: a client
