@@ -110,6 +110,35 @@ def test_a_client_stopped_mid_upload_stalls_no_other(gcs_bucket):
     assert gcs_filesystem().cat_file(f"{gcs_bucket}/stall/other") == b"ok"
 
 
+def test_a_client_stopped_mid_download_stalls_no_other(gcs_bucket):
+    """A process stopped while it downloads more than the sockets buffer
+    must not hold the emulator's lock either: its response is sent after
+    the lock is released."""
+    large = b"x" * (32 << 20)
+    gcs_filesystem().pipe(f"{gcs_bucket}/stall/large", large)
+    host, port = os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)
+    bucket = gcs_bucket.removeprefix("gs://")
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((host.removeprefix("http://"), int(port)))
+        stalled.sendall(
+            f"GET /storage/v1/b/{bucket}/o/stall%2Flarge?alt=media HTTP/1.1\r\n"
+            "Host: x\r\n\r\n".encode()
+        )
+        time.sleep(0.5)  # Its handler has read the request; nothing reads back.
+        result = []
+        other = threading.Thread(
+            target=lambda: result.append(
+                gcs_filesystem().pipe(f"{gcs_bucket}/stall/after_download", b"ok")
+            ),
+            daemon=True,
+        )
+        other.start()
+        other.join(10)
+        assert result, "another client's upload waited for the stopped download"
+    assert gcs_filesystem().cat_file(f"{gcs_bucket}/stall/after_download") == b"ok"
+
+
 def test_ranged_listing_honours_offsets(gcs_bucket):
     fs = gcs_filesystem()
     bucket = _bucket_name(gcs_bucket)
