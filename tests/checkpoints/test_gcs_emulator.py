@@ -86,27 +86,36 @@ def test_uploads_keep_every_byte(gcs_bucket, tmp_path, ending):
         assert fs.cat_file(f"{gcs_bucket}/bytes/{name}") == data, name
 
 
+def _emulator_address() -> tuple[str, int]:
+    host, port = os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)
+    return host.removeprefix("http://"), int(port)
+
+
+def _another_client_writes(path: str) -> bool:
+    """Whether another client writes `path` within 10 s (meanwhile a
+    stalled one holds its connection open)."""
+    result = []
+    other = threading.Thread(
+        target=lambda: result.append(gcs_filesystem().pipe(path, b"ok")),
+        daemon=True,
+    )
+    other.start()
+    other.join(10)
+    return bool(result)
+
+
 def test_a_client_stopped_mid_upload_stalls_no_other(gcs_bucket):
     """A process stopped while it uploads (the multi-host test's SIGSTOP)
     must not hold the emulator's lock: others read and write meanwhile."""
-    host, port = os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)
     bucket = gcs_bucket.removeprefix("gs://")
-    with socket.create_connection((host.removeprefix("http://"), int(port))) as stalled:
+    with socket.create_connection(_emulator_address()) as stalled:
         stalled.sendall(
             f"POST /upload/storage/v1/b/{bucket}/o?uploadType=media&name=stalled"
             " HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789".encode()
         )
         time.sleep(0.2)  # Its handler is now waiting for the other 90 bytes.
-        result = []
-        other = threading.Thread(
-            target=lambda: result.append(
-                gcs_filesystem().pipe(f"{gcs_bucket}/stall/other", b"ok")
-            ),
-            daemon=True,
-        )
-        other.start()
-        other.join(10)
-        assert result, "another client's upload waited for the stopped one"
+        other = f"{gcs_bucket}/stall/other"
+        assert _another_client_writes(other), "it waited for the stopped upload"
     assert gcs_filesystem().cat_file(f"{gcs_bucket}/stall/other") == b"ok"
 
 
@@ -114,28 +123,18 @@ def test_a_client_stopped_mid_download_stalls_no_other(gcs_bucket):
     """A process stopped while it downloads more than the sockets buffer
     must not hold the emulator's lock either: its response is sent after
     the lock is released."""
-    large = b"x" * (32 << 20)
-    gcs_filesystem().pipe(f"{gcs_bucket}/stall/large", large)
-    host, port = os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)
+    gcs_filesystem().pipe(f"{gcs_bucket}/stall/large", b"x" * (32 << 20))
     bucket = gcs_bucket.removeprefix("gs://")
     with socket.socket() as stalled:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.connect((host.removeprefix("http://"), int(port)))
+        stalled.connect(_emulator_address())
         stalled.sendall(
             f"GET /storage/v1/b/{bucket}/o/stall%2Flarge?alt=media HTTP/1.1\r\n"
             "Host: x\r\n\r\n".encode()
         )
         time.sleep(0.5)  # Its handler has read the request; nothing reads back.
-        result = []
-        other = threading.Thread(
-            target=lambda: result.append(
-                gcs_filesystem().pipe(f"{gcs_bucket}/stall/after_download", b"ok")
-            ),
-            daemon=True,
-        )
-        other.start()
-        other.join(10)
-        assert result, "another client's upload waited for the stopped download"
+        other = f"{gcs_bucket}/stall/after_download"
+        assert _another_client_writes(other), "it waited for the stopped download"
     assert gcs_filesystem().cat_file(f"{gcs_bucket}/stall/after_download") == b"ok"
 
 
