@@ -35,6 +35,7 @@ from gsm8k_jax.compilation_cache import (
     default_compilation_cache_dir,
     enable_compilation_cache,
 )
+from gsm8k_jax.eval import multihost
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
@@ -58,12 +59,6 @@ from gsm8k_jax.stop_signals import Terminated, stop_on_signals
 from gsm8k_jax.storage import is_gcs, require_reachable, require_writable
 
 FLAGS = flags.FLAGS
-# jax.distributed.initialize's own default.
-DEFAULT_HEARTBEAT_TIMEOUT_S = 100
-# How long processes wait for each other to load the model and data: loading
-# a large model from gs:// can take tens of minutes, and not on every process
-# alike.
-BARRIER_TIMEOUT_S = 3600
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -204,9 +199,16 @@ def define_flags(default_model_config: str | Path) -> None:
     flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
     flags.DEFINE_integer(
         "heartbeat_timeout_s",
-        DEFAULT_HEARTBEAT_TIMEOUT_S,
+        multihost.DEFAULT_HEARTBEAT_TIMEOUT_S,
         "jax.distributed: a process that sends no heartbeat for this many"
         " seconds counts as dead, and the others abort.",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer(
+        "barrier_timeout_s",
+        multihost.DEFAULT_BARRIER_TIMEOUT_S,
+        "Multi-host: how long processes wait for each other to load the model"
+        " and data before generating.",
         lower_bound=1,
     )
 
@@ -303,6 +305,14 @@ def _report(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def _stop(message: str, exit_status: int, reason: str | None = None) -> NoReturn:
+    """Reports `message`, tells the other processes of a multi-host run that
+    this one stops and why (`reason`, else `message`), and exits."""
+    _report(message)
+    multihost.post_stop(reason or message)
+    sys.exit(exit_status)
+
+
 def _what_survives(stop: BaseException, kept: str) -> str:
     """The account a stop exception carries, else `kept` and how to resume."""
     return str(stop) or f"{kept}; rerun the same command to resume"
@@ -317,7 +327,8 @@ def run_main(
     so is SIGTERM (a preemption notice), which stops the work the same way
     and exits 0. `main_fn` may raise the stop signal's exception again with
     its own account of what survives, e.g. `KeyboardInterrupt("saved step
-    4")`, which then replaces that sentence."""
+    4")`, which then replaces that sentence. In a multi-host run, a process
+    that stops so tells the others, which stop too (`multihost`)."""
     _list_in_help()
     # At exit, spare the interpreter's last collection over every object
     # jax, flax and transformers made (about 0.5 s of each exit on CPU);
@@ -339,14 +350,18 @@ def run_main(
                     require_reachable(path)
                 main_fn(argv)
         except USER_ERRORS as e:
-            _report(f"error: {e}")
-            sys.exit(1)
+            _stop(f"error: {e}", 1)
         except KeyboardInterrupt as stop:
-            _report(f"Interrupted: {_what_survives(stop, kept)}.")
-            sys.exit(INTERRUPTED_EXIT_STATUS)
+            survives = _what_survives(stop, kept)
+            _stop(f"Interrupted: {survives}.", INTERRUPTED_EXIT_STATUS, "Ctrl-C")
         except Terminated as stop:
-            _report(f"Stopped by SIGTERM: {_what_survives(stop, kept)}.")
-            sys.exit(0)
+            survives = _what_survives(stop, kept)
+            if heard := multihost.stop_heard():
+                _stop(f"error: {heard}; this process stopped too: {survives}.", 1)
+            _stop(f"Stopped by SIGTERM: {survives}.", 0, "SIGTERM")
+        except Exception as e:  # A bug: its traceback follows.
+            multihost.post_stop(f"{type(e).__name__}: {e}")
+            raise
 
     app.run(_main, flags_parser=parse_flags)
 
@@ -474,21 +489,12 @@ def start_jax() -> None:
         )
     enable_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.distributed:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
+        multihost.initialize(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
         )
-
-
-def wait_for_all_processes(name: str) -> None:
-    """A barrier of the jax.distributed coordination service, not a device
-    collective (`sync_global_devices`): a process stopped or killed just
-    after passing a collective can leave the others inside it for ever."""
-    from orbax.checkpoint import multihost  # Only multi-host runs import Orbax.
-
-    multihost.get_barrier_sync_fn()(key=name, timeout_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
@@ -581,7 +587,9 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     if process == 0:
         files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if num_processes > 1:  # No process commits before process 0 prepared.
-        wait_for_all_processes(f"gsm8k_jax prepared {tag}")
+        multihost.wait_for_all_processes(
+            "the start of generation", FLAGS.barrier_timeout_s
+        )
     print(
         f"Results: {files.rollouts_path} once the run finishes (finished problems"
         " are committed as they finish).",

@@ -43,11 +43,15 @@ def two_device_env() -> dict[str, str]:
 
 
 def start_two_processes(
-    out_dir, heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S, args=tuple(ARGS), piped=()
+    out_dir,
+    heartbeat_timeout_s=HELD_PROCESS_TIMEOUT_S,
+    args=tuple(ARGS),
+    piped=(),
+    args_of=None,
 ):
-    """The two processes of one run of `args` into `out_dir`, each with its
-    stdout in a temporary file, or a pipe for the indices in `piped`:
-    [(process, stdout file or None)]."""
+    """The two processes of one run of `args` (and `args_of[i]` for process
+    i) into `out_dir`, each with its stdout in a temporary file, or a pipe
+    for the indices in `piped`: [(process, stdout file or None)]."""
     address = f"127.0.0.1:{free_port()}"
     started = []
     for i in range(2):
@@ -56,6 +60,7 @@ def start_two_processes(
         else:  # Read while it runs: no context manager.
             stdout = tempfile.TemporaryFile("w+")  # noqa: SIM115
         command = [sys.executable, str(BASE_SCRIPT), *args, f"--output_dir={out_dir}"]
+        command += (args_of or {}).get(i, [])
         command += ["--distributed", f"--coordinator_address={address}"]
         command += ["--num_processes=2", f"--process_id={i}"]
         # Held with SIGSTOP, a process sends no heartbeat: without a long
@@ -108,16 +113,17 @@ def wait_until(condition, what, timeout_s=300, processes=()):
         time.sleep(0.02)
 
 
-def stop_at_line(proc, prefix, processes):
-    """Holds `proc` (SIGSTOP; its stdout a pipe) the moment it prints a line
-    starting with `prefix`, from a thread that then reads its stdout to the
-    end; fails as `wait_until` does. Returns that thread."""
+def stop_at_line(proc, prefix, processes, signum=signal.SIGSTOP):
+    """Holds `proc` (SIGSTOP, or sends it `signum`; its stdout a pipe) the
+    moment it prints a line starting with `prefix`, from a thread that then
+    reads its stdout to the end; fails as `wait_until` does. Returns that
+    thread."""
     stopped = threading.Event()
 
     def read():
         for line in proc.stdout:
             if not stopped.is_set() and line.startswith(prefix):
-                proc.send_signal(signal.SIGSTOP)
+                proc.send_signal(signum)
                 stopped.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -126,13 +132,44 @@ def stop_at_line(proc, prefix, processes):
     return reader
 
 
+class PipedRun:
+    """Both processes of a run into `out_dir`, process 1's stdout a pipe
+    (for `signal_at_line`); on leaving the context both are killed, and
+    their output closed."""
+
+    def __init__(self, out_dir):
+        (proc0, self.out0), (proc1, _) = start_two_processes(out_dir, piped=(1,))
+        self.procs = (proc0, proc1)
+        self.reader = None
+
+    def signal_at_line(self, prefix, signum):
+        """Sends process 1 `signum` the moment it prints a line starting
+        with `prefix` (see `stop_at_line`)."""
+        self.reader = stop_at_line(self.procs[1], prefix, self.procs, signum)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        proc0, proc1 = self.procs
+        for proc in self.procs:
+            proc.kill()
+        proc0.communicate()
+        proc1.wait()
+        if self.reader is not None:
+            self.reader.join()  # It ends with the killed process's output.
+        proc1.stderr.close()
+        self.out0.close()
+
+
 BARRIER_PROGRAM = """
 import os, signal, sys
 import jax
-from gsm8k_jax.eval.cli import wait_for_all_processes
+from gsm8k_jax.eval.multihost import wait_for_all_processes
 process_id, address = int(sys.argv[1]), sys.argv[2]
 jax.distributed.initialize(address, num_processes=2, process_id=process_id)
-wait_for_all_processes("test barrier")
+jax.devices()  # The backend, started before the barrier as the model's load starts it.
+wait_for_all_processes("test barrier", timeout_s=600)
 if process_id == 1:
     os.kill(os.getpid(), signal.SIGSTOP)
 # A computation on every local device, as generation's first is.
@@ -153,24 +190,117 @@ def test_a_process_held_just_past_the_barrier_holds_no_other():
     for the others, which can still be waiting for the held process. (The
     old barrier hung in 2 of 3 runs of this test once and in none of 3
     later: it catches that hang some of the time, and never fails wrongly.)"""
+    run_program(BARRIER_PROGRAM)
+
+
+def run_program(program: str) -> str:
+    """`program` as processes 0 and 1 of a jax.distributed run (argv: the
+    process id, the coordinator's address), two CPU devices each, until
+    process 0 exits (with status 0); returns its stdout. Process 1 is killed."""
     address = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", BARRIER_PROGRAM, str(i), address],
+            [sys.executable, "-c", program, str(i), address],
             cwd=REPO,
             env=two_device_env(),
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
     try:
-        _, err = procs[0].communicate(timeout=120)
+        out, err = procs[0].communicate(timeout=120)
         assert procs[0].returncode == 0, err[-3000:]
     finally:
         for proc in procs:
             proc.kill()
             proc.communicate()
+    return out
+
+
+LATE_PROCESS_PROGRAM = """
+import os, sys, time
+import jax
+from gsm8k_jax.eval.multihost import wait_for_all_processes
+process_id, address = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(address, num_processes=2, process_id=process_id)
+if process_id == 1:
+    time.sleep(600)  # Still loading.
+try:
+    wait_for_all_processes("the start of generation", timeout_s=2)
+except RuntimeError as e:
+    print(e)
+os._exit(0)  # Without jax.distributed's shutdown barrier.
+"""
+
+
+def test_a_process_that_never_arrives_is_named_at_the_barrier_timeout():
+    out = run_program(LATE_PROCESS_PROGRAM)
+    assert out.startswith(
+        "Process(es) [1] did not reach 'the start of generation' within"
+        " --barrier_timeout_s=2 s"
+    ), out
+
+
+def test_an_error_on_one_process_stops_the_other_at_once(tmp_path):
+    """Process 1 fails before the barrier that starts generation (its
+    --data_path is missing): process 0 stops too, naming process 1's error,
+    instead of waiting for it at the barrier for --barrier_timeout_s (an
+    hour) while process 1 waits for process 0 at exit (jax.distributed's
+    shutdown)."""
+    missing = tmp_path / "missing.jsonl"
+    started = start_two_processes(
+        tmp_path / "out", args_of={1: [f"--data_path={missing}"]}
+    )
+    errors = []
+    try:
+        for proc, _ in started:
+            _, err = proc.communicate(timeout=300)
+            errors.append(err.strip().splitlines()[-1])
+    finally:
+        for proc, stdout in started:
+            proc.kill()
+            proc.communicate()
+            stdout.close()
+    assert [proc.returncode for proc, _ in started] == [1, 1], errors
+    assert errors[1].startswith(f"error: GSM8K data file not found: {missing}.")
+    assert errors[0] == (
+        f"error: process 1 stopped ({errors[1]}); this process stopped too:"
+        " finished results are kept; rerun the same command to resume."
+    )
+
+
+def test_sigterm_on_one_process_stops_both_and_a_rerun_resumes(
+    tmp_path, two_process_run
+):
+    """SIGTERM (a preemption notice) to process 1 once it reaches generation:
+    it stops as a single process does (exit 0), and tells process 0, which
+    stops too (exit 1; jax.distributed's preemption service would have
+    taken the signal, and process 1 gone on); rerun, they write the
+    uninterrupted run's files."""
+    with PipedRun(tmp_path) as run:
+        proc0, proc1 = run.procs
+        run.signal_at_line("Results: ", signal.SIGTERM)
+        _, err0 = proc0.communicate(timeout=300)
+        err1 = proc1.stderr.read()
+        proc1.wait(timeout=300)
+    stopped = "finished results are kept; rerun the same command to resume."
+    assert (proc0.returncode, proc1.returncode) == (1, 0), err0[-3000:]
+    assert err1.strip().splitlines()[-1] == f"Stopped by SIGTERM: {stopped}"
+    assert err0.strip().splitlines()[-1] == (
+        f"error: process 1 stopped (SIGTERM); this process stopped too: {stopped}"
+    )
+    assert not (tmp_path / f"rollouts_{TAG}.jsonl").exists()
+
+    run_two_processes(tmp_path)
+    (expected_rollouts, expected_summary), _ = two_process_run
+    rollouts, summary = read_outputs(tmp_path, TAG)
+    assert rollouts == expected_rollouts
+    ignored = IGNORED | {"resumed_examples"}
+    assert {k: v for k, v in summary.items() if k not in ignored} == {
+        k: v for k, v in expected_summary.items() if k not in ignored
+    }
 
 
 @pytest.fixture(scope="module")
@@ -206,21 +336,10 @@ def test_two_processes_on_gcs_killed_and_resumed(gcs_bucket, two_process_run):
     for byte. (Held there, process 1 once left process 0 waiting inside the
     barrier's device collective.)"""
     out = f"{gcs_bucket}/multihost"
-    (proc0, _), (proc1, _) = start_two_processes(out, piped=(1,))
-    procs = (proc0, proc1)
-    reader = None
-    try:
-        reader = stop_at_line(proc1, "Results: ", procs)
+    with PipedRun(out) as run:
+        run.signal_at_line("Results: ", signal.SIGSTOP)
         share = lambda: committed(out, TAG) >= 5
-        wait_until(share, "process 0's share", processes=procs)
-    finally:
-        for proc in procs:
-            proc.kill()
-        proc0.communicate()
-        proc1.wait()
-        if reader is not None:
-            reader.join()  # It ends with the killed process's output.
-        proc1.stderr.close()
+        wait_until(share, "process 0's share", processes=run.procs)
     assert committed(out, TAG) == 5
 
     run_two_processes(out)
