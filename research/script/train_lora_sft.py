@@ -73,7 +73,8 @@ def main(argv):
     from gsm8k_jax.checkpoints.lora import LoraConfig, qwix_lora_model
     from gsm8k_jax.eval.data import load_gsm8k
     from gsm8k_jax.models.registry import load_pretrained
-    from gsm8k_jax.training import sft
+    from gsm8k_jax.training import sft, sft_checkpoints
+    from gsm8k_jax.training.config import SFTConfig
 
     cfg = flags.FLAGS.model
     cli.check_model_config(cfg)
@@ -94,7 +95,7 @@ def main(argv):
             " leave it out for the bundled train split."
         )
     require_writable(_OUTPUT_DIR.value)  # Before any work.
-    config = sft.SFTConfig(
+    config = SFTConfig(
         learning_rate=_LEARNING_RATE.value,
         warmup_steps=_WARMUP_STEPS.value,
         num_steps=_NUM_STEPS.value,
@@ -107,8 +108,10 @@ def main(argv):
     )
     examples = load_gsm8k(_DATA_PATH.value, _NUM_EXAMPLES.value)
     # Before the model loads.
-    sft.check_resumable(_OUTPUT_DIR.value, config, examples, _PROMPT_TEMPLATE.value)
-    where = sft.checkpoint_dir(_OUTPUT_DIR.value, config)
+    sft_checkpoints.check_resumable(
+        _OUTPUT_DIR.value, config, examples, _PROMPT_TEMPLATE.value
+    )
+    where = sft_checkpoints.checkpoint_dir(_OUTPUT_DIR.value, config)
     try:
         model, tokenizer, _ = load_pretrained(
             cfg.model_name, cfg.model_path or None, dtype="float32"
@@ -124,7 +127,7 @@ def main(argv):
             template=_PROMPT_TEMPLATE.value,
         )
     except (KeyboardInterrupt, Terminated) as stop:
-        step = sft.latest_step(_OUTPUT_DIR.value, config)
+        step = sft_checkpoints.latest_step(_OUTPUT_DIR.value, config)
         if step is None:
             raise type(stop)("no step finished yet, nothing to keep") from stop
         raise type(stop)(
@@ -134,7 +137,7 @@ def main(argv):
         steps = "step" if len(losses) == 1 else "steps"
         print(f"Trained {len(losses)} {steps}, last loss {losses[-1]:.4f}.")
     else:
-        step = sft.latest_step(_OUTPUT_DIR.value, config)
+        step = sft_checkpoints.latest_step(_OUTPUT_DIR.value, config)
         print(
             f"Nothing to do: {where} is already at step {step}"
             f" (--num_steps={config.num_steps})."

@@ -35,11 +35,13 @@ from gsm8k_jax.models.gemma3.params import export_hf_weights, hf_config, load_hf
 from gsm8k_jax.models.registry import TINY_MODEL_DIR
 from gsm8k_jax.sampling.decode import prompt_positions
 from gsm8k_jax.stop_signals import Terminated, stop_on_signals
-from gsm8k_jax.training import sft
+from gsm8k_jax.training import data as sft_data
+from gsm8k_jax.training import sft, sft_checkpoints
+from gsm8k_jax.training.config import SFTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 LORA = LoraConfig(rank=4, alpha=8.0)
-CONFIG = sft.SFTConfig(
+CONFIG = SFTConfig(
     learning_rate=3e-2,
     warmup_steps=2,
     num_steps=16,
@@ -86,17 +88,17 @@ def test_format_answer_ends_in_boxed_answer():
     solution = (
         "She sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"
     )
-    text = sft.format_answer(solution)
+    text = sft_data.format_answer(solution)
     assert text == (
         "She sold 48/2 = 24 clips.\nIn all 48+24 = 72.\nThe final answer is \\boxed{72}."
     )
     assert extract_answer(text, "strict") == "72"
     with pytest.raises(ValueError, match="####"):
-        sft.format_answer("no final line")
+        sft_data.format_answer("no final line")
 
 
 def test_make_examples_masks_the_answer_only(tokenizer, examples):
-    data = sft.make_examples(tokenizer, examples[:4], max_length=256)
+    data = sft_data.make_examples(tokenizer, examples[:4], max_length=256)
     assert {k: v.shape for k, v in data.items()} == {
         k: (4, 256) for k in ("tokens", "targets", "loss_mask", "valid")
     }
@@ -112,11 +114,11 @@ def test_make_examples_masks_the_answer_only(tokenizer, examples):
         examples[0].question, tokenizer
     )
     answer = tokenizer.decode(data["targets"][row][mask])
-    assert answer == sft.format_answer(examples[0].answer) + "<end_of_turn>"
+    assert answer == sft_data.format_answer(examples[0].answer) + "<end_of_turn>"
     # Longer than max_length + 1 tokens: dropped, never truncated.
     lengths = data["valid"].sum(1) + 1  # Tokens per example.
     cut = int(np.sort(lengths)[1])
-    short = sft.make_examples(tokenizer, examples[:4], max_length=cut - 1)
+    short = sft_data.make_examples(tokenizer, examples[:4], max_length=cut - 1)
     kept = lengths <= cut
     assert 2 <= len(short["tokens"]) == kept.sum() < 4
     for key in data:
@@ -124,11 +126,11 @@ def test_make_examples_masks_the_answer_only(tokenizer, examples):
 
 
 def test_batches_are_reshuffled_each_epoch_and_reproducible():
-    order = [sft.batch_indices(10, 4, step, seed=3) for step in range(5)]
+    order = [sft_data.batch_indices(10, 4, step, seed=3) for step in range(5)]
     flat = np.concatenate(order)
     assert sorted(flat[:10]) == list(range(10)) == sorted(flat[10:20])
     assert not np.array_equal(flat[:10], flat[10:20])
-    np.testing.assert_array_equal(sft.batch_indices(10, 4, 3, seed=3), order[3])
+    np.testing.assert_array_equal(sft_data.batch_indices(10, 4, 3, seed=3), order[3])
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,7 @@ def trained(base_dir, tokenizer, examples, tmp_path_factory):
     losses = sft.train(
         model, tokenizer, examples, CONFIG, output_dir=root, progress=False
     )
-    batch = sft.make_examples(tokenizer, examples[:3], max_length=256)
+    batch = sft_data.make_examples(tokenizer, examples[:3], max_length=256)
     return SimpleNamespace(
         model=model,
         initial=initial,
@@ -259,20 +261,22 @@ def test_resuming_with_other_settings_is_refused(
         )
     assert checkpoint_steps(root) == [12, 16]
     with pytest.raises(ValueError, match=r"prompt_template='Q: \{question\}'"):
-        sft.check_resumable(root, CONFIG, examples, template="Q: {question}")
+        sft_checkpoints.check_resumable(
+            root, CONFIG, examples, template="Q: {question}"
+        )
     longer = dataclasses.replace(CONFIG, num_steps=20, checkpoint_every=5)
-    sft.check_resumable(root, longer, examples)
-    path = root / "actor" / sft.SETTINGS_FILE
+    sft_checkpoints.check_resumable(root, longer, examples)
+    path = root / "actor" / sft_checkpoints.SETTINGS_FILE
     record = json.loads(path.read_text())
     del record["weight_decay"]  # As if the setting came later: its default.
     path.write_text(json.dumps(record))
-    default = dataclasses.replace(CONFIG, weight_decay=sft.SFTConfig.weight_decay)
-    sft.check_resumable(root, default, examples)
+    default = dataclasses.replace(CONFIG, weight_decay=SFTConfig.weight_decay)
+    sft_checkpoints.check_resumable(root, default, examples)
     path.write_text("{")
     with pytest.raises(ValueError, match="sft_settings.json is damaged"):
-        sft.check_resumable(root, CONFIG, examples)
+        sft_checkpoints.check_resumable(root, CONFIG, examples)
     path.unlink()  # As a run saved before settings were recorded.
-    sft.check_resumable(root, other, examples)
+    sft_checkpoints.check_resumable(root, other, examples)
 
 
 def test_stop_signal_mid_step_saves_that_step_and_resume_continues(
@@ -358,7 +362,7 @@ def test_script_full_finetune_writes_hf_folders(tmp_path):
     assert "Trained 2 steps" in proc.stdout
     folder = tmp_path / "run/hf/2"
     names = sorted(p.name for p in (tmp_path / "run/hf").iterdir())
-    assert names == ["1", "2", sft.SETTINGS_FILE]
+    assert names == ["1", "2", sft_checkpoints.SETTINGS_FILE]
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (folder / name).is_file(), name
     assert (folder / "optimizer_state").is_dir()
