@@ -52,7 +52,8 @@ from tqdm import tqdm
 from gsm8k_jax.checkpoints import lora as lora_lib
 from gsm8k_jax.checkpoints import lora_checkpoint
 from gsm8k_jax.checkpoints.sources import model_revision
-from gsm8k_jax.eval.cli import USER_ERRORS, local_mesh
+from gsm8k_jax.eval.cli import local_mesh
+from gsm8k_jax.eval.script_main import USER_ERRORS
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.eval.tasks import LM_EVAL_MAX_GEN_TOKS, apply_chat_template
 from gsm8k_jax.models.registry import (

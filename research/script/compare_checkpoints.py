@@ -47,7 +47,7 @@ from absl import flags
 
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
-from gsm8k_jax.eval import cli
+from gsm8k_jax.eval import cli, cli_flags
 from gsm8k_jax.eval.comparison import compare_runs
 from gsm8k_jax.eval.report import save_report
 from gsm8k_jax.eval.runs import RunResult, load_runs
@@ -79,8 +79,8 @@ _NUM_RESAMPLES = flags.DEFINE_integer(
 
 def _evaluate() -> list[RunResult]:
     cli.start_jax()
-    cfg = cli.FLAGS.model
-    cli.check_model_config(cfg)
+    cfg = cli_flags.FLAGS.model
+    cli_flags.check_model_config(cfg)
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
@@ -89,17 +89,17 @@ def _evaluate() -> list[RunResult]:
         cfg.model_path,
         _LORA_CHECKPOINTS.value,
         LoraConfig(**cfg.lora_config.to_dict()),
-        cli.eval_config_from_flags(model_dir),
-        cli.FLAGS.output_dir,
-        given_lora_fields=cli.given_lora_fields(sys.argv),
+        cli_flags.eval_config_from_flags(model_dir),
+        cli_flags.FLAGS.output_dir,
+        given_lora_fields=cli_flags.given_lora_fields(sys.argv),
         include_base=_INCLUDE_BASE.value,
-        data_path=cli.FLAGS.data_path,
-        num_examples=cli.FLAGS.num_examples,
+        data_path=cli_flags.FLAGS.data_path,
+        num_examples=cli_flags.FLAGS.num_examples,
         dtype=cfg.dtype,
-        resume=cli.FLAGS.resume,
-        overwrite=cli.FLAGS.overwrite,
+        resume=cli_flags.FLAGS.resume,
+        overwrite=cli_flags.FLAGS.overwrite,
         devices_per_checkpoint=_DEVICES_PER_CHECKPOINT.value,
-        mesh_model=cli.FLAGS.mesh_model,
+        mesh_model=cli_flags.FLAGS.mesh_model,
         process_index=jax.process_index(),
         num_processes=jax.process_count(),
     )
@@ -124,18 +124,22 @@ _NOT_EVALUATION_FLAGS = (
 def _evaluation_flags_given() -> list[str]:
     """The evaluation flags on the command line (`--model.<field>` too)."""
     here = (_INCLUDE_BASE.name, _DEVICES_PER_CHECKPOINT.name)
-    names = [f.name for f in cli.FLAGS.get_key_flags_for_module(cli.__name__)]
+    names = [
+        f.name for f in cli_flags.FLAGS.get_key_flags_for_module(cli_flags.__name__)
+    ]
     given = [
         f"--{name}"
         for name in sorted((*names, *here))
-        if name not in _NOT_EVALUATION_FLAGS and cli.FLAGS[name].present
+        if name not in _NOT_EVALUATION_FLAGS and cli_flags.FLAGS[name].present
     ]
-    return given + [f"--model.{f}" for f in sorted(cli.given_model_fields(sys.argv))]
+    return given + [
+        f"--model.{f}" for f in sorted(cli_flags.given_model_fields(sys.argv))
+    ]
 
 
 def main(argv: list[str]) -> None:
     del argv
-    require_writable(cli.FLAGS.output_dir)
+    require_writable(cli_flags.FLAGS.output_dir)
     if _RESULTS.value and _LORA_CHECKPOINTS.value:
         raise ValueError("Pass either --results or --lora_checkpoints, not both.")
     if _RESULTS.value and (ignored := _evaluation_flags_given()):
@@ -155,7 +159,7 @@ def main(argv: list[str]) -> None:
             seen.add((run.source, run.tag))
     elif _LORA_CHECKPOINTS.value:
         runs = _evaluate()
-        if cli.FLAGS.distributed and jax.process_index() != 0:
+        if cli_flags.FLAGS.distributed and jax.process_index() != 0:
             print(f"Evaluated {[r.tag for r in runs]}; process 0 compares the runs.")
             return
     else:
@@ -168,14 +172,14 @@ def main(argv: list[str]) -> None:
         runs,
         baseline,
         num_resamples=_NUM_RESAMPLES.value,
-        extraction_method=cli.FLAGS.extraction_method,
+        extraction_method=cli_flags.FLAGS.extraction_method,
     )
 
-    markdown = save_report(report, cli.FLAGS.output_dir)
+    markdown = save_report(report, cli_flags.FLAGS.output_dir)
     print(markdown)
     print(
         f"Wrote comparison.md, comparison.json and accuracy.png to"
-        f" {cli.FLAGS.output_dir}."
+        f" {cli_flags.FLAGS.output_dir}."
     )
 
 

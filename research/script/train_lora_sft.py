@@ -27,7 +27,7 @@ quiet_imports()  # Before the imports below load transformers.
 
 from absl import flags
 
-from gsm8k_jax.eval import cli
+from gsm8k_jax.eval import cli_flags, script_main
 from gsm8k_jax.eval.data import BUNDLED_TRAIN_SET
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.stop_signals import Terminated
@@ -35,7 +35,7 @@ from gsm8k_jax.storage import require_writable
 
 REPO = Path(__file__).resolve().parents[2]
 
-cli.define_model_flag(REPO / "configs" / "gemma3_tiny.py")
+cli_flags.define_model_flag(REPO / "configs" / "gemma3_tiny.py")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Checkpoint root (LoRA: local or gs://).", required=True
 )
@@ -77,8 +77,8 @@ def main(argv):
     from gsm8k_jax.training.config import SFTConfig
 
     cfg = flags.FLAGS.model
-    cli.check_model_config(cfg)
-    if "dtype" in cli.given_model_fields(sys.argv) and cfg.dtype != "float32":
+    cli_flags.check_model_config(cfg)
+    if "dtype" in cli_flags.given_model_fields(sys.argv) and cfg.dtype != "float32":
         raise ValueError(
             f"train_lora_sft.py trains in float32, not --model.dtype={cfg.dtype}:"
             " drop the flag (evaluate the checkpoint in any dtype with the eval"
@@ -146,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_main(main, kept="checkpoints saved so far are kept")
+    script_main.run_main(main, kept="checkpoints saved so far are kept")
