@@ -33,6 +33,11 @@ DEFAULT_BARRIER_TIMEOUT_S = 3600
 WATCH_INTERVAL_S = 0.5
 BARRIER_POLL_S = 0.05
 
+# A signal whose (empty) handler only wakes the main thread from a blocking
+# wait (a thread's join, a lock, a sleep), so the SIGTERM that
+# `interrupt_main` raises there is not held until the wait ends.
+WAKE_SIGNAL = signal.SIGUSR1
+
 # Key-value directories of the coordination service: one key per process.
 _STOPPED = "gsm8k_jax/stopped/"
 _ARRIVED = "gsm8k_jax/arrived/"
@@ -80,6 +85,7 @@ def initialize(
     # waits for every other's (two minutes at most), which a process that
     # failed before starting its own would otherwise hold up.
     jax.devices()
+    signal.signal(WAKE_SIGNAL, lambda signum, frame: None)
     watcher = threading.Thread(
         target=_watch, args=(_state().process_id,), daemon=True, name="stop-watch"
     )
@@ -110,6 +116,7 @@ def _watch(own: int) -> None:
             # Stops the main thread as SIGTERM does, under stop_on_signals: a
             # commit in progress is finished first.
             _thread.interrupt_main(signal.SIGTERM)
+            signal.pthread_kill(threading.main_thread().ident, WAKE_SIGNAL)
             return
 
 
@@ -127,12 +134,9 @@ def post_stop(report: str) -> None:
         pass  # The service is gone: the heartbeats tell the others.
 
 
-def stop_heard() -> str | None:
-    """Why this process stopped, if another's stop report stopped it."""
-    if _heard is None:
-        return None
-    process, report = _heard
-    return f"process {process} stopped ({report})"
+def stop_heard() -> tuple[int, str] | None:
+    """(process, its reason) if another's stop report stopped this process."""
+    return _heard
 
 
 def wait_for_all_processes(name: str, timeout_s: float) -> None:

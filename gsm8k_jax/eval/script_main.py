@@ -41,6 +41,20 @@ def _stop(message: str, exit_status: int, reason: str | None = None) -> NoReturn
     sys.exit(exit_status)
 
 
+def _stop_as_heard(process: int, reason: str, survives: str, kept: str) -> NoReturn:
+    """Stops as process `process` did: on a stop signal, as that signal
+    stops a process (the same exit status: a preempted slice reads as
+    preempted on every host); on an error, with status 1, and no promise that
+    a rerun resumes (it would meet the same error)."""
+    if reason == "Ctrl-C":
+        _stop(f"Interrupted on process {process}: {survives}.", INTERRUPTED_EXIT_STATUS)
+    if reason == "SIGTERM":
+        _stop(f"Stopped by SIGTERM on process {process}: {survives}.", 0)
+    _stop(
+        f"error: process {process} stopped ({reason}); this one stopped too: {kept}.", 1
+    )
+
+
 def _what_survives(stop: BaseException, kept: str) -> str:
     """The account a stop exception carries, else `kept` and how to resume."""
     return str(stop) or f"{kept}; rerun the same command to resume"
@@ -85,7 +99,7 @@ def run_main(
         except Terminated as stop:
             survives = _what_survives(stop, kept)
             if heard := multihost.stop_heard():
-                _stop(f"error: {heard}; this process stopped too: {survives}.", 1)
+                _stop_as_heard(*heard, survives, kept)
             _stop(f"Stopped by SIGTERM: {survives}.", 0, "SIGTERM")
         except Exception as e:  # A bug: its traceback follows.
             multihost.post_stop(f"{type(e).__name__}: {e}")

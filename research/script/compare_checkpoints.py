@@ -118,6 +118,7 @@ _NOT_EVALUATION_FLAGS = (
     "num_processes",
     "process_id",
     "heartbeat_timeout_s",
+    "barrier_timeout_s",
 )
 
 
