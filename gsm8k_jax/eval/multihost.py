@@ -72,7 +72,8 @@ def initialize(
     heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
 ) -> None:
     """`jax.distributed.initialize`, then a thread that watches for the other
-    processes' stop reports (until this process exits). Without jax's
+    processes' stop reports (until this process exits), and an empty
+    handler for WAKE_SIGNAL (SIGUSR1), which that thread sends. Without jax's
     preemption service, which would take SIGTERM from `stop_on_signals`."""
     jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(
