@@ -25,6 +25,12 @@ from gsm8k_jax.storage import require_reachable
 USER_ERRORS = (ValueError, RuntimeError, OSError)
 # How shells report a command stopped by Ctrl-C (128 + SIGINT).
 INTERRUPTED_EXIT_STATUS = 130
+# Each stop signal, by the reason a process posts for it to the others: how
+# its line begins, and its exit status (the same on every process it stops).
+_SIGNAL_STOPS = {
+    "Ctrl-C": ("Interrupted", INTERRUPTED_EXIT_STATUS),
+    "SIGTERM": ("Stopped by SIGTERM", 0),
+}
 
 
 def _report(message: str) -> None:
@@ -41,15 +47,20 @@ def _stop(message: str, exit_status: int, reason: str | None = None) -> NoReturn
     sys.exit(exit_status)
 
 
+def _stop_on_signal(reason: str, survives: str) -> NoReturn:
+    """Stops as the stop signal `reason` (a `_SIGNAL_STOPS` key) stops a process."""
+    line, exit_status = _SIGNAL_STOPS[reason]
+    _stop(f"{line}: {survives}.", exit_status, reason)
+
+
 def _stop_as_heard(process: int, reason: str, survives: str, kept: str) -> NoReturn:
     """Stops as process `process` did: on a stop signal, as that signal
     stops a process (the same exit status: a preempted slice reads as
     preempted on every host); on an error, with status 1, and no promise that
     a rerun resumes (it would meet the same error)."""
-    if reason == "Ctrl-C":
-        _stop(f"Interrupted on process {process}: {survives}.", INTERRUPTED_EXIT_STATUS)
-    if reason == "SIGTERM":
-        _stop(f"Stopped by SIGTERM on process {process}: {survives}.", 0)
+    if reason in _SIGNAL_STOPS:
+        line, exit_status = _SIGNAL_STOPS[reason]
+        _stop(f"{line} on process {process}: {survives}.", exit_status)
     _stop(
         f"error: process {process} stopped ({reason}); this one stopped too: {kept}.", 1
     )
@@ -94,13 +105,12 @@ def run_main(
         except USER_ERRORS as e:
             _stop(f"error: {e}", 1)
         except KeyboardInterrupt as stop:
-            survives = _what_survives(stop, kept)
-            _stop(f"Interrupted: {survives}.", INTERRUPTED_EXIT_STATUS, "Ctrl-C")
+            _stop_on_signal("Ctrl-C", _what_survives(stop, kept))
         except Terminated as stop:
             survives = _what_survives(stop, kept)
             if heard := multihost.stop_heard():
                 _stop_as_heard(*heard, survives, kept)
-            _stop(f"Stopped by SIGTERM: {survives}.", 0, "SIGTERM")
+            _stop_on_signal("SIGTERM", survives)
         except Exception as e:  # A bug: its traceback follows.
             multihost.post_stop(f"{type(e).__name__}: {e}")
             raise
