@@ -84,9 +84,9 @@ def local_mesh(model_parallel: int) -> Mesh | None:
     return make_mesh(data=-1, model=model_parallel, devices=devices)
 
 
-def start_jax() -> None:
-    """JAX as the flags set it up: the persistent compilation cache, and
-    `jax.distributed.initialize` with --distributed."""
+def start_compilation_cache() -> None:
+    """The persistent compilation cache --compilation_cache_dir names, checked
+    writable first."""
     if FLAGS.compilation_cache_dir:
         require_writable(
             FLAGS.compilation_cache_dir,
@@ -94,6 +94,12 @@ def start_jax() -> None:
             flag="--compilation_cache_dir (or '' for none)",
         )
     enable_compilation_cache(FLAGS.compilation_cache_dir)
+
+
+def start_jax() -> None:
+    """JAX as the flags set it up: the persistent compilation cache, and
+    `jax.distributed.initialize` with --distributed."""
+    start_compilation_cache()
     if FLAGS.distributed:
         multihost.initialize(
             FLAGS.coordinator_address,

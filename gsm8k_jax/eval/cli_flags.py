@@ -96,6 +96,16 @@ def define_model_flag(default_model_config: str | Path) -> None:
         _flags_error(str(e))
 
 
+def define_compilation_cache_flag() -> None:
+    """--compilation_cache_dir, for every script that compiles programs."""
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        str(default_compilation_cache_dir()),
+        "JAX's persistent compilation cache: a rerun of the same settings skips"
+        " compiling ('' = off).",
+    )
+
+
 def define_flags(default_model_config: str | Path) -> None:
     """The evaluation scripts' flags: `--model` and the evaluation settings."""
     define_model_flag(default_model_config)
@@ -158,12 +168,7 @@ def define_flags(default_model_config: str | Path) -> None:
     flags.DEFINE_integer(
         "mesh_model", 1, "Devices per tensor-parallel group; the rest split the batch."
     )
-    flags.DEFINE_string(
-        "compilation_cache_dir",
-        str(default_compilation_cache_dir()),
-        "JAX's persistent compilation cache: a rerun of the same settings skips"
-        " compiling ('' = off).",
-    )
+    define_compilation_cache_flag()
     flags.DEFINE_bool(
         "distributed",
         False,

@@ -65,12 +65,14 @@ _SEED = flags.DEFINE_integer("seed", 0, "Batch order and LoRA initialisation.")
 _PROMPT_TEMPLATE = flags.DEFINE_string(
     "prompt_template", DEFAULT_PROMPT_TEMPLATE, "User turn; must contain {question}."
 )
+cli_flags.define_compilation_cache_flag()
 
 
 def main(argv):
     del argv
     # Heavy imports after flag parsing: --help stays fast.
     from gsm8k_jax.checkpoints.lora import LoraConfig, qwix_lora_model
+    from gsm8k_jax.eval.cli import start_compilation_cache
     from gsm8k_jax.eval.data import load_gsm8k
     from gsm8k_jax.models.registry import load_pretrained
     from gsm8k_jax.training import sft, sft_checkpoints
@@ -95,6 +97,7 @@ def main(argv):
             " leave it out for the bundled train split."
         )
     require_writable(_OUTPUT_DIR.value)  # Before any work.
+    start_compilation_cache()  # A rerun (resuming) skips compiling its step.
     config = SFTConfig(
         learning_rate=_LEARNING_RATE.value,
         warmup_steps=_WARMUP_STEPS.value,

@@ -24,6 +24,7 @@ from sampling.test_sampler import GREEDY, IdTokenizer
 
 from gsm8k_jax.checkpoints import lora as lora_lib
 from gsm8k_jax.checkpoints.lora_config import DEFAULT_MODULE_PATH
+from gsm8k_jax.compilation_cache import enable_compilation_cache
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
@@ -35,6 +36,9 @@ from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 model_dir, scratch = Path(sys.argv[1]), Path(sys.argv[2])
 assert jax.device_count() == 8, jax.devices()
+# Each single run's sampler, and each device group's, compiles what the one
+# before it compiled (a Sampler's programs are its own): read them from disk.
+enable_compilation_cache(scratch / "jax_cache")
 DEVICES = jax.devices()
 results = {}
 

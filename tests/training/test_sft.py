@@ -449,12 +449,18 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
     tmp_path, small_train_set
 ):
     """Ctrl-C mid-run with the default --checkpoint_every=0 saves the current
-    step and says so; rerunning resumes there."""
-    run = tmp_path / "run"
+    step and says so; rerunning resumes there. Compiled programs go to
+    --compilation_cache_dir, for the rerun to read."""
+    run, cache = tmp_path / "run", tmp_path / "jax_cache"
     proc = subprocess.Popen(
         [
             *WITH_DEFAULT_CTRL_C,
-            *train_script(small_train_set, run, "--num_steps=100000"),
+            *train_script(
+                small_train_set,
+                run,
+                "--num_steps=100000",
+                f"--compilation_cache_dir={cache}",
+            ),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -480,7 +486,12 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
 
     def rerun(num_steps):
         proc = subprocess.run(
-            train_script(small_train_set, run, f"--num_steps={num_steps}"),
+            train_script(
+                small_train_set,
+                run,
+                f"--num_steps={num_steps}",
+                f"--compilation_cache_dir={cache}",
+            ),
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -489,6 +500,8 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
+    # The training step's programs (one per batch length) are on disk.
+    assert any(path.name.startswith("jit_train_step-") for path in cache.iterdir())
     assert "Trained 1 step, last loss" in rerun(step + 1)  # From the saved step.
     assert checkpoint_steps(run) == [step, step + 1]
     assert (
