@@ -99,8 +99,9 @@ def test_results_identical_at_any_batch_size_and_order(request, which, params):
         )
     order = ids[:]
     random.Random(0).shuffle(order)
+    # At a batch size already compiled: other neighbours, the same programs.
     shuffled = generate_in_batches(
-        sampler, [PROMPTS[i] for i in order], order, 8, params
+        sampler, [PROMPTS[i] for i in order], order, 7, params
     )
     assert as_bits(shuffled) == baseline
 
