@@ -12,7 +12,8 @@ A signal is never lost. Python drops an exception raised while a finalizer
 or a callback from C code runs (it prints "Exception ignored ..."), and a
 signal's exception is raised in whatever Python code the main thread runs
 when it arrives. So the signal is also recorded, and the next
-`finishing_write()` (the next commit) raises it if the run went on.
+`finishing_write()` (the next commit) raises it if the run went on, as does
+`raise_if_stopped()`, for loops that wait without committing.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def stop_on_signals() -> Iterator[None]:
         late, _received = _received, None
         if _signals_seen != seen:
             raise late()
+
+
+def raise_if_stopped() -> None:
+    """Raises a stop signal received whose exception was lost, outside any
+    commit: a loop that waits (for other processes) calls it each round, so
+    a lost signal does not leave it waiting until its timeout."""
+    with _writes_lock:
+        if _received is not None and not _writes_in_progress:
+            raise _received()
 
 
 @contextlib.contextmanager

@@ -4,9 +4,12 @@ run that received them."""
 import signal
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from gsm8k_jax.eval import multihost, runner
 from gsm8k_jax.stop_signals import Terminated, finishing_write, stop_on_signals
 
 STOP_SIGNALS = [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)]
@@ -144,3 +147,59 @@ def test_the_last_write_while_stopping_is_not_cut_short(terminal_ctrl_c):
                 saved.append("step")
             raise KeyboardInterrupt from None
     assert saved == ["step"]
+
+
+class _NobodyElseArrives:
+    """A coordination service client (and jax.distributed's state) where
+    process 0 of 2 waits for a process that never comes."""
+
+    process_id, num_processes = 0, 2
+
+    @property
+    def client(self):
+        return self
+
+    def key_value_set(self, key, value):
+        pass
+
+    def key_value_dir_get(self, prefix):
+        return []
+
+
+class _NothingCommitted:
+    """RunFiles whose other processes never commit a rollout."""
+
+    output_dir = "nowhere"
+
+    def read_finished(self, num_samples):
+        return []
+
+
+@pytest.mark.parametrize("signum, exception", STOP_SIGNALS, ids=STOP_IDS)
+@pytest.mark.parametrize("loop", ["barrier", "merge"])
+def test_a_signal_lost_in_a_finalizer_stops_a_loop_that_waits(
+    terminal_ctrl_c, monkeypatch, signum, exception, loop
+):
+    """A loop waiting for the other processes (the barrier before
+    generation, process 0's wait for their results) commits nothing: it
+    must still stop on a signal whose exception Python dropped, not at its
+    timeout."""
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signum)
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    monkeypatch.setattr(multihost, "_state", _NobodyElseArrives)
+    waits = {
+        "barrier": lambda: multihost.wait_for_all_processes("start", timeout_s=5),
+        "merge": lambda: runner._wait_for_all(
+            _NothingCommitted(), [SimpleNamespace(id="q1")], 1, timeout_s=5, poll_s=0.01
+        ),
+    }
+    with stop_on_signals():
+        Finalized()  # Collected at once: its exception is dropped.
+        started = time.monotonic()
+        with pytest.raises(exception):
+            waits[loop]()
+    assert time.monotonic() - started < 1

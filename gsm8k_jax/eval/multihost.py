@@ -22,6 +22,8 @@ import time
 
 import jax
 
+from gsm8k_jax import stop_signals
+
 # jax.distributed.initialize's own default.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 # How long processes wait for each other to load the model and data: loading
@@ -155,6 +157,7 @@ def wait_for_all_processes(name: str, timeout_s: float) -> None:
         )
         if not missing:
             return
+        stop_signals.raise_if_stopped()
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"Process(es) {missing} did not reach '{name}' within"

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from gsm8k_jax import stop_signals
 from gsm8k_jax.compilation_cache import cache_counts
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import GSM8KExample
@@ -364,6 +365,7 @@ def _wait_for_all(
         missing = wanted - {r["id"] for r in rollouts}
         if not missing:
             return [r for r in rollouts if r["id"] in wanted]
+        stop_signals.raise_if_stopped()
         if time.monotonic() > deadline:
             raise ResultsError(
                 f"Timed out waiting for {len(missing)} examples (ids"
