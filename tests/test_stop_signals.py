@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gsm8k_jax.eval import multihost, runner
+from gsm8k_jax.eval import multihost, runner, sweep
 from gsm8k_jax.stop_signals import Terminated, finishing_write, stop_on_signals
 
 STOP_SIGNALS = [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)]
@@ -176,12 +176,13 @@ class _NothingCommitted:
 
 
 @pytest.mark.parametrize("signum, exception", STOP_SIGNALS, ids=STOP_IDS)
-@pytest.mark.parametrize("loop", ["barrier", "merge"])
+@pytest.mark.parametrize("loop", ["barrier", "merge", "sweep"])
 def test_a_signal_lost_in_a_finalizer_stops_a_loop_that_waits(
     terminal_ctrl_c, monkeypatch, signum, exception, loop
 ):
     """A loop waiting for the other processes (the barrier before
-    generation, process 0's wait for their results) commits nothing: it
+    generation, process 0's wait for their results, or for their runs of a
+    sweep) commits nothing: it
     must still stop on a signal whose exception Python dropped, not at its
     timeout."""
 
@@ -195,6 +196,12 @@ def test_a_signal_lost_in_a_finalizer_stops_a_loop_that_waits(
         "barrier": lambda: multihost.wait_for_all_processes("start", timeout_s=5),
         "merge": lambda: runner._wait_for_all(
             _NothingCommitted(), [SimpleNamespace(id="q1")], 1, timeout_s=5, poll_s=0.01
+        ),
+        "sweep": lambda: sweep._wait_for_summary(
+            SimpleNamespace(summary_path="/no/such/summary.json", tag="run"),
+            time.monotonic() + 5,
+            "nowhere",
+            poll_s=0.01,
         ),
     }
     with stop_on_signals():

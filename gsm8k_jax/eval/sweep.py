@@ -27,7 +27,7 @@ import jax
 from absl import logging
 from flax import nnx
 
-from gsm8k_jax import storage
+from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.results import (
@@ -55,6 +55,8 @@ __all__ = ["LoadLoraFn", "device_groups", "evaluate_checkpoints"]
 LoadLoraFn = Callable[..., Gemma3]
 # (resolved LoRA path, "" for the base model; its files; its run record).
 _Run = tuple[str, RunFiles, dict[str, Any]]
+# How often process 0 of a multi-host sweep looks for the others' runs.
+RUN_POLL_S = 2.0
 
 
 def device_groups(
@@ -331,12 +333,24 @@ def evaluate_checkpoints(
         return [results[i] for i, _ in mine]
     deadline = time.monotonic() + timeout_s
     for i, (_, files, _) in enumerate(runs):
-        while i not in results and not storage.exists(files.summary_path):
-            if time.monotonic() > deadline:
-                raise ResultsError(
-                    f"Timed out waiting for run {files.tag} (another process's)"
-                    f" in {output_dir}."
-                )
-            time.sleep(2.0)
+        if i not in results:
+            _wait_for_summary(files, deadline, output_dir)
         results.setdefault(i, load_run_files(files))
     return [results[i] for i in range(len(runs))]
+
+
+def _wait_for_summary(
+    files: RunFiles,
+    deadline: float,
+    output_dir: str | os.PathLike,
+    poll_s: float = RUN_POLL_S,
+) -> None:
+    """Until another process has finished the run `files` names."""
+    while not storage.exists(files.summary_path):
+        stop_signals.raise_if_stopped()
+        if time.monotonic() > deadline:
+            raise ResultsError(
+                f"Timed out waiting for run {files.tag} (another process's)"
+                f" in {output_dir}."
+            )
+        time.sleep(poll_s)
