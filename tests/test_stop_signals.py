@@ -65,21 +65,32 @@ def test_a_signal_during_another_threads_commit_waits_for_it(
             pass  # The main thread's next commit does not start.
 
 
+def exceptions_dropped(monkeypatch) -> list:
+    """What Python would print as "Exception ignored in ..." from now on."""
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    return dropped
+
+
+def raise_in_a_finalizer(signum: int) -> None:
+    """Raises `signum` in `__del__`, where Python drops its exception."""
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signum)
+
+    Finalized()  # Collected at once.
+
+
 def test_a_ctrl_c_lost_in_a_finalizer_stops_the_next_commit(
     terminal_ctrl_c, monkeypatch
 ):
     """Python drops a KeyboardInterrupt raised in `__del__`; the run must
     still stop, before its next commit writes anything."""
-
-    class Finalized:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)
-
-    dropped = []  # What Python would print as "Exception ignored in ...".
-    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    dropped = exceptions_dropped(monkeypatch)
     written = []
     with stop_on_signals():
-        Finalized()  # Collected at once: its KeyboardInterrupt is dropped.
+        raise_in_a_finalizer(signal.SIGINT)
         assert [d.exc_type for d in dropped] == [KeyboardInterrupt]
         with pytest.raises(KeyboardInterrupt), finishing_write():
             written.append("commit")
@@ -182,15 +193,9 @@ def test_a_signal_lost_in_a_finalizer_stops_a_loop_that_waits(
 ):
     """A loop waiting for the other processes (the barrier before
     generation, process 0's wait for their results, or for their runs of a
-    sweep) commits nothing: it
-    must still stop on a signal whose exception Python dropped, not at its
-    timeout."""
-
-    class Finalized:
-        def __del__(self):
-            signal.raise_signal(signum)
-
-    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    sweep) commits nothing: it must still stop on a signal whose exception
+    Python dropped, not at its timeout."""
+    dropped = exceptions_dropped(monkeypatch)
     monkeypatch.setattr(multihost, "_state", _NobodyElseArrives)
     waits = {
         "barrier": lambda: multihost.wait_for_all_processes("start", timeout_s=5),
@@ -205,7 +210,8 @@ def test_a_signal_lost_in_a_finalizer_stops_a_loop_that_waits(
         ),
     }
     with stop_on_signals():
-        Finalized()  # Collected at once: its exception is dropped.
+        raise_in_a_finalizer(signum)
+        assert [d.exc_type for d in dropped] == [exception]
         started = time.monotonic()
         with pytest.raises(exception):
             waits[loop]()

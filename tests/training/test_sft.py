@@ -452,15 +452,11 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
     step and says so; rerunning resumes there. Compiled programs go to
     --compilation_cache_dir, for the rerun to read."""
     run, cache = tmp_path / "run", tmp_path / "jax_cache"
+    cached = f"--compilation_cache_dir={cache}"
     proc = subprocess.Popen(
         [
             *WITH_DEFAULT_CTRL_C,
-            *train_script(
-                small_train_set,
-                run,
-                "--num_steps=100000",
-                f"--compilation_cache_dir={cache}",
-            ),
+            *train_script(small_train_set, run, "--num_steps=100000", cached),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -486,12 +482,7 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
 
     def rerun(num_steps):
         proc = subprocess.run(
-            train_script(
-                small_train_set,
-                run,
-                f"--num_steps={num_steps}",
-                f"--compilation_cache_dir={cache}",
-            ),
+            train_script(small_train_set, run, f"--num_steps={num_steps}", cached),
             capture_output=True,
             text=True,
             cwd=REPO,
