@@ -8,11 +8,10 @@ finds every program already compiled on disk.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import threading
 from pathlib import Path
-
-import jax
 
 from gsm8k_jax.checkpoints.sources import cache_dir
 
@@ -39,12 +38,17 @@ def _count(event: str, **_) -> None:
             _counts[_CACHE_EVENTS[event]] += 1
 
 
-jax.monitoring.register_event_listener(_count)
+@functools.cache
+def _listen() -> None:
+    """Counts cache events from now on (once per process)."""
+    import jax
+
+    jax.monitoring.register_event_listener(_count)
 
 
 def cache_counts() -> dict[str, int]:
     """Programs this process has read from and written to the persistent
-    cache so far (a sweep evaluating on device groups side by side counts
+    cache since it first called `enable_compilation_cache` (a sweep evaluating on device groups side by side counts
     all groups'): a rerun of the same settings reads what the first run
     wrote, and writes nothing."""
     with _counts_lock:
@@ -59,7 +63,12 @@ def default_compilation_cache_dir() -> Path:
 def enable_compilation_cache(path: str | os.PathLike) -> None:
     """Stores compiled programs in `path` and reuses them ("" turns it off);
     those compiling in under MIN_COMPILE_TIME_S are not stored, unless
-    JAX's own environment variable sets another threshold."""
+    JAX's own environment variable sets another threshold. Imports jax
+    here, not at the module's import: flag parsing reads the default
+    folder before any heavy import."""
+    import jax
+
+    _listen()
     if not os.fspath(path):
         return
     jax.config.update("jax_compilation_cache_dir", os.fspath(path))

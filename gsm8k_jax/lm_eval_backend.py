@@ -56,12 +56,8 @@ from gsm8k_jax.eval.cli import local_mesh
 from gsm8k_jax.eval.script_main import USER_ERRORS
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.eval.tasks import LM_EVAL_MAX_GEN_TOKS, apply_chat_template
-from gsm8k_jax.models.registry import (
-    MODELS,
-    default_eos_ids,
-    load_pretrained,
-    model_spec,
-)
+from gsm8k_jax.models.registry import default_eos_ids, load_pretrained
+from gsm8k_jax.models.specs import MODELS, model_spec
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 __all__ = ["MODEL_NAME", "GSM8KJaxLM", "main", "register"]

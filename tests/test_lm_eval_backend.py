@@ -21,7 +21,8 @@ from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.eval.tasks import TASKS, format_prompts
 from gsm8k_jax.lm_eval_backend import GSM8KJaxLM, main, register
-from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_pretrained
+from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 NUM_PROBLEMS = 4

@@ -18,7 +18,7 @@ def test_every_public_name_resolves():
         assert getattr(value, "__name__", name) == name or not callable(value), name
 
 
-def _imported(code: str, modules: tuple[str, ...]) -> list[str]:
+def imported_after(code: str, modules: tuple[str, ...]) -> list[str]:
     """Which of `modules` a fresh interpreter has imported after `code` (its
     last line of output)."""
     code += f"\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
@@ -34,7 +34,7 @@ def _imported(code: str, modules: tuple[str, ...]) -> list[str]:
 def test_reading_and_comparing_runs_imports_no_jax():
     """Comparing results on a laptop needs no jax or flax."""
     code = "import gsm8k_jax; gsm8k_jax.load_runs; gsm8k_jax.compare_runs; gsm8k_jax.LoraConfig"
-    assert _imported(code, ("jax", "flax")) == []
+    assert imported_after(code, ("jax", "flax")) == []
 
 
 def test_loading_a_model_or_evaluating_does_not_import_torch(tmp_path):
@@ -42,7 +42,7 @@ def test_loading_a_model_or_evaluating_does_not_import_torch(tmp_path):
     the test extras): about 2 s of every start, for nothing."""
     assert importlib.util.find_spec("torch") is not None
     code = "import gsm8k_jax; gsm8k_jax.load_pretrained('gemma3-tiny')"
-    assert _imported(code, ("torch",)) == []
+    assert imported_after(code, ("torch",)) == []
     script = Path(__file__).parent.parent / "research/script/eval_gsm8k_base.py"
     args = ["--num_examples=2", "--max_generation_steps=4", f"--output_dir={tmp_path}"]
     code = (
@@ -50,7 +50,7 @@ def test_loading_a_model_or_evaluating_does_not_import_torch(tmp_path):
         f"try: runpy.run_path({str(script)!r}, run_name='__main__')\n"
         "except SystemExit as e: assert not e.code, e.code"
     )
-    assert _imported(code, ("torch",)) == []
+    assert imported_after(code, ("torch",)) == []
     assert (tmp_path / "summary_gemma3-tiny_base_bs2.json").is_file()
 
 

@@ -39,7 +39,7 @@ from gsm8k_jax.benchmarks.synthetic import (
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[2] / "research/script/eval_gsm8k_base.py"
 # What the folder takes from the bundled model besides random weights.
@@ -49,6 +49,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
+
+
 @dataclasses.dataclass(frozen=True)
 class CliBenchmarkConfig:
     """model: "hf-small", a named Gemma 3 size (e.g. "gemma3-270m") or a dict
@@ -143,7 +145,8 @@ def run_cli_benchmark(cfg: CliBenchmarkConfig) -> dict[str, Any]:
         ours_rows = _read_rollouts(root / "warm")
         summary = json.loads(next((root / "warm").glob("summary_*.json")).read_text())
         reference_rows = [
-            json.loads(line)["response"] for line in reference_out.read_text().splitlines()
+            json.loads(line)["response"]
+            for line in reference_out.read_text().splitlines()
         ]
     same = [a == b for a, b in zip(ours_rows, reference_rows, strict=True)]
     return {

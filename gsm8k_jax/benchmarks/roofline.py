@@ -55,7 +55,9 @@ def matmul_flops(config: Gemma3Config, tokens: int, logit_rows: int) -> int:
     c = config
     attention = (2 * c.num_heads + 2 * c.num_kv_heads) * c.embed_dim * c.head_dim
     per_layer = attention + 3 * c.embed_dim * c.hidden_dim
-    return 2 * (tokens * c.num_layers * per_layer + logit_rows * c.vocab_size * c.embed_dim)
+    return 2 * (
+        tokens * c.num_layers * per_layer + logit_rows * c.vocab_size * c.embed_dim
+    )
 
 
 def kv_bytes_read(

@@ -54,7 +54,8 @@ from gsm8k_jax.eval.data import GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.models.gemma3.config import CONFIGS
 from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
-from gsm8k_jax.models.registry import TINY_MODEL_DIR, default_eos_ids
+from gsm8k_jax.models.registry import default_eos_ids
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.batching import default_prefill_chunk, round_up
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -205,7 +206,9 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
         useful = weights * ours["decode_steps"] + kv
         tile_rows = ours["tile_steps"] * sampler.row_tile
         ours["matmul_gflop"] = (
-            roofline.matmul_flops(config, tile_rows + ours["prefilled_tokens"], tile_rows)
+            roofline.matmul_flops(
+                config, tile_rows + ours["prefilled_tokens"], tile_rows
+            )
             / 1e9
         )
         del model
@@ -225,7 +228,9 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
             decoded = reference["decoded_rows"]
             reference["matmul_gflop"] = (
                 roofline.matmul_flops(
-                    config, decoded + reference["prefilled_tokens"], decoded + len(prompts)
+                    config,
+                    decoded + reference["prefilled_tokens"],
+                    decoded + len(prompts),
                 )
                 / 1e9
             )

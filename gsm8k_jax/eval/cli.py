@@ -1,7 +1,8 @@
 """The evaluation run the scripts describe: eval_gsm8k.py and
-eval_gsm8k_base.py are thin wrappers over `run_script`, whose `main` reads
-the flags (`cli_flags`), loads the model, data and checkpoint, and evaluates
-(`runner.evaluate`); `script_main.run_main` runs it."""
+eval_gsm8k_base.py define their flags and run through
+`script_main.run_eval_script`, which imports this module only once the
+flags have parsed. `main` reads the flags into settings, loads the model,
+data and checkpoint, and evaluates (`runner.evaluate`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import dataclasses
 import functools
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,43 +20,69 @@ from jax.sharding import Mesh
 from gsm8k_jax.checkpoints.sources import resolve_model_dir, start_model_revision
 from gsm8k_jax.compilation_cache import enable_compilation_cache
 from gsm8k_jax.eval import multihost
-from gsm8k_jax.eval.cli_flags import (
-    FLAGS,
-    check_model_config,
-    define_flags,
-    eval_config_from_flags,
-    given_lora_fields,
-)
+from gsm8k_jax.eval.cli_flags import FLAGS, check_model_config, given_lora_fields
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.results import RunFiles, run_info, run_tag
-from gsm8k_jax.eval.runner import evaluate
-from gsm8k_jax.eval.script_main import run_main
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.eval.tasks import task_eval_config
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
-from gsm8k_jax.models.registry import (
-    default_eos_ids,
-    load_pretrained,
-    model_spec,
-    shape_warning,
-)
+from gsm8k_jax.models.registry import default_eos_ids, load_pretrained, shape_warning
+from gsm8k_jax.models.specs import model_spec
+from gsm8k_jax.sampling.params import SamplingParams
 from gsm8k_jax.sampling.sampler import Sampler
 from gsm8k_jax.storage import require_writable
 
 
-def run_app(
-    main_fn: Callable[[list[str]], Any], *, default_model_config: str | Path
-) -> None:
-    """Defines the evaluation flags, then runs `main_fn` (see
-    `script_main.run_main`)."""
-    define_flags(default_model_config)
-    run_main(main_fn)
+def _parse_eos(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(
+            f"--eos_tokens must be comma-separated integers, got {text!r}."
+        ) from None
 
 
-def run_script(*, lora: bool, default_model_config: str | Path) -> None:
-    """Entry point of eval_gsm8k.py (lora=True) and eval_gsm8k_base.py."""
-    run_app(
-        functools.partial(main, lora=lora), default_model_config=default_model_config
+def eval_config_from_flags(
+    model_dir: Path, *, num_problems: int | None = None
+) -> EvalConfig:
+    """The evaluation settings of the flags; stop ids default to `model_dir`'s,
+    and the batch is capped to the work (`num_problems` problems, if given)."""
+    eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
+    config = EvalConfig(
+        batch_size=FLAGS.batch_size,
+        row_tile=FLAGS.row_tile,
+        sampling=SamplingParams(
+            max_generation_steps=FLAGS.max_generation_steps,
+            temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p,
+            top_k=FLAGS.top_k,
+            num_samples=FLAGS.num_samples,
+            seed=FLAGS.seed,
+            eos_ids=eos_ids,
+        ),
+        extraction_method=FLAGS.extraction_method,
+        prompt_template=FLAGS.prompt_template,
+        system_prompt=FLAGS.system_prompt or None,
+        use_chat_template=FLAGS.use_chat_template,
     )
+    config = task_eval_config(
+        config,
+        FLAGS.task,
+        model_name=FLAGS.model.model_name,
+        instruction_tuned=model_spec(FLAGS.model.model_name).instruction_tuned,
+        given={name for name in FLAGS if FLAGS[name].present},
+    )
+    if num_problems is None:
+        return config
+    capped = config.for_problems(num_problems)
+    if capped.batch_size != config.batch_size:
+        print(
+            f"note: --batch_size={config.batch_size} is more than the"
+            f" {num_problems} problems; using {capped.batch_size}.",
+            file=sys.stderr,
+        )
+    return capped
 
 
 def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) -> None:

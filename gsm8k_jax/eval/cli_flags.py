@@ -1,5 +1,7 @@
-"""The evaluation scripts' flags: defined, parsed (a bad flag or `--model`
-field is one line, not a traceback), and read into settings.
+"""The evaluation scripts' flags: defined and parsed (a bad flag or `--model`
+field is one line, not a traceback). This module imports neither jax nor
+transformers, so --help and a flag error answer at once; `cli` reads the
+parsed flags into the run's settings.
 
 Model settings are an ml_collections config (`--model=configs/<model>.py`,
 overridden field by field: `--model.model_name=gemma3-1b-it`,
@@ -25,16 +27,8 @@ from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import model_config
-from gsm8k_jax.eval.runner import EvalConfig
-from gsm8k_jax.eval.tasks import TASKS, task_eval_config
-from gsm8k_jax.models.registry import (
-    MODELS,
-    SUPPORTED_FAMILIES,
-    default_eos_ids,
-    model_spec,
-    parse_dtype,
-)
-from gsm8k_jax.sampling.sampler import SamplingParams
+from gsm8k_jax.eval.tasks import TASKS
+from gsm8k_jax.models.specs import MODELS, SUPPORTED_FAMILIES, check_dtype
 from gsm8k_jax.storage import is_gcs
 
 FLAGS = flags.FLAGS
@@ -224,15 +218,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         _flags_error(str(e))
 
 
-def _parse_eos(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(
-            f"--eos_tokens must be comma-separated integers, got {text!r}."
-        ) from None
-
-
 def check_model_config(cfg: ml_collections.ConfigDict) -> None:
     """Rejects an unsupported `--model` family, name or dtype with a clear error."""
     if cfg.model_family not in SUPPORTED_FAMILIES:
@@ -244,49 +229,7 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
             f"--model.model_name={cfg.model_name!r}; choose one of {sorted(MODELS)}"
             " (a folder or gs:// path goes in --model.model_path)."
         )
-    parse_dtype(cfg.dtype)
-
-
-def eval_config_from_flags(
-    model_dir: Path, *, num_problems: int | None = None
-) -> EvalConfig:
-    """The evaluation settings of the flags; stop ids default to `model_dir`'s,
-    and the batch is capped to the work (`num_problems` problems, if given)."""
-    eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
-    config = EvalConfig(
-        batch_size=FLAGS.batch_size,
-        row_tile=FLAGS.row_tile,
-        sampling=SamplingParams(
-            max_generation_steps=FLAGS.max_generation_steps,
-            temperature=FLAGS.temperature,
-            top_p=FLAGS.top_p,
-            top_k=FLAGS.top_k,
-            num_samples=FLAGS.num_samples,
-            seed=FLAGS.seed,
-            eos_ids=eos_ids,
-        ),
-        extraction_method=FLAGS.extraction_method,
-        prompt_template=FLAGS.prompt_template,
-        system_prompt=FLAGS.system_prompt or None,
-        use_chat_template=FLAGS.use_chat_template,
-    )
-    config = task_eval_config(
-        config,
-        FLAGS.task,
-        model_name=FLAGS.model.model_name,
-        instruction_tuned=model_spec(FLAGS.model.model_name).instruction_tuned,
-        given={name for name in FLAGS if FLAGS[name].present},
-    )
-    if num_problems is None:
-        return config
-    capped = config.for_problems(num_problems)
-    if capped.batch_size != config.batch_size:
-        print(
-            f"note: --batch_size={config.batch_size} is more than the"
-            f" {num_problems} problems; using {capped.batch_size}.",
-            file=sys.stderr,
-        )
-    return capped
+    check_dtype(cfg.dtype)
 
 
 def given_model_fields(argv: Sequence[str]) -> set[str]:

@@ -10,6 +10,9 @@ such a report from a thread and, on seeing one, stops as SIGTERM would stop
 it (what it finished stays committed), and says which process stopped and
 why (`stop_heard`). A process that dies without a word (kill -9, a lost
 host) is caught by jax.distributed's heartbeats instead.
+
+jax is imported where it is used: the scripts read this module while
+parsing flags and reporting errors, before any heavy import.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from __future__ import annotations
 import _thread
 import atexit
 import signal
+import sys
 import threading
 import time
-
-import jax
 
 from gsm8k_jax import stop_signals
 
@@ -60,6 +62,11 @@ def _state():
 
 
 def _client():
+    """The coordination service's client; None in a process that has not
+    imported jax (flag parsing, or an error before any work), where
+    jax.distributed cannot have started."""
+    if "jax" not in sys.modules:
+        return None
     return _state().client
 
 
@@ -77,6 +84,8 @@ def initialize(
     processes' stop reports (until this process exits), and an empty
     handler for WAKE_SIGNAL (SIGUSR1), which that thread sends. Without jax's
     preemption service, which would take SIGTERM from `stop_on_signals`."""
+    import jax
+
     jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -102,6 +111,8 @@ def initialize(
 
 
 def _watch(own: int) -> None:
+    import jax
+
     global _heard
     while not _stop_watching.wait(WATCH_INTERVAL_S):
         client = _client()
@@ -129,6 +140,8 @@ def post_stop(report: str) -> None:
     client = _client()
     if client is None or _heard is not None:  # Alone, or stopping on another's report.
         return
+    import jax
+
     try:
         client.key_value_set(
             f"{_STOPPED}{_state().process_id}", report, allow_overwrite=True

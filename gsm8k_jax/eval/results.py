@@ -268,7 +268,7 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def model_config(model_name: str) -> ml_collections.ConfigDict:
     """The `--model` config of a named model; configs/*.py files return this."""
-    from gsm8k_jax.models.registry import model_spec
+    from gsm8k_jax.models.specs import model_spec
 
     model_spec(model_name)
     return ml_collections.ConfigDict(

@@ -9,6 +9,7 @@ import atexit
 import gc
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from absl import app
@@ -116,3 +117,18 @@ def run_main(
             raise
 
     app.run(_main, flags_parser=cli_flags.parse_flags)
+
+
+def run_eval_script(*, lora: bool, default_model_config: str | Path) -> None:
+    """Entry point of eval_gsm8k.py (lora=True) and eval_gsm8k_base.py: the
+    evaluation flags, then `cli.main`, imported only once they parse (it
+    brings in jax and transformers, a few seconds that --help and a
+    mistyped flag need not wait for)."""
+    cli_flags.define_flags(default_model_config)
+
+    def main(argv: list[str]) -> dict[str, Any] | None:
+        from gsm8k_jax.eval import cli
+
+        return cli.main(argv, lora=lora)
+
+    run_main(main)

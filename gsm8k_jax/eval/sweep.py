@@ -42,7 +42,8 @@ from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
-from gsm8k_jax.models.registry import load_pretrained, model_spec, shape_warning
+from gsm8k_jax.models.registry import load_pretrained, shape_warning
+from gsm8k_jax.models.specs import model_spec
 from gsm8k_jax.sampling.sampler import Sampler
 
 if TYPE_CHECKING:

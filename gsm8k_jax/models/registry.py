@@ -1,4 +1,4 @@
-"""Named models: where their weights live by default, and loading them.
+"""Loading the named models (`specs.py`): weights and tokenizer from one source.
 
 `load_pretrained("gemma3-1b-it")` fetches google/gemma-3-1b-it from the hub;
 `model_path` overrides the source with a local folder, a gs:// folder or
@@ -7,7 +7,6 @@ another hub id. `gemma3-tiny` ships inside the package, so it works offline.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,46 +19,7 @@ from gsm8k_jax.checkpoints.sources import SourceError, resolve_model_dir
 from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_hf_model
-
-TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "gemma3_tiny"
-SUPPORTED_FAMILIES = ("Gemma3",)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A named model: its default source and whether it expects chat turns."""
-
-    name: str
-    default_path: str
-    instruction_tuned: bool
-
-
-def _hub(size: str, kind: str) -> ModelSpec:
-    return ModelSpec(
-        f"gemma3-{size}-{kind}", f"google/gemma-3-{size}-{kind}", kind == "it"
-    )
-
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("gemma3-tiny", str(TINY_MODEL_DIR), instruction_tuned=True),
-        *(
-            _hub(size, kind)
-            for size in ("270m", "1b", "4b", "12b", "27b")
-            for kind in ("it", "pt")
-        ),
-    )
-}
-
-
-def model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(
-            f"Unknown model_name {name!r}; choose one of {sorted(MODELS)} (a"
-            " folder or gs:// path goes in model_path, with the name of its size)."
-        )
-    return MODELS[name]
+from gsm8k_jax.models.specs import check_dtype, model_spec
 
 
 def _shape(config: Gemma3Config) -> tuple[int, int]:
@@ -85,12 +45,6 @@ def shape_warning(model_name: str, config: Gemma3Config, model_dir: Path) -> str
     )
 
 
-def parse_dtype(name: str) -> jnp.dtype:
-    if name not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"Unknown dtype {name!r}; use bfloat16, float32 or float16.")
-    return jnp.dtype(name)
-
-
 # A model folder's tokenizer: either file is enough for AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -109,7 +63,7 @@ def load_pretrained(
     """
     spec = model_spec(model_name)
     model_dir = resolve_model_dir(model_path or spec.default_path)
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = jnp.dtype(check_dtype(dtype)) if isinstance(dtype, str) else dtype
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         # transformers would fall back to a tokenizer of a few tokens.
         raise SourceError(

@@ -23,12 +23,14 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gsm8k_jax.models.gemma3.cache import KVCache, RowWindow
 from gsm8k_jax.models.gemma3.model import KEY_BLOCK
 from gsm8k_jax.sampling import weight_layout
 from gsm8k_jax.sampling.batching import round_up
+from gsm8k_jax.sampling.params import MAX_EOS_IDS, SamplingParams
 from gsm8k_jax.sampling.token_choice import choose_tokens
 
 
@@ -39,6 +41,19 @@ class DecodeSettings(NamedTuple):
     temperature: jax.Array  # scalar float32; 0 = greedy
     top_k: jax.Array  # scalar int32; 0 = off
     top_p: jax.Array  # scalar float32; 1 = off
+
+
+def decode_settings(params: SamplingParams) -> DecodeSettings:
+    """The decode settings as host arrays: a jitted call transfers them,
+    where building them with jnp would compile a small program for each."""
+    eos = np.full((MAX_EOS_IDS,), -1, np.int32)
+    eos[: len(params.eos_ids)] = params.eos_ids
+    return DecodeSettings(
+        eos_ids=eos,
+        temperature=np.float32(params.temperature),
+        top_k=np.int32(params.top_k),
+        top_p=np.float32(params.top_p),
+    )
 
 
 @flax.struct.dataclass

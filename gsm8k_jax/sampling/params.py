@@ -1,18 +1,14 @@
 """What a caller asks of the sampler, and what it gives back.
 
 `SamplingParams` (how to generate) and `Completion` (one generated
-sequence) are plain host-side values; `decode_settings` turns the params
-into the traced arguments of the decode program.
+sequence) are plain host-side values (`decode.decode_settings` turns the
+params into the traced arguments of the decode program).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
-
-import numpy as np
-
-from gsm8k_jax.sampling.decode import DecodeSettings
 
 # Stop ids a call may give: the decode program takes a fixed-size array.
 MAX_EOS_IDS = 8
@@ -65,16 +61,3 @@ class Completion:
     num_tokens: int
     finish_reason: Literal["eos", "length"]
     logprob: float  # sum of log-probs of the chosen tokens under the model
-
-
-def decode_settings(params: SamplingParams) -> DecodeSettings:
-    """The decode settings as host arrays: a jitted call transfers them,
-    where building them with jnp would compile a small program for each."""
-    eos = np.full((MAX_EOS_IDS,), -1, np.int32)
-    eos[: len(params.eos_ids)] = params.eos_ids
-    return DecodeSettings(
-        eos_ids=eos,
-        temperature=np.float32(params.temperature),
-        top_k=np.int32(params.top_k),
-        top_p=np.float32(params.top_p),
-    )

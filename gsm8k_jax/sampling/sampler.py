@@ -37,8 +37,8 @@ from gsm8k_jax.sampling.batching import (
     num_chunks,
     round_up,
 )
-from gsm8k_jax.sampling.decode import DecodeState, decode, prefill
-from gsm8k_jax.sampling.params import Completion, SamplingParams, decode_settings
+from gsm8k_jax.sampling.decode import DecodeState, decode, decode_settings, prefill
+from gsm8k_jax.sampling.params import Completion, SamplingParams
 
 # Every rounding to bfloat16 that the program asks for happens: otherwise XLA
 # may keep a fused intermediate in float32, and whether it fuses depends on

@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 
 from gsm8k_jax.models.gemma3.config import Gemma3Config, gemma3_tiny
 from gsm8k_jax.models.gemma3.params import export_hf_weights, hf_config, load_hf_model
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 
 def hf_text_config(config: Gemma3Config) -> transformers.Gemma3TextConfig:

@@ -40,19 +40,17 @@ from pathlib import Path
 
 from gsm8k_jax.quiet import quiet_imports
 
-quiet_imports()  # Before the imports below load transformers.
+quiet_imports()  # Before anything loads transformers.
 
-import jax
 from absl import flags
 
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
-from gsm8k_jax.eval import cli, cli_flags
+from gsm8k_jax.eval import cli_flags, script_main
 from gsm8k_jax.eval.comparison import compare_runs
 from gsm8k_jax.eval.report import save_report
 from gsm8k_jax.eval.runs import RunResult, load_runs
-from gsm8k_jax.eval.sweep import evaluate_checkpoints
-from gsm8k_jax.models.registry import model_spec
+from gsm8k_jax.models.specs import model_spec
 from gsm8k_jax.storage import require_writable
 
 _RESULTS = flags.DEFINE_list(
@@ -77,19 +75,28 @@ _NUM_RESAMPLES = flags.DEFINE_integer(
 )
 
 
-def _evaluate() -> list[RunResult]:
+def _evaluate() -> list[RunResult] | None:
+    """The runs of the base model and --lora_checkpoints, evaluated first;
+    None on the processes other than 0 of a multi-host run."""
+    # Only an evaluation needs jax and the models (comparing runs on disk
+    # does not): imported here, so that --results answers sooner.
+    import jax
+
+    from gsm8k_jax.eval import cli
+    from gsm8k_jax.eval.sweep import evaluate_checkpoints
+
     cli.start_jax()
     cfg = cli_flags.FLAGS.model
     cli_flags.check_model_config(cfg)
     model_dir = resolve_model_dir(
         cfg.model_path or model_spec(cfg.model_name).default_path
     )
-    return evaluate_checkpoints(
+    runs = evaluate_checkpoints(
         cfg.model_name,
         cfg.model_path,
         _LORA_CHECKPOINTS.value,
         LoraConfig(**cfg.lora_config.to_dict()),
-        cli_flags.eval_config_from_flags(model_dir),
+        cli.eval_config_from_flags(model_dir),
         cli_flags.FLAGS.output_dir,
         given_lora_fields=cli_flags.given_lora_fields(sys.argv),
         include_base=_INCLUDE_BASE.value,
@@ -103,6 +110,10 @@ def _evaluate() -> list[RunResult]:
         process_index=jax.process_index(),
         num_processes=jax.process_count(),
     )
+    if cli_flags.FLAGS.distributed and jax.process_index() != 0:
+        print(f"Evaluated {[r.tag for r in runs]}; process 0 compares the runs.")
+        return None
+    return runs
 
 
 # Flags that shape a comparison of runs on disk, or only how the processes
@@ -160,8 +171,7 @@ def main(argv: list[str]) -> None:
             seen.add((run.source, run.tag))
     elif _LORA_CHECKPOINTS.value:
         runs = _evaluate()
-        if cli_flags.FLAGS.distributed and jax.process_index() != 0:
-            print(f"Evaluated {[r.tag for r in runs]}; process 0 compares the runs.")
+        if runs is None:
             return
     else:
         raise ValueError(
@@ -185,9 +195,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_app(
-        main,
-        default_model_config=Path(__file__).resolve().parents[2]
-        / "configs"
-        / "gemma3_tiny.py",
+    cli_flags.define_flags(
+        Path(__file__).resolve().parents[2] / "configs" / "gemma3_tiny.py"
     )
+    script_main.run_main(main)

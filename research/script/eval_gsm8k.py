@@ -11,12 +11,12 @@ from pathlib import Path
 
 from gsm8k_jax.quiet import quiet_imports
 
-quiet_imports()  # Before the import below loads transformers.
+quiet_imports()  # Before anything loads transformers.
 
-from gsm8k_jax.eval import cli
+from gsm8k_jax.eval import script_main
 
 if __name__ == "__main__":
-    cli.run_script(
+    script_main.run_eval_script(
         lora=True,
         default_model_config=Path(__file__).resolve().parents[2]
         / "configs"

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from gsm8k_jax.benchmarks import roofline
 from gsm8k_jax.models.gemma3.config import AttentionType, gemma3_tiny
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.benchmarks import roofline
 
 CONFIG = dataclasses.replace(gemma3_tiny(), sliding_window=5)
 
@@ -34,7 +34,9 @@ def test_matmul_flops_count_every_weight_matrix():
     the vocabulary projection, counted from the model's own parameters."""
     model = Gemma3(CONFIG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     embedding = model.embedder.input_embedding[...].size
-    matrices = [x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2]
+    matrices = [
+        x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2
+    ]
     layer_weights = sum(matrices) - embedding
     assert roofline.matmul_flops(CONFIG, tokens=7, logit_rows=3) == 2 * (
         7 * layer_weights + 3 * embedding

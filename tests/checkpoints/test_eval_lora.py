@@ -15,7 +15,7 @@ from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.eval.results import ResultsError, RunFiles, model_config, run_info
 from gsm8k_jax.eval.runner import EvalConfig
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 RANK = 4
 

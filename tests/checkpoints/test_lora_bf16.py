@@ -20,7 +20,8 @@ from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
-from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_pretrained
+from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 RANK, ALPHA = 4, 4.0  # scale alpha / rank = 1

@@ -10,7 +10,8 @@ from gcs_emulator import gcs_filesystem, reset_gcs_client_caches, upload_dir
 from huggingface_hub import errors
 
 from gsm8k_jax.checkpoints import sources
-from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_pretrained
+from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 
 def test_missing_local_folder_is_clear(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 from eval.test_eval_scripts import BASE_SCRIPT, LORA_SCRIPT, REPO, run_script
+from test_public_api import imported_after
 
 from gsm8k_jax import quiet, storage
 from gsm8k_jax.checkpoints import lora_checkpoint, sources
@@ -39,6 +40,27 @@ def test_help_lists_the_project_flags(script, expected):
         assert f"\n  {flag}" in proc.stdout, proc.stdout
     assert "lora_config.rank" in proc.stdout  # --model's fields
     assert "--alsologtostderr" not in proc.stdout  # absl's are for --helpfull
+
+
+# What the scripts need only to run: --help and a flag error answer without.
+HEAVY_MODULES = ("jax", "flax", "transformers", "torch")
+
+
+@pytest.mark.parametrize(
+    "script", [BASE_SCRIPT, LORA_SCRIPT, COMPARE_SCRIPT, TRAIN_SCRIPT]
+)
+@pytest.mark.parametrize("arg", ["--help", "--batchsize=3"])
+def test_help_and_flag_errors_import_no_jax_or_transformers(script, arg):
+    """jax and transformers take seconds to import; flags parse without them."""
+    code = f"""
+import runpy
+sys.argv = [{str(script)!r}, {arg!r}]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+"""
+    assert imported_after(code, HEAVY_MODULES) == []
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from gcs_emulator import gcs_filesystem
 from hf_models import make_tiny_hf_model
 
 from gsm8k_jax.eval.extraction import is_correct
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SCRIPT = REPO / "research" / "script" / "eval_gsm8k_base.py"

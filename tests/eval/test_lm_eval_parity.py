@@ -24,7 +24,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval_tasks import local_name, write_local_tasks
 
 from gsm8k_jax.eval.lm_eval_filters import FLEXIBLE_EXTRACT, INVALID, STRICT_MATCH
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 TASK = "gsm8k_cot_zeroshot"
 NUM_PROBLEMS = 16

@@ -12,7 +12,7 @@ from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.eval.tasks import TASKS, format_prompts, task_eval_config
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 NUM_PROBLEMS = 16
 LM_EVAL_PRESETS = [name for name, task in TASKS.items() if task.lm_eval_task]

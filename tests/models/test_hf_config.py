@@ -13,7 +13,8 @@ from gsm8k_jax.models.gemma3.config import CONFIGS as NAMED_CONFIGS
 from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.models.gemma3.hf_config import TEXT_DEFAULTS, text_fields
 from gsm8k_jax.models.gemma3.params import CheckpointError, load_config
-from gsm8k_jax.models.registry import TINY_MODEL_DIR, load_tokenizer
+from gsm8k_jax.models.registry import load_tokenizer
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 # The formats of the released checkpoints' config.json files: 1b's text-only
 # config in transformers 4.50's older fields; 4b's, 12b's and 27b's

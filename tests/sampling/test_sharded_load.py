@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hf_models import make_tiny_hf_model
 from jax.sharding import PartitionSpec
 
 from gsm8k_jax.eval.sweep import device_groups
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
-from hf_models import make_tiny_hf_model
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -156,9 +156,7 @@ def test_model_axis_must_divide_the_query_heads():
         ),
     ],
 )
-def test_scripts_say_what_does_not_divide_in_one_line(
-    tmp_path, script, args, message
-):
+def test_scripts_say_what_does_not_divide_in_one_line(tmp_path, script, args, message):
     proc = subprocess.run(
         [
             sys.executable,

@@ -52,7 +52,9 @@ def random_logits(rows: int, scale: float, seed: int) -> np.ndarray:
 )
 def test_thresholds_equal_a_full_sort(top_k, top_p, scale):
     logits = random_logits(8, scale, seed=top_k)
-    kept = _filter_top_k_top_p(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p))
+    kept = _filter_top_k_top_p(
+        jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p)
+    )
     np.testing.assert_array_equal(
         np.isfinite(np.asarray(kept)), reference_keep(logits, top_k, top_p)
     )

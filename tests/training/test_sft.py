@@ -32,7 +32,7 @@ from gsm8k_jax.eval.extraction import extract_answer
 from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.models.gemma3.config import CONFIGS, Gemma3Config
 from gsm8k_jax.models.gemma3.params import export_hf_weights, hf_config, load_hf_model
-from gsm8k_jax.models.registry import TINY_MODEL_DIR
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.decode import prompt_positions
 from gsm8k_jax.stop_signals import Terminated, stop_on_signals
 from gsm8k_jax.training import data as sft_data
