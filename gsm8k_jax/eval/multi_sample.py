@@ -1,7 +1,7 @@
 """Runs with several samples per question: pass@k, maj@k, clustered accuracy
 and reranking (which of the k samples to submit).
 
-Needs neither jax nor a model; the statistics come from `gsm8k_jax.eval.stats`.
+Needs neither jax nor a model; the intervals come from `gsm8k_jax.eval.stats`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from gsm8k_jax.eval import stats
 from gsm8k_jax.eval.extraction import answers_match
 from gsm8k_jax.eval.runs import RunResult
+from gsm8k_jax.eval.sample_stats import maj_at_k, majority_vote, pass_at_k
 
 __all__ = [
     "MultiSampleMetrics",
@@ -26,6 +27,7 @@ __all__ = [
     "multi_sample_metrics",
     "rerank",
 ]
+
 
 # A reranker: given one question's candidates (rollout dicts, in sample
 # order), the index of the one to submit.
@@ -39,7 +41,7 @@ def majority_vote_scorer(candidates: list[dict[str, Any]]) -> int:
     vote; if none has one, the first candidate is chosen.
     """
     answers = [c["extracted_answer"] for c in candidates]
-    winner = stats.majority_vote(answers, equal=answers_match)
+    winner = majority_vote(answers, equal=answers_match)
     return 0 if winner is None else answers.index(winner)
 
 
@@ -137,9 +139,7 @@ def multi_sample_metrics(
     groups = run.by_question()
     grid = correct_grid(run)
     pass_at = {
-        f"pass@{j}": float(
-            np.mean([stats.pass_at_k(k, int(row.sum()), j) for row in grid])
-        )
+        f"pass@{j}": float(np.mean([pass_at_k(k, int(row.sum()), j) for row in grid]))
         for j in _budgets(k)
     }
     mean, interval = clustered_interval(grid, confidence)
@@ -148,7 +148,7 @@ def multi_sample_metrics(
         num_samples=k,
         num_questions=len(groups),
         pass_at=pass_at,
-        maj_at_k=stats.maj_at_k(
+        maj_at_k=maj_at_k(
             [[r["extracted_answer"] for r in g] for g in groups],
             [g[0]["gold"] for g in groups],
             equal=answers_match,

@@ -16,12 +16,8 @@ import numpy as np
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS, answers_match, extract_answer
 from gsm8k_jax.eval.lm_eval_filters import mean_and_stderr
-from gsm8k_jax.eval.stats import (
-    clustered_mean_accuracy,
-    grid_accuracy_interval,
-    maj_at_k,
-    pass_at_k,
-)
+from gsm8k_jax.eval.sample_stats import maj_at_k, pass_at_k
+from gsm8k_jax.eval.stats import clustered_mean_accuracy, grid_accuracy_interval
 
 __all__ = ["rescore", "score", "summarize"]
 

@@ -6,9 +6,9 @@ Everything here is plain numpy + the standard library (no scipy at runtime):
   accuracy measured on ``n`` items.
 * :func:`mcnemar_exact` / :func:`paired_bootstrap_diff`: comparing two models
   (or checkpoints) evaluated on the *same* items, using the paired view.
-* :func:`pass_at_k`, :func:`majority_vote`, :func:`maj_at_k`,
-  :func:`clustered_mean_accuracy`: summaries when several samples are drawn per
-  question.
+* :func:`clustered_mean_accuracy` / :func:`clustered_accuracy_interval`: the
+  accuracy of several samples per question, clustered by question (pass@k
+  and maj@k are in `sample_stats`).
 
 Conventions: "A" is the baseline and "B" the candidate; differences are always
 reported as ``B - A``.
@@ -17,7 +17,7 @@ reported as ``B - A``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -28,11 +28,8 @@ __all__ = [
     "McNemarResult",
     "accuracy_interval",
     "clustered_mean_accuracy",
-    "maj_at_k",
-    "majority_vote",
     "mcnemar_exact",
     "paired_bootstrap_diff",
-    "pass_at_k",
     "standard_error",
 ]
 
@@ -53,7 +50,8 @@ def _check_confidence(confidence: float) -> float:
     return confidence
 
 
-def _check_int(name: str, value: int, minimum: int) -> int:
+def check_int(name: str, value: int, minimum: int) -> int:
+    """`value`, the integer argument `name`, if it is at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     value = int(value)
@@ -110,7 +108,7 @@ def standard_error(p: float, n: int) -> float:
     At ``p = 0.6`` and ``n = 1319`` (the GSM8K test set) this is about 0.0135,
     i.e. 1.35 accuracy points.
     """
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
@@ -135,8 +133,8 @@ def accuracy_interval(
     Returns:
       ``(low, high)``, both in ``[0, 1]``.
     """
-    total = _check_int("total", total, 1)
-    correct = _check_int("correct", correct, 0)
+    total = check_int("total", total, 1)
+    correct = check_int("correct", correct, 0)
     if correct > total:
         raise ValueError(f"correct ({correct}) must not exceed total ({total})")
     confidence = _check_confidence(confidence)
@@ -319,7 +317,7 @@ def paired_bootstrap_diff(
       seed: seed for ``numpy.random.default_rng``.
     """
     a, b = _paired(a_correct, b_correct)
-    num_resamples = _check_int("num_resamples", num_resamples, 1)
+    num_resamples = check_int("num_resamples", num_resamples, 1)
     confidence = _check_confidence(confidence)
 
     # Per-item difference in {-1, 0, 1}; mean over resampled indices equals
@@ -349,131 +347,6 @@ def paired_bootstrap_diff(
 # --------------------------------------------------------------------------- #
 # Several samples per question
 # --------------------------------------------------------------------------- #
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k estimator of Chen et al. (2021), "Evaluating LLMs Trained on Code".
-
-    Given ``n`` samples of which ``c`` are correct, estimates the probability
-    that at least one of ``k`` samples is correct as ``1 - C(n-c, k) / C(n, k)``,
-    evaluated in the numerically stable product form
-    ``1 - prod_{i=n-c+1}^{n} (1 - k / i)``.
-
-    Args:
-      n: samples drawn for the question (``>= 1``).
-      c: how many of them are correct, ``0 <= c <= n``.
-      k: the budget, ``1 <= k <= n``.
-
-    Raises:
-      ValueError: if ``k > n`` or any argument is out of range.
-    """
-    n = _check_int("n", n, 1)
-    c = _check_int("c", c, 0)
-    k = _check_int("k", k, 1)
-    if c > n:
-        raise ValueError(f"c ({c}) must not exceed n ({n})")
-    if k > n:
-        raise ValueError(f"k ({k}) must not exceed n ({n}); draw at least k samples")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-def majority_vote(
-    answers: Sequence[str | None],
-    equal: Callable[[str, str], bool] | None = None,
-) -> str | None:
-    """Most common non-``None`` answer; ties go to the answer seen first.
-
-    ``None`` entries (samples from which no answer could be extracted) are
-    ignored. Returns ``None`` when every entry is ``None``.
-
-    Args:
-      answers: the candidate answers for one question, in sampling order.
-      equal: optional equivalence for grouping answers (e.g. numeric
-        equality so that "18" and "18.0" vote together). Each answer joins the
-        first group whose first member it equals; the winning group is
-        represented by its first member. Defaults to exact string equality.
-
-    Raises:
-      ValueError: if ``answers`` is empty.
-    """
-    if len(answers) == 0:
-        raise ValueError("answers is empty; need at least one candidate")
-    # Groups as [representative, count], kept in order of first appearance.
-    groups: list[list] = []
-    if equal is None:
-        index: dict[str, int] = {}
-        for ans in answers:
-            if ans is None:
-                continue
-            if ans in index:
-                groups[index[ans]][1] += 1
-            else:
-                index[ans] = len(groups)
-                groups.append([ans, 1])
-    else:
-        for ans in answers:
-            if ans is None:
-                continue
-            for group in groups:
-                if equal(ans, group[0]):
-                    group[1] += 1
-                    break
-            else:
-                groups.append([ans, 1])
-    if not groups:
-        return None
-    best = groups[0]
-    for group in groups[1:]:
-        if group[1] > best[1]:  # strict: earlier groups win ties
-            best = group
-    return best[0]
-
-
-def maj_at_k(
-    candidates: Sequence[Sequence[str | None]],
-    golds: Sequence[str],
-    k: int | None = None,
-    equal: Callable[[str, str], bool] | None = None,
-) -> float:
-    """maj@k: fraction of questions whose majority-vote answer is correct.
-
-    Args:
-      candidates: per question, the sampled answers (``None`` = unparseable).
-      golds: per question, the reference answer.
-      k: vote over the first ``k`` candidates of every question; ``None`` uses
-        all of them. Every question must have at least ``k`` candidates.
-      equal: ``equal(answer, other)`` decides both which answers vote together
-        and whether the winner matches the gold; defaults to ``==``.
-
-    A question whose candidates are all ``None`` counts as wrong.
-    """
-    if len(candidates) == 0:
-        raise ValueError("candidates is empty; need at least one question")
-    if len(candidates) != len(golds):
-        raise ValueError(
-            f"candidates and golds must have the same length: got {len(candidates)} "
-            f"and {len(golds)}"
-        )
-    if k is not None:
-        k = _check_int("k", k, 1)
-    eq = equal if equal is not None else (lambda x, y: x == y)
-    num_correct = 0
-    for q, (cands, gold) in enumerate(zip(candidates, golds)):
-        if k is not None:
-            if len(cands) < k:
-                raise ValueError(
-                    f"question {q} has {len(cands)} candidates, fewer than k={k}"
-                )
-            cands = cands[:k]
-        winner = majority_vote(cands, equal=equal)
-        if winner is not None and eq(winner, gold):
-            num_correct += 1
-    return num_correct / len(candidates)
 
 
 def clustered_mean_accuracy(correct: np.ndarray) -> tuple[float, float]:

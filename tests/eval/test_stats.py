@@ -1,4 +1,5 @@
-"""gsm8k_jax.eval.stats against independent computations (scipy, brute force)."""
+"""gsm8k_jax.eval.stats and sample_stats against independent computations
+(scipy, brute force)."""
 
 import itertools
 import math
@@ -9,14 +10,12 @@ import pytest
 from scipy.stats import binomtest
 
 from gsm8k_jax.eval import stats
+from gsm8k_jax.eval.sample_stats import maj_at_k, majority_vote, pass_at_k
 from gsm8k_jax.eval.stats import (
     accuracy_interval,
     clustered_mean_accuracy,
-    maj_at_k,
-    majority_vote,
     mcnemar_exact,
     paired_bootstrap_diff,
-    pass_at_k,
     standard_error,
 )
 
