@@ -41,6 +41,7 @@ import ml_collections
 from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.eval.chunks import ChunkStore, json_line
+from gsm8k_jax.models.specs import model_spec
 
 if TYPE_CHECKING:
     from gsm8k_jax.eval.runner import EvalConfig
@@ -268,14 +269,12 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def model_config(model_name: str) -> ml_collections.ConfigDict:
     """The `--model` config of a named model; configs/*.py files return this."""
-    from gsm8k_jax.models.specs import model_spec
-
     model_spec(model_name)
     return ml_collections.ConfigDict(
         {
             "model_family": "Gemma3",
             "model_name": model_name,
-            "model_path": "",  # Empty: the model's default source (see registry.MODELS).
+            "model_path": "",  # Empty: the model's default source (see specs.MODELS).
             "dtype": "bfloat16",
             "lora_config": dataclasses.asdict(LoraConfig()),
             "lora_checkpoint_path": "",
@@ -315,7 +314,7 @@ def run_tag(
     `<model>_<checkpoint>[_r<rank>a<alpha>][_<task>]_bs<batch>`.
 
     Args:
-      model_name: a name from `registry.MODELS`.
+      model_name: a name from `specs.MODELS`.
       lora_path: the resolved LoRA checkpoint, or "" for the base model.
       batch_size: prompts decoded in parallel.
       lora_config: the LoRA's rank and alpha, which change its answers, so

@@ -182,7 +182,7 @@ def evaluate_checkpoints(
     the others' summaries in `output_dir` (storage every host shares).
 
     Args:
-      model_name: a name from `registry.MODELS`.
+      model_name: a name from `specs.MODELS`.
       model_path: hub id, local folder or gs:// folder; None or "" for the
         model's default source.
       lora_paths: LoRA checkpoints, anything `resolve_lora_checkpoint`
