@@ -12,8 +12,12 @@ from pathlib import Path
 import torch
 import transformers
 
-# Each variant exercises a different part of the architecture. All have 7
-# layers (both attention types occur) and a window shorter than test sequences.
+# Each variant exercises a different part of the architecture. All have a
+# window shorter than test sequences, and three layers: a global one between
+# two sliding ones, so both attention types occur, each after the other
+# (Gemma 3's own pattern, a global layer every sixth, needs seven layers
+# and compiles more than twice as long).
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 TINY_VARIANTS = {
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
@@ -29,12 +33,16 @@ TINY_VARIANTS = {
 
 
 def tiny_hf_kwargs(variant: str = "mqa", **overrides) -> dict:
-    """`Gemma3TextConfig` keyword arguments of a tiny variant."""
+    """`Gemma3TextConfig` keyword arguments of a tiny variant. Another
+    `num_hidden_layers` without `layer_types` takes Gemma 3's own pattern."""
+    if "num_hidden_layers" in overrides:
+        overrides.setdefault("layer_types", None)
     kwargs = dict(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=7,
+        num_hidden_layers=len(LAYER_TYPES),
+        layer_types=LAYER_TYPES,
         head_dim=32,
         sliding_window=8,
         query_pre_attn_scalar=32,

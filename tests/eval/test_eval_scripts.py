@@ -158,7 +158,7 @@ def test_hf_folder_model_path(tmp_path):
     assert len(rollouts.splitlines()) == 6
     # The random weights are not gemma3-1b's shape: the label is questioned.
     assert re.search(
-        r"warning: .*/hf holds a 7-layer model of width 64, not gemma3-1b-it's"
+        r"warning: .*/hf holds a 3-layer model of width 64, not gemma3-1b-it's"
         r" 26 layers of width 1152",
         proc.stderr,
     ), proc.stderr

@@ -36,7 +36,8 @@ def our_logits(model, ids, valid):
 @pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
 def tiny_pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    ref = make_tiny_hf_model(path, request.param)
+    # Seven layers: Gemma 3's own pattern, a global layer sixth.
+    ref = make_tiny_hf_model(path, request.param, num_hidden_layers=7)
     return path, ref, load_hf_model(path, dtype=jnp.float32)
 
 
@@ -78,7 +79,9 @@ def test_rope_scaling_is_read_for_global_layers_only(tmp_path):
     make_tiny_hf_model(tmp_path, "gqa_rope_scaled")
     model = load_hf_model(tmp_path, dtype=jnp.float32)
     assert model.config.global_rope_scale == 8.0
-    global_layer = model.layers[5].attn
+    global_layer = model.layers[
+        model.config.layer_types.index(AttentionType.GLOBAL)
+    ].attn
     assert (global_layer.rope_base, global_layer.rope_scale) == (1e6, 8.0)
     assert (model.layers[0].attn.rope_base, model.layers[0].attn.rope_scale) == (
         1e4,
@@ -182,10 +185,10 @@ def test_non_gemma3_config(tmp_path):
 def test_missing_tensor_is_named(tmp_path):
     make_tiny_hf_model(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    del tensors["model.layers.3.mlp.up_proj.weight"]
+    del tensors["model.layers.2.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(
-        CheckpointError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"
+        CheckpointError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"
     ):
         load_hf_model(tmp_path)
 
