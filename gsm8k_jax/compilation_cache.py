@@ -48,9 +48,11 @@ def _listen() -> None:
 
 def cache_counts() -> dict[str, int]:
     """Programs this process has read from and written to the persistent
-    cache since it first called `enable_compilation_cache` (a sweep evaluating on device groups side by side counts
-    all groups'): a rerun of the same settings reads what the first run
-    wrote, and writes nothing."""
+    cache since it first asked (here or in `enable_compilation_cache`),
+    however the cache was turned on; a sweep evaluating on device groups
+    side by side counts all groups'. A rerun of the same settings reads
+    what the first run wrote, and writes nothing."""
+    _listen()
     with _counts_lock:
         return {name: _counts[name] for name in _CACHE_EVENTS.values()}
 

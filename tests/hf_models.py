@@ -17,7 +17,7 @@ import transformers
 # two sliding ones, so both attention types occur, each after the other
 # (Gemma 3's own pattern, a global layer every sixth, needs seven layers
 # and compiles more than twice as long).
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
 TINY_VARIANTS = {
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
@@ -42,7 +42,7 @@ def tiny_hf_kwargs(variant: str = "mqa", **overrides) -> dict:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=len(LAYER_TYPES),
-        layer_types=LAYER_TYPES,
+        layer_types=list(LAYER_TYPES),
         head_dim=32,
         sliding_window=8,
         query_pre_attn_scalar=32,

@@ -1,6 +1,6 @@
 """pass@k and maj@k: estimators over several samples per question.
 
-Plain Python and the standard library; a run's summary (`scoring`) and a
+No jax or scipy; a run's summary (`scoring`) and a
 comparison's metrics (`multi_sample`) both use them. The intervals are in
 `stats`.
 """

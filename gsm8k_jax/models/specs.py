@@ -43,6 +43,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def model_spec(name: str) -> ModelSpec:
+    """The spec of a named model; a ValueError lists the names."""
     if name not in MODELS:
         raise ValueError(
             f"Unknown model_name {name!r}; choose one of {sorted(MODELS)} (a"
@@ -54,5 +55,7 @@ def model_spec(name: str) -> ModelSpec:
 def check_dtype(name: str) -> str:
     """`name` if it is a dtype models load in, else a ValueError naming them."""
     if name not in DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}; use {', '.join(DTYPES)}.")
+        raise ValueError(
+            f"Unknown dtype {name!r}; use {', '.join(DTYPES[:-1])} or {DTYPES[-1]}."
+        )
     return name

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gsm8k_jax.quiet import quiet_imports
 
-quiet_imports()  # Before the imports below load transformers.
+quiet_imports()  # Before anything loads transformers.
 
 from absl import flags
 

@@ -366,6 +366,10 @@ def finished_run(tmp_path_factory):
         (["--model.lora_config.rank=abc"], "invalid literal"),
         (["--batchsize=3"], "Unknown command line flag 'batchsize'"),
         (["--model.model_name=gemma9"], "--model.model_name='gemma9'"),
+        (
+            ["--model.dtype=float8"],
+            "Unknown dtype 'float8'; use bfloat16, float32 or float16.",
+        ),
         (["--data_path=/nonexistent/test.jsonl"], "--data_path"),
         (["--model.lora_checkpoint_path=/tmp/x"], "use eval_gsm8k.py"),
         (
