@@ -200,7 +200,10 @@ def evaluate(
     finished_ids = {r["id"] for r in done}
     if finished_ids and show_progress:
         print(
-            f"Resuming {files.tag}: {len(finished_ids)} of {len(examples)}"
+            f"{files.tag}: all {len(examples)} problems were already finished;"
+            " summarising them."
+            if len(finished_ids) == len(examples)
+            else f"Resuming {files.tag}: {len(finished_ids)} of {len(examples)}"
             " problems are already finished.",
             file=sys.stderr,
             flush=True,

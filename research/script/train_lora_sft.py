@@ -115,6 +115,20 @@ def main(argv):
         _OUTPUT_DIR.value, config, examples, _PROMPT_TEMPLATE.value
     )
     where = sft_checkpoints.checkpoint_dir(_OUTPUT_DIR.value, config)
+    saved = sft_checkpoints.latest_step(_OUTPUT_DIR.value, config) or 0
+    if saved >= config.num_steps:  # Before the model loads: nothing to train.
+        print(
+            f"Nothing to do: {where} is already at step {saved}"
+            f" (--num_steps={config.num_steps})."
+        )
+        return
+    first, last = saved + 1, config.num_steps
+    steps = f"step {last}" if first == last else f"steps {first} to {last}"
+    print(
+        f"Training {steps} into {where}; the first step compiles the training"
+        " program.",
+        flush=True,
+    )
     try:
         model, tokenizer, _ = load_pretrained(
             cfg.model_name, cfg.model_path or None, dtype="float32"
@@ -136,15 +150,8 @@ def main(argv):
         raise type(stop)(
             f"saved step {step} in {where}; rerun the same command to resume"
         ) from stop
-    if losses:
-        steps = "step" if len(losses) == 1 else "steps"
-        print(f"Trained {len(losses)} {steps}, last loss {losses[-1]:.4f}.")
-    else:
-        step = sft_checkpoints.latest_step(_OUTPUT_DIR.value, config)
-        print(
-            f"Nothing to do: {where} is already at step {step}"
-            f" (--num_steps={config.num_steps})."
-        )
+    steps = "step" if len(losses) == 1 else "steps"
+    print(f"Trained {len(losses)} {steps}, last loss {losses[-1]:.4f}.")
     print(f"Checkpoints: {where}")
 
 

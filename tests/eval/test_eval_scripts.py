@@ -359,6 +359,14 @@ def finished_run(tmp_path_factory):
     return out, (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text()
 
 
+def test_a_finished_run_rerun_says_so_and_keeps_its_rollouts(finished_run):
+    out, rollouts = finished_run
+    proc = run_script(*QUICK, f"--output_dir={out}")
+    assert "gemma3-tiny_base_bs4: all 6 problems were already finished" in proc.stderr
+    assert "Resuming" not in proc.stderr and "Compiling" not in proc.stderr
+    assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

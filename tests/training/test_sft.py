@@ -359,6 +359,7 @@ def test_script_full_finetune_writes_hf_folders(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    assert f"Training steps 1 to 2 into {tmp_path / 'run/hf'};" in proc.stdout
     assert "Trained 2 steps" in proc.stdout
     folder = tmp_path / "run/hf/2"
     names = sorted(p.name for p in (tmp_path / "run/hf").iterdir())
@@ -493,7 +494,9 @@ def test_script_ctrl_c_saves_the_steps_trained_and_rerun_resumes(
 
     # The training step's programs (one per batch length) are on disk.
     assert any(path.name.startswith("jit_train_step-") for path in cache.iterdir())
-    assert "Trained 1 step, last loss" in rerun(step + 1)  # From the saved step.
+    resumed = rerun(step + 1)
+    assert f"Training step {step + 1} into {run / 'actor'};" in resumed
+    assert "Trained 1 step, last loss" in resumed  # From the saved step.
     assert checkpoint_steps(run) == [step, step + 1]
     assert (
         f"Nothing to do: {run / 'actor'} is already at step {step + 1} (--num_steps=1)."
