@@ -1,10 +1,9 @@
 """A run's summary counts the programs it read from and wrote to JAX's
 persistent compilation cache, however the cache was turned on."""
 
-import ast
 import os
-import subprocess
-import sys
+
+from fresh_interpreter import last_value
 
 COUNT_ONE_PROGRAM = """
 import jax, jax.numpy as jnp
@@ -24,16 +23,9 @@ def test_a_cache_turned_on_through_jax_itself_is_counted(tmp_path):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
 
-    def counts() -> dict[str, int]:
-        done = subprocess.run(
-            [sys.executable, "-c", COUNT_ONE_PROGRAM],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        return ast.literal_eval(done.stdout.strip().splitlines()[-1])
-
-    first = counts()  # The program, and the small ones jnp.ones compiles.
+    first = last_value(COUNT_ONE_PROGRAM, env)  # With what jnp.ones compiles.
     assert first["read"] == 0 and first["written"] >= 1
-    assert counts() == {"read": first["written"], "written": 0}
+    assert last_value(COUNT_ONE_PROGRAM, env) == {
+        "read": first["written"],
+        "written": 0,
+    }

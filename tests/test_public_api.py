@@ -1,6 +1,5 @@
 """`import gsm8k_jax` is all a notebook needs."""
 
-import ast
 import importlib.util
 import os
 import subprocess
@@ -8,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fresh_interpreter import imported_after
 
 import gsm8k_jax
 
@@ -16,19 +16,6 @@ def test_every_public_name_resolves():
     for name in gsm8k_jax.__all__:
         value = getattr(gsm8k_jax, name)
         assert getattr(value, "__name__", name) == name or not callable(value), name
-
-
-def imported_after(code: str, modules: tuple[str, ...]) -> list[str]:
-    """Which of `modules` a fresh interpreter has imported after `code` (its
-    last line of output)."""
-    code += f"\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
-    done = subprocess.run(
-        [sys.executable, "-c", "import sys\n" + code],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
 def test_reading_and_comparing_runs_imports_no_jax():

@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from absl import logging as absl_logging
 from eval.test_eval_scripts import BASE_SCRIPT, LORA_SCRIPT, REPO, run_script
-from test_public_api import imported_after
+from fresh_interpreter import imported_after
 
 from gsm8k_jax import quiet, storage
 from gsm8k_jax.checkpoints import lora_checkpoint, sources
