@@ -10,8 +10,8 @@ import sys
 from collections.abc import Mapping
 
 
-def last_value(code: str, env: Mapping[str, str] | None = None):
-    """The Python literal `code` prints last, run in a fresh interpreter."""
+def printed_lines(code: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """What `code` prints, line by line, run in a fresh interpreter."""
     done = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -19,11 +19,27 @@ def last_value(code: str, env: Mapping[str, str] | None = None):
         env=env,
         check=True,
     )
-    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    return done.stdout.splitlines()
 
 
-def imported_after(code: str, modules: tuple[str, ...]) -> list[str]:
-    """Which of `modules` a fresh interpreter has imported after `code`."""
-    return last_value(
+def last_value(code: str, env: Mapping[str, str] | None = None):
+    """The Python literal `code` prints last, run in a fresh interpreter."""
+    return ast.literal_eval(printed_lines(code, env)[-1])
+
+
+def only_value(code: str, env: Mapping[str, str] | None = None):
+    """The one Python literal `code` prints; it must print nothing else."""
+    lines = printed_lines(code, env)
+    assert len(lines) == 1, lines
+    return ast.literal_eval(lines[0])
+
+
+def imported_after(
+    code: str, modules: tuple[str, ...], *, prints_nothing: bool = False
+) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after `code`
+    (which, with `prints_nothing`, must print nothing of its own)."""
+    check = (
         f"import sys\n{code}\nprint(sorted(m for m in {modules!r} if m in sys.modules))"
     )
+    return (only_value if prints_nothing else last_value)(check)

@@ -2,12 +2,10 @@
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fresh_interpreter import imported_after
+from fresh_interpreter import imported_after, only_value
 
 import gsm8k_jax
 
@@ -50,19 +48,12 @@ def test_without_torch_the_package_silences_transformers_advice(torch_installed)
     hide = "" if torch_installed else "import sys; sys.modules['torch'] = None\n"
     code = hide + (
         "import os, gsm8k_jax\n"
-        "print(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))"
+        "print(repr(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS')))"
     )
     env = {
         k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"
     }
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    assert done.stdout.strip() == ("None" if torch_installed else "1")
+    assert only_value(code, env) == (None if torch_installed else "1")
 
 
 def test_plausible_misuse_is_a_clear_error():
