@@ -11,7 +11,9 @@ convention that instruction-tuned models use:
   flexible-extract regex).
 
 Unlike lm-eval, answers are compared numerically after normalisation, so
-`18.00`, `$18` and `18 dollars` all match a gold answer of `18`.
+`18.00`, `$18`, `18 dollars` and `\\frac{36}{2}` all match a gold answer of
+`18`, and `1.5 million` one of `1500000`; an answer that is more than a
+number and its units (`\\sqrt{18}`, `not 18`, `2(3)`, `2,3`) is no number.
 """
 
 from __future__ import annotations
@@ -38,19 +40,36 @@ HASH_FINAL_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
 
-# LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `) and `{,}` thousands separators.
-_LATEX_SPACING_RE = re.compile(r"\\+[!,;: ]|\{,\}")
+# LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `, `~`) and `{,}` thousands separators.
+_LATEX_SPACING_RE = re.compile(r"\\+[!,;: ]|\{,\}|~")
 _CURRENCY_PERCENT_RE = re.compile(r"\\*[$%]")
 _TEXT_COMMAND_RE = re.compile(
     r"\\+(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
 )
+# A comma between digits that groups thousands (`1,000`; not `2,3`).
+_THOUSANDS_SEPARATOR_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # `\frac{a}{b}`, also with single-digit arguments as in `\frac12`.
 _FRAC_ARG = r"\s*(?:\{([^{}]*)\}|([0-9]))"
 _FRAC_RE = re.compile(rf"\\+[dt]?frac{_FRAC_ARG}{_FRAC_ARG}")
-# Unit words and leftover LaTeX commands (`dollars`, `\approx`, ...).
-_WORD_RE = re.compile(r"\\*[^\W\d_]+")
 _DECIMAL = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
-_NUMBER_RE = re.compile(rf"({_DECIMAL})(?:\s*/\s*({_DECIMAL}))?")
+# A number or a fraction of two (each may be parenthesised, as `\frac`'s
+# arguments are once rewritten), then unit words: `18`, `-0.5`, `3/4`,
+# `(3)/(4)`, `18 dollars`, `2.5 km per hour`. Words before the number
+# (`not 18`, `x = 18`) or a second number (`2(3)`) make it no number.
+_WORD, _UNIT_SEPARATOR = r"[^\W\d_]+", r"[\s./-]+"
+_NUMBER_RE = re.compile(
+    rf"([+-]?)\s*\(?\s*({_DECIMAL})\s*\)?(?:\s*/\s*\(?\s*({_DECIMAL})\s*\)?)?"
+    rf"\s*((?:{_WORD}(?:{_UNIT_SEPARATOR}{_WORD})*)?)[\s./-]*"
+)
+# The unit words that scale the number before them (`1.5 million`, `18k`).
+_SCALE_WORDS = {
+    "hundred": 100,
+    "thousand": 1_000,
+    "k": 1_000,
+    "million": 1_000_000,
+    "billion": 1_000_000_000,
+    "trillion": 1_000_000_000_000,
+}
 
 
 def _last_boxed(text: str) -> str | None:
@@ -112,8 +131,8 @@ def _clean(s: str) -> str:
     s = _LATEX_SPACING_RE.sub("", s)
     s = _CURRENCY_PERCENT_RE.sub("", s)
     s = _TEXT_COMMAND_RE.sub(r" \1 ", s)
-    s = s.replace(",", "").replace("\u2212", "-")
-    s = " ".join(s.split()).rstrip(". ")
+    s = s.replace("\u2212", "-")
+    s = " ".join(s.split()).rstrip(",. ")
     return s.casefold()
 
 
@@ -131,23 +150,26 @@ def _to_fraction(s: str) -> fractions.Fraction:
 
 
 def _parse_number(s: str) -> fractions.Fraction | None:
-    """Parses an answer such as `$1,000.00`, `-5 apples` or `\\frac{3}{4}`."""
-    s = _clean(s)
+    """Parses an answer such as `$1,000.00`, `-5 apples`, `\\frac{3}{4}` or
+    `1.5 million`; None for anything else (`\\sqrt{2}`, `2,3`, `not 18`)."""
+    s = _THOUSANDS_SEPARATOR_RE.sub("", _clean(s))
     # Spaces keep a mixed number such as `1\frac{1}{2}` from reading as `11/2`.
-    s = _FRAC_RE.sub(_frac_to_division, s)
-    s = _WORD_RE.sub(" ", s)
-    s = re.sub(r"[{}()]", "", s).strip().rstrip(". ")
+    s = _FRAC_RE.sub(_frac_to_division, s).strip()
+    while s.startswith("{") and s.endswith("}"):
+        s = s[1:-1].strip()
     match = _NUMBER_RE.fullmatch(s)
     if match is None:
         return None
-    numerator, denominator = match.groups()
+    sign, numerator, denominator, units = match.groups()
     try:
         value = _to_fraction(numerator)
         if denominator is not None:
             value /= _to_fraction(denominator)
     except (InvalidOperation, ZeroDivisionError):
         return None
-    return value
+    first_unit = re.split(_UNIT_SEPARATOR, units, maxsplit=1)[0]
+    scale = _SCALE_WORDS.get(first_unit, 1)
+    return value * scale * (-1 if sign == "-" else 1)
 
 
 def _format_number(value: fractions.Fraction) -> str:
@@ -173,10 +195,11 @@ def _format_number(value: fractions.Fraction) -> str:
 def canonical_number(s: str) -> str | None:
     """Returns the canonical form of a numeric answer, or None if not a number.
 
-    Currency signs, commas, percent signs, LaTeX spacing, `\\text{...}` and
-    unit words are dropped, and simple fractions are evaluated, so that e.g.
-    `\\$1,000.00` and `1000 dollars` both give `1000`, and `\\frac{1}{2}` and
-    `1/2` both give `0.5`.
+    Currency signs, thousands separators, percent signs, LaTeX spacing,
+    `\\text{...}` and unit words after the number are dropped (a scale word,
+    `hundred` to `trillion` or `k`, multiplies), and simple fractions are
+    evaluated, so that e.g. `\\$1,000.00`, `1000 dollars` and `1k` all give
+    `1000`, and `\\frac{1}{2}` and `1/2` both give `0.5`.
 
     Args:
         s: An extracted or gold answer.
@@ -220,4 +243,4 @@ def answers_match(a: str, b: str) -> bool:
     value_a, value_b = _parse_number(a), _parse_number(b)
     if value_a is not None and value_b is not None:
         return value_a == value_b
-    return _clean(a) == _clean(b)
+    return _clean(a).replace(",", "") == _clean(b).replace(",", "")

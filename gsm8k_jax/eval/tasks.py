@@ -72,9 +72,13 @@ _GSM8K_FILTERS = (
     (FLEXIBLE_EXTRACT, _FLEXIBLE),
 )
 # The chain-of-thought tasks' final answer (their examples end with it).
-_COT_FINAL_ANSWER = re.compile(r"The answer is (\-?[0-9\.\,]+).")
+# lm-eval's strict-match pattern ends in an unescaped `.`: any character, so
+# an answer that ends the response ("The answer is 18") loses its last
+# digit there. Its filter is kept as it is; our own extraction reads the
+# number alone.
+_COT_FINAL_ANSWER = re.compile(r"The answer is (\-?[0-9\.\,]+)")
 _COT_FILTERS = (
-    (STRICT_MATCH, RegexFilter(_COT_FINAL_ANSWER.pattern)),
+    (STRICT_MATCH, RegexFilter(_COT_FINAL_ANSWER.pattern + ".")),
     (FLEXIBLE_EXTRACT, _FLEXIBLE),
 )
 

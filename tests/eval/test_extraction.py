@@ -129,6 +129,19 @@ def test_unknown_method():
         ("6/3", "2"),
         ("2/6", "1/3"),
         ("123456789012345678901234567890.5", "123456789012345678901234567890.5"),
+        ("{18}", "18"),
+        ("18,", "18"),  # flexible-extract keeps a comma that ends a clause
+        ("1,000.50", "1000.5"),
+        (r"\frac{-1}{4}", "-0.25"),
+        ("18 km/h", "18"),
+        ("2.5 km per hour", "2.5"),
+        ("18~dollars", "18"),
+        # Scale words scale; other unit words do not.
+        ("1.5 million", "1500000"),
+        ("18 thousand dollars", "18000"),
+        ("18k", "18000"),
+        (r"\$18\text{k}", "18000"),
+        ("18 ks", "18"),
     ],
 )
 def test_canonical_number(raw, expected):
@@ -146,6 +159,16 @@ def test_canonical_number(raw, expected):
         r"1\frac{1}{2}",  # Mixed number: not read as 11/2.
         "1/0",
         r"2 \cdot 3",
+        # Not the number they contain: a word or command before it, two
+        # numbers run together, a comma that groups no thousands.
+        r"\sqrt{18}",
+        r"\approx 18",
+        "not 18",
+        "x = 18",
+        "2(3)",
+        "2,3",
+        "1,0000",
+        "18 " + "a" * 40 + "1",  # (and no catastrophic backtracking)
     ],
 )
 def test_canonical_number_rejects_non_numbers(raw):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from gsm8k_jax.eval.scoring import summarize
+from gsm8k_jax.eval.scoring import score, summarize
 from gsm8k_jax.eval.tasks import get_task
 
 
@@ -129,3 +129,24 @@ def test_several_samples_give_pass_maj_and_lm_evals_first_sample():
     assert summary["lm_eval"]["exact_match_stderr,strict-match"] == pytest.approx(
         np.std([row[0] == 7 for row in answers], ddof=1) / 2
     )
+
+
+@pytest.mark.parametrize("task_name", ["gsm8k_cot", "gsm8k_cot_zeroshot"])
+@pytest.mark.parametrize(
+    "response, correct",
+    [
+        ("18 - 0 = 18. The answer is 18.", True),
+        ("18 - 0 = 18. The answer is 18", True),  # the response ends at eos
+        ("The answer is 185", False),
+        ("The answer is 1", False),
+    ],
+)
+def test_chain_of_thought_answers_are_read_whole(task_name, response, correct):
+    """Our methods read the whole number after "The answer is", also where it
+    ends the response (lm-eval's strict-match, whose pattern ends in an
+    unescaped `.`, then drops its last digit; tests/eval/test_lm_eval_filters.py
+    checks that filter against lm-eval's own)."""
+    solution = "9 * 2 = 18\n#### 18"
+    scored = score(response, "18", solution, "strict", get_task(task_name))
+    assert scored["correct_by_method"]["strict"] is correct
+    assert scored["correct_by_method"]["flexible"] is correct
