@@ -207,6 +207,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         data_path=data_path,
         num_examples=len(examples),
         eval_config=eval_config,
+        mesh_model=FLAGS.mesh_model,
     )
     process, num_processes = jax.process_index(), jax.process_count()
     files = RunFiles(FLAGS.output_dir, tag, process_index=process)

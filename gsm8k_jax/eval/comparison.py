@@ -34,6 +34,7 @@ from gsm8k_jax.eval.multi_sample import (
     correct_grid,
     multi_sample_metrics,
 )
+from gsm8k_jax.eval.results import GREEDY_UNUSED, with_later_settings
 from gsm8k_jax.eval.runs import RunResult
 from gsm8k_jax.eval.scoring import rescore
 from gsm8k_jax.eval.tasks import get_task
@@ -292,8 +293,11 @@ def _paired(
 def _settings_key(run: RunResult) -> str:
     """What determines a run's responses, except its batch size and where its
     files were (model folder, data file when its digest is known)."""
-    info = copy.deepcopy(run.run_info)
+    info = with_later_settings(copy.deepcopy(run.run_info))
     del info["eval"]["batch_size"]
+    sampling = info["eval"]["sampling"]
+    if sampling["temperature"] == 0:
+        sampling |= dict.fromkeys(GREEDY_UNUSED)
     # Older run records hold it; every run is scored again under one method.
     info["eval"].pop("extraction_method", None)
     info.pop("model_dir", None)

@@ -45,6 +45,7 @@ from gsm8k_jax.models.specs import model_spec
 
 if TYPE_CHECKING:
     from gsm8k_jax.eval.runner import EvalConfig
+    from gsm8k_jax.sampling.params import SamplingParams
 
 
 class ResultsError(RuntimeError):
@@ -237,12 +238,19 @@ def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str,
     return [r for r in records if counts[r["id"]] == num_samples]
 
 
-# Sampling settings greedy decoding never reads.
-_UNUSED_WHEN_GREEDY = (
-    "eval.sampling.seed",
-    "eval.sampling.top_k",
-    "eval.sampling.top_p",
-)
+# Sampling settings greedy decoding never reads: a greedy run records them
+# as null (older records hold the flags' values), and they never tell two
+# greedy runs apart.
+GREEDY_UNUSED = ("seed", "top_k", "top_p")
+_UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in GREEDY_UNUSED)
+# Settings recorded since a later version, with the value every run made
+# before then had.
+_SETTINGS_ADDED_LATER = {"mesh_model": 1}
+
+
+def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record with the settings it predates filled in."""
+    return _SETTINGS_ADDED_LATER | record
 
 
 def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -257,7 +265,7 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out |= flat(value, f"{prefix}.{key}" if prefix else str(key))
         return out
 
-    a, b = flat(old), flat(new)
+    a, b = flat(with_later_settings(old)), flat(with_later_settings(new))
     greedy = (
         a.get("eval.sampling.temperature") == 0 == b.get("eval.sampling.temperature")
     )
@@ -337,6 +345,7 @@ def run_info(
     data_path: str,
     num_examples: int,
     eval_config: EvalConfig,
+    mesh_model: int = 1,
 ) -> dict[str, Any]:
     """What produced a run's results, as `run_<tag>.json` records it.
 
@@ -353,6 +362,8 @@ def run_info(
       data_path: the GSM8K file (local or gs://).
       num_examples: how many problems are evaluated.
       eval_config: the evaluation settings.
+      mesh_model: devices per tensor-parallel group (`--mesh_model`): it
+        splits reductions, so it can change the last bits of a result.
     """
     from gsm8k_jax.checkpoints.sources import model_revision
     from gsm8k_jax.sampling import batching
@@ -379,16 +390,21 @@ def run_info(
         "prefill_chunk": batching.default_prefill_chunk(),
         # The platform's; a program runs at most row_tile of them.
         "prefill_rows": batching.default_prefill_rows(),
+        "mesh_model": mesh_model,
         "lora_mode": "merged_float32" if lora_path else None,
         "eval": {
             "batch_size": eval_config.batch_size,
-            "sampling": {
-                **vars(eval_config.sampling),
-                "eos_ids": list(eval_config.sampling.eos_ids),
-            },
+            "sampling": _sampling_record(eval_config.sampling),
             "prompt_template": eval_config.prompt_template,
             "system_prompt": eval_config.system_prompt,
             "use_chat_template": eval_config.use_chat_template,
             "task": eval_config.task,
         },
     }
+
+
+def _sampling_record(sampling: SamplingParams) -> dict[str, Any]:
+    record = {**vars(sampling), "eos_ids": list(sampling.eos_ids)}
+    if sampling.temperature == 0:
+        record |= dict.fromkeys(GREEDY_UNUSED)
+    return record

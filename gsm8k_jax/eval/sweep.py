@@ -264,6 +264,7 @@ def evaluate_checkpoints(
             data_path=data_path,
             num_examples=len(examples),
             eval_config=eval_config,
+            mesh_model=mesh_model,
         )
         tag = run_tag(
             model_name,

@@ -354,6 +354,21 @@ def test_batch_size_consistency_shares():
     )
 
 
+def test_consistency_pairs_the_runs_of_one_program_alone():
+    """Greedy runs that differ in a seed they never read are the same
+    program; a run with tensor parallelism (--mesh_model=2) is another, and a
+    record from before --mesh_model was recorded had none."""
+    rows = [rollout(i, c) for i, c in enumerate([1, 0, 1])]
+    older = make_run(rows, tag="older", batch_size=1)
+    seeded = make_run(rows, tag="seeded", batch_size=2)
+    seeded.run_info["eval"]["sampling"]["seed"] = 5
+    seeded.run_info["mesh_model"] = 1
+    split = make_run(rows, tag="split", batch_size=4)
+    split.run_info["mesh_model"] = 2
+    report = compare_runs([older, seeded, split], num_resamples=10)
+    assert [c.runs for c in report.consistency] == [(0, 1)]
+
+
 # --------------------------------------------------------------------------- #
 # Several samples per question
 # --------------------------------------------------------------------------- #

@@ -459,21 +459,28 @@ def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_pat
     shutil.copytree(finished_run[0], out)
     run_script(*QUICK, "--seed=5", "--top_k=3", "--top_p=0.5", f"--output_dir={out}")
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == finished_run[1]
+    # The records name no seed, top_k or top_p that the run never read.
+    record = json.loads((out / "run_gemma3-tiny_base_bs4.json").read_text())
+    _, summary = read_outputs(out, "gemma3-tiny_base_bs4")
+    for sampling in (record["eval"]["sampling"], summary["run"]["eval"]["sampling"]):
+        assert [sampling[k] for k in ("seed", "top_k", "top_p")] == [None] * 3
     refused = run_script(
         *QUICK, "--temperature=0.5", f"--output_dir={out}", check=False
     )
     assert refused.returncode == 1 and "eval.sampling.temperature" in refused.stderr
 
 
-def test_row_tile_is_recorded(finished_run, tmp_path):
+def test_row_tile_and_mesh_model_are_recorded(finished_run, tmp_path):
     """--row_tile is the run's (the default is the platform's, 32 on CPU);
-    resuming under another tile is refused (above)."""
+    resuming under another tile is refused (above). So is --mesh_model
+    (tests/eval/test_run_files.py)."""
     run_script(*QUICK, "--row_tile=4", f"--output_dir={tmp_path}")
     _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs4")
     assert summary["run"]["row_tile"] == 4 and summary["total"] == 6
     default_out, _ = finished_run
     _, default_summary = read_outputs(default_out, "gemma3-tiny_base_bs4")
     assert default_summary["run"]["row_tile"] == 32
+    assert default_summary["run"]["mesh_model"] == summary["run"]["mesh_model"] == 1
 
 
 def test_malformed_data_line_is_named(tmp_path):

@@ -113,3 +113,21 @@ def test_unwritable_locations_are_refused_and_left_untouched(tmp_path, gcs_bucke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
     storage.require_writable(f"{gcs_bucket}/probe-leaves-nothing")
     assert not storage.exists(f"{gcs_bucket}/probe-leaves-nothing")
+
+
+def test_tensor_parallelism_is_a_setting_that_older_records_predate(tmp_path):
+    """--mesh_model splits reductions, so a run resumed under another one
+    would mix results of two programs: refused. A record from before it was
+    recorded was made without tensor parallelism."""
+    older = RunFiles(tmp_path, "t")
+    older.prepare({"seed": 0}, resume=True, overwrite=False)
+    older.chunks.commit([record(0)])
+    RunFiles(tmp_path, "t").check(
+        lambda: {"seed": 0, "mesh_model": 1}, resume=True, overwrite=False
+    )
+    with pytest.raises(
+        RuntimeError, match="other settings \\(differing: mesh_model\\)"
+    ):
+        RunFiles(tmp_path, "t").check(
+            lambda: {"seed": 0, "mesh_model": 2}, resume=True, overwrite=False
+        )
