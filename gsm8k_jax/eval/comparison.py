@@ -302,7 +302,7 @@ def _settings_key(run: RunResult) -> str:
     info["eval"].pop("extraction_method", None)
     info.pop("model_dir", None)
     info.pop("num_examples", None)
-    if info.get("data_sha256") != "gcs":
+    if info.get("data_sha256") != "gcs":  # (Older records: gs:// data unhashed.)
         info.pop("data_path", None)
     return json.dumps(info, sort_keys=True)
 

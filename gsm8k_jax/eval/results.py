@@ -306,9 +306,9 @@ def checkpoint_tag(lora_path: str) -> str:
 
 
 def _file_digest(path: str) -> str:
-    if storage.is_gcs(path):
-        return "gcs"  # Not hashed: reading it twice is not worth it.
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """The file's sha256 (16 hex digits), local or on gs://. (Records before
+    2026-12-07 hold "gcs" for a file on gs://: it was not hashed.)"""
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]
 
 
 def run_tag(

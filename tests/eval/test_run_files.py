@@ -9,7 +9,9 @@ import fsspec
 import pytest
 
 from gsm8k_jax import storage
-from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.results import RunFiles, model_config, run_info
+from gsm8k_jax.eval.runner import EvalConfig
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -131,3 +133,27 @@ def test_tensor_parallelism_is_a_setting_that_older_records_predate(tmp_path):
         RunFiles(tmp_path, "t").check(
             lambda: {"seed": 0, "mesh_model": 2}, resume=True, overwrite=False
         )
+
+
+def test_the_data_is_recorded_by_its_digest_on_gcs_too(tmp_path, gcs_bucket):
+    """A resume or a comparison tells data files apart by their digest, so a
+    file changed on gs:// under the same name is another run's data."""
+    def digest(data_path):
+        info = run_info(
+            model_config("gemma3-tiny").to_dict(),
+            model_dir=TINY_MODEL_DIR,
+            lora_path="",
+            data_path=data_path,
+            num_examples=1,
+            eval_config=EvalConfig(),
+        )
+        return info["data_sha256"]
+
+    local, remote = tmp_path / "test.jsonl", f"{gcs_bucket}/digest/test.jsonl"
+    digests = set()
+    for text in ('{"question": "a", "answer": "#### 1"}\n', "changed\n"):
+        local.write_text(text)
+        raw_write(remote, text)
+        assert digest(remote) == digest(str(local))
+        digests.add(digest(remote))
+    assert len(digests) == 2
