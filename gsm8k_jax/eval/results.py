@@ -270,6 +270,8 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a.get("eval.sampling.temperature") == 0 == b.get("eval.sampling.temperature")
     )
     ignored = _UNUSED_WHEN_GREEDY if greedy else ()
+    if "gcs" in (a.get("data_sha256"), b.get("data_sha256")):
+        ignored += ("data_sha256",)  # An older record: gs:// data unhashed.
     return sorted(
         k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignored
     )

@@ -157,3 +157,8 @@ def test_the_data_is_recorded_by_its_digest_on_gcs_too(tmp_path, gcs_bucket):
         assert digest(remote) == digest(str(local))
         digests.add(digest(remote))
     assert len(digests) == 2
+    # A run recorded before gs:// data was hashed resumes.
+    files = RunFiles(tmp_path / "out", "t")
+    files.prepare({"data_sha256": "gcs"}, resume=True, overwrite=False)
+    files.chunks.commit([record(0)])
+    files.check(lambda: {"data_sha256": digests.pop()}, resume=True, overwrite=False)
