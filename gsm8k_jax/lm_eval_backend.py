@@ -54,7 +54,11 @@ from gsm8k_jax.checkpoints import lora_checkpoint
 from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.cli import local_mesh
 from gsm8k_jax.eval.script_main import USER_ERRORS
-from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
+from gsm8k_jax.eval.stopping import (
+    cut_at_stop_sequences,
+    stop_token_sequences,
+    with_eos_text,
+)
 from gsm8k_jax.eval.tasks import LM_EVAL_MAX_GEN_TOKS, apply_chat_template
 from gsm8k_jax.models.registry import default_eos_ids, load_pretrained
 from gsm8k_jax.models.specs import MODELS, model_spec
@@ -180,6 +184,7 @@ class GSM8KJaxLM(LM):
                 params,
                 example_ids=indices,
                 batch_size=self.batch_size,
+                stop_sequences=stop_token_sequences(stops, self.tokenizer),
             )
             for completions in stream:
                 for c in completions:

@@ -32,7 +32,11 @@ from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
 from gsm8k_jax.eval.scoring import rescore, score, summarize
-from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
+from gsm8k_jax.eval.stopping import (
+    cut_at_stop_sequences,
+    stop_token_sequences,
+    with_eos_text,
+)
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 _VERSIONED_PACKAGES = (
@@ -142,7 +146,9 @@ def _rollout(
 ) -> Rollout:
     """The scored rollout of a completion, cut at the task's stop strings
     (finish_reason `stop`); num_tokens and logprob cover every token
-    generated, past a stop string too."""
+    generated: up to the stop string's last token where generation ended
+    there (`stopping.stop_token_sequences`), else past it to an eos id or
+    the length limit."""
     response = cut_at_stop_sequences(completion.text, stops)
     stopped = response != completion.text
     return Rollout(
@@ -224,6 +230,8 @@ def evaluate(
     # run compiles the same decode program as an uninterrupted one.
     max_prompt_len = max(len(sampler.encode(p)) for p in prompts.values())
     batch_size = config.batch_size * params.num_samples
+    stops = with_eos_text(task.until, sampler.tokenizer) if task.until else []
+    stop_sequences = stop_token_sequences(stops, sampler.tokenizer)
 
     start = time.perf_counter()
     cached_before = cache_counts()
@@ -238,6 +246,7 @@ def evaluate(
         params,
         batch_size=batch_size,
         max_prompt_len=max_prompt_len,
+        stop_sequences=stop_sequences,
     )
     compile_s = time.perf_counter() - start
     if todo and show_progress:
@@ -254,7 +263,16 @@ def evaluate(
         dynamic_ncols=True,
     ) as bar:
         _generate(
-            sampler, todo, prompts, config, files, bar, done, max_prompt_len, task
+            sampler,
+            todo,
+            prompts,
+            config,
+            files,
+            bar,
+            done,
+            max_prompt_len,
+            task,
+            (stops, stop_sequences),
         )
     if files.process_index != 0:
         return None
@@ -308,11 +326,14 @@ def _generate(
     done: Sequence[dict[str, Any]],
     max_prompt_len: int,
     task: tasks.Task,
+    stopping: tuple[Sequence[str], Sequence[Sequence[int]]],
 ) -> None:
     """Generates the `todo` examples' answers, committing each group of
-    finished rollouts to `files` as it comes, and keeps `bar` up to date."""
+    finished rollouts to `files` as it comes, and keeps `bar` up to date.
+    `stopping`: the task's stop strings, and the token sequences that end
+    generation for them."""
     params = config.sampling
-    stops = with_eos_text(task.until, sampler.tokenizer) if task.until else []
+    stops, stop_sequences = stopping
     by_id = {e.id: e for e in todo}
     correct_so_far = sum(r["correct"] for r in done)
     rows_so_far = len(done)
@@ -325,6 +346,7 @@ def _generate(
         example_ids=[e.id for e in todo],
         batch_size=config.batch_size * params.num_samples,
         max_prompt_len=max_prompt_len,
+        stop_sequences=stop_sequences,
     )
     for completions in stream:
         rollouts = [

@@ -18,6 +18,7 @@ may change between calls is an argument, never a stale jit constant.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.struct
@@ -41,19 +42,49 @@ class DecodeSettings(NamedTuple):
     temperature: jax.Array  # scalar float32; 0 = greedy
     top_k: jax.Array  # scalar int32; 0 = off
     top_p: jax.Array  # scalar float32; 1 = off
+    # [S, L] int32 token sequences that end a sequence once generated, each
+    # right-aligned, -1 before a shorter one's first token; S = 0: none.
+    stop_sequences: jax.Array
 
 
-def decode_settings(params: SamplingParams) -> DecodeSettings:
+def decode_settings(
+    params: SamplingParams, stop_sequences: Sequence[Sequence[int]] = ()
+) -> DecodeSettings:
     """The decode settings as host arrays: a jitted call transfers them,
     where building them with jnp would compile a small program for each."""
     eos = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos[: len(params.eos_ids)] = params.eos_ids
+    longest = max(map(len, stop_sequences), default=0)
+    stops = np.full((len(stop_sequences), longest), -1, np.int32)
+    for row, sequence in zip(stops, stop_sequences):
+        if not sequence or min(sequence) < 0:
+            raise ValueError(
+                f"A stop sequence is one or more token ids, got {list(sequence)}."
+            )
+        row[longest - len(sequence) :] = sequence
     return DecodeSettings(
         eos_ids=eos,
         temperature=np.float32(params.temperature),
         top_k=np.int32(params.top_k),
         top_p=np.float32(params.top_p),
+        stop_sequences=stops,
     )
+
+
+def ends_with_stop_sequence(
+    tokens: jax.Array,  # [B, max_steps] generated ids
+    last: jax.Array,  # [B] index of each row's last generated token
+    stop_sequences: jax.Array,  # [S, L] as in DecodeSettings
+) -> jax.Array:
+    """[B] bool: whether each row's generated tokens end with one of the stop
+    sequences (a row's own tokens alone decide)."""
+    length = stop_sequences.shape[1]
+    columns = last[:, None] - (length - 1) + jnp.arange(length)  # [B, L]
+    window = jnp.take_along_axis(tokens, jnp.maximum(columns, 0), axis=1)
+    # Before the first generated token nothing matches but a shorter stop's -1s.
+    window = jnp.where(columns >= 0, window, -2)
+    matches = (stop_sequences == -1) | (window[:, None, :] == stop_sequences)
+    return jnp.any(jnp.all(matches, axis=-1), axis=-1)
 
 
 @flax.struct.dataclass
@@ -247,8 +278,14 @@ def decode(
             settings.top_p,
         )
         live = ~s.done
+        tokens = s.tokens.at[rows, step].set(
+            jnp.where(live, chosen, pad_id), mode="drop"
+        )
         is_eos = jnp.any(chosen[:, None] == settings.eos_ids[None, :], axis=-1)
         finished = live & (is_eos | (step + 1 >= s.limit))
+        if settings.stop_sequences.shape[0]:  # (static: no stops, no test)
+            stops = ends_with_stop_sequence(tokens, step, settings.stop_sequences)
+            finished |= live & stops
         hidden, cache = model(
             chosen[:, None], s.positions[:, None], live[:, None], s.cache, s.cursor
         )
@@ -258,9 +295,7 @@ def decode(
             positions=s.positions + live,
             cursor=s.cursor + live,
             done=s.done | finished,
-            tokens=s.tokens.at[rows, step].set(
-                jnp.where(live, chosen, pad_id), mode="drop"
-            ),
+            tokens=tokens,
             num_tokens=s.num_tokens + live,
             hit_eos=s.hit_eos | (live & is_eos),
             logprob=s.logprob + jnp.where(live, logprob, 0.0),

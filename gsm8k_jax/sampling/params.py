@@ -59,5 +59,6 @@ class Completion:
     text: str  # decoded tokens before the eos, special tokens removed
     tokens: list[int]  # generated ids, including the final eos if any
     num_tokens: int
-    finish_reason: Literal["eos", "length"]
+    # eos: an eos id (the last token); stop: a stop sequence (its last tokens)
+    finish_reason: Literal["eos", "stop", "length"]
     logprob: float  # sum of log-probs of the chosen tokens under the model

@@ -157,6 +157,7 @@ class Sampler:
         batch_size: int | None = None,
         max_prompt_len: int | None = None,
         max_tokens: Sequence[int] | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
     ) -> list[Completion]:
         """Generates `params.num_samples` completions per prompt, in prompt order.
 
@@ -166,6 +167,9 @@ class Sampler:
         max_tokens caps each prompt's completions below
         `params.max_generation_steps` (like lm-evaluation-harness'
         per-request max_gen_toks).
+        stop_sequences: token sequences that end a completion once it
+        generates one (finish_reason "stop"; the sequence stays in its
+        tokens and text), e.g. `eval.stopping.stop_token_sequences`.
         """
         stream = self.generate_stream(
             prompts,
@@ -174,6 +178,7 @@ class Sampler:
             batch_size=batch_size,
             max_prompt_len=max_prompt_len,
             max_tokens=max_tokens,
+            stop_sequences=stop_sequences,
         )
         completions = [c for finished in stream for c in finished]
         ids = range(len(prompts)) if example_ids is None else example_ids
@@ -189,6 +194,7 @@ class Sampler:
         batch_size: int | None = None,
         max_prompt_len: int | None = None,
         max_tokens: Sequence[int] | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
     ) -> Iterator[list[Completion]]:
         """Like `generate`, but yields completions in groups as they finish.
 
@@ -227,7 +233,8 @@ class Sampler:
         state, schedule = self._empty_run(
             [len(ids) for ids in encoded], params, batch_size, max_prompt_len
         )
-        settings = decode_settings(params)
+        settings = decode_settings(params, stop_sequences)
+        stops = {tuple(sequence) for sequence in stop_sequences}
         weights = self._program_weights()
         steps_counted = (0, 0)  # this call's (decode_steps, tile_steps)
         clock = _PhaseClock(self.phase_seconds)
@@ -243,7 +250,7 @@ class Sampler:
             clock.stop("prefill")
             if schedule.idle:
                 if finished:
-                    yield self._completions(finished, example_ids)
+                    yield self._completions(finished, example_ids, stops)
                 clock.start()
                 return
             free_needed = np.int32(schedule.min_free())
@@ -253,7 +260,7 @@ class Sampler:
             # The device decodes while the host turns the last return's
             # sequences into completions and the caller stores them.
             if finished:
-                yield self._completions(finished, example_ids)
+                yield self._completions(finished, example_ids, stops)
             clock.start()
             done, num_tokens, hit_eos, logprob, steps = jax.device_get(
                 (
@@ -285,13 +292,17 @@ class Sampler:
             ]
 
     def _completions(
-        self, finished: list[_Finished], example_ids: list[int]
+        self,
+        finished: list[_Finished],
+        example_ids: list[int],
+        stops: set[tuple[int, ...]],
     ) -> list[Completion]:
         """Detokenised completions of finished sequences."""
         completions = []
         for f in finished:
             i, j = f.row
             text_ids = f.tokens[:-1] if f.hit_eos else f.tokens
+            stopped = any(tuple(f.tokens[-len(stop) :]) == stop for stop in stops)
             completions.append(
                 Completion(
                     example_id=example_ids[i],
@@ -299,7 +310,11 @@ class Sampler:
                     text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
                     tokens=f.tokens,
                     num_tokens=len(f.tokens),
-                    finish_reason="eos" if f.hit_eos else "length",
+                    finish_reason="eos"
+                    if f.hit_eos
+                    else "stop"
+                    if stopped
+                    else "length",
                     logprob=f.logprob,
                 )
             )
@@ -312,6 +327,7 @@ class Sampler:
         *,
         batch_size: int | None = None,
         max_prompt_len: int | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
     ) -> None:
         """Compiles the programs that `generate_stream` runs for the same
         arguments (the prefill and the decode loop) without running them:
@@ -329,7 +345,11 @@ class Sampler:
             lowered = self._prefill.lower(weights, *args, pad_id=self.pad_id)
             compiling = [pool.submit(lowered.compile)]
             lowered = self._decode.lower(
-                weights, state, decode_settings(params), np.int32(0), pad_id=self.pad_id
+                weights,
+                state,
+                decode_settings(params, stop_sequences),
+                np.int32(0),
+                pad_id=self.pad_id,
             )
             compiling.append(pool.submit(lowered.compile))
             for program in compiling:

@@ -9,6 +9,7 @@ kill -9 and resume, and on 8 devices, the rollouts file must be the
 batch-size-1 run's, byte for byte.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from eval.test_eval_scripts import kill_after
 
+from gsm8k_jax.eval import runner, tasks
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.eval.results import RunFiles
@@ -120,6 +122,30 @@ def test_shuffled_order_gives_the_same_bits(reference, tmp_path):
     shuffled = list(examples)
     random.Random(0).shuffle(shuffled)
     assert run_in_process(sampler, shuffled, 7, tmp_path) == expected
+
+
+def test_generation_ends_where_a_stop_string_is_generated(
+    reference, tmp_path, monkeypatch
+):
+    """A task's stop string ends a row's generation where the row generates
+    it (lm-eval's tasks stop at `Question:`): the responses and finish
+    reasons of generating on and cutting the text, from fewer tokens, and
+    the same bits at any batch size."""
+    _, sampler, examples, _ = reference
+    examples = examples[:16]
+    # The bundled model's solutions hold "=" (`16 - 3 - 4 = 9`).
+    boxed = dataclasses.replace(tasks.TASKS[tasks.BOXED], until=("=",))
+    monkeypatch.setitem(tasks.TASKS, tasks.BOXED, boxed)
+    stopped = run_in_process(sampler, examples, 8, tmp_path / "bs8")
+    assert run_in_process(sampler, examples, 3, tmp_path / "bs3") == stopped
+    monkeypatch.setattr(runner, "stop_token_sequences", lambda stops, tokenizer: ())
+    generated_on = run_in_process(sampler, examples, 8, tmp_path / "on")
+    ended_early = 0
+    for i, (response, _, num_tokens, finish) in stopped.items():
+        assert (response, finish) == (generated_on[i][0], generated_on[i][3])
+        assert num_tokens <= generated_on[i][2]
+        ended_early += num_tokens < generated_on[i][2]
+    assert ended_early >= len(examples) // 2
 
 
 def _script(dtype, out_dir, batch_size):

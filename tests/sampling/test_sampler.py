@@ -367,6 +367,60 @@ def test_per_prompt_token_limits(sampler):
         sampler.generate(prompts, GREEDY, max_tokens=[3])
 
 
+def first_stop_end(tokens, stops):
+    """How many of `tokens` there are up to the end of the first stop
+    sequence in them, or None."""
+    for end in range(1, len(tokens) + 1):
+        if any(tuple(tokens[max(end - len(s), 0) : end]) == s for s in stops):
+            return end
+    return None
+
+
+@pytest.mark.parametrize("which", ["sampler", "bf16_sampler"], ids=["f32", "bf16"])
+def test_stop_sequences_end_rows_where_they_are_generated(request, which):
+    """A row ends with the first stop sequence it generates: the tokens and
+    log-probability of the same row stopped there by a length limit, and
+    the same bits alone, in batches and through continuous batching."""
+    sampler = request.getfixturevalue(which)
+    ids = list(range(len(PROMPTS)))
+    free = sampler.generate(PROMPTS, GREEDY, example_ids=ids)
+    # Stops of one to three tokens taken from what the rows generate.
+    ngrams = collections.Counter(
+        tuple(c.tokens[i : i + n])
+        for c in free
+        for n in (1, 2, 3)
+        for i in range(len(c.tokens) - n + 1)
+        if EOS not in c.tokens[i : i + n]
+    )
+    stops = [max((g for g in ngrams if len(g) == n), key=ngrams.get) for n in (1, 2, 3)]
+    ends = [first_stop_end(c.tokens, stops) for c in free]
+    assert len({e for e in ends if e is not None}) > 3, "rows must stop apart"
+    limited = sampler.generate(
+        PROMPTS,
+        GREEDY,
+        example_ids=ids,
+        max_tokens=[e or GREEDY.max_generation_steps for e in ends],
+    )
+    stopped = collections.defaultdict(list)
+    for start in range(len(PROMPTS)):  # alone
+        (c,) = sampler.generate(
+            [PROMPTS[start]], GREEDY, example_ids=[start], stop_sequences=stops
+        )
+        stopped[start].append(c)
+    for batch in (4, 32):  # 32 rows through 4 slots, then at once
+        for c in sampler.generate(
+            PROMPTS, GREEDY, example_ids=ids, batch_size=batch, stop_sequences=stops
+        ):
+            stopped[c.example_id].append(c)
+    for i, end in enumerate(ends):
+        reference = limited[i] if end is not None else free[i]
+        for c in stopped[i]:
+            assert (c.tokens, c.logprob) == (reference.tokens, reference.logprob)
+            assert c.finish_reason == ("stop" if end else free[i].finish_reason)
+    with pytest.raises(ValueError, match="one or more token ids"):
+        sampler.generate(PROMPTS[:1], GREEDY, stop_sequences=[()])
+
+
 def test_tiles_run_only_while_one_of_their_slots_is_live(sampler):
     """A tile whose slots are all done is not run: 8 slots in tiles of 4, the
     first tile's sequences stop after 3 tokens and the second's after 10, so
