@@ -116,9 +116,14 @@ def _parse(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON: {e}.") from e
-        fields = record if isinstance(record, dict) else {}
-        invalid = [k for k in _FIELDS if not isinstance(fields.get(k), str)]
+            raise ValueError(
+                f"{where}: invalid JSON: {e}; expected a {_FORMAT}."
+            ) from e
+        if not isinstance(record, dict):  # Bad data: a ValueError, as above.
+            raise ValueError(  # noqa: TRY004
+                f"{where}: not a JSON object; expected a {_FORMAT}."
+            )
+        invalid = [k for k in _FIELDS if not isinstance(record.get(k), str)]
         if invalid:
             raise ValueError(
                 f"{where}: expected a JSON object with string {_FIELDS} fields;"

@@ -102,7 +102,6 @@ def test_error_past_num_examples_is_not_reached(tmp_path):
         ('{"question": "q"}', "answer"),
         ('{"answer": "#### 1"}', "question"),
         ('{"question": 3, "answer": "#### 1"}', "question"),
-        ('["q", "#### 1"]', "question"),
     ],
 )
 def test_missing_field_names_file_line_and_field(tmp_path, line, field):
@@ -112,6 +111,27 @@ def test_missing_field_names_file_line_and_field(tmp_path, line, field):
     message = str(e.value)
     assert f"{path}, line 2:" in message
     assert repr(field) in message.partition("missing or not a string")[2]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"question": "q", "answer": "#### 1"}]\n',  # one JSON array
+        '["q", "#### 1"]\n',
+        "question,answer\nq,#### 1\n",  # CSV
+    ],
+)
+def test_a_file_that_is_not_jsonl_says_what_is_expected(tmp_path, text):
+    path = tmp_path / "data.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_gsm8k(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}, line 1: ")
+    assert message.endswith(
+        'expected a JSONL file with one {"question": ..., "answer": ...} object'
+        " per line."
+    )
 
 
 def test_load_from_gcs(jsonl):

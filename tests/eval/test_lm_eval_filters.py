@@ -3,14 +3,20 @@ responses scored by lm-eval 0.4.13's own filters and exact_match, and by
 ours (per response, and aggregated with its standard error)."""
 
 import pytest
+import transformers
 from lm_eval.api.metrics import mean, mean_stderr
 from lm_eval_tasks import lm_eval_requests, lm_eval_task_objects, write_local_tasks
 
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.lm_eval_filters import FLEXIBLE_EXTRACT, INVALID, STRICT_MATCH
 from gsm8k_jax.eval.scoring import rescore, summarize
-from gsm8k_jax.eval.stopping import cut_at_stop_sequences
+from gsm8k_jax.eval.stopping import (
+    cut_at_stop_sequences,
+    stop_token_sequences,
+    with_eos_text,
+)
 from gsm8k_jax.eval.tasks import TASKS, lm_eval_scores
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 # {g}: the problem's gold answer; {G}: the same with thousands separators
 # (placed where the gold answer has thousands).
@@ -143,3 +149,28 @@ def test_stop_sequences_cut_where_lm_eval_cuts(text):
         assert cut_at_stop_sequences(text, stops) == postprocess_generated_text(
             text, stops, None
         )
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "gsm8k_cot", "gsm8k_cot_zeroshot"])
+def test_generation_stops_on_tokens_that_write_a_stop_string(name):
+    """Each task's stop strings give token sequences that decode (as
+    completions are decoded) to text holding one of them; a text cut after
+    such a sequence is cut where the whole text is."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    stops = with_eos_text(TASKS[name].until, tokenizer)
+    sequences = stop_token_sequences(stops, tokenizer)
+    assert any(tokenizer.decode(s) == TASKS[name].until[0] for s in sequences)
+    for sequence in sequences:
+        text = tokenizer.decode(sequence, skip_special_tokens=True)
+        assert any(stop in text for stop in stops)
+        before = "Janet has 3 eggs. The answer is 3.\n\n"
+        assert cut_at_stop_sequences(before + text, stops) == cut_at_stop_sequences(
+            before + text + "Question: more\nQ: text", stops
+        )
+
+
+@pytest.mark.parametrize("stops", [["ab", "bc"], ["b", "abc"], ["Q:", ":\n"]])
+def test_no_early_stop_where_one_stop_string_could_overrun_another(stops):
+    """Stopping at `ab` in `abc` would keep text that a cut at `bc` removes."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    assert stop_token_sequences(stops, tokenizer) == ()
