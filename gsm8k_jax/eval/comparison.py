@@ -326,7 +326,14 @@ def _consistency(runs: Sequence[RunResult], i: int, j: int) -> BatchConsistency:
     )
 
 
-def _baseline_index(runs: Sequence[RunResult], baseline: int | str) -> int:
+def _baseline_index(runs: Sequence[RunResult], baseline: int | str | None) -> int:
+    if baseline is None:
+        # The base model's run that finished the most problems (else any
+        # run's), the first of equals.
+        return max(
+            range(len(runs)),
+            key=lambda i: (not runs[i].checkpoint, runs[i].num_finished, -i),
+        )
     if isinstance(baseline, str):
         matches = [i for i, r in enumerate(runs) if r.tag == baseline]
         if len(matches) != 1:
@@ -345,7 +352,7 @@ def _baseline_index(runs: Sequence[RunResult], baseline: int | str) -> int:
 
 def compare_runs(
     runs: Sequence[RunResult],
-    baseline: int | str = 0,
+    baseline: int | str | None = None,
     num_resamples: int = 10_000,
     seed: int = 0,
     extraction_method: str = "strict",
@@ -358,7 +365,9 @@ def compare_runs(
 
     Args:
       runs: the runs, e.g. from `load_runs`; they are numbered in this order.
-      baseline: the index or tag of the run the others are compared against.
+      baseline: the index or tag of the run the others are compared against;
+        None: the base model's run that finished the most problems (else the
+        run that did), the first of equals.
       num_resamples: resamples of the paired bootstrap.
       seed: seed of the paired bootstrap.
       extraction_method: one of `extraction.EXTRACTION_METHODS`.

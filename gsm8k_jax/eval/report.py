@@ -82,6 +82,8 @@ def render_markdown(report: ComparisonReport, max_disagreements: int) -> str:
     lines += _table_markdown(report)
     if report.paired:
         lines += _paired_section_markdown(report, max_disagreements)
+    elif len(report.runs) == 1:
+        lines += ["One run: nothing to compare it with.", ""]
     if report.consistency:
         lines += _consistency_markdown(report)
     if report.multi_sample:

@@ -56,7 +56,12 @@ from gsm8k_jax.storage import require_writable
 _RESULTS = flags.DEFINE_list(
     "results", [], "Results folders or files to compare (instead of evaluating)."
 )
-_BASELINE = flags.DEFINE_string("baseline", "0", "Index or tag of the baseline run.")
+_BASELINE = flags.DEFINE_string(
+    "baseline",
+    "",
+    "Index or tag of the baseline run; default: the base model's run that"
+    " finished the most problems (else the run that did).",
+)
 _LORA_CHECKPOINTS = flags.DEFINE_list(
     "lora_checkpoints", [], "LoRA checkpoints to evaluate (local or gs://)."
 )
@@ -178,7 +183,8 @@ def main(argv: list[str]) -> None:
             "Nothing to compare: pass --results=<folders or files> to compare finished"
             " runs, or --lora_checkpoints=<paths> to evaluate checkpoints first."
         )
-    baseline = int(_BASELINE.value) if _BASELINE.value.isdigit() else _BASELINE.value
+    value = _BASELINE.value
+    baseline = int(value) if value.isdigit() else value or None
     report = compare_runs(
         runs,
         baseline,

@@ -308,6 +308,21 @@ def test_baseline_by_tag_and_bad_baselines():
         compare_runs([])
 
 
+def test_the_default_baseline_is_the_base_models_fullest_run():
+    """Runs sort by tag, so a base model's quick run of a few problems (or a
+    LoRA's) can come first: the default baseline is the base model's run
+    that finished the most problems, the first of equals."""
+    lora = dataclasses.replace(single([1, 0, 1, 1], tag="a_lora"), checkpoint="c")
+    runs = [lora, single([1, 0], tag="b_base_bs16"), single([1, 0, 0], tag="c_base")]
+    assert compare_runs(runs, num_resamples=10).baseline == 2
+    runs.append(single([0, 0, 0], tag="d_base"))
+    assert compare_runs(runs, num_resamples=10).baseline == 2
+    longer = dataclasses.replace(single([1] * 5, tag="b_lora"), checkpoint="d")
+    assert compare_runs([lora, longer], num_resamples=10).baseline == 1
+    lone = compare_runs(runs[1:2], num_resamples=10).to_markdown()
+    assert "One run: nothing to compare it with." in lone
+
+
 def test_runs_of_the_same_tag_are_told_apart_by_folder():
     runs = [
         dataclasses.replace(single([1, 0], tag="base_bs32"), source=folder)
