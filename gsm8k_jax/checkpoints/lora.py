@@ -50,9 +50,9 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
     restore_lora_params,
 )
 from gsm8k_jax.checkpoints.lora_config import (
-    CONFIG_FLAG,
     DEFAULT_MODULE_PATH,
     LoraConfig,
+    named_setting,
 )
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import Einsum
@@ -211,7 +211,7 @@ def validate_lora_params(
     unselected = sorted(w for w in factors if w not in targets)
     if unselected:
         raise CheckpointError(
-            f"{CONFIG_FLAG}.module_path={config.module_path!r} does not select"
+            f"{named_setting('module_path', config.module_path)} does not select"
             f" {_preview(unselected)}, which the checkpoint has LoRA factors for:"
             " use the module_path the adapter was trained with."
         )
@@ -229,7 +229,7 @@ def validate_lora_params(
         a_shape = shapes["a"]
         if not a_shape or a_shape[-1] != config.rank:
             raise CheckpointError(
-                f"LoRA rank mismatch: {CONFIG_FLAG}.rank={config.rank} but"
+                f"LoRA rank mismatch: {named_setting('rank', config.rank)} but"
                 f" checkpoint has rank {a_shape[-1] if a_shape else '?'}"
                 f" ({weight}_lora_a {_fmt(a_shape)}). Set the rank (and alpha)"
                 " the adapter was trained with."
@@ -392,7 +392,7 @@ def qwix_lora_model(model: Gemma3, config: LoraConfig, *, seed: int = 0) -> Gemm
     )
     if not nnx.to_flat_state(nnx.state(lora_model, nnx.LoRAParam)):
         raise ValueError(
-            f"{CONFIG_FLAG}.module_path={config.module_path!r} matches no layer of"
+            f"{named_setting('module_path', config.module_path)} matches no layer of"
             " the model (it must match a whole path such as"
             f" 'layers/0/attn/q_einsum'); Tunix's default is {DEFAULT_MODULE_PATH!r}."
         )

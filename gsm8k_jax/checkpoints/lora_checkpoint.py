@@ -31,7 +31,7 @@ from flax import nnx
 from orbax.checkpoint import v1 as ocp_v1
 
 from gsm8k_jax import storage
-from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig
+from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig, named_setting
 from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
@@ -280,7 +280,7 @@ def _effective_lora_config(
         if contradicted:
             field = contradicted[0]
             raise ValueError(
-                f"{CONFIG_FLAG}.{field}={getattr(config, field)!r}, but the checkpoint"
+                f"{named_setting(field, getattr(config, field))}, but the checkpoint"
                 f" was trained with {field}={getattr(recorded, field)!r}"
                 f" ({recorded_at}): drop it or pass the trained value."
             )

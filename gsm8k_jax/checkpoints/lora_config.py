@@ -18,6 +18,12 @@ DEFAULT_MODULE_PATH = (
 CONFIG_FLAG = "--model.lora_config"
 
 
+def named_setting(field: str, value) -> str:
+    """A LoRA setting as messages name it, for notebook and command line
+    alike: `LoraConfig rank=8 (--model.lora_config.rank)`."""
+    return f"LoraConfig {field}={value!r} ({CONFIG_FLAG}.{field})"
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """How the adapter was trained; rank and alpha must match training.
@@ -39,12 +45,12 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"{CONFIG_FLAG}.rank must be >= 1, got {self.rank}.")
+            raise ValueError(f"{named_setting('rank', self.rank)}: must be >= 1.")
         try:
             re.compile(self.module_path)
         except re.error as e:
             raise ValueError(
-                f"{CONFIG_FLAG}.module_path={self.module_path!r} is not a valid"
+                f"{named_setting('module_path', self.module_path)} is not a valid"
                 f" regex: {e}."
             ) from e
 

@@ -112,7 +112,10 @@ def test_recorded_lora_config_is_used_and_enforced(tmp_path):
         check=False,
     )
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
-    assert "alpha=2.0, but the checkpoint was trained with alpha=8.0" in wrong.stderr
+    assert (
+        "alpha=2.0 (--model.lora_config.alpha), but the checkpoint was trained with"
+        " alpha=8.0" in wrong.stderr
+    )
     assert not (tmp_path / "wrong").exists()
 
     proc = run_script(
