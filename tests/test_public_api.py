@@ -14,6 +14,8 @@ def test_every_public_name_resolves():
     for name in gsm8k_jax.__all__:
         value = getattr(gsm8k_jax, name)
         assert getattr(value, "__name__", name) == name or not callable(value), name
+    # Tab completion offers the public names alone, not the package's helpers.
+    assert dir(gsm8k_jax) == gsm8k_jax.__all__
 
 
 def test_reading_and_comparing_runs_imports_no_jax():

@@ -259,7 +259,7 @@ def evaluate(
         initial=len(shard) - len(todo),
         unit="ex",
         desc=f"GSM8K {files.tag}",
-        disable=not show_progress,
+        disable=not (show_progress and todo),
         dynamic_ncols=True,
     ) as bar:
         _generate(
