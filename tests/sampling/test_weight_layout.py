@@ -14,7 +14,8 @@ from hf_models import make_tiny_hf_model
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.sampling import weight_layout
-from gsm8k_jax.sampling.decode import DecodeSettings, DecodeState, decode, prefill
+from gsm8k_jax.sampling.decode import DecodeState, decode, decode_settings, prefill
+from gsm8k_jax.sampling.params import SamplingParams
 
 ROWS, WIDTH, STEPS, ROW_TILE = 8, 32, 12, 4
 # Attention sizes that no other array of the decode program has (rows, tile,
@@ -86,11 +87,13 @@ def assert_same_bits(a_tree, b_tree):
 
 
 def settings(temperature):
-    return DecodeSettings(
-        eos_ids=jnp.array([1], jnp.int32),
-        temperature=jnp.float32(temperature),
-        top_k=jnp.int32(0 if temperature == 0 else 50),
-        top_p=jnp.float32(1.0 if temperature == 0 else 0.9),
+    return decode_settings(
+        SamplingParams(
+            temperature=temperature,
+            top_k=0 if temperature == 0 else 50,
+            top_p=1.0 if temperature == 0 else 0.9,
+            eos_ids=(1,),
+        )
     )
 
 
