@@ -243,14 +243,15 @@ def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str,
 # greedy runs apart.
 GREEDY_UNUSED = ("seed", "top_k", "top_p")
 _UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in GREEDY_UNUSED)
-# Settings recorded since a later version, with the value every run made
-# before then had.
-_SETTINGS_ADDED_LATER = {"mesh_model": 1}
+# Settings recorded since a later version: an older record does not say
+# what its run used (None), so a resume does not compare them, and a
+# comparison pairs such a run with none that records them.
+_SETTINGS_ADDED_LATER = ("mesh_model",)
 
 
 def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
-    """A run record with the settings it predates filled in."""
-    return _SETTINGS_ADDED_LATER | record
+    """A run record with the settings it predates as None (unknown)."""
+    return dict.fromkeys(_SETTINGS_ADDED_LATER) | record
 
 
 def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -265,11 +266,12 @@ def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out |= flat(value, f"{prefix}.{key}" if prefix else str(key))
         return out
 
-    a, b = flat(with_later_settings(old)), flat(with_later_settings(new))
+    a, b = flat(old), flat(new)
     greedy = (
         a.get("eval.sampling.temperature") == 0 == b.get("eval.sampling.temperature")
     )
     ignored = _UNUSED_WHEN_GREEDY if greedy else ()
+    ignored += tuple(k for k in _SETTINGS_ADDED_LATER if k not in a or k not in b)
     if "gcs" in (a.get("data_sha256"), b.get("data_sha256")):
         ignored += ("data_sha256",)  # An older record: gs:// data unhashed.
     return sorted(

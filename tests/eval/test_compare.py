@@ -371,16 +371,19 @@ def test_batch_size_consistency_shares():
 
 def test_consistency_pairs_the_runs_of_one_program_alone():
     """Greedy runs that differ in a seed they never read are the same
-    program; a run with tensor parallelism (--mesh_model=2) is another, and a
-    record from before --mesh_model was recorded had none."""
+    program; a run with tensor parallelism (--mesh_model=2) is another, and
+    a record from before --mesh_model was recorded may be either: it is
+    paired with neither."""
     rows = [rollout(i, c) for i, c in enumerate([1, 0, 1])]
-    older = make_run(rows, tag="older", batch_size=1)
+    one = make_run(rows, tag="one", batch_size=1)
+    one.run_info["mesh_model"] = 1
     seeded = make_run(rows, tag="seeded", batch_size=2)
     seeded.run_info["eval"]["sampling"]["seed"] = 5
     seeded.run_info["mesh_model"] = 1
     split = make_run(rows, tag="split", batch_size=4)
     split.run_info["mesh_model"] = 2
-    report = compare_runs([older, seeded, split], num_resamples=10)
+    older = make_run(rows, tag="older", batch_size=8)
+    report = compare_runs([one, seeded, split, older], num_resamples=10)
     assert [c.runs for c in report.consistency] == [(0, 1)]
 
 
@@ -851,7 +854,10 @@ def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
         lora_config=LoraConfig(rank=16, alpha=2.0),
         include_base=False,
     )
-    with pytest.raises(ValueError, match=r"alpha=2\.0, but the checkpoint was"):
+    with pytest.raises(
+        ValueError,
+        match=r"alpha=2\.0 \(--model\.lora_config\.alpha\), but the checkpoint",
+    ):
         sweep(output_dir=tmp_path / "refused", given_lora_fields={"alpha"})
     assert not (tmp_path / "refused").exists() and not used
     runs = sweep(output_dir=tmp_path / "out", given_lora_fields={"rank"})

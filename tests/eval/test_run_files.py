@@ -120,19 +120,25 @@ def test_unwritable_locations_are_refused_and_left_untouched(tmp_path, gcs_bucke
 def test_tensor_parallelism_is_a_setting_that_older_records_predate(tmp_path):
     """--mesh_model splits reductions, so a run resumed under another one
     would mix results of two programs: refused. A record from before it was
-    recorded was made without tensor parallelism."""
-    older = RunFiles(tmp_path, "t")
-    older.prepare({"seed": 0}, resume=True, overwrite=False)
-    older.chunks.commit([record(0)])
-    RunFiles(tmp_path, "t").check(
-        lambda: {"seed": 0, "mesh_model": 1}, resume=True, overwrite=False
-    )
-    with pytest.raises(
-        RuntimeError, match="other settings \\(differing: mesh_model\\)"
-    ):
-        RunFiles(tmp_path, "t").check(
-            lambda: {"seed": 0, "mesh_model": 2}, resume=True, overwrite=False
-        )
+    recorded does not say which it used: any resumes it."""
+    for mesh_model in (None, 1):
+        files = RunFiles(tmp_path / str(mesh_model), "t")
+        recorded = {"seed": 0} | ({} if mesh_model is None else {"mesh_model": 1})
+        files.prepare(recorded, resume=True, overwrite=False)
+        files.chunks.commit([record(0)])
+        rerun = RunFiles(tmp_path / str(mesh_model), "t")
+        rerun.check(lambda: {"seed": 0, "mesh_model": 1}, resume=True, overwrite=False)
+        if mesh_model is None:
+            rerun.check(
+                lambda: {"seed": 0, "mesh_model": 2}, resume=True, overwrite=False
+            )
+        else:
+            with pytest.raises(
+                RuntimeError, match="other settings \\(differing: mesh_model\\)"
+            ):
+                rerun.check(
+                    lambda: {"seed": 0, "mesh_model": 2}, resume=True, overwrite=False
+                )
 
 
 def test_the_data_is_recorded_by_its_digest_on_gcs_too(tmp_path, gcs_bucket):
