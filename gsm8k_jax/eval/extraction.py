@@ -243,4 +243,5 @@ def answers_match(a: str, b: str) -> bool:
     value_a, value_b = _parse_number(a), _parse_number(b)
     if value_a is not None and value_b is not None:
         return value_a == value_b
-    return _clean(a).replace(",", "") == _clean(b).replace(",", "")
+    text_a, text_b = (_THOUSANDS_SEPARATOR_RE.sub("", _clean(x)) for x in (a, b))
+    return text_a == text_b

@@ -72,7 +72,9 @@ class Rollout:
     correct: bool
     extracted_answers: dict[str, str | None]
     correct_by_method: dict[str, bool]
-    num_tokens: int  # generated, past a stop string too
+    # Generated: to an eos id, the length limit, or the last token of a stop
+    # string the row wrote with its own tokens (`stopping.stop_token_sequences`).
+    num_tokens: int
     finish_reason: str  # eos | length | stop (cut at a task's stop string)
     logprob: float
 

@@ -151,6 +151,13 @@ def _rollout(
     the length limit."""
     response = cut_at_stop_sequences(completion.text, stops)
     stopped = response != completion.text
+    if completion.finish_reason == "stop" and not stopped:
+        # Stop sequences are the tokens that write a stop string: their text
+        # holds one (else the response would end elsewhere than lm-eval's).
+        raise RuntimeError(
+            f"Example {example.id} stopped on a stop sequence its text does not"
+            f" show ({stops!r}); please report this with the tokenizer used."
+        )
     return Rollout(
         id=example.id,
         sample_index=completion.sample_index,
@@ -272,7 +279,8 @@ def evaluate(
             done,
             max_prompt_len,
             task,
-            (stops, stop_sequences),
+            stops,
+            stop_sequences,
         )
     if files.process_index != 0:
         return None
@@ -326,14 +334,14 @@ def _generate(
     done: Sequence[dict[str, Any]],
     max_prompt_len: int,
     task: tasks.Task,
-    stopping: tuple[Sequence[str], Sequence[Sequence[int]]],
+    stops: Sequence[str],
+    stop_sequences: Sequence[Sequence[int]],
 ) -> None:
     """Generates the `todo` examples' answers, committing each group of
     finished rollouts to `files` as it comes, and keeps `bar` up to date.
-    `stopping`: the task's stop strings, and the token sequences that end
-    generation for them."""
+    The task's stop strings cut the responses; generation ends at
+    `stop_sequences`, the tokens that write them."""
     params = config.sampling
-    stops, stop_sequences = stopping
     by_id = {e.id: e for e in todo}
     correct_so_far = sum(r["correct"] for r in done)
     rows_so_far = len(done)

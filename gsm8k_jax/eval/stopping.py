@@ -13,6 +13,7 @@ stops, so results stay batch invariant.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 __all__ = ["cut_at_stop_sequences", "stop_token_sequences", "with_eos_text"]
@@ -51,16 +52,17 @@ def stop_token_sequences(
     that ends with one has generated its stop string, and the rest of its
     text is cut anyway (`cut_at_stop_sequences`).
 
-    None where one stop string could begin before another's end and run
-    past it (`ab` and `bc`, or `b` and `abc`): stopping at the first could
-    then cut the text elsewhere than lm-eval.
+    Nothing (an empty tuple) where one stop string could begin before
+    another's end and run past it (`ab` and `bc`, or `b` and `abc`):
+    stopping at the first could then cut the text elsewhere than lm-eval.
+    (A string overlapping itself, such as `\n\n`, is cut at its first
+    occurrence either way.)
     """
     stops = [s for s in stops if s]
-    for first in stops:
-        for second in stops:
-            overhang = any(second.startswith(first[i:]) for i in range(1, len(first)))
-            if overhang or first in second[1:]:
-                return ()
+    for first, second in itertools.permutations(stops, 2):
+        overhang = any(second.startswith(first[i:]) for i in range(1, len(first)))
+        if overhang or first in second[1:]:
+            return ()
     sequences = set()
     for stop in stops:
         for context in _STOP_CONTEXTS:

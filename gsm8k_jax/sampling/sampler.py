@@ -302,7 +302,12 @@ class Sampler:
         for f in finished:
             i, j = f.row
             text_ids = f.tokens[:-1] if f.hit_eos else f.tokens
-            stopped = any(tuple(f.tokens[-len(stop) :]) == stop for stop in stops)
+            if f.hit_eos:
+                reason = "eos"
+            elif any(tuple(f.tokens[-len(stop) :]) == stop for stop in stops):
+                reason = "stop"
+            else:
+                reason = "length"
             completions.append(
                 Completion(
                     example_id=example_ids[i],
@@ -310,11 +315,7 @@ class Sampler:
                     text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
                     tokens=f.tokens,
                     num_tokens=len(f.tokens),
-                    finish_reason="eos"
-                    if f.hit_eos
-                    else "stop"
-                    if stopped
-                    else "length",
+                    finish_reason=reason,
                     logprob=f.logprob,
                 )
             )

@@ -234,6 +234,12 @@ def test_is_correct_flexible():
     assert not is_correct("The answer is 18, not 17.", GOLD_TEXT, "flexible")
 
 
+@pytest.mark.parametrize("response", [r"\boxed{2,3}", r"\boxed{1,2345}"])
+def test_commas_that_group_no_thousands_match_no_number(response):
+    gold = response[7:-1].replace(",", "")
+    assert not is_correct(response, gold)
+
+
 def test_is_correct_falls_back_to_text_comparison():
     assert is_correct(r"\boxed{Yes}", "yes.")
     assert is_correct(r"\boxed{\text{B}}", "b")

@@ -174,3 +174,5 @@ def test_no_early_stop_where_one_stop_string_could_overrun_another(stops):
     """Stopping at `ab` in `abc` would keep text that a cut at `bc` removes."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     assert stop_token_sequences(stops, tokenizer) == ()
+    # A string that overlaps itself is cut at its first occurrence either way.
+    assert stop_token_sequences(["\n\n", "Q:"], tokenizer)
