@@ -203,6 +203,13 @@ def save_checkpoint(
     """Writes step `step` (see the module docstring); returns its folder."""
     step_dir = checkpoint_dir(root, config) / str(step)
     if config.lora is not None:
+        # Training resumed before this step, so a folder of it is a save cut
+        # short (Orbax writes in place on gs:// and marks the step last).
+        if step_dir.exists():
+            logging.warning(
+                "Rewriting step %d in %s: its save was cut short.", step, step_dir
+            )
+            step_dir.rmtree()
         lora_checkpoint.save_lora_config(checkpoint_dir(root, config), config.lora)
         lora_checkpoint.save_lora_params(model, root, step)
         _save_optimizer(optimizer, step_dir / OPTIMIZER_DIR)

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora, qwix_lora_model
 from gsm8k_jax.checkpoints.lora_checkpoint import (
+    COMMIT_MARKER,
     LORA_CONFIG_FILE,
     read_lora_config,
     restore_lora_params,
@@ -197,6 +198,10 @@ def test_rerun_resumes_from_the_latest_step(
     monkeypatch.chdir(tmp_path)
     root = Path("resumed")
     shutil.copytree(trained.root / "actor/12", root / "actor/12")
+    # Step 16's save was cut short: on gs:// Orbax writes a step in place and
+    # marks it committed last. Its folder is rewritten, not in the way.
+    shutil.copytree(trained.root / "actor/16", root / "actor/16")
+    (root / "actor/16" / COMMIT_MARKER).unlink()
     model = trained.model
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, trained.initial)
