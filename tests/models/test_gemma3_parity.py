@@ -3,11 +3,13 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
@@ -190,6 +192,25 @@ def test_missing_tensor_is_named(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"
     ):
+        load_hf_model(tmp_path)
+
+
+def test_an_output_head_of_its_own_is_refused_not_ignored(tmp_path):
+    """Gemma 3 ties its head to the embeddings; a checkpoint saved untied
+    (its own lm_head.weight, tie_word_embeddings false) would lose its head
+    here. A head saved beside a tied config is unread, as transformers
+    leaves it."""
+    make_tiny_hf_model(tmp_path)
+    plain = nnx.to_pure_dict(nnx.state(load_hf_model(tmp_path, dtype=jnp.float32)))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = -tensors["model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    tied = nnx.to_pure_dict(nnx.state(load_hf_model(tmp_path, dtype=jnp.float32)))
+    jax.tree.map(np.testing.assert_array_equal, tied, plain)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="an output head of its own"):
         load_hf_model(tmp_path)
 
 

@@ -37,6 +37,10 @@ from gsm8k_jax.models.gemma3.sharding import (
 )
 
 _EMBED_SUFFIX = "embed_tokens.weight"
+# An output head of its own (a model whose config unties it from the input
+# embeddings); Gemma 3's is tied, so one beside a tied config goes unread, as
+# transformers leaves it.
+_HEAD_SUFFIX = "lm_head.weight"
 # Tensors read and converted at once while loading.
 MAX_LOAD_THREADS = 8
 
@@ -80,6 +84,14 @@ def load_config(model_dir: str | os.PathLike) -> Gemma3Config:
         raise CheckpointError(f"{config_file}: {e}") from e
 
 
+def _unties_head(model_dir: Path) -> bool:
+    """Whether config.json unties the output head from the input embeddings
+    (at its top level, or a multimodal config's text_config)."""
+    raw = json.loads((model_dir / "config.json").read_text())
+    text = raw.get("text_config") or {}
+    return False in (raw.get("tie_word_embeddings"), text.get("tie_word_embeddings"))
+
+
 @contextlib.contextmanager
 def _open_safetensors(path: Path) -> Iterator[Any]:
     """`safe_open`, with a damaged file (a truncated download) reported as a
@@ -120,6 +132,7 @@ class _SafetensorsReader:
         # 'model.language_model.' style prefixes for multimodal checkpoints.
         self.prefix = embed[0][: -len(_EMBED_SUFFIX)]
         self.model_dir = model_dir
+        self.has_own_head = any(n.endswith(_HEAD_SUFFIX) for n in self._files)
 
     def _file(self, name: str) -> Path:
         full = self.prefix + name
@@ -323,6 +336,13 @@ def load_hf_model(
         check_model_parallelism(config.num_heads, mesh.shape[MODEL])
     param_dtype = param_dtype or dtype
     reader = _SafetensorsReader(model_dir)
+    if reader.has_own_head and _unties_head(model_dir):
+        raise CheckpointError(
+            f"{model_dir} has an output head of its own ({_HEAD_SUFFIX},"
+            " tie_word_embeddings false): gsm8k_jax's Gemma 3 ties the head to"
+            " the input embeddings, as every released Gemma 3 does; save the"
+            " model with tied embeddings."
+        )
 
     model = nnx.eval_shape(
         lambda: Gemma3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
