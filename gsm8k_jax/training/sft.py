@@ -120,6 +120,7 @@ def train(
     output_dir: str | os.PathLike | None = None,
     template: str = DEFAULT_PROMPT_TEMPLATE,
     progress: bool = True,
+    base_model: str | None = None,
 ) -> list[float]:
     """Fine-tunes `model` in place on GSM8K examples.
 
@@ -134,6 +135,8 @@ def train(
         it was trained with other settings (`check_resumable`: ValueError).
       template: the user turn; must match the evaluation's prompt template.
       progress: show a tqdm bar with the loss.
+      base_model: the base weights' revision (`sources.model_revision` of
+        their folder), recorded and checked on resume; None: not checked.
 
     Returns:
       The loss of each step run by this call (from the resumed step on).
@@ -167,7 +170,7 @@ def train(
             f"No example fits max_length={config.max_length}: raise max_length."
         )
     if output_dir is not None:
-        check_resumable(output_dir, config, examples, template)
+        check_resumable(output_dir, config, examples, template, base_model)
     optimizer = make_optimizer(model, config)
     start = 0
     if (
@@ -178,7 +181,7 @@ def train(
         start = saved
         logging.info("Resuming from step %d in %s.", start, output_dir)
 
-    settings = run_settings(config, examples, template)
+    settings = run_settings(config, examples, template, base_model)
 
     def save(step: int) -> None:
         # The settings first: no step is ever on disk without them.

@@ -52,13 +52,16 @@ def run_settings(
     config: SFTConfig,
     examples: Sequence[GSM8KExample],
     template: str = DEFAULT_PROMPT_TEMPLATE,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """What defines a run's steps, as recorded beside them (JSON values).
 
     Every SFTConfig field but `RESUMABLE_CHANGES` and `lora` (recorded in
-    its own file, which evaluations read), the prompt template, and the
-    training data: its number of problems and a digest of their text (a
-    path may move; the problems and their order are what make the batches).
+    its own file, which evaluations read), the prompt template, the
+    training data (its number of problems and a digest of their text: a
+    path may move; the problems and their order are what make the batches)
+    and, where given, the base model's revision (`sources.model_revision`:
+    an adapter trained on one base goes on training on no other).
     """
     settings = {
         f.name: getattr(config, f.name)
@@ -69,6 +72,8 @@ def run_settings(
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     settings["prompt_template"] = template
     settings["data"] = f"{len(examples)} problems, sha256 {digest}"
+    if base_model is not None:
+        settings["base_model"] = base_model
     return json.loads(json.dumps(settings))
 
 
@@ -90,9 +95,11 @@ def check_resumable(
     config: SFTConfig,
     examples: Sequence[GSM8KExample],
     template: str = DEFAULT_PROMPT_TEMPLATE,
+    base_model: str | None = None,
 ) -> None:
     """Refuses to continue a run under `root` with other settings than it was
-    trained with, naming each differing one.
+    trained with, naming each differing one (the base model only where both
+    the run and this call name it).
 
     A LoRA run's rank, alpha and module_path (`lora_config.json`) are what
     every evaluation of its earlier steps uses; its other settings
@@ -125,7 +132,9 @@ def check_resumable(
             f"{path} is damaged (not valid JSON: {e.msg}): restore it, or train"
             " into another --output_dir."
         ) from e
-    settings = run_settings(config, examples, template)
+    settings = run_settings(config, examples, template, base_model)
+    if "base_model" not in recorded:  # Recorded since 2026-12-07.
+        settings.pop("base_model", None)
     # A setting added after the run was saved: it trained with the default.
     defaults = {
         f.name: f.default

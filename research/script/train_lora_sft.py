@@ -72,6 +72,7 @@ def main(argv):
     del argv
     # Heavy imports after flag parsing: --help stays fast.
     from gsm8k_jax.checkpoints.lora import LoraConfig, qwix_lora_model
+    from gsm8k_jax.checkpoints.sources import model_revision
     from gsm8k_jax.eval.cli import start_compilation_cache
     from gsm8k_jax.eval.data import load_gsm8k
     from gsm8k_jax.models.registry import load_pretrained
@@ -125,12 +126,11 @@ def main(argv):
     first, last = saved + 1, config.num_steps
     steps = f"step {last}" if first == last else f"steps {first} to {last}"
     print(
-        f"Training {steps} into {where}; the first step compiles the training"
-        " program.",
+        f"Training {steps} into {where}; the first step compiles the training program.",
         flush=True,
     )
     try:
-        model, tokenizer, _ = load_pretrained(
+        model, tokenizer, model_dir = load_pretrained(
             cfg.model_name, cfg.model_path or None, dtype="float32"
         )
         if config.lora is not None:
@@ -142,6 +142,7 @@ def main(argv):
             config,
             output_dir=_OUTPUT_DIR.value,
             template=_PROMPT_TEMPLATE.value,
+            base_model=model_revision(model_dir),
         )
     except (KeyboardInterrupt, Terminated) as stop:
         step = sft_checkpoints.latest_step(_OUTPUT_DIR.value, config)

@@ -277,6 +277,16 @@ def test_resuming_with_other_settings_is_refused(
     path.write_text(json.dumps(record))
     default = dataclasses.replace(CONFIG, weight_decay=SFTConfig.weight_decay)
     sft_checkpoints.check_resumable(root, default, examples)
+    # The base model: checked where the run and the rerun both name it.
+    sft_checkpoints.check_resumable(root, default, examples, base_model="sha256:b")
+    record["base_model"] = "sha256:a"
+    path.write_text(json.dumps(record))
+    sft_checkpoints.check_resumable(root, default, examples, base_model="sha256:a")
+    sft_checkpoints.check_resumable(root, default, examples)
+    with pytest.raises(
+        ValueError, match=r"base_model='sha256:b' \(trained with 'sha256:a'\)"
+    ):
+        sft_checkpoints.check_resumable(root, default, examples, base_model="sha256:b")
     path.write_text("{")
     with pytest.raises(ValueError, match="sft_settings.json is damaged"):
         sft_checkpoints.check_resumable(root, CONFIG, examples)
