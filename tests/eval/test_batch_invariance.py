@@ -129,15 +129,14 @@ def test_generation_ends_where_a_stop_string_is_generated(
 ):
     """A task's stop string ends a row's generation where the row generates
     it (lm-eval's tasks stop at `Question:`): the responses and finish
-    reasons of generating on and cutting the text, from fewer tokens, and
-    the same bits at any batch size."""
+    reasons of generating on and cutting the text, from fewer tokens
+    (tests/sampling/test_sampler.py checks the bits at any batch size)."""
     _, sampler, examples, _ = reference
     examples = examples[:16]
     # The bundled model's solutions hold "=" (`16 - 3 - 4 = 9`).
     boxed = dataclasses.replace(tasks.TASKS[tasks.BOXED], until=("=",))
     monkeypatch.setitem(tasks.TASKS, tasks.BOXED, boxed)
     stopped = run_in_process(sampler, examples, 8, tmp_path / "bs8")
-    assert run_in_process(sampler, examples, 3, tmp_path / "bs3") == stopped
     monkeypatch.setattr(runner, "stop_token_sequences", lambda stops, tokenizer: ())
     generated_on = run_in_process(sampler, examples, 8, tmp_path / "on")
     ended_early = 0

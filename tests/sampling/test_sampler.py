@@ -402,7 +402,7 @@ def test_stop_sequences_end_rows_where_they_are_generated(request, which):
         max_tokens=[e or GREEDY.max_generation_steps for e in ends],
     )
     stopped = collections.defaultdict(list)
-    for start in range(len(PROMPTS)):  # alone
+    for start in range(0, len(PROMPTS), 4):  # alone (every fourth row)
         (c,) = sampler.generate(
             [PROMPTS[start]], GREEDY, example_ids=[start], stop_sequences=stops
         )
