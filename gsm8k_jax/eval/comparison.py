@@ -34,7 +34,7 @@ from gsm8k_jax.eval.multi_sample import (
     correct_grid,
     multi_sample_metrics,
 )
-from gsm8k_jax.eval.results import GREEDY_UNUSED, with_later_settings
+from gsm8k_jax.eval.results import with_later_settings, without_greedy_unused
 from gsm8k_jax.eval.runs import RunResult
 from gsm8k_jax.eval.scoring import rescore
 from gsm8k_jax.eval.tasks import get_task
@@ -295,9 +295,7 @@ def _settings_key(run: RunResult) -> str:
     files were (model folder, data file when its digest is known)."""
     info = with_later_settings(copy.deepcopy(run.run_info))
     del info["eval"]["batch_size"]
-    sampling = info["eval"]["sampling"]
-    if sampling["temperature"] == 0:
-        sampling |= dict.fromkeys(GREEDY_UNUSED)
+    info["eval"]["sampling"] = without_greedy_unused(info["eval"]["sampling"])
     # Older run records hold it; every run is scored again under one method.
     info["eval"].pop("extraction_method", None)
     info.pop("model_dir", None)

@@ -241,10 +241,10 @@ def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str,
 
 
 # Sampling settings greedy decoding never reads: a greedy run records them
-# as null (older records hold the flags' values), and they never tell two
-# greedy runs apart.
-GREEDY_UNUSED = ("seed", "top_k", "top_p")
-_UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in GREEDY_UNUSED)
+# as null (`without_greedy_unused`), and they never tell two greedy runs
+# apart.
+_GREEDY_UNUSED = ("seed", "top_k", "top_p")
+_UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in _GREEDY_UNUSED)
 # Settings recorded since a later version: an older record does not say
 # what its run used (None), so a resume does not compare them, and a
 # comparison pairs such a run with none that records them.
@@ -410,7 +410,12 @@ def run_info(
 
 
 def _sampling_record(sampling: SamplingParams) -> dict[str, Any]:
-    record = {**vars(sampling), "eos_ids": list(sampling.eos_ids)}
-    if sampling.temperature == 0:
-        record |= dict.fromkeys(GREEDY_UNUSED)
-    return record
+    return without_greedy_unused({**vars(sampling), "eos_ids": list(sampling.eos_ids)})
+
+
+def without_greedy_unused(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A run record's sampling settings, with those a greedy run never reads
+    as null (older records hold the flags' values)."""
+    if sampling["temperature"] == 0:
+        return sampling | dict.fromkeys(_GREEDY_UNUSED)
+    return sampling
