@@ -157,6 +157,11 @@ class GSM8KJaxLM(LM):
                     self.lora_config.rank,
                     self.lora_config.alpha,
                 )
+            revision = model_revision(self.model_dir)
+            if warning := trained.base_model_warning(
+                revision, self.model_dir, "model_path in --model_args"
+            ):
+                logger.warning("%s", warning)
             lora_lib.load_trained_lora(model, trained, merge=True)
         self.dtype = dtype
         self.sampler = Sampler(

@@ -2,6 +2,7 @@
 with a LoRA checkpoint and lm-eval's chat template; its registration and its
 refusals. The command line is exercised in tests/eval/test_lm_eval_parity.py."""
 
+import logging
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from lm_eval_tasks import local_name, write_local_tasks
 from lora_checkpoints import write_tunix_checkpoint
 
 from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora
+from gsm8k_jax.checkpoints.lora_checkpoint import TRAINING_SETTINGS_FILE
+from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
@@ -30,17 +33,27 @@ MAX_GEN_TOKS = 16
 ALPHA = 8.0
 
 
-def test_simple_evaluate_with_a_lora_checkpoint_in_chat(tmp_path):
+def test_simple_evaluate_with_a_lora_checkpoint_in_chat(tmp_path, caplog):
     actor = tmp_path / "run" / "actor"
     write_tunix_checkpoint(actor / "50" / "model_params", tiny_factors())
-    lm = GSM8KJaxLM(
-        model_name="gemma3-tiny",
-        lora_checkpoint_path=str(actor),
-        lora_rank=RANK,
-        lora_alpha=ALPHA,
-        dtype="float32",
-        batch_size=2,
-    )
+    # Recorded as trained on other base weights: the backend warns once.
+    (actor / TRAINING_SETTINGS_FILE).write_text('{"base_model": "hf:0123abcd"}')
+    with caplog.at_level(logging.WARNING):
+        lm = GSM8KJaxLM(
+            model_name="gemma3-tiny",
+            lora_checkpoint_path=str(actor),
+            lora_rank=RANK,
+            lora_alpha=ALPHA,
+            dtype="float32",
+            batch_size=2,
+        )
+    assert [r.getMessage() for r in caplog.records].count(
+        "the LoRA checkpoint was trained on base weights hf:0123abcd"
+        f" ({actor / TRAINING_SETTINGS_FILE}), but {TINY_MODEL_DIR} holds"
+        f" {model_revision(TINY_MODEL_DIR)}: merged into other weights, an adapter"
+        " gives other answers. Check model_path in --model_args (a hub snapshot and"
+        " a local copy of the same weights are named differently)."
+    ) == 1
     task = local_name("gsm8k_cot_zeroshot")
     results = simple_evaluate(
         model=lm,

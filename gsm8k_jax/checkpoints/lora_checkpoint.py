@@ -43,6 +43,9 @@ COMMIT_MARKER = "commit_success.txt"
 # Rank, alpha and module_path, written by our trainer beside the step folders
 # (`<root>/actor/lora_config.json`); Tunix ignores it and writes none.
 LORA_CONFIG_FILE = "lora_config.json"
+# The trainer's other settings, beside them too; among them the revision of
+# the base weights (`sources.model_revision`) it trained on, as "base_model".
+TRAINING_SETTINGS_FILE = "sft_settings.json"
 # A factor's name: `<weight>_lora_a` or `<weight>_lora_b`.
 FACTOR_NAME = re.compile(r"(.+)_lora_([ab])")
 
@@ -227,6 +230,28 @@ class TrainedLora:
     params_path: str  # its `model_params` folder (`resolve_lora_checkpoint`)
     config: LoraConfig
     recorded: bool  # the config is our trainer's record, not the one given
+    # The base weights' revision our trainer recorded, or None (Tunix's own
+    # checkpoints, and ours from before 2026-12-07).
+    base_model: str | None = None
+
+    def base_model_warning(
+        self,
+        revision: str,
+        model_dir: str | os.PathLike,
+        setting: str = "--model.model_path",
+    ) -> str:
+        """Why this adapter may not fit the weights of `revision` (at
+        `model_dir`, chosen by `setting`), or "" where nothing says so."""
+        if self.base_model is None or self.base_model == revision:
+            return ""
+        settings = epath.Path(self.params_path).parent.parent / TRAINING_SETTINGS_FILE
+        return (
+            f"the LoRA checkpoint was trained on base weights {self.base_model}"
+            f" ({settings}), but {model_dir} holds {revision}: merged into other"
+            f" weights, an adapter gives other answers. Check {setting} (a hub"
+            " snapshot and a local copy of the same weights are named"
+            " differently)."
+        )
 
 
 def resolve_trained_lora(
@@ -246,7 +271,23 @@ def resolve_trained_lora(
         params_path,
         _effective_lora_config(config, recorded, given=given, where=params_path),
         recorded is not None,
+        _recorded_base_model(epath.Path(params_path).parent.parent),
     )
+
+
+def _recorded_base_model(actor_dir: epath.Path) -> str | None:
+    """The base revision the trainer recorded beside the step folders, or
+    None (none recorded, or a record that cannot be read: the trainer's own
+    resume reports that one)."""
+    settings = actor_dir / TRAINING_SETTINGS_FILE
+    if not storage_call(settings, settings.exists):
+        return None
+    try:
+        recorded = json.loads(storage_call(settings, settings.read_text))
+    except json.JSONDecodeError:
+        return None
+    base_model = recorded.get("base_model") if isinstance(recorded, dict) else None
+    return base_model if isinstance(base_model, str) else None
 
 
 def _effective_lora_config(

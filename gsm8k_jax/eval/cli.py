@@ -223,6 +223,10 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     sampler = Sampler(model, tokenizer, mesh=mesh, row_tile=eval_config.row_tile)
     # Recorded only now that model, data and checkpoint have loaded.
     info = run_record()
+    if lora and (
+        warning := trained.base_model_warning(info["model_revision"], model_dir)
+    ):
+        print(f"warning: {warning}", file=sys.stderr)
     if process == 0:
         files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if num_processes > 1:  # No process commits before process 0 prepared.

@@ -232,12 +232,12 @@ def evaluate_checkpoints(
     # Every input is checked before the model is loaded.
     # (path as given, resolved path); ("", "") is the base model.
     checkpoints = [("", "")] if include_base else []
-    lora_configs = {}
+    trained_loras = {}
     for raw_path in lora_paths:
         trained = lora_checkpoint.resolve_trained_lora(
             raw_path, lora_config, given=given_lora_fields
         )
-        lora_configs[trained.params_path] = trained.config
+        trained_loras[trained.params_path] = trained
         checkpoints.append((str(raw_path), trained.params_path))
     data_path = str(data_path or BUNDLED_TEST_SET)
     examples = load_gsm8k(data_path, num_examples)
@@ -253,7 +253,8 @@ def evaluate_checkpoints(
         model = model_config(model_name)
         model.model_path = model_path or ""
         model.dtype = dtype
-        run_lora_config = lora_configs.get(lora_path, lora_config)
+        trained = trained_loras.get(lora_path)
+        run_lora_config = trained.config if trained else lora_config
         if run_lora_config is not None:  # The base model's flags, or defaults.
             model.lora_config = dataclasses.asdict(run_lora_config)
         model.lora_checkpoint_path = raw_path
@@ -266,6 +267,10 @@ def evaluate_checkpoints(
             eval_config=eval_config,
             mesh_model=mesh_model,
         )
+        if trained and (
+            warning := trained.base_model_warning(info["model_revision"], model_dir)
+        ):
+            logging.warning("%s", warning)
         tag = run_tag(
             model_name,
             lora_path,
@@ -301,7 +306,7 @@ def evaluate_checkpoints(
         model_name,
         model_dir,
         dtype,
-        lora_configs,
+        {path: trained.config for path, trained in trained_loras.items()},
         eval_config,
         examples,
         show_progress,

@@ -37,7 +37,7 @@ from gsm8k_jax.training.config import SFTConfig
 HF_DIR = "hf"  # Full fine-tune checkpoints: <root>/hf/<step>/.
 OPTIMIZER_DIR = "optimizer_state"
 # The run's settings (`run_settings`), beside its step folders.
-SETTINGS_FILE = "sft_settings.json"
+SETTINGS_FILE = lora_checkpoint.TRAINING_SETTINGS_FILE
 # SFTConfig fields a resumed run may change: how far it goes, how often it saves.
 RESUMABLE_CHANGES = ("num_steps", "checkpoint_every")
 

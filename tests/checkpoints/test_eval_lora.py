@@ -10,8 +10,13 @@ from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
 from gcs_emulator import upload_dir
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
-from gsm8k_jax.checkpoints.lora_checkpoint import save_lora_config
+from gsm8k_jax.checkpoints.lora_checkpoint import (
+    TRAINING_SETTINGS_FILE,
+    resolve_trained_lora,
+    save_lora_config,
+)
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
+from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.eval.results import ResultsError, RunFiles, model_config, run_info
 from gsm8k_jax.eval.runner import EvalConfig
@@ -55,7 +60,7 @@ def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
         f"--output_dir={tmp_path / 'gcs'}",
         script=LORA_SCRIPT,
     )
-    base_name, base = rollouts(tmp_path / "base")
+    _, base = rollouts(tmp_path / "base")
     local_name, local = rollouts(tmp_path / "local")
     gcs_name, gcs = rollouts(tmp_path / "gcs")
     assert local_name == "rollouts_gemma3-tiny_run-actor-50_r4a8_bs4.jsonl" == gcs_name
@@ -118,10 +123,19 @@ def test_recorded_lora_config_is_used_and_enforced(tmp_path):
     )
     assert not (tmp_path / "wrong").exists()
 
+    # Trained on other base weights (as recorded by our trainer): said once.
+    other_base = "sha256:0123456789abcdef"
+    settings = actor / TRAINING_SETTINGS_FILE
+    settings.write_text(json.dumps({"base_model": other_base}))
     proc = run_script(
         *common, f"--output_dir={tmp_path / 'recorded'}", script=LORA_SCRIPT
     )
-    assert "LoRA: rank" not in proc.stdout  # nothing to warn about
+    assert "LoRA: rank" not in proc.stdout  # rank and alpha are recorded
+    warning = (
+        f"warning: the LoRA checkpoint was trained on base weights {other_base}"
+        f" ({settings}), but {TINY_MODEL_DIR} holds {model_revision(TINY_MODEL_DIR)}"
+    )
+    assert proc.stderr.count(warning) == 1, proc.stderr
     summary = json.loads(
         next((tmp_path / "recorded").glob("summary_*.json")).read_text()
     )
@@ -160,3 +174,32 @@ def test_run_info_records_the_step_and_config_load_lora_uses(tmp_path):
     files.chunks.commit([{"id": 0, "sample_index": 0}])  # A first result.
     with pytest.raises(ResultsError, match="differing: lora_checkpoint"):
         files.check(lambda: later, resume=True, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "settings, recorded",
+    [
+        (None, None),  # Tunix's own checkpoints, ours from before the record
+        ("{not json", None),  # damaged: the trainer's resume says so, not this
+        (json.dumps({"seed": 0}), None),
+        (json.dumps({"base_model": "same"}), "same"),
+        (json.dumps({"base_model": "sha256:0123456789abcdef"}), "other"),
+    ],
+)
+def test_the_recorded_base_weights_are_compared(tmp_path, settings, recorded):
+    """Only a readable record of other base weights than the model's warns."""
+    actor = tmp_path / "run" / "actor"
+    write_tunix_checkpoint(actor / "3" / "model_params", tiny_factors())
+    revision = model_revision(TINY_MODEL_DIR)
+    if settings is not None:
+        (actor / TRAINING_SETTINGS_FILE).write_text(settings.replace("same", revision))
+    trained = resolve_trained_lora(actor, LoraConfig(rank=RANK))
+    warning = trained.base_model_warning(revision, TINY_MODEL_DIR)
+    if recorded == "other":
+        assert trained.base_model == "sha256:0123456789abcdef"
+        assert warning.startswith(
+            "the LoRA checkpoint was trained on base weights sha256:0123456789abcdef"
+        )
+    else:
+        assert trained.base_model == (revision if recorded else None)
+        assert warning == ""

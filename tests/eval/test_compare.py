@@ -4,6 +4,7 @@ computations, loading, rendering, and real tiny-model runs end to end."""
 import dataclasses
 import functools
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -20,7 +21,10 @@ from fresh_interpreter import imported_after
 from gcs_emulator import upload_dir
 
 from gsm8k_jax.checkpoints.lora import LoraConfig
-from gsm8k_jax.checkpoints.lora_checkpoint import save_lora_config
+from gsm8k_jax.checkpoints.lora_checkpoint import (
+    TRAINING_SETTINGS_FILE,
+    save_lora_config,
+)
 from gsm8k_jax.eval.comparison import Answer, compare_runs
 from gsm8k_jax.eval.multi_sample import (
     majority_vote_scorer,
@@ -840,7 +844,7 @@ def short_sweep(used: dict):
     )
 
 
-def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
+def test_sweep_uses_each_checkpoints_recorded_config(tmp_path, caplog):
     """A checkpoint our trainer wrote is evaluated with its recorded rank and
     alpha (its tag and run record say so), not the defaults; a given field
     that contradicts it is refused before anything is loaded."""
@@ -860,7 +864,13 @@ def test_sweep_uses_each_checkpoints_recorded_config(tmp_path):
     ):
         sweep(output_dir=tmp_path / "refused", given_lora_fields={"alpha"})
     assert not (tmp_path / "refused").exists() and not used
-    runs = sweep(output_dir=tmp_path / "out", given_lora_fields={"rank"})
+    # Trained on other base weights, as our trainer records them: a warning.
+    settings = recorded / TRAINING_SETTINGS_FILE
+    settings.write_text(json.dumps({"base_model": "sha256:0123456789abcdef"}))
+    with caplog.at_level(logging.WARNING):
+        runs = sweep(output_dir=tmp_path / "out", given_lora_fields={"rank"})
+    warnings = [r.getMessage() for r in caplog.records if "base weights" in r.message]
+    assert len(warnings) == 1 and f"({settings})" in warnings[0]
     assert [r.tag for r in runs] == [
         "gemma3-tiny_trained-actor-100_r16a16_bs2",
         "gemma3-tiny_tunix-actor-100_r16a2_bs2",
