@@ -15,7 +15,11 @@
 # 180), so one slow step cannot use up the lease; the script exits 1 if any
 # step failed or was stopped. Runs with the python3 on
 # PATH (or $PYTHON) and the packages already there (jax with its CUDA plugin, flax,
-# transformers, torch): no install, nothing fetched.
+# transformers, torch): no install, nothing fetched. The lent machines' image
+# holds jax 0.11.2 (CUDA 13) and transformers 5.17, not our pins (jax 0.10.2);
+# jax-cuda13-pjrt 0.10.2 (124 MB) is over the 64 MiB a call carries, so the
+# checks run on the image's jax. They need neither qwix, ml-collections,
+# gcsfs nor lm-eval (checked on CPU by blocking those imports).
 #
 #   bash research/device_check.sh                 # on the GPU machine
 #   SCALE=smoke PYTHON=.venv/bin/python bash research/device_check.sh
