@@ -9,6 +9,7 @@ the run's identity.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -204,6 +205,12 @@ def evaluate(
             f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"
             f" asks for {config.row_tile}: build it with Sampler(...,"
             f" row_tile={config.row_tile})."
+        )
+    counts = collections.Counter(e.id for e in examples)
+    if repeated := [i for i, n in counts.items() if n > 1]:
+        raise ValueError(
+            f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"
+            " problem needs its own (load_gsm8k numbers them by line)."
         )
     started_at = _now()
     params = config.sampling

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_model
-from gsm8k_jax.sampling import weight_layout
+from gsm8k_jax.sampling import requests, weight_layout
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
     default_prefill_chunk,
@@ -161,7 +161,8 @@ class Sampler:
     ) -> list[Completion]:
         """Generates `params.num_samples` completions per prompt, in prompt order.
 
-        example_ids identify prompts for their random keys (default 0..n-1).
+        example_ids identify prompts for their random keys (default 0..n-1;
+        one per prompt, none repeated).
         batch_size is the number of slots decoded in parallel (default: all
         prompts x samples at once), rounded up to whole row tiles.
         max_tokens caps each prompt's completions below
@@ -209,26 +210,12 @@ class Sampler:
             )
         if not prompts:
             return
-        example_ids = (
-            list(range(len(prompts))) if example_ids is None else list(example_ids)
-        )
-        if len(example_ids) != len(prompts):
-            raise ValueError(
-                f"{len(prompts)} prompts but {len(example_ids)} example_ids."
-            )
+        example_ids = requests.checked_example_ids(example_ids, len(prompts))
         encoded = [self.encode(p) for p in prompts]
-        if any(not ids for ids in encoded):
-            raise ValueError("Empty prompt: every prompt needs at least one token.")
-        limits = [params.max_generation_steps] * len(prompts)
-        if max_tokens is not None:
-            limits = list(max_tokens)
-            if len(limits) != len(prompts) or not all(
-                1 <= n <= params.max_generation_steps for n in limits
-            ):
-                raise ValueError(
-                    f"max_tokens needs one value in [1, max_generation_steps ="
-                    f" {params.max_generation_steps}] per prompt ({len(prompts)})."
-                )
+        requests.check_prompt_tokens(encoded, self.model.config.vocab_size)
+        limits = requests.token_limits(
+            max_tokens, len(prompts), params.max_generation_steps
+        )
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.num_samples)]
         state, schedule = self._empty_run(
             [len(ids) for ids in encoded], params, batch_size, max_prompt_len

@@ -117,6 +117,16 @@ def test_a_smaller_row_tile_is_batch_invariant_too(reference, tmp_path):
         run_in_process(sampler, examples, 1, tmp_path / "other", row_tile=8)
 
 
+def test_repeated_problem_ids_are_refused(reference, tmp_path):
+    """Results are kept by problem id (and an id picks a problem's random
+    keys): two problems of one id are refused before anything runs."""
+    _, sampler, examples, _ = reference
+    twice = [examples[0], dataclasses.replace(examples[1], id=examples[0].id)]
+    with pytest.raises(ValueError, match=rf"Problem ids \[{examples[0].id}\] repeat"):
+        run_in_process(sampler, twice, 2, tmp_path)
+    assert not Path(RunFiles(tmp_path, "bs2").rollouts_path).exists()
+
+
 def test_shuffled_order_gives_the_same_bits(reference, tmp_path):
     _, sampler, examples, expected = reference
     shuffled = list(examples)

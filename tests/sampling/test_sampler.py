@@ -532,6 +532,15 @@ def test_bad_settings_are_rejected(sampler):
         sampler.generate(PROMPTS[:3], GREEDY, batch_size=0)
     with pytest.raises(ValueError, match="Empty prompt"):
         sampler.generate([[]], GREEDY)
+    # Shared ids would share random keys, and the results' order would
+    # depend on which prompt finished first.
+    with pytest.raises(ValueError, match=r"example_ids \[7\] repeat"):
+        sampler.generate(PROMPTS[:3], GREEDY, example_ids=[7, 7, 8])
+    # The embedding lookup would clamp them to its last row, silently.
+    vocab = sampler.model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"Prompt 1 holds token ids \[{bad}\]"):
+            sampler.generate([[2, 5], [2, bad, 7]], GREEDY)
     with pytest.raises(TypeError, match="a single string: pass a list"):
         sampler.generate("What is 2 + 3?", GREEDY)
 
