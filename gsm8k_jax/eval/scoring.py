@@ -129,8 +129,9 @@ def summarize(
     total = len(rollouts)
     if num_samples > 1 and total:
         grid = np.array([[r["correct"] for r in g] for g in groups], dtype=float)
+        # One question has no spread between questions: its SE is undefined.
         mean, se = (
-            clustered_mean_accuracy(grid) if len(groups) > 1 else (grid.mean(), 0.0)
+            clustered_mean_accuracy(grid) if len(groups) > 1 else (grid.mean(), None)
         )
         summary |= {
             f"pass@{num_samples}": float(
@@ -147,6 +148,6 @@ def summarize(
                 equal=answers_match,
             ),
             "mean_accuracy": float(mean),
-            "mean_accuracy_clustered_se": float(se),
+            "mean_accuracy_clustered_se": None if se is None else float(se),
         }
     return summary

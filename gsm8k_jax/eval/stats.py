@@ -189,12 +189,17 @@ def grid_accuracy_interval(
     correct: np.ndarray, confidence: float = 0.95
 ) -> tuple[tuple[float, float], str]:
     """The `confidence` interval of a [questions, samples] grid's accuracy
-    and its kind: "clustered" (`clustered_accuracy_interval`) with several
-    samples of several questions, else "wilson" over all items."""
+    and its kind: "clustered" with several samples per question
+    (`clustered_accuracy_interval`; a lone question is worth one item, its
+    samples having no other question to be compared with), else "wilson"
+    over all items."""
     arr = np.asarray(correct, dtype=bool)
-    if arr.shape[1] > 1 and arr.shape[0] > 1:
-        return clustered_accuracy_interval(arr, confidence), "clustered"
-    return accuracy_interval(int(arr.sum()), arr.size, confidence), "wilson"
+    if arr.shape[1] == 1:
+        return accuracy_interval(int(arr.sum()), arr.size, confidence), "wilson"
+    if arr.shape[0] == 1:
+        interval = _wilson(float(arr.mean()), 1.0, _check_confidence(confidence))
+        return interval, "clustered"
+    return clustered_accuracy_interval(arr, confidence), "clustered"
 
 
 # --------------------------------------------------------------------------- #

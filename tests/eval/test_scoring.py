@@ -58,6 +58,24 @@ def test_several_samples_per_question_cluster_the_interval():
     assert summary["by_method"]["strict"]["accuracy_ci95"] == summary["accuracy_ci95"]
 
 
+@pytest.mark.parametrize("right", [4, 2, 0])
+def test_a_lone_question_is_worth_one_item_whatever_its_samples(right):
+    """One question of 4 samples: no other question to estimate their
+    correlation with, so its share right counts as one item (never as 4
+    independent ones, which made one question's interval narrower than two
+    questions'), and its clustered SE is undefined."""
+    summary = summarize(
+        rollouts([[i < right for i in range(4)]]), 4, "strict", get_task("boxed")
+    )
+    assert summary["accuracy"] == right / 4
+    assert summary["accuracy_ci95_method"] == "clustered"
+    assert summary["accuracy_ci95"] == pytest.approx(wilson(right / 4, 1))
+    if right in (0, 4):  # A whole item: scipy's Wilson of 0 or 1 out of 1.
+        expected = scipy.stats.binomtest(right // 4, 1).proportion_ci(method="wilson")
+        assert summary["accuracy_ci95"] == pytest.approx([expected.low, expected.high])
+    assert summary["mean_accuracy_clustered_se"] is None
+
+
 def test_clustered_interval_uses_the_design_effect():
     """Partly correlated samples: the grid is worth p(1-p)/SE^2 items, SE
     clustered by question."""
