@@ -169,12 +169,18 @@ def clustered_accuracy_interval(
     one item per question, and equal shares strictly between worth every
     sample.
 
+    A lone question has no SE (no other question to compare its samples
+    with): it is worth one item.
+
     Raises:
-      ValueError: as `clustered_mean_accuracy` (e.g. fewer than two questions).
+      ValueError: as `clustered_mean_accuracy` (e.g. an empty grid).
     """
     confidence = _check_confidence(confidence)
-    p, se = clustered_mean_accuracy(correct)
-    num_questions, num_samples = np.shape(correct)
+    arr = np.asarray(correct)
+    if arr.ndim == 2 and arr.shape[0] == 1 and arr.size:
+        return _wilson(float(_to_bool("correct", arr).mean()), 1.0, confidence)
+    p, se = clustered_mean_accuracy(arr)
+    num_questions, num_samples = arr.shape
     total = num_questions * num_samples
     if p in (0.0, 1.0):
         effective = float(num_questions)
@@ -189,17 +195,12 @@ def grid_accuracy_interval(
     correct: np.ndarray, confidence: float = 0.95
 ) -> tuple[tuple[float, float], str]:
     """The `confidence` interval of a [questions, samples] grid's accuracy
-    and its kind: "clustered" with several samples per question
-    (`clustered_accuracy_interval`; a lone question is worth one item, its
-    samples having no other question to be compared with), else "wilson"
-    over all items."""
+    and its kind: "clustered" (`clustered_accuracy_interval`) with several
+    samples per question, else "wilson" over all items."""
     arr = np.asarray(correct, dtype=bool)
-    if arr.shape[1] == 1:
-        return accuracy_interval(int(arr.sum()), arr.size, confidence), "wilson"
-    if arr.shape[0] == 1:
-        interval = _wilson(float(arr.mean()), 1.0, _check_confidence(confidence))
-        return interval, "clustered"
-    return clustered_accuracy_interval(arr, confidence), "clustered"
+    if arr.shape[1] > 1:
+        return clustered_accuracy_interval(arr, confidence), "clustered"
+    return accuracy_interval(int(arr.sum()), arr.size, confidence), "wilson"
 
 
 # --------------------------------------------------------------------------- #
