@@ -9,7 +9,6 @@ the run's identity.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import functools
@@ -38,6 +37,7 @@ from gsm8k_jax.eval.stopping import (
     stop_token_sequences,
     with_eos_text,
 )
+from gsm8k_jax.sampling.requests import repeated_ids
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 _VERSIONED_PACKAGES = (
@@ -206,8 +206,7 @@ def evaluate(
             f" asks for {config.row_tile}: build it with Sampler(...,"
             f" row_tile={config.row_tile})."
         )
-    counts = collections.Counter(e.id for e in examples)
-    if repeated := [i for i, n in counts.items() if n > 1]:
+    if repeated := repeated_ids([e.id for e in examples]):
         raise ValueError(
             f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"
             " problem needs its own (load_gsm8k numbers them by line)."

@@ -8,6 +8,11 @@ import collections
 from collections.abc import Sequence
 
 
+def repeated_ids(ids: Sequence[int]) -> list[int]:
+    """The ids that occur more than once, in order of first occurrence."""
+    return [i for i, n in collections.Counter(ids).items() if n > 1]
+
+
 def checked_example_ids(
     example_ids: Sequence[int] | None, num_prompts: int
 ) -> list[int]:
@@ -16,8 +21,7 @@ def checked_example_ids(
     ids = list(range(num_prompts)) if example_ids is None else list(example_ids)
     if len(ids) != num_prompts:
         raise ValueError(f"{num_prompts} prompts but {len(ids)} example_ids.")
-    repeated = [e for e, n in collections.Counter(ids).items() if n > 1]
-    if repeated:
+    if repeated := repeated_ids(ids):
         raise ValueError(
             f"example_ids {repeated[:5]} repeat: each prompt needs its own id"
             " (it picks the prompt's random keys and its place in the results)."
