@@ -209,10 +209,16 @@ def save_lora_config(actor_dir: str | os.PathLike, config: LoraConfig) -> None:
     )
 
 
+def _actor_dir(params_path: str | os.PathLike) -> epath.Path:
+    """The folder of the step folders (`<root>/actor`) of a resolved
+    `.../actor/<step>/model_params` checkpoint: where our trainer's records are."""
+    return epath.Path(params_path).parent.parent
+
+
 def read_lora_config(params_path: str | os.PathLike) -> LoraConfig | None:
     """The config recorded for a resolved `.../actor/<step>/model_params`
     checkpoint, or None where none was recorded (Tunix's own checkpoints)."""
-    return recorded_lora_config(epath.Path(params_path).parent.parent)
+    return recorded_lora_config(_actor_dir(params_path))
 
 
 def recorded_lora_config(actor_dir: str | os.PathLike) -> LoraConfig | None:
@@ -244,7 +250,7 @@ class TrainedLora:
         `model_dir`, chosen by `setting`), or "" where nothing says so."""
         if self.base_model is None or self.base_model == revision:
             return ""
-        settings = epath.Path(self.params_path).parent.parent / TRAINING_SETTINGS_FILE
+        settings = _actor_dir(self.params_path) / TRAINING_SETTINGS_FILE
         return (
             f"the LoRA checkpoint was trained on base weights {self.base_model}"
             f" ({settings}), but {model_dir} holds {revision}: merged into other"
@@ -271,7 +277,7 @@ def resolve_trained_lora(
         params_path,
         _effective_lora_config(config, recorded, given=given, where=params_path),
         recorded is not None,
-        _recorded_base_model(epath.Path(params_path).parent.parent),
+        _recorded_base_model(_actor_dir(params_path)),
     )
 
 
@@ -306,7 +312,7 @@ def _effective_lora_config(
     `config`). Not recorded (Tunix's own checkpoints): `config`, which is
     then required.
     """
-    recorded_at = epath.Path(where).parent.parent / LORA_CONFIG_FILE
+    recorded_at = _actor_dir(where) / LORA_CONFIG_FILE
     if recorded is None:
         if config is None:
             raise CheckpointError(
