@@ -19,7 +19,10 @@
 # holds jax 0.11.2 (CUDA 13) and transformers 5.17, not our pins (jax 0.10.2);
 # jax-cuda13-pjrt 0.10.2 (124 MB) is over the 64 MiB a call carries, so the
 # checks run on the image's jax. They need neither qwix, ml-collections,
-# gcsfs nor lm-eval (checked on CPU by blocking those imports).
+# gcsfs nor lm-eval (checked on CPU by blocking those imports). SCALE=smoke
+# ran green on CPU under the image's versions (Python 3.12, jax 0.11.2, flax
+# 0.12.12, transformers 5.17.0, torch 2.11.0, safetensors 0.8.0, numpy
+# 2.5.2; docs/PERFORMANCE.md), so the image's jax runs this code.
 #
 #   bash research/device_check.sh                 # on the GPU machine
 #   SCALE=smoke PYTHON=.venv/bin/python bash research/device_check.sh

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -59,6 +60,8 @@ from gsm8k_jax.models.gemma3.modules import Einsum
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
+# A layer's weight path: layers/<index>/<kind>, e.g. layers/3/attn/q_einsum/w.
+_LAYER_WEIGHT = re.compile(r"layers/(\d+)/(.+)")
 
 
 # --------------------------------------------------------------------------
@@ -245,6 +248,37 @@ def validate_lora_params(
                     f" {_fmt(expected[which])} at rank {config.rank}: a"
                     " checkpoint for another model size?"
                 )
+    _warn_if_partial(factors, targets)
+
+
+def _warn_if_partial(
+    factors: Mapping[str, Any], targets: Mapping[str, _Target]
+) -> None:
+    """Warns when a kind of weight (e.g. attn/q_einsum/w) has factors in some
+    of the layers `module_path` selects it in but not all: Tunix's module
+    paths select a kind in every layer, so that is most likely a truncated or
+    hand-built checkpoint, whose other layers would run unadapted. (A kind
+    with no factors at all is an adapter trained with a narrower module_path:
+    no update there is right.)"""
+    layers: dict[str, tuple[set[int], set[int]]] = {}
+    for weight in targets:
+        if match := _LAYER_WEIGHT.fullmatch(weight):
+            selected, adapted = layers.setdefault(match[2], (set(), set()))
+            selected.add(int(match[1]))
+            if weight in factors:
+                adapted.add(int(match[1]))
+    for kind, (selected, adapted) in sorted(layers.items()):
+        if adapted and adapted != selected:
+            missing = sorted(selected - adapted)
+            logging.warning(
+                "The LoRA checkpoint has no factors for %s in %d of the %d layers"
+                " module_path selects it in (layers %s): a truncated or partial"
+                " checkpoint? Those layers run without an update.",
+                kind,
+                len(missing),
+                len(selected),
+                _preview([str(i) for i in missing], limit=8),
+            )
 
 
 # --------------------------------------------------------------------------

@@ -287,6 +287,33 @@ def test_module_path_missing_trained_modules(setup):
         lora.validate_lora_params(setup.base, params, config)
 
 
+def test_partial_checkpoint_warns(setup, caplog):
+    """A kind of weight adapted in some layers but not all (a truncated
+    checkpoint) loads, with a warning naming the layers left unadapted; a
+    kind adapted in no layer (a narrower module_path in training) does not
+    warn."""
+    params = flat_factors(setup.factors)
+    for name in ("attn/q_einsum/w", "mlp/up_proj/kernel"):
+        for factor in "ab":
+            del params[f"layers/1/{name}_lora_{factor}"]
+    for factor in "ab":
+        for layer in (0, 1):
+            del params[f"layers/{layer}/mlp/down_proj/kernel_lora_{factor}"]
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        lora.validate_lora_params(setup.base, params, CONFIG)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sorted(warnings) == [
+        f"The LoRA checkpoint has no factors for {kind} in 1 of the 2 layers"
+        " module_path selects it in (layers 1): a truncated or partial"
+        " checkpoint? Those layers run without an update."
+        for kind in ("attn/q_einsum/w", "mlp/up_proj/kernel")
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        lora.validate_lora_params(setup.base, flat_factors(setup.factors), CONFIG)
+    assert not caplog.records
+
+
 def test_unpaired_and_empty_params(setup):
     params = flat_factors(setup.factors)
     del params["layers/1/mlp/up_proj/kernel_lora_b"]
