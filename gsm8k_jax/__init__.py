@@ -6,7 +6,7 @@ The names a notebook needs, e.g.:
     sampler = gsm8k_jax.Sampler(model, tokenizer)
     print(sampler.generate(["What is 2 + 3?"])[0].text)
     lora = gsm8k_jax.LoraConfig(rank=16, alpha=16.0)
-    gsm8k_jax.load_lora(model, "runs/tiny-lora/actor", lora)  # merged in place
+    gsm8k_jax.load_lora(model, "runs/tiny-lora/actor", lora)  # attached in place
     report = gsm8k_jax.compare_runs(gsm8k_jax.load_runs("results/quickstart"))
     print(report.to_markdown())
 

@@ -85,7 +85,7 @@ class GSM8KJaxLM(LM):
       model_path: hub id, local folder or gs:// (default: the name's).
       dtype: bfloat16 (default) or float32.
       lora_checkpoint_path: a Tunix LoRA checkpoint (`<root>/actor` or a
-        step), local or gs://, merged into the weights in float32.
+        step), local or gs://, attached beside the weights (`attach_lora`).
       lora_rank, lora_alpha, lora_module_path: the adapter's training
         settings; read from our trainer's `lora_config.json` when it wrote
         one (a contradicting value is refused).
@@ -162,7 +162,7 @@ class GSM8KJaxLM(LM):
                 revision, self.model_dir, "model_path in --model_args"
             ):
                 logger.warning("%s", warning)
-            lora_lib.load_trained_lora(model, trained, merge=True)
+            lora_lib.load_trained_lora(model, trained)
         self.dtype = dtype
         self.sampler = Sampler(
             model,

@@ -1,26 +1,33 @@
-"""LoRA adapters trained with Tunix: check them against a model, then merge
-or apply them (reading and writing the checkpoints: `lora_checkpoint`).
+"""LoRA adapters trained with Tunix: check them against a model, then attach,
+merge or apply them (reading and writing the checkpoints: `lora_checkpoint`).
 
 A weight W gets two factors: `lora_a` holds W's axes that the layer input
 shares (the contracting axes) then the rank r; `lora_b` holds r then W's
 other axes. The layer computes `W x + (x . a . b) * alpha / r`.
 
-Two ways to use an adapter:
+Three ways to use an adapter:
 
-* merged (`merge_lora`, the default): W' = W + (a . b) * alpha / r, in
-  place, kept in float32 so that a small update survives a bfloat16 model
-  (those layers compute in float32: twice the bytes of their bf16 weights,
-  no extra matmuls). Works with everything (the Sampler included).
-* unmerged (`apply_lora`): qwix's LoRA, as in training: its provider
+* attached (`attach_lora`, the default): each factor pair sits beside its
+  weight (`modules.LoraAdapter`), and the layer adds the update to its
+  float32 accumulator before its one rounding. The base weights keep their
+  dtype, so a bfloat16 LoRA run differs from the base run by the adapter
+  alone (zero factors give the base bits), and a small update is not
+  rounded away. Two small matmuls per adapted layer.
+* merged (`merge_lora`): W' = W + (a . b) * alpha / r, in place, kept in
+  float32 so that a small update survives a bfloat16 model; those layers
+  then compute in float32 (twice the bytes of their bf16 weights), so in
+  bfloat16 their results differ from the base model's even for a zero
+  update.
+* unmerged through qwix (`apply_lora`), as in training: its provider
   intercepts the einsums / dot_generals of the layers `module_path`
-  selects. The interception survives `nnx.split` / `nnx.merge` and
-  `jax.jit` (the graphdef keeps qwix's subclass of the model), but qwix's
-  LoRA einsum rewrites a debugging attribute (`<param>_lora_einsum_str`) on
-  its layer at every call, and NNX forbids mutating a module outside the
-  trace it was merged in: the Sampler merges the model in its jitted
-  function and calls it in a `lax.while_loop` body, which raised
-  `TraceContextError`. `apply_lora` makes those layers skip rewrites of an
-  unchanged value, so the unmerged model samples too.
+  selects, in the activation dtype. The interception survives `nnx.split` /
+  `nnx.merge` and `jax.jit` (the graphdef keeps qwix's subclass of the
+  model), but qwix's LoRA einsum rewrites a debugging attribute
+  (`<param>_lora_einsum_str`) on its layer at every call, and NNX forbids
+  mutating a module outside the trace it was merged in: the Sampler merges
+  the model in its jitted function and calls it in a `lax.while_loop` body,
+  which raised `TraceContextError`. `apply_lora` makes those layers skip
+  rewrites of an unchanged value, so this model samples too.
 
 alpha is not in Tunix's checkpoints: it must be the value used in training
 (our trainer records it beside them, and `load_lora` uses that).
@@ -55,8 +62,8 @@ from gsm8k_jax.checkpoints.lora_config import (
     LoraConfig,
     named_setting,
 )
-from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.models.gemma3.modules import Einsum
+from gsm8k_jax.models.gemma3.model import LINEAR_EQUATION, Gemma3
+from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, Einsum, LoraAdapter
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
@@ -81,6 +88,8 @@ class _Target:
     variable: nnx.Variable
     w_axes: str
     a_axes: str
+    layer: nnx.Module  # the Einsum or Linear that applies the weight
+    equation: str  # the layer's `x,w->y` einsum
 
     @property
     def b_axes(self) -> str:
@@ -120,9 +129,9 @@ def _target(module: nnx.Module) -> tuple[str, _Target] | None:
         x_axes, rest = module.equation.split(",")
         w_axes = rest.split("->")[0]
         a_axes = "".join(c for c in w_axes if c in x_axes)
-        return "w", _Target(module.w, w_axes, a_axes)
+        return "w", _Target(module.w, w_axes, a_axes, module, module.equation)
     if isinstance(module, nnx.Linear):  # kernel [in, out]
-        return "kernel", _Target(module.kernel, "io", "i")
+        return "kernel", _Target(module.kernel, "io", "i", module, LINEAR_EQUATION)
     return None
 
 
@@ -343,6 +352,61 @@ def _check_not_merged(targets: Mapping[str, _Target], weights: Iterable[str]) ->
             )
 
 
+def attach_lora(
+    model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
+) -> None:
+    """Attaches each factor pair to the layer of its weight, in place (the
+    default way to evaluate an adapter; `modules.LoraAdapter`).
+
+    Validates first, and replaces any adapter attached before. The base
+    weights are untouched: they keep their dtype and bytes, zero factors
+    give the base model's bits, and a small update joins each layer's
+    float32 accumulator (in bfloat16 too). Factors keep their checkpoint
+    dtype, placed beside their weight's blocks on a mesh. A `Sampler`
+    compiles for the model's structure when it is made: make it after
+    attaching (or detaching).
+    """
+    validate_lora_params(model, params, config)
+    targets, weights = _targets(model, config.module_path), _factors(params)
+    _check_not_merged(targets, weights)
+    detach_lora(model)
+    for weight in weights:
+        target = targets[weight]
+        w = target.variable.get_value()
+        a, b = (
+            jax.device_put(params[f"{weight}_lora_{f}"], sharding)
+            for f, sharding in zip("ab", target.factor_shardings(w.sharding))
+        )
+        adapter = LoraAdapter(target.equation, a, b, config.scale)
+        setattr(target.layer, LORA_ATTRIBUTE, adapter)
+
+
+def _check_no_adapter(model: Gemma3) -> None:
+    """Refuses a model with an adapter attached: merging or applying another
+    update on top would add to it."""
+    if any(isinstance(a, LoraAdapter) for _, a in _adapters(model)):
+        raise ValueError(
+            "The model has a LoRA attached (attach_lora); another update would"
+            " add to it. Detach it first (detach_lora)."
+        )
+
+
+def _adapters(model: Gemma3) -> list[tuple[nnx.Module, Any]]:
+    """(layer, what its LORA_ATTRIBUTE holds) for every layer with one."""
+    found = []
+    for _, module in nnx.iter_modules(model):
+        if (adapter := getattr(module, LORA_ATTRIBUTE, None)) is not None:
+            found.append((module, adapter))
+    return found
+
+
+def detach_lora(model: Gemma3) -> None:
+    """Removes every adapter `attach_lora` attached, in place."""
+    for layer, adapter in _adapters(model):
+        if isinstance(adapter, LoraAdapter):
+            delattr(layer, LORA_ATTRIBUTE)
+
+
 def merge_lora(
     model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
 ) -> None:
@@ -356,6 +420,7 @@ def merge_lora(
     match), so no device ever holds a whole merged weight.
     """
     validate_lora_params(model, params, config)
+    _check_no_adapter(model)
     targets, weights = _targets(model, config.module_path), _factors(params)
     _check_not_merged(targets, weights)
     for weight in weights:
@@ -444,6 +509,7 @@ def apply_lora(
     factors for get zero factors (no update).
     """
     validate_lora_params(model, params, config)
+    _check_no_adapter(model)
     _check_not_merged(_targets(model, config.module_path), _factors(params))
     # qwix creates the factors by running the model once, on any input.
     # Tracing that run abstractly gives the structure without computing
@@ -480,9 +546,9 @@ def load_lora(
     path: str | os.PathLike,
     config: LoraConfig | None = None,
     *,
-    merge: bool = True,
+    merge: bool = False,
 ) -> Gemma3:
-    """Restores a Tunix LoRA checkpoint and merges it into `model` (or applies it).
+    """Restores a Tunix LoRA checkpoint and attaches it to `model` (or merges it).
 
     Args:
       model: the base model the adapter was trained on.
@@ -490,19 +556,19 @@ def load_lora(
       config: rank, alpha and module_path of the training run. Checkpoints
         our trainer wrote record them: None uses those, and a config that
         contradicts them is refused. Tunix's own record none: required.
-      merge: True: merge in place and return `model`. False: return a qwix
-        LoRA model that runs the factors unmerged (`model` is unchanged).
+      merge: False: attach the factors beside the weights (`attach_lora`,
+        replacing any attached before). True: merge them into the weights in
+        float32 (`merge_lora`; those layers then compute in float32).
+        Either way `model` is changed in place and returned.
     """
     return load_trained_lora(model, resolve_trained_lora(path, config), merge=merge)
 
 
 def load_trained_lora(
-    model: Gemma3, trained: TrainedLora, *, merge: bool = True
+    model: Gemma3, trained: TrainedLora, *, merge: bool = False
 ) -> Gemma3:
     """`load_lora` for a checkpoint already found with its config
     (`resolve_trained_lora`), without looking it up again."""
     params = restore_lora_params(trained.params_path)
-    if merge:
-        merge_lora(model, params, trained.config)
-        return model
-    return apply_lora(model, params, trained.config)
+    (merge_lora if merge else attach_lora)(model, params, trained.config)
+    return model

@@ -219,7 +219,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     )
     check_eos_ids(eval_config.sampling.eos_ids, model.config.vocab_size, model_dir)
     if lora:
-        lora_lib.load_trained_lora(model, trained, merge=True)
+        lora_lib.load_trained_lora(model, trained)
     sampler = Sampler(model, tokenizer, mesh=mesh, row_tile=eval_config.row_tile)
     # Recorded only now that model, data and checkpoint have loaded.
     info = run_record()

@@ -391,13 +391,14 @@ def run_info(
         "data_sha256": _file_digest(data_path),
         "num_examples": num_examples,
         # Results are bitwise the same at any batch size for one row tile and
-        # prefill group shape (the platform's), and a LoRA is merged in float32.
+        # prefill group shape (the platform's), and a LoRA is attached
+        # beside the weights (`lora.attach_lora`).
         "row_tile": eval_config.row_tile or batching.default_row_tile(),
         "prefill_chunk": batching.default_prefill_chunk(),
         # The platform's; a program runs at most row_tile of them.
         "prefill_rows": batching.default_prefill_rows(),
         "mesh_model": mesh_model,
-        "lora_mode": "merged_float32" if lora_path else None,
+        "lora_mode": "attached" if lora_path else None,
         "eval": {
             "batch_size": eval_config.batch_size,
             "sampling": _sampling_record(eval_config.sampling),

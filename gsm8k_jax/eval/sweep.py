@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LoadLoraFn", "device_groups", "evaluate_checkpoints"]
 
-# `load_lora(model, path, config, merge=True)`: merges a checkpoint into
-# `model` in place (see `gsm8k_jax.checkpoints.lora.load_lora`).
+# `load_lora(model, path, config)`: attaches a checkpoint to `model` in
+# place (see `gsm8k_jax.checkpoints.lora.load_lora`).
 LoadLoraFn = Callable[..., Gemma3]
 # (resolved LoRA path, "" for the base model; its files; its run record).
 _Run = tuple[str, RunFiles, dict[str, Any]]
@@ -112,9 +112,9 @@ def _evaluate_on(
         model, tokenizer, _ = load_pretrained(
             sweep.model_name, sweep.model_dir, dtype=sweep.dtype, mesh=mesh
         )
-        sampler = Sampler(
-            model, tokenizer, mesh=mesh, row_tile=sweep.eval_config.row_tile
-        )
+        # One Sampler per structure of the model (the base model; with a
+        # LoRA attached), each compiled once for all the runs it serves.
+        samplers: dict[nnx.GraphDef, Sampler] = {}
         # New Variables holding the base arrays: merging replaces a
         # Variable's array, so these stay the base weights.
         base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
@@ -124,13 +124,21 @@ def _evaluate_on(
             except queue.Empty:
                 return
             nnx.update(model, base_params)
+            if sweep.lora_configs:
+                from gsm8k_jax.checkpoints.lora import detach_lora
+
+                detach_lora(model)
             if sweep.show_progress:
                 print(f"Run tag: {files.tag}", file=sys.stderr, flush=True)
             if lora_path:
-                logging.info("Merging %s into the base weights.", lora_path)
-                sweep.load_lora_fn(
-                    model, lora_path, sweep.lora_configs[lora_path], merge=True
+                logging.info("Attaching %s to the base model.", lora_path)
+                sweep.load_lora_fn(model, lora_path, sweep.lora_configs[lora_path])
+            structure = nnx.graphdef(model)
+            if structure not in samplers:
+                samplers[structure] = Sampler(
+                    model, tokenizer, mesh=mesh, row_tile=sweep.eval_config.row_tile
                 )
+            sampler = samplers[structure]
             evaluate(
                 sampler,
                 sweep.examples,
@@ -170,10 +178,12 @@ def evaluate_checkpoints(
     The local devices are split into groups of `devices_per_checkpoint`;
     each group loads the base weights once, straight into its own mesh, and
     takes the next run not yet taken until none is left, side by side with
-    the other groups. Before each checkpoint is merged, the base weights are
-    put back (the model keeps references to the base arrays, which merging
-    replaces rather than modifies, so this costs no memory), and one
-    `Sampler` per group serves its runs, compiled once. Each run's files and
+    the other groups. Each checkpoint is attached beside the base weights
+    (replacing the one before; the base run has none), and one `Sampler`
+    per group and structure (base, LoRA) serves its runs, compiled once.
+    A `load_lora_fn` that changes the weights instead finds the base
+    weights put back before each run (the model keeps references to the
+    base arrays, so this costs no memory). Each run's files and
     tag are those `eval_gsm8k.py` / `eval_gsm8k_base.py` would write with
     the same settings, so runs resume and compare alike.
 
@@ -204,8 +214,8 @@ def evaluate_checkpoints(
       resume: continue runs found in `output_dir`.
       overwrite: replace runs found in `output_dir`.
       show_progress: show a progress bar per run.
-      load_lora_fn: merges a checkpoint into the model in place;
-        `gsm8k_jax.checkpoints.lora.load_lora` by default.
+      load_lora_fn: applies a checkpoint to the model in place;
+        `gsm8k_jax.checkpoints.lora.load_lora` (attaching it) by default.
       devices_per_checkpoint: local devices per group (0: one group of all
         local devices, evaluating the runs one after another).
       mesh_model: tensor-parallel devices within a group (`--mesh_model`).

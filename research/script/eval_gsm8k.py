@@ -4,7 +4,8 @@ r"""Evaluates a Gemma 3 model with a LoRA checkpoint (Tunix layout) on GSM8K.
         --model.lora_config.rank=16 --model.lora_checkpoint_path=gs://bucket/run/actor \
         --output_dir=results/lora --batch_size=32
 
-The LoRA weights are merged into the base weights once at load time.
+The LoRA factors are attached beside the base weights at load time: each
+adapted layer adds their update to its float32 accumulator (`attach_lora`).
 """
 
 from pathlib import Path

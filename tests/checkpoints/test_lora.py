@@ -1,4 +1,4 @@
-"""Tunix-layout LoRA checkpoints: restore, validate, merge and apply.
+"""Tunix-layout LoRA checkpoints: restore, validate, attach, merge and apply.
 
 Checkpoints are written here with plain Orbax, as Tunix lays them out, and
 the reference is transformers' Gemma 3 with the LoRA updates added to its
@@ -115,20 +115,28 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def unmerged(setup):
-    return lora.load_lora(setup.base, setup.run / "actor", CONFIG, merge=False)
+def through_qwix(setup):
+    """The factors run by qwix, as in training (a new model)."""
+    params = lora_checkpoint.restore_lora_params(setup.run / "actor")
+    return lora.apply_lora(setup.base, params, CONFIG)
 
 
-def test_merged_and_unmerged_match_transformers(setup, unmerged):
+def test_attached_merged_and_qwix_match_transformers(setup, through_qwix):
     base_logits = our_logits(setup.base)
-    merged = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
-    merged_logits, unmerged_logits = our_logits(merged), our_logits(unmerged)
-    # The adapter matters, the base model is untouched, and both paths agree
+    attached = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
+    merged = lora.load_lora(
+        nnx.clone(setup.base), setup.run / "actor", CONFIG, merge=True
+    )
+    # The adapter matters, the base model is untouched, and every way agrees
     # with transformers given the latest step (200), not step 100.
     assert np.abs(setup.expected - base_logits).max() > 0.1
     np.testing.assert_array_equal(our_logits(setup.base), base_logits)
-    np.testing.assert_allclose(merged_logits, setup.expected, atol=TOLERANCE, rtol=0)
-    np.testing.assert_allclose(unmerged_logits, merged_logits, atol=TOLERANCE, rtol=0)
+    for model in (attached, merged, through_qwix):
+        np.testing.assert_allclose(
+            our_logits(model), setup.expected, atol=TOLERANCE, rtol=0
+        )
+    lora.detach_lora(attached)
+    np.testing.assert_array_equal(our_logits(attached), base_logits)
 
 
 def test_step_and_params_folders_and_layouts(setup, tmp_path):
@@ -167,19 +175,21 @@ def test_full_state_checkpoint_restores_only_factors(setup, tmp_path):
     ]
 
 
-def test_unmerged_model_samples_like_merged(setup, unmerged):
+def test_attached_and_qwix_sample_like_merged(setup, through_qwix):
     merged = nnx.clone(setup.base)
     lora.merge_lora(
         merged, lora_checkpoint.restore_lora_params(setup.run / "actor"), CONFIG
     )
+    attached = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
     params = SamplingParams(max_generation_steps=6, eos_ids=(1,))
     prompts = [IDS[0].tolist(), IDS[1, :5].tolist()]
     from_merged = Sampler(merged, IdTokenizer()).generate(prompts, params)
-    from_unmerged = Sampler(unmerged, IdTokenizer()).generate(prompts, params)
-    assert [c.tokens for c in from_unmerged] == [c.tokens for c in from_merged]
-    np.testing.assert_allclose(
-        [c.logprob for c in from_unmerged], [c.logprob for c in from_merged], atol=1e-3
-    )
+    for model in (attached, through_qwix):
+        sampled = Sampler(model, IdTokenizer()).generate(prompts, params)
+        assert [c.tokens for c in sampled] == [c.tokens for c in from_merged]
+        np.testing.assert_allclose(
+            [c.logprob for c in sampled], [c.logprob for c in from_merged], atol=1e-3
+        )
 
 
 def test_load_from_gcs(setup, gcs_bucket):
@@ -189,16 +199,18 @@ def test_load_from_gcs(setup, gcs_bucket):
     assert lora_checkpoint.resolve_lora_checkpoint(f"{remote}/actor") == (
         f"{remote}/actor/200/model_params"
     )
-    merged = lora.load_lora(nnx.clone(setup.base), f"{remote}/actor", CONFIG)
-    unmerged = lora.load_lora(setup.base, f"{remote}/actor/200", CONFIG, merge=False)
-    for model in (merged, unmerged):
+    attached = lora.load_lora(nnx.clone(setup.base), f"{remote}/actor", CONFIG)
+    merged = lora.load_lora(
+        nnx.clone(setup.base), f"{remote}/actor/200", CONFIG, merge=True
+    )
+    for model in (attached, merged):
         np.testing.assert_allclose(
             our_logits(model), setup.expected, atol=TOLERANCE, rtol=0
         )
 
 
-def test_save_load_round_trip(setup, unmerged, tmp_path):
-    written = lora_checkpoint.save_lora_params(unmerged, tmp_path / "from_model", 7)
+def test_save_load_round_trip(setup, through_qwix, tmp_path):
+    written = lora_checkpoint.save_lora_params(through_qwix, tmp_path / "from_model", 7)
     assert written == str(tmp_path / "from_model" / "actor" / "7" / "model_params")
     from_model = lora_checkpoint.restore_lora_params(tmp_path / "from_model" / "actor")
     expected = flat_factors(setup.factors)
@@ -221,8 +233,8 @@ def test_recorded_config_is_used_and_a_contradicting_one_refused(setup, tmp_path
     factors = lora_checkpoint.restore_lora_params(setup.run / "actor")
     lora_checkpoint.save_lora_params(factors, tmp_path, 200)
     lora_checkpoint.save_lora_config(tmp_path / "actor", CONFIG)
-    merged = lora.load_lora(nnx.clone(setup.base), tmp_path / "actor")
-    np.testing.assert_allclose(our_logits(merged), setup.expected, atol=1e-4)
+    attached = lora.load_lora(nnx.clone(setup.base), tmp_path / "actor")
+    np.testing.assert_allclose(our_logits(attached), setup.expected, atol=1e-4)
     with pytest.raises(
         ValueError,
         match=r"alpha=2\.0 \(--model\.lora_config\.alpha\), but the checkpoint",

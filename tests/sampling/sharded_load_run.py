@@ -116,7 +116,9 @@ merged_bytes = sum(t.variable.get_value().nbytes for t in targets.values())
 results["merge_bound_bytes"] = factors_bytes + merged_bytes // 8
 specs_before = {path: t.variable.get_value().sharding for path, t in targets.items()}
 meter.start()
-lora_lib.load_lora(model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK))
+lora_lib.load_lora(
+    model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK), merge=True
+)
 results["sharded_merge"] = {"peak": meter.peak, "samples": meter.samples}
 targets = lora_lib._targets(model, DEFAULT_MODULE_PATH)
 results["merge_kept_shardings"] = all(
@@ -137,7 +139,7 @@ def merged_in_float32_where_split(model) -> bool:
         for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items()
     }
     lora_lib.load_lora(
-        model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK)
+        model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK), merge=True
     )
     after = lora_lib._targets(model, DEFAULT_MODULE_PATH)
     return after.keys() == before.keys() and all(
@@ -147,8 +149,34 @@ def merged_in_float32_where_split(model) -> bool:
     )
 
 
-# The default dtype: merged weights go from bfloat16 to float32, still split.
+def attached_beside_the_blocks(model) -> bool:
+    """Attaches the LoRA checkpoint; every weight must keep its array, and
+    every factor be split as its weight's axes of the same letter."""
+    before = {
+        path: t.variable.get_value()
+        for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items()
+    }
+    lora_lib.load_lora(
+        model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK)
+    )
+    placed = []
+    for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items():
+        adapter = t.layer.lora
+        w = t.variable.get_value()
+        a_sharding, b_sharding = t.factor_shardings(w.sharding)
+        placed.append(
+            w is before[path]
+            and adapter.a[...].sharding == a_sharding
+            and adapter.b[...].sharding == b_sharding
+        )
+    return len(placed) == len(before) and all(placed)
+
+
+# The default dtype: merged weights go from bfloat16 to float32, still split;
+# attached factors sit beside the bfloat16 weights' blocks.
 bf16_model = params_lib.load_hf_model(model_dir, dtype=jnp.bfloat16, mesh=mesh)
+results["bfloat16_attached_beside_blocks"] = attached_beside_the_blocks(bf16_model)
+lora_lib.detach_lora(bf16_model)
 results["bfloat16_merge_kept_shardings"] = merged_in_float32_where_split(bf16_model)
 del bf16_model
 gc.collect()
@@ -275,9 +303,9 @@ for i, path in enumerate(checkpoints):
 placed_on = {}
 
 
-def recording_load_lora(model, path, config, *, merge=True):
-    """load_lora, noting which thread merged `path` onto which devices."""
-    out = lora_lib.load_lora(model, path, config, merge=merge)
+def recording_load_lora(model, path, config):
+    """load_lora, noting which thread attached `path` onto which devices."""
+    out = lora_lib.load_lora(model, path, config)
     devices = model.layers[0].mlp.gate_proj.kernel[...].sharding.device_set
     placed_on[path] = (threading.current_thread().name, sorted(d.id for d in devices))
     return out

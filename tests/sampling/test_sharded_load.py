@@ -1,4 +1,5 @@
-"""Weights loaded straight into their shardings, LoRA merged there, and
+"""Weights loaded straight into their shardings, LoRA attached or merged there,
+and
 checkpoints swept over device groups, on 8 CPU devices.
 
 One subprocess (`sharded_load_run.py`, 8 forced host devices) measures
@@ -83,6 +84,9 @@ def test_lora_merges_in_place_on_the_mesh(measured):
     assert measured["merge_kept_shardings"]
     assert measured["bfloat16_merge_kept_shardings"]
     assert measured["merged_q_spec"] == str(PartitionSpec("model", None, None))
+    # Attached (the default): the weights untouched, each factor split as
+    # its weight's axes.
+    assert measured["bfloat16_attached_beside_blocks"]
 
 
 def test_sharded_loads_match_the_single_device_load(measured):

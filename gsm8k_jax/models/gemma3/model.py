@@ -36,7 +36,13 @@ from gsm8k_jax.models.gemma3.cache import (
     write_rows,
 )
 from gsm8k_jax.models.gemma3.config import AttentionType, Gemma3Config
-from gsm8k_jax.models.gemma3.modules import Einsum, Embedder, RMSNorm, apply_rope
+from gsm8k_jax.models.gemma3.modules import (
+    LORA_ATTRIBUTE,
+    Einsum,
+    Embedder,
+    RMSNorm,
+    apply_rope,
+)
 
 # Large finite negative: fully masked rows (pads) give a uniform softmax, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -248,8 +254,15 @@ class FeedForward(nnx.Module):
         rngs: nnx.Rngs,
     ):
         # dtype=None: each projection computes in the wider of its input's
-        # and its kernel's dtype (a LoRA merged in float32 keeps its update).
-        kw = dict(use_bias=False, dtype=None, param_dtype=param_dtype, rngs=rngs)
+        # and its kernel's dtype (a LoRA merged in float32 keeps its update),
+        # accumulating in float32 (`project` rounds once).
+        kw = dict(
+            use_bias=False,
+            dtype=None,
+            param_dtype=param_dtype,
+            preferred_element_type=jnp.float32,
+            rngs=rngs,
+        )
         self.gate_proj = nnx.Linear(config.embed_dim, config.hidden_dim, **kw)
         self.up_proj = nnx.Linear(config.embed_dim, config.hidden_dim, **kw)
         self.down_proj = nnx.Linear(config.hidden_dim, config.embed_dim, **kw)
@@ -257,8 +270,24 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        hidden = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
-        return self.down_proj(hidden.astype(self.dtype)).astype(self.dtype)
+        gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        hidden = jax.nn.gelu(gate, approximate=True) * up
+        return project(self.down_proj, hidden.astype(self.dtype)).astype(self.dtype)
+
+
+# How a LoRA adapter reads an `nnx.Linear` kernel ([in, out]) as an einsum.
+LINEAR_EQUATION = "...i,io->...o"
+
+
+def project(linear: nnx.Linear, x: jax.Array) -> jax.Array:
+    """`linear(x)` (accumulated in float32), with the update of a LoRA
+    attached to it (`LoraAdapter`) added before the one rounding to the
+    wider of the input's and kernel's dtypes."""
+    dtype = jnp.promote_types(x.dtype, linear.kernel.get_value().dtype)
+    y = linear(x)
+    if (lora := getattr(linear, LORA_ATTRIBUTE, None)) is not None:
+        y = y + lora(x.astype(dtype))
+    return y.astype(dtype)
 
 
 class Block(nnx.Module):

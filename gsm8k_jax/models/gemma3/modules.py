@@ -53,11 +53,62 @@ class Einsum(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Computed in the wider of the activation and weight dtypes (a
         float32 weight, such as a LoRA merged in float32, keeps its
-        precision), returned in the activation dtype."""
+        precision), accumulated in float32 and rounded once to the
+        activation dtype; the update of a LoRA attached (`lora`) joins the
+        accumulator before that rounding."""
         w = self.w[...]
         compute = jnp.promote_types(self.dtype, w.dtype)
-        y = jnp.einsum(self.equation, x.astype(compute), w.astype(compute))
+        x = x.astype(compute)
+        y = jnp.einsum(
+            self.equation, x, w.astype(compute), preferred_element_type=jnp.float32
+        )
+        if (lora := getattr(self, LORA_ATTRIBUTE, None)) is not None:
+            y = y + lora(x)
         return y.astype(self.dtype)
+
+
+# The attribute of an `Einsum` or `nnx.Linear` that holds its `LoraAdapter`.
+LORA_ATTRIBUTE = "lora"
+
+
+class LoraFactor(nnx.Variable):
+    """A LoRA factor attached for inference (not qwix's trainable LoRAParam:
+    filters for either kind of parameter leave it out)."""
+
+
+class LoraAdapter(nnx.Module):
+    """A LoRA update kept beside its weight: (x . a . b) * scale in float32.
+
+    `a` holds the weight's axes that the layer input shares, then the rank;
+    `b` the rank, then the weight's other axes (qwix's and Tunix's layout).
+    The layer adds the update to its float32 accumulator and rounds once, so
+    the base weights keep their dtype and bytes, an update far below the
+    resolution of a bfloat16 weight still counts, and zero factors give the
+    base layer's bits (its matmul already accumulates in float32).
+    """
+
+    def __init__(self, equation: str, a: jax.Array, b: jax.Array, scale: float):
+        """equation: the layer's `x,w->y` einsum (e.g. `BTD,NDH->BTNH`)."""
+        x_axes, rest = equation.split(",")
+        w_axes, y_axes = rest.split("->")
+        shared = "".join(c for c in w_axes if c in x_axes)
+        kept = "".join(c for c in x_axes if c not in shared)
+        if "r" in equation:  # The rank's letter.
+            raise ValueError(f"No LoRA layout for the einsum {equation!r}.")
+        others = "".join(c for c in w_axes if c not in shared)
+        self.down_equation = f"{x_axes},{shared}r->{kept}r"  # x . a
+        self.up_equation = f"{kept}r,r{others}->{y_axes}"  # (x . a) . b
+        self.a = LoraFactor(a)
+        self.b = LoraFactor(b)
+        self.scale = scale
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The update to the layer's output, in float32."""
+        down = jnp.einsum(
+            self.down_equation, x, self.a[...], preferred_element_type=jnp.float32
+        )
+        b = self.b[...].astype(jnp.float32)
+        return jnp.einsum(self.up_equation, down, b) * jnp.float32(self.scale)
 
 
 class Embedder(nnx.Module):
