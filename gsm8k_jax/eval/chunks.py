@@ -29,8 +29,14 @@ def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
 
 
+# Fields of every rollout record that resuming and comparing read first: a
+# chunk line without them was not written by a finished chunk.
+_ROLLOUT_FIELDS = ("id", "sample_index", "response")
+
+
 def _parse_whole(text: str) -> list[dict[str, Any]] | None:
-    """A chunk's records, or None unless every line is a complete JSON object."""
+    """A chunk's records, or None unless every line is a complete JSON
+    object with a rollout's fields (a damaged chunk is done again)."""
     if not text.endswith("\n"):
         return None
     records = []
@@ -39,7 +45,11 @@ def _parse_whole(text: str) -> list[dict[str, Any]] | None:
             record = json.loads(line)
         except json.JSONDecodeError:
             return None
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or any(
+            f not in record for f in _ROLLOUT_FIELDS
+        ):
+            return None
+        if not all(isinstance(record[f], int) for f in ("id", "sample_index")):
             return None
         records.append(record)
     return records

@@ -34,7 +34,11 @@ from gsm8k_jax.eval.multi_sample import (
     correct_grid,
     multi_sample_metrics,
 )
-from gsm8k_jax.eval.results import with_later_settings, without_greedy_unused
+from gsm8k_jax.eval.results import (
+    differing_settings,
+    with_later_settings,
+    without_greedy_unused,
+)
 from gsm8k_jax.eval.runs import RunResult
 from gsm8k_jax.eval.scoring import rescore
 from gsm8k_jax.eval.tasks import get_task
@@ -133,6 +137,10 @@ class PairedComparison:
       disagreements: the `b` and `c` problems in id order, to read.
       first_sample_only: True when either run drew several samples per
         question; the pairing then uses sample 0 of each.
+      differing_settings: dotted names of the run-record settings in which
+        the two runs differ besides the checkpoint, the batch size and where
+        their files were (e.g. `eval.sampling.max_generation_steps`): their
+        difference is then not the checkpoint's alone.
     """
 
     baseline: int
@@ -150,6 +158,7 @@ class PairedComparison:
     candidate_only_correct: list[int]
     disagreements: list[Disagreement]
     first_sample_only: bool
+    differing_settings: list[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +296,37 @@ def _paired(
         disagreements=disagreements,
         first_sample_only=max(runs[baseline].num_samples, runs[candidate].num_samples)
         > 1,
+        differing_settings=_setting_differences(runs[baseline], runs[candidate]),
     )
+
+
+# Run-record settings that name what is compared or where files were, or
+# that results do not depend on (batch size; the problems finished are
+# paired and reported on their own).
+_NOT_COMPARED_SETTINGS = (
+    "lora_checkpoint",
+    "model.lora_checkpoint_path",
+    "model.model_path",
+    "model_dir",
+    "data_path",
+    "num_examples",
+    "eval.batch_size",
+    "eval.extraction_method",
+)
+
+
+def _setting_differences(baseline: RunResult, candidate: RunResult) -> list[str]:
+    """The settings two runs differ in besides the checkpoint (see
+    `PairedComparison.differing_settings`)."""
+    a, b = baseline.run_info, candidate.run_info
+    both_lora = bool(a.get("lora_checkpoint")) and bool(b.get("lora_checkpoint"))
+    return [
+        name
+        for name in differing_settings(a, b)
+        if name not in _NOT_COMPARED_SETTINGS
+        and not name.startswith("model.lora_config.")
+        and (both_lora or name != "lora_mode")
+    ]
 
 
 def _settings_key(run: RunResult) -> str:
@@ -332,18 +371,25 @@ def _baseline_index(runs: Sequence[RunResult], baseline: int | str | None) -> in
             range(len(runs)),
             key=lambda i: (not runs[i].checkpoint, runs[i].num_finished, -i),
         )
+    return check_baseline([r.tag for r in runs], baseline)
+
+
+def check_baseline(tags: Sequence[str], baseline: int | str) -> int:
+    """The index of the baseline among runs of these tags (in order), by
+    index or tag; a clear error when it names none (so a sweep can check it
+    before evaluating anything)."""
     if isinstance(baseline, str):
-        matches = [i for i, r in enumerate(runs) if r.tag == baseline]
+        matches = [i for i, tag in enumerate(tags) if tag == baseline]
         if len(matches) != 1:
             found = "no run has" if not matches else f"runs {matches} have"
             raise ValueError(
                 f"Baseline {baseline!r}: {found} that tag; tags:"
-                f" {[r.tag for r in runs]}. Give the baseline's index instead."
+                f" {list(tags)}. Give the baseline's index instead."
             )
         return matches[0]
-    if not 0 <= baseline < len(runs):
+    if not 0 <= baseline < len(tags):
         raise ValueError(
-            f"Baseline index {baseline} out of range for {len(runs)} runs."
+            f"Baseline index {baseline} out of range for {len(tags)} runs."
         )
     return baseline
 

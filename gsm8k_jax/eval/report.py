@@ -163,7 +163,12 @@ def _paired_section_markdown(
                 f"{_points(p.difference.diff)} points on the {p.num_common} problems"
                 " both finished, "
             )
-        lines.append(summary + _verdict(p, level))
+        differs = (
+            f" (other settings too: {', '.join(p.differing_settings)})"
+            if p.differing_settings
+            else ""
+        )
+        lines.append(summary + _verdict(p, level) + differs)
     lines.append("")
     if any(p.first_sample_only for p in report.paired):
         lines += [
@@ -193,6 +198,15 @@ def _paired_markdown(
                 ),
                 "",
             ]
+    if p.differing_settings:
+        lines += [
+            (
+                f"**Settings differ** from the baseline's:"
+                f" {', '.join(p.differing_settings)}. The difference below is not"
+                " the checkpoint's alone."
+            ),
+            "",
+        ]
     if p.question_mismatches:
         lines += [
             (

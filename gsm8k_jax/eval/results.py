@@ -133,7 +133,7 @@ class RunFiles:
                     f"{self.output_dir} already holds results for run '{self.tag}'. Pass"
                     " --resume to continue them or --overwrite to replace them."
                 )
-            changed = _differing_settings(self.read_run_info() or {}, run_info())
+            changed = differing_settings(self.read_run_info() or {}, run_info())
             if changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"
@@ -256,7 +256,7 @@ def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
     return dict.fromkeys(_SETTINGS_ADDED_LATER) | record
 
 
-def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of the settings that differ, e.g. `eval.sampling.seed`;
     between two greedy runs, not those greedy decoding never reads."""
 

@@ -172,6 +172,7 @@ def evaluate_checkpoints(
     process_index: int = 0,
     num_processes: int = 1,
     timeout_s: float = 24 * 3600,
+    check_tags: Callable[[list[str]], Any] | None = None,
 ) -> list[RunResult]:
     """Evaluates a base model and each of its LoRA checkpoints, in one process.
 
@@ -221,6 +222,9 @@ def evaluate_checkpoints(
       mesh_model: tensor-parallel devices within a group (`--mesh_model`).
       process_index, num_processes: this process's share of the runs.
       timeout_s: how long process 0 waits for the other processes' runs.
+      check_tags: called with the runs' tags, in order, once every input is
+        checked and before anything is evaluated (e.g. that a baseline
+        named on the command line is one of them); may raise.
 
     Returns:
       The runs, base first, then the checkpoints in order; in a process
@@ -301,6 +305,8 @@ def evaluate_checkpoints(
                 " checkpoints/actor means its latest step): evaluate them into"
                 " separate output folders, or name each step once."
             )
+    if check_tags is not None:
+        check_tags([files.tag for _, files, _ in runs])
     mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
     for _, (_, files, info) in mine:
         files.prepare(info, resume=resume, overwrite=overwrite)

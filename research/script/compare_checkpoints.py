@@ -47,7 +47,7 @@ from absl import flags
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval import cli_flags, script_main
-from gsm8k_jax.eval.comparison import compare_runs
+from gsm8k_jax.eval.comparison import check_baseline, compare_runs
 from gsm8k_jax.eval.report import save_report
 from gsm8k_jax.eval.runs import RunResult, load_runs
 from gsm8k_jax.models.specs import model_spec
@@ -78,6 +78,17 @@ _DEVICES_PER_CHECKPOINT = flags.DEFINE_integer(
 _NUM_RESAMPLES = flags.DEFINE_integer(
     "num_resamples", 10_000, "Paired bootstrap resamples."
 )
+
+
+def _baseline_flag() -> int | str | None:
+    value = _BASELINE.value
+    return int(value) if value.isdigit() else value or None
+
+
+def _check_baseline_flag(tags: list[str]) -> None:
+    """Refuses a --baseline that names none of the runs, before they run."""
+    if (baseline := _baseline_flag()) is not None:
+        check_baseline(tags, baseline)
 
 
 def _evaluate() -> list[RunResult] | None:
@@ -114,6 +125,7 @@ def _evaluate() -> list[RunResult] | None:
         mesh_model=cli_flags.FLAGS.mesh_model,
         process_index=jax.process_index(),
         num_processes=jax.process_count(),
+        check_tags=_check_baseline_flag,
     )
     if cli_flags.FLAGS.distributed and jax.process_index() != 0:
         print(f"Evaluated {[r.tag for r in runs]}; process 0 compares the runs.")
@@ -183,11 +195,9 @@ def main(argv: list[str]) -> None:
             "Nothing to compare: pass --results=<folders or files> to compare finished"
             " runs, or --lora_checkpoints=<paths> to evaluate checkpoints first."
         )
-    value = _BASELINE.value
-    baseline = int(value) if value.isdigit() else value or None
     report = compare_runs(
         runs,
-        baseline,
+        _baseline_flag(),
         num_resamples=_NUM_RESAMPLES.value,
         extraction_method=cli_flags.FLAGS.extraction_method,
     )

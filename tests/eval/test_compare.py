@@ -25,7 +25,7 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
     TRAINING_SETTINGS_FILE,
     save_lora_config,
 )
-from gsm8k_jax.eval.comparison import Answer, compare_runs
+from gsm8k_jax.eval.comparison import Answer, check_baseline, compare_runs
 from gsm8k_jax.eval.multi_sample import (
     majority_vote_scorer,
     mean_logprob_scorer,
@@ -221,6 +221,33 @@ def test_question_mismatch_is_left_out_and_reported():
     (p,) = report.paired
     assert p.question_mismatches == [1] and p.num_common == 2
     assert "1 ids have different questions" in report.to_markdown()
+
+
+def test_runs_of_other_settings_are_flagged():
+    """A pair whose runs differ in more than the checkpoint and batch size
+    (here the generation limit and the temperature) says so, beside its
+    verdict; a pair that differs in the checkpoint alone does not."""
+    base = single([1, 0, 1], tag="base")
+    lora = single([1, 1, 1], tag="lora", batch_size=8)
+    lora.run_info["lora_checkpoint"] = "/ckpt/actor/5/model_params"
+    lora.run_info["model"]["lora_config"] = {"rank": 16}
+    other = single([1, 1, 0], tag="other", temperature=1.0)
+    other.run_info["eval"]["sampling"]["max_generation_steps"] = 16
+    report = compare_runs([base, lora, other], baseline=0, num_resamples=10)
+    assert [p.differing_settings for p in report.paired] == [
+        [],
+        ["eval.sampling.max_generation_steps", "eval.sampling.temperature"],
+    ]
+    markdown = report.to_markdown()
+    assert markdown.count("**Settings differ** from the baseline's:") == 1
+    assert (
+        "(other settings too: eval.sampling.max_generation_steps,"
+        " eval.sampling.temperature)"
+    ) in markdown
+    assert report.to_json()["paired"][1]["differing_settings"] == [
+        "eval.sampling.max_generation_steps",
+        "eval.sampling.temperature",
+    ]
 
 
 def test_significance_is_stated_in_words():
@@ -985,6 +1012,31 @@ def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
             load_lora_fn=lambda *a, **k: pytest.fail("nothing may load"),
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_baseline_is_refused_before_anything_is_evaluated(tmp_path):
+    checkpoint = str(fake_checkpoint(tmp_path / "a" / "run", 100))
+    proc = run_compare(
+        f"--lora_checkpoints={checkpoint}",
+        "--model.lora_config.rank=16",
+        "--baseline=5",
+        f"--output_dir={tmp_path / 'out'}",
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: Baseline index 5 out of range for 2 runs."
+    assert not list((tmp_path / "out").glob("*"))
+    with pytest.raises(ValueError, match="Baseline 'nope': no run has that tag"):
+        evaluate_checkpoints(
+            "gemma3-tiny",
+            None,
+            [checkpoint],
+            LoraConfig(rank=16),
+            EvalConfig(),
+            tmp_path / "api",
+            load_lora_fn=lambda *a, **k: pytest.fail("nothing may load"),
+            check_tags=lambda tags: check_baseline(tags, "nope"),
+        )
+    assert not (tmp_path / "api").exists()
 
 
 def test_sweep_split_over_processes_equals_one_process(tmp_path):

@@ -52,6 +52,12 @@ def test_chunks_resume_and_merge(folder):
     # a writer's temporary file is not a chunk.
     raw_write(storage.join(chunk_dir, "0001-00000001.jsonl"), json.dumps(record(1, 1)))
     raw_write(storage.join(chunk_dir, "0001-00000002.jsonl"), '{"id": 1}\n{"id')
+    # Nor a whole one whose lines are not rollouts.
+    raw_write(storage.join(chunk_dir, "0001-00000003.jsonl"), '{"foo": 1}\n')
+    raw_write(
+        storage.join(chunk_dir, "0001-00000004.jsonl"),
+        json.dumps({**record(1, 1), "id": "1"}) + "\n",
+    )
     raw_write(storage.join(chunk_dir, ".0000-00000001.jsonl.abc.tmp"), "")
 
     # Example 0 has both samples; 1 and 2 lack sample 1. Sample (0, 0) is
@@ -144,6 +150,7 @@ def test_tensor_parallelism_is_a_setting_that_older_records_predate(tmp_path):
 def test_the_data_is_recorded_by_its_digest_on_gcs_too(tmp_path, gcs_bucket):
     """A resume or a comparison tells data files apart by their digest, so a
     file changed on gs:// under the same name is another run's data."""
+
     def digest(data_path):
         info = run_info(
             model_config("gemma3-tiny").to_dict(),
