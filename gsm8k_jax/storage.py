@@ -244,6 +244,8 @@ def require_writable(
     existing ancestor must be a writable folder (nothing is created); on
     `gs://` an empty probe object is written and removed."""
     folder = os.fspath(folder)
+    if not folder:  # os.path would take it for the current folder.
+        raise StorageError(f"{flag} is empty: name the {role}.")
     require_supported(folder)
     require_reachable(folder)
     try:

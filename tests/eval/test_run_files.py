@@ -107,6 +107,7 @@ def test_unwritable_locations_are_refused_and_left_untouched(tmp_path, gcs_bucke
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cases = [
+        ("", "^--output_dir is empty: name the output folder.$"),
         ("s3://bucket/run", "s3:// storage is not supported; use a local folder"),
         (str(blocker / "out"), f"{blocker} is a file, not a folder"),
         (
