@@ -84,18 +84,17 @@ def test_simple_evaluate_with_a_lora_checkpoint_in_chat(tmp_path, caplog):
         use_chat_template=True,
     )
     assert [docs[i]["strict-match"]["arguments"][0][0] for i in range(4)] == prompts
-    sampler = Sampler(model, tokenizer)
     params = SamplingParams(max_generation_steps=MAX_GEN_TOKS, eos_ids=(1, 106))
     stops = with_eos_text(preset.until, tokenizer)
 
     def answers():
         return [
             cut_at_stop_sequences(c.text, stops)
-            for c in sampler.generate(prompts, params)
+            for c in Sampler(model, tokenizer).generate(prompts, params)
         ]
 
     base = answers()
-    load_lora(model, actor, LoraConfig(rank=RANK, alpha=ALPHA), merge=True)
+    load_lora(model, actor, LoraConfig(rank=RANK, alpha=ALPHA))
     assert texts == answers() != base
 
 

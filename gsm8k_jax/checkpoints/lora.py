@@ -363,10 +363,15 @@ def attach_lora(
     give the base model's bits, and a small update joins each layer's
     float32 accumulator (in bfloat16 too). Factors keep their checkpoint
     dtype, placed beside their weight's blocks on a mesh. A `Sampler`
-    compiles for the model's structure when it is made: make it after
-    attaching (or detaching).
+    compiles for the model's structure when it is made (and refuses a
+    model whose structure changed since): make it after attaching.
     """
     validate_lora_params(model, params, config)
+    if nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        raise ValueError(
+            "The model already runs LoRA factors through qwix (qwix_lora_model or"
+            " apply_lora); attach to the base model instead."
+        )
     targets, weights = _targets(model, config.module_path), _factors(params)
     _check_not_merged(targets, weights)
     detach_lora(model)

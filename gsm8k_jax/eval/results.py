@@ -399,6 +399,10 @@ def run_info(
         "prefill_rows": batching.default_prefill_rows(),
         "mesh_model": mesh_model,
         "lora_mode": "attached" if lora_path else None,
+        # Every projection accumulates in float32 and rounds once. Records
+        # without it were made otherwise (their bfloat16 results differ), so
+        # they are neither resumed nor compared as the same settings.
+        "projection_accumulation": "float32",
         "eval": {
             "batch_size": eval_config.batch_size,
             "sampling": _sampling_record(eval_config.sampling),

@@ -115,6 +115,9 @@ def _evaluate_on(
         # One Sampler per structure of the model (the base model; with a
         # LoRA attached), each compiled once for all the runs it serves.
         samplers: dict[nnx.GraphDef, Sampler] = {}
+        detach_lora = None
+        if sweep.lora_configs:  # qwix, orbax: imported for LoRA runs alone.
+            from gsm8k_jax.checkpoints.lora import detach_lora
         # New Variables holding the base arrays: merging replaces a
         # Variable's array, so these stay the base weights.
         base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
@@ -124,9 +127,7 @@ def _evaluate_on(
             except queue.Empty:
                 return
             nnx.update(model, base_params)
-            if sweep.lora_configs:
-                from gsm8k_jax.checkpoints.lora import detach_lora
-
+            if detach_lora is not None:
                 detach_lora(model)
             if sweep.show_progress:
                 print(f"Run tag: {files.tag}", file=sys.stderr, flush=True)

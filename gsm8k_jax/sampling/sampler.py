@@ -107,6 +107,9 @@ class Sampler:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
         graphdef, _ = nnx.split(model)
+        # The structure the programs are compiled for (a LoRA attached or
+        # detached later, or attached with another alpha, changes it).
+        self._graphdef = graphdef
         # Whether the programs take their weights `weight_layout.arrange`d.
         self._arranged = weight_layout.arranges()
         self._prefill = jax.jit(
@@ -136,7 +139,13 @@ class Sampler:
     def _program_weights(self) -> nnx.State:
         """The model's current weights as the programs take them: arranged
         for the platform's matmuls (`weight_layout`), once per call."""
-        weights = nnx.state(self.model)
+        graphdef, weights = nnx.split(self.model)
+        if graphdef != self._graphdef:
+            raise ValueError(
+                "The model changed structure since this Sampler was made (a LoRA"
+                " attached, detached or attached with another alpha?): make a new"
+                " Sampler for it."
+            )
         return weight_layout.arrange(weights) if self._arranged else weights
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

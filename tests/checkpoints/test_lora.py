@@ -137,6 +137,28 @@ def test_attached_merged_and_qwix_match_transformers(setup, through_qwix):
         )
     lora.detach_lora(attached)
     np.testing.assert_array_equal(our_logits(attached), base_logits)
+    # A model already running factors through qwix would fail inside it.
+    params = lora_checkpoint.restore_lora_params(setup.run / "actor")
+    with pytest.raises(ValueError, match="already runs LoRA factors through qwix"):
+        lora.attach_lora(through_qwix, params, CONFIG)
+
+
+def test_a_sampler_refuses_a_model_whose_adapter_changed(setup):
+    """A Sampler compiles for the model's structure: an adapter attached,
+    detached or attached with another alpha after it was made is refused,
+    not run with the old structure or scale."""
+    model = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
+    sampler = Sampler(model, IdTokenizer())
+    params = SamplingParams(max_generation_steps=2)
+    sampler.generate([IDS[0].tolist()], params)
+    other_alpha = dataclasses.replace(CONFIG, alpha=1.0)
+    for change in (
+        lambda: lora.load_lora(model, setup.run / "actor", other_alpha),
+        lambda: lora.detach_lora(model),
+    ):
+        change()
+        with pytest.raises(ValueError, match="changed structure since this Sampler"):
+            sampler.generate([IDS[0].tolist()], params)
 
 
 def test_step_and_params_folders_and_layouts(setup, tmp_path):

@@ -148,6 +148,28 @@ def test_tensor_parallelism_is_a_setting_that_older_records_predate(tmp_path):
                 )
 
 
+def test_runs_recorded_before_float32_accumulation_are_not_resumed(tmp_path):
+    """Every projection accumulates in float32 now; a record without that
+    setting was made by code whose bfloat16 results differ: refused."""
+    current = run_info(
+        model_config("gemma3-tiny").to_dict(),
+        model_dir=TINY_MODEL_DIR,
+        lora_path="",
+        data_path=str(TINY_MODEL_DIR / "config.json"),
+        num_examples=1,
+        eval_config=EvalConfig(),
+    )
+    assert current["projection_accumulation"] == "float32"
+    older = {k: v for k, v in current.items() if k != "projection_accumulation"}
+    files = RunFiles(tmp_path, "t")
+    files.prepare(older, resume=True, overwrite=False)
+    files.chunks.commit([record(0)])
+    with pytest.raises(
+        RuntimeError, match="other settings \\(differing: projection_accumulation\\)"
+    ):
+        RunFiles(tmp_path, "t").check(lambda: current, resume=True, overwrite=False)
+
+
 def test_the_data_is_recorded_by_its_digest_on_gcs_too(tmp_path, gcs_bucket):
     """A resume or a comparison tells data files apart by their digest, so a
     file changed on gs:// under the same name is another run's data."""

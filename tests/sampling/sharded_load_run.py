@@ -306,7 +306,7 @@ placed_on = {}
 def recording_load_lora(model, path, config):
     """load_lora, noting which thread attached `path` onto which devices."""
     out = lora_lib.load_lora(model, path, config)
-    devices = model.layers[0].mlp.gate_proj.kernel[...].sharding.device_set
+    devices = model.layers[0].mlp.gate_proj.lora.a[...].sharding.device_set
     placed_on[path] = (threading.current_thread().name, sorted(d.id for d in devices))
     return out
 

@@ -175,7 +175,7 @@ def test_checkpoint_restores_through_load_lora(trained, base_dir):
     assert all(np.abs(v).max() > 0 for k, v in params.items() if k.endswith("_lora_b"))
     base = load_hf_model(base_dir, dtype=jnp.float32)
     base_logits = logits(base, trained.batch)
-    restored = load_lora(base, trained.root / "actor", LORA)  # Merged.
+    restored = load_lora(base, trained.root / "actor", LORA)  # Attached.
     valid = trained.batch["valid"]
     restored_logits = logits(restored, trained.batch)
     np.testing.assert_allclose(

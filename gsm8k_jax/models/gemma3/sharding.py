@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gsm8k_jax.models.gemma3.modules import LoraFactor
+
 DATA, MODEL = "data", "model"
 
 # Which dimension of each weight is split over the `model` axis.
@@ -75,17 +77,21 @@ def check_model_parallelism(num_heads: int, model_parallel: int) -> None:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> None:
-    """Moves the model's weights onto `mesh` (in place); arrays already
-    there (`load_hf_model(..., mesh=mesh)`, LoRA factors placed beside their
-    weights' blocks) stay where they are."""
+    """Moves the model's weights onto `mesh` (in place); weights already
+    there (`load_hf_model(..., mesh=mesh)`) stay where they are. Attached
+    LoRA factors already on the mesh stay too (`attach_lora` places them
+    beside their weights' blocks); others are replicated (they are small)."""
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     for path, variable in flat.items():
         value = variable.get_value()
-        placed = getattr(value, "sharding", None)
-        if isinstance(placed, NamedSharding) and placed.mesh == mesh:
-            continue
-        sharding = param_sharding(path, value.shape, mesh)
+        if isinstance(variable, LoraFactor):
+            placed = getattr(value, "sharding", None)
+            if isinstance(placed, NamedSharding) and placed.mesh == mesh:
+                continue
+            sharding = NamedSharding(mesh, PartitionSpec())
+        else:
+            sharding = param_sharding(path, value.shape, mesh)
         flat[path] = variable.replace(jax.device_put(value, sharding))
     nnx.update(model, nnx.from_flat_state(flat))
 
