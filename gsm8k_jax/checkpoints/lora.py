@@ -63,7 +63,12 @@ from gsm8k_jax.checkpoints.lora_config import (
     named_setting,
 )
 from gsm8k_jax.models.gemma3.model import LINEAR_EQUATION, Gemma3
-from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, Einsum, LoraAdapter
+from gsm8k_jax.models.gemma3.modules import (
+    LORA_ATTRIBUTE,
+    Einsum,
+    LoraAdapter,
+    lora_axes,
+)
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
@@ -80,20 +85,26 @@ _LAYER_WEIGHT = re.compile(r"layers/(\d+)/(.+)")
 class _Target:
     """A weight qwix gives LoRA factors to, with the axes of each factor.
 
-    Axes are einsum letters: `w_axes` name the weight's axes; lora_a has
-    `a_axes` (those the layer input shares) then the rank, lora_b has the
-    rank then the others, in the weight's order (as qwix creates them).
+    Axes are einsum letters of the layer's equation (`modules.lora_axes`):
+    `w_axes` name the weight's axes; lora_a has `a_axes` (those the layer
+    input shares) then the rank, lora_b has the rank then `b_axes`.
     """
 
     variable: nnx.Variable
-    w_axes: str
-    a_axes: str
     layer: nnx.Module  # the Einsum or Linear that applies the weight
     equation: str  # the layer's `x,w->y` einsum
 
     @property
+    def w_axes(self) -> str:
+        return lora_axes(self.equation)[0]
+
+    @property
+    def a_axes(self) -> str:
+        return lora_axes(self.equation)[1]
+
+    @property
     def b_axes(self) -> str:
-        return "".join(c for c in self.w_axes if c not in self.a_axes)
+        return lora_axes(self.equation)[2]
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         size = dict(zip(self.w_axes, self.variable.get_value().shape))
@@ -126,12 +137,9 @@ class _Target:
 def _target(module: nnx.Module) -> tuple[str, _Target] | None:
     """(param name, target) for the layer types qwix attaches LoRA to here."""
     if isinstance(module, Einsum):  # y = einsum('<x axes>,<w axes>->...', x, w)
-        x_axes, rest = module.equation.split(",")
-        w_axes = rest.split("->")[0]
-        a_axes = "".join(c for c in w_axes if c in x_axes)
-        return "w", _Target(module.w, w_axes, a_axes, module, module.equation)
+        return "w", _Target(module.w, module, module.equation)
     if isinstance(module, nnx.Linear):  # kernel [in, out]
-        return "kernel", _Target(module.kernel, "io", "i", module, LINEAR_EQUATION)
+        return "kernel", _Target(module.kernel, module, LINEAR_EQUATION)
     return None
 
 
@@ -389,27 +397,26 @@ def attach_lora(
 def _check_no_adapter(model: Gemma3) -> None:
     """Refuses a model with an adapter attached: merging or applying another
     update on top would add to it."""
-    if any(isinstance(a, LoraAdapter) for _, a in _adapters(model)):
+    if _adapted_layers(model):
         raise ValueError(
             "The model has a LoRA attached (attach_lora); another update would"
             " add to it. Detach it first (detach_lora)."
         )
 
 
-def _adapters(model: Gemma3) -> list[tuple[nnx.Module, Any]]:
-    """(layer, what its LORA_ATTRIBUTE holds) for every layer with one."""
-    found = []
-    for _, module in nnx.iter_modules(model):
-        if (adapter := getattr(module, LORA_ATTRIBUTE, None)) is not None:
-            found.append((module, adapter))
-    return found
+def _adapted_layers(model: Gemma3) -> list[nnx.Module]:
+    """The layers that hold a `LoraAdapter`."""
+    return [
+        module
+        for _, module in nnx.iter_modules(model)
+        if isinstance(getattr(module, LORA_ATTRIBUTE, None), LoraAdapter)
+    ]
 
 
 def detach_lora(model: Gemma3) -> None:
     """Removes every adapter `attach_lora` attached, in place."""
-    for layer, adapter in _adapters(model):
-        if isinstance(adapter, LoraAdapter):
-            delattr(layer, LORA_ATTRIBUTE)
+    for layer in _adapted_layers(model):
+        delattr(layer, LORA_ATTRIBUTE)
 
 
 def merge_lora(

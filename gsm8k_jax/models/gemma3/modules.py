@@ -76,6 +76,17 @@ class LoraFactor(nnx.Variable):
     filters for either kind of parameter leave it out)."""
 
 
+def lora_axes(equation: str) -> tuple[str, str, str]:
+    """(weight axes, a's axes, b's axes) of a LoRA on the weight of the
+    `x,w->y` einsum `equation`: a holds the weight's axes that the input
+    shares (then the rank), b the others (after the rank), in the weight's
+    order, as qwix creates them."""
+    x_axes, rest = equation.split(",")
+    w_axes = rest.split("->")[0]
+    shared = "".join(c for c in w_axes if c in x_axes)
+    return w_axes, shared, "".join(c for c in w_axes if c not in shared)
+
+
 class LoraAdapter(nnx.Module):
     """A LoRA update kept beside its weight: (x . a . b) * scale in float32.
 
@@ -89,13 +100,11 @@ class LoraAdapter(nnx.Module):
 
     def __init__(self, equation: str, a: jax.Array, b: jax.Array, scale: float):
         """equation: the layer's `x,w->y` einsum (e.g. `BTD,NDH->BTNH`)."""
-        x_axes, rest = equation.split(",")
-        w_axes, y_axes = rest.split("->")
-        shared = "".join(c for c in w_axes if c in x_axes)
-        kept = "".join(c for c in x_axes if c not in shared)
         if "r" in equation:  # The rank's letter.
             raise ValueError(f"No LoRA layout for the einsum {equation!r}.")
-        others = "".join(c for c in w_axes if c not in shared)
+        x_axes, y_axes = equation.split(",")[0], equation.split("->")[1]
+        _, shared, others = lora_axes(equation)
+        kept = "".join(c for c in x_axes if c not in shared)
         self.down_equation = f"{x_axes},{shared}r->{kept}r"  # x . a
         self.up_equation = f"{kept}r,r{others}->{y_axes}"  # (x . a) . b
         self.a = LoraFactor(a)
