@@ -59,3 +59,19 @@ def token_limits(
             f" {max_generation_steps}] per prompt ({num_prompts})."
         )
     return limits
+
+
+def check_context(
+    prompt_lengths: Sequence[int], max_generation_steps: int, context: int
+) -> None:
+    """Every prompt and its completion fit the positions the model was trained
+    for (beyond them it generates noise, slowly: the KV cache grows with the
+    limit)."""
+    longest = max(prompt_lengths)
+    if longest + max_generation_steps > context:
+        raise ValueError(
+            f"A {longest}-token prompt plus up to {max_generation_steps} new tokens"
+            f" goes past the model's context of {context} tokens"
+            " (max_position_embeddings): lower max_generation_steps to at most"
+            f" {max(context - longest, 0)}, or shorten the prompts."
+        )

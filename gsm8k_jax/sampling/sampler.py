@@ -363,6 +363,11 @@ class Sampler:
         depend on its arguments alone."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        requests.check_context(
+            prompt_lengths,
+            params.max_generation_steps,
+            self.model.config.max_position_embeddings,
+        )
         chunks = [
             num_chunks(n, self.prefill_chunk)
             for n in prompt_lengths

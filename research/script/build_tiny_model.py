@@ -30,16 +30,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import transformers
 from safetensors.numpy import save_file
 
 from gsm8k_jax.models.gemma3.config import Gemma3Config, gemma3_tiny
 from gsm8k_jax.models.gemma3.params import export_hf_weights, hf_config, load_hf_model
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
-
-
-def hf_text_config(config: Gemma3Config) -> transformers.Gemma3TextConfig:
-    return hf_config(config, max_position_embeddings=8192)
 
 
 def trained_hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
@@ -93,7 +88,7 @@ def main():
         else random_hf_weights(config, args.seed)
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    hf_text_config(config).to_json_file(args.out_dir / "config.json")
+    hf_config(config).to_json_file(args.out_dir / "config.json")
     save_file(weights, args.out_dir / "model.safetensors")
     print(f"Wrote gemma3-tiny to {args.out_dir}")
 

@@ -384,6 +384,10 @@ def test_a_finished_run_rerun_says_so_and_keeps_its_rollouts(finished_run):
             ["--max_generation_steps=13"],
             "other settings \\(differing: eval.sampling.max_generation_steps\\)",
         ),
+        (
+            ["--max_generation_steps=8192"],
+            "leaves no room for a prompt in the model's context of 8192 tokens",
+        ),
         (["--noresume"], "--resume to continue them or --overwrite"),
         (["--extraction_method=fuzzy"], "extraction_method"),
         (["results/elsewhere"], "unexpected argument\\(s\\) results/elsewhere"),

@@ -20,6 +20,7 @@ from gsm8k_jax.models.gemma3.config import gemma3_tiny
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.models.gemma3.sharding import make_mesh
+from gsm8k_jax.sampling import requests
 from gsm8k_jax.sampling.batching import SlotScheduler, num_chunks
 from gsm8k_jax.sampling.decode import DecodeState, prefill
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -543,6 +544,13 @@ def test_bad_settings_are_rejected(sampler):
             sampler.generate([[2, 5], [2, bad, 7]], GREEDY)
     with pytest.raises(TypeError, match="a single string: pass a list"):
         sampler.generate("What is 2 + 3?", GREEDY)
+    # Past the trained positions it would generate noise, into a cache
+    # sized by the limit.
+    context = sampler.model.config.max_position_embeddings
+    too_long = dataclasses.replace(GREEDY, max_generation_steps=context - 9)
+    with pytest.raises(ValueError, match=f"A 10-token prompt plus up to {context - 9}"):
+        sampler.generate([[2, 5], [2] * 10], too_long)
+    requests.check_context([2, 10], context - 10, context)  # Fits exactly.
 
 
 def test_prefill_and_decode_carry_no_vocabulary_sized_array(tiny):

@@ -28,6 +28,9 @@ SLIDING_WINDOW_PATTERN = 6
 LOCAL_ROPE_BASE = 10_000.0
 GLOBAL_ROPE_BASE = 1_000_000.0
 GEMMA3_VOCAB_SIZE = 262_144
+# Positions a model was trained for (`max_position_embeddings`): 32k for
+# 270m and 1b, 128k (transformers' default) for 4b and up.
+CONTEXT_32K, CONTEXT_128K = 32_768, 131_072
 
 
 def gemma3_layer_types(num_layers: int) -> tuple[AttentionType, ...]:
@@ -64,6 +67,10 @@ class Gemma3Config:
     # Linear RoPE scaling on global layers (positions divided by this).
     global_rope_scale: float = 1.0
     rms_norm_eps: float = 1e-6
+    # Longest sequence (prompt + generated tokens) the model was trained for.
+    # Nothing in the model depends on it (RoPE has no table): the sampler
+    # refuses longer work instead of generating past it.
+    max_position_embeddings: int = CONTEXT_128K
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
 
@@ -125,6 +132,7 @@ class Gemma3Config:
             global_rope_base=float(global_rope["rope_theta"]),
             global_rope_scale=global_scale,
             rms_norm_eps=float(text["rms_norm_eps"]),
+            max_position_embeddings=int(text["max_position_embeddings"]),
             attn_logit_softcap=text["attn_logit_softcapping"],
             final_logit_softcap=text["final_logit_softcapping"],
         )
@@ -141,6 +149,7 @@ def gemma3_270m() -> Gemma3Config:
         sliding_window=512,
         layer_types=gemma3_layer_types(18),
         query_pre_attn_scalar=256,
+        max_position_embeddings=CONTEXT_32K,
     )
 
 
@@ -155,6 +164,7 @@ def gemma3_1b() -> Gemma3Config:
         sliding_window=512,
         layer_types=gemma3_layer_types(26),
         query_pre_attn_scalar=256,
+        max_position_embeddings=CONTEXT_32K,
     )
 
 
@@ -216,6 +226,7 @@ def gemma3_tiny() -> Gemma3Config:
         sliding_window=64,
         layer_types=gemma3_layer_types(7),
         query_pre_attn_scalar=32,
+        max_position_embeddings=8192,
     )
 
 

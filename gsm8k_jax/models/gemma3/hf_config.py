@@ -28,6 +28,7 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "query_pre_attn_scalar": 256,
     "sliding_window": 4096,
+    "max_position_embeddings": 131_072,
     "layer_types": None,
     "rope_parameters": None,
     "final_logit_softcapping": None,
@@ -47,6 +48,7 @@ NUMERIC_FIELDS = (
     "rms_norm_eps",
     "query_pre_attn_scalar",
     "sliding_window",
+    "max_position_embeddings",
 )
 DEFAULT_SLIDING_WINDOW_PATTERN = 6
 DEFAULT_ROPE_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}

@@ -378,14 +378,9 @@ def load_hf_model(
 PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 106
 
 
-def hf_config(
-    config: Gemma3Config, *, max_position_embeddings: int = 131_072, **overrides
-) -> transformers.Gemma3TextConfig:
-    """The transformers config that `Gemma3Config.from_hf` reads back as `config`.
-
-    `max_position_embeddings` is not part of our config (the model has no
-    position table); `overrides` go to `Gemma3TextConfig` as they are.
-    """
+def hf_config(config: Gemma3Config, **overrides) -> transformers.Gemma3TextConfig:
+    """The transformers config that `Gemma3Config.from_hf` reads back as `config`;
+    `overrides` go to `Gemma3TextConfig` as they are."""
     scalar = config.query_pre_attn_scalar
     global_rope = {"rope_type": "default", "rope_theta": config.global_rope_base}
     if config.global_rope_scale != 1.0:
@@ -416,7 +411,7 @@ def hf_config(
         "rms_norm_eps": config.rms_norm_eps,
         "attn_logit_softcapping": config.attn_logit_softcap,
         "final_logit_softcapping": config.final_logit_softcap,
-        "max_position_embeddings": max_position_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
         "pad_token_id": PAD_ID,
         "eos_token_id": [EOS_ID, END_OF_TURN_ID],
         "bos_token_id": BOS_ID,
@@ -456,7 +451,6 @@ def save_hf_model(
     *,
     tokenizer: transformers.PreTrainedTokenizerBase | None = None,
     dtype: jnp.dtype | str = jnp.bfloat16,
-    max_position_embeddings: int = 131_072,
 ) -> Path:
     """Writes a Hugging Face folder that `load_hf_model` (and transformers) loads.
 
@@ -468,11 +462,7 @@ def save_hf_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(dtype)
-    config = hf_config(
-        model.config,
-        max_position_embeddings=max_position_embeddings,
-        torch_dtype=dtype.name,
-    )
+    config = hf_config(model.config, torch_dtype=dtype.name)
     config.to_json_file(out_dir / "config.json")
     transformers.GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID
