@@ -74,6 +74,14 @@ def eval_config_from_flags(
         instruction_tuned=model_spec(FLAGS.model.model_name).instruction_tuned,
         given={name for name in FLAGS if FLAGS[name].present},
     )
+    sampling = config.sampling
+    if sampling.temperature == 0 and (sampling.top_p != 1 or sampling.top_k):
+        print(
+            f"note: --top_p={sampling.top_p} and --top_k={sampling.top_k} have no"
+            " effect at --temperature=0 (greedy decoding); set a temperature > 0"
+            " to sample.",
+            file=sys.stderr,
+        )
     if num_problems is None:
         return config
     capped = config.for_problems(num_problems)

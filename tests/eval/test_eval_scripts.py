@@ -517,6 +517,7 @@ def test_unscorable_data_is_refused(tmp_path, content, message):
 
 
 def test_more_examples_and_slots_than_the_work_are_capped_with_a_note(tmp_path):
+    """Also: sampling settings that greedy decoding ignores are named."""
     data = tmp_path / "six.jsonl"
     lines = (REPO / "gsm8k_jax" / "data" / "test.jsonl").read_text().splitlines()
     data.write_text("\n".join(lines[:6]) + "\n")
@@ -525,9 +526,13 @@ def test_more_examples_and_slots_than_the_work_are_capped_with_a_note(tmp_path):
         "--num_examples=5000",
         "--batch_size=100000",
         "--max_generation_steps=4",
+        "--top_p=0.9",
         f"--output_dir={tmp_path}",
     )
     assert "Asked for 5000 examples" in proc.stderr and "has 6" in proc.stderr
+    assert "--top_p=0.9 and --top_k=0 have no effect at --temperature=0" in (
+        proc.stderr
+    )
     assert "--batch_size=100000 is more than the 6 problems; using 6" in proc.stderr
     _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs6")
     assert summary["total"] == 6
