@@ -7,6 +7,7 @@ The names a notebook needs, e.g.:
     print(sampler.generate(["What is 2 + 3?"])[0].text)
     lora = gsm8k_jax.LoraConfig(rank=16, alpha=16.0)
     gsm8k_jax.load_lora(model, "runs/tiny-lora/actor", lora)  # attached in place
+    gsm8k_jax.detach_lora(model)  # the base model again
     report = gsm8k_jax.compare_runs(gsm8k_jax.load_runs("results/quickstart"))
     print(report.to_markdown())
 
@@ -41,6 +42,7 @@ _EXPORTS = {
     "Sampler": "gsm8k_jax.sampling.sampler",
     "SamplingParams": "gsm8k_jax.sampling.params",
     "compare_runs": "gsm8k_jax.eval.comparison",
+    "detach_lora": "gsm8k_jax.checkpoints.lora",
     "evaluate": "gsm8k_jax.eval.runner",
     "evaluate_checkpoints": "gsm8k_jax.eval.sweep",
     "extract_answer": "gsm8k_jax.eval.extraction",
