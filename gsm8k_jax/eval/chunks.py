@@ -34,25 +34,41 @@ def json_line(record: dict[str, Any]) -> str:
 _ROLLOUT_FIELDS = ("id", "sample_index", "response")
 
 
+class DamagedLine(ValueError):
+    """A line of a chunk or rollouts file that is not a rollout record; the
+    message says what it is instead."""
+
+
+def parse_rollout_line(line: str) -> dict[str, Any]:
+    """The rollout record of one line of a chunk or rollouts file.
+
+    Raises:
+      DamagedLine: the line is not a JSON object with a rollout's fields
+        (`id` and `sample_index` integers).
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DamagedLine(f"not valid JSON at column {e.colno}: {e.msg}") from e
+    if not isinstance(record, dict):
+        raise DamagedLine(f"a JSON {type(record).__name__}, not a rollout object")
+    if missing := [f for f in _ROLLOUT_FIELDS if f not in record]:
+        raise DamagedLine(f"a rollout without {', '.join(missing)}")
+    if not all(isinstance(record[f], int) for f in ("id", "sample_index")):
+        raise DamagedLine("a rollout whose id or sample_index is not an integer")
+    return record
+
+
 def _parse_whole(text: str) -> list[dict[str, Any]] | None:
     """A chunk's records, or None unless every line is a complete JSON
     object with a rollout's fields (a damaged chunk is done again)."""
     if not text.endswith("\n"):
         return None
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(record, dict) or any(
-            f not in record for f in _ROLLOUT_FIELDS
-        ):
-            return None
-        if not all(isinstance(record[f], int) for f in ("id", "sample_index")):
-            return None
-        records.append(record)
-    return records
+    try:
+        # Split at newlines alone: a response may hold U+2028 (JSON leaves it).
+        return [parse_rollout_line(line) for line in text[:-1].split("\n")]
+    except DamagedLine:
+        return None
 
 
 class ChunkStore:

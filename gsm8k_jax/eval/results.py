@@ -18,7 +18,12 @@ Resuming keeps every example whose samples are all committed and the run
 continues with the rest. A (example, sample) committed twice (an example
 half finished before a crash is generated again whole) is taken from the
 first chunk holding it, in (process, seq) order: the same bits either way,
-since generation is batch invariant.
+since generation is batch invariant. A damaged line of the rollouts file is
+left out with a warning naming it (`ResultsWarning`): its example counts as
+unfinished, so a resumed run generates it again and keeps every other line
+as it was. Rows of examples that are not the run's (a chunk of another run)
+are left out of its results, with a warning. A run whose record is lost
+resumes from the copy its summary holds.
 
 A run's identity (its tag and the settings `run_<tag>.json` records) is
 defined here too, so that reading and comparing runs needs neither the CLI
@@ -32,7 +37,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +46,12 @@ import ml_collections
 
 from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
-from gsm8k_jax.eval.chunks import ChunkStore, json_line
+from gsm8k_jax.eval.chunks import (
+    ChunkStore,
+    DamagedLine,
+    json_line,
+    parse_rollout_line,
+)
 from gsm8k_jax.models.specs import model_spec
 
 if TYPE_CHECKING:
@@ -50,6 +61,20 @@ if TYPE_CHECKING:
 
 class ResultsError(RuntimeError):
     """Result files cannot be written, or do not belong to this run."""
+
+
+class ResultsWarning(UserWarning):
+    """Results were read with part of them left out: a damaged line or
+    file, or rows that are not the run's. The scripts print it as one line."""
+
+
+class DamagedFileError(ValueError):
+    """A run's JSON file (`run_<tag>.json`, `summary_<tag>.json`) cannot be read."""
+
+    def __init__(self, path: str, reason: str, advice: str):
+        super().__init__(f"{path} is damaged ({reason}): {advice}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +122,14 @@ class RunFiles:
         self.chunks = ChunkStore(
             storage.join(self.output_dir, f"chunks_{tag}"), process_index
         )
+        self._warned: set[str] = set()
+
+    def _warn(self, message: str) -> None:
+        """Warns once per message and RunFiles: a run reads its files again
+        while it waits for the other processes and before it merges."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, ResultsWarning, stacklevel=3)
 
     def prepare(
         self, run_info: dict[str, Any], *, resume: bool, overwrite: bool
@@ -133,7 +166,7 @@ class RunFiles:
                     f"{self.output_dir} already holds results for run '{self.tag}'. Pass"
                     " --resume to continue them or --overwrite to replace them."
                 )
-            changed = differing_settings(self.read_run_info() or {}, run_info())
+            changed = differing_settings(self._recorded_run_info(), run_info())
             if changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"
@@ -150,10 +183,18 @@ class RunFiles:
         except FileNotFoundError:
             return False
 
-    def read_finished(self, num_samples: int) -> list[dict[str, Any]]:
+    def read_finished(
+        self, num_samples: int, example_ids: Collection[int] | None = None
+    ) -> list[dict[str, Any]]:
         """Rollouts of fully finished examples: the rollouts file's, then the
         chunks', each (id, sample) once. Changes no file, so it also reads a
-        run that is still running or crashed (comparisons do)."""
+        run that is still running or crashed (comparisons do).
+
+        Args:
+          num_samples: the samples an example needs to be finished.
+          example_ids: the run's examples, when known: rows of other ids
+            (a chunk of another run) are left out, with a warning.
+        """
         try:
             records = self._parse_rollouts()
         except FileNotFoundError:
@@ -161,47 +202,111 @@ class RunFiles:
         unique: dict[tuple[int, int], dict[str, Any]] = {}
         for r in records + self.chunks.records():
             unique.setdefault((r["id"], r["sample_index"]), r)
-        return _finished(list(unique.values()), num_samples)
+        rows = list(unique.values())
+        if example_ids is not None:
+            rows = self._of_examples(rows, example_ids)
+        return _finished(rows, num_samples)
+
+    def _of_examples(
+        self, rows: list[dict[str, Any]], example_ids: Collection[int]
+    ) -> list[dict[str, Any]]:
+        """The rows of the run's examples; a warning names the others."""
+        strays = sorted({r["id"] for r in rows} - set(example_ids))
+        if not strays:
+            return rows
+        shown = ", ".join(map(str, strays[:5])) + (", ..." if strays[5:] else "")
+        self._warn(
+            f"{self.output_dir} holds rollouts of {len(strays)} problem(s) that are"
+            f" not among the {len(example_ids)} of run '{self.tag}' (ids {shown};"
+            " from another run?): they are left out of its results."
+        )
+        return [r for r in rows if r["id"] in example_ids]
 
     def read_run_info(self) -> dict[str, Any] | None:
         """The run record (`run_<tag>.json`), or None when there is none."""
-        return self._read_json(self.run_path)
+        return self._read_json(
+            self.run_path,
+            "restore it, or evaluate again (--overwrite, or another --output_dir).",
+        )
 
     def read_summary(self) -> dict[str, Any] | None:
         """`summary_<tag>.json`, or None while the run has not finished."""
-        return self._read_json(self.summary_path)
+        return self._read_json(self.summary_path, _REWRITE_SUMMARY, require_dict="run")
 
     @staticmethod
-    def _read_json(path: str) -> dict[str, Any] | None:
+    def _read_json(
+        path: str, advice: str, require_dict: str | None = None
+    ) -> dict[str, Any] | None:
+        """A JSON object file, or None when there is none; DamagedFileError
+        when it is not a JSON object (with a `require_dict` object in it)."""
         try:
             text = storage.read_text(path)
         except FileNotFoundError:
             return None
         try:
-            return json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path} is damaged (not valid JSON: {e.msg}, line {e.lineno}):"
-                " restore it, or evaluate again (--overwrite, or another"
-                " --output_dir)."
-            ) from e
+            reason = f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            raise DamagedFileError(path, reason, advice) from e
+        if not isinstance(record, dict):
+            reason = f"a JSON {type(record).__name__}, not an object"
+            raise DamagedFileError(path, reason, advice)
+        if require_dict and not isinstance(record.get(require_dict), dict):
+            raise DamagedFileError(path, f"no '{require_dict}' object in it", advice)
+        return record
+
+    def _recorded_run_info(self) -> dict[str, Any]:
+        """What produced the results in the folder: the run record, else the
+        copy a finished run's summary holds of it.
+
+        Raises:
+          ResultsError: neither is there.
+          DamagedFileError: the run record is damaged and there is no summary.
+        """
+        try:
+            record = self.read_run_info()
+        except DamagedFileError:
+            record, damaged = None, True
+        else:
+            damaged = False
+        if record is not None:
+            return record
+        try:
+            summary = self.read_summary()
+        except DamagedFileError:
+            summary = None
+        if summary is not None:
+            return summary["run"]
+        if damaged:
+            self.read_run_info()  # Raises, naming the damage.
+        raise ResultsError(
+            f"{self.output_dir} holds results of run '{self.tag}' but not its run"
+            f" record {storage.basename(self.run_path)}, which says what settings"
+            " produced them, so they cannot be resumed: restore it, or use another"
+            " --output_dir (--overwrite deletes the results)."
+        )
 
     def _parse_rollouts(self) -> list[dict[str, Any]]:
-        """The rollouts file's records; a torn final line (an interrupted
-        append, by versions that appended to it) is dropped, damage
-        elsewhere raises."""
-        lines = storage.read_text(self.rollouts_path).splitlines(keepends=True)
+        """The rollouts file's records. A damaged line is left out with a
+        warning naming it: its example then counts as unfinished (a resumed
+        run generates it again, and keeps every other line). A final line
+        cut short of its newline (an interrupted append, by versions that
+        appended to the file) is left out silently."""
+        lines = _lines(storage.read_text(self.rollouts_path))
         records = []
         for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue  # A blank line (an editor's) holds no rollout.
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if number == len(lines):
-                    break  # Torn final line from an interrupted write.
-                raise ResultsError(
-                    f"{self.rollouts_path}, line {number}: not valid JSON ({e.msg}). The"
-                    " file was edited or damaged; use --overwrite to start again."
-                ) from e
+                records.append(parse_rollout_line(line.removesuffix("\n")))
+            except DamagedLine as e:
+                if number == len(lines) and not line.endswith("\n"):
+                    continue  # Torn final line from an interrupted write.
+                self._warn(
+                    f"{self.rollouts_path}, line {number} is damaged ({e}) and left"
+                    " out: its problem counts as unfinished, and resuming the run"
+                    " generates it again and keeps every other line."
+                )
         return records
 
     def append(self, rollouts: Iterable[Rollout]) -> None:
@@ -219,8 +324,7 @@ class RunFiles:
     def read_rollouts(self) -> list[dict[str, Any]]:
         """The rollouts file's records (of a finished run)."""
         return [
-            json.loads(line)
-            for line in storage.read_text(self.rollouts_path).splitlines()
+            json.loads(line) for line in _lines(storage.read_text(self.rollouts_path))
         ]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -230,6 +334,21 @@ class RunFiles:
     def remove_chunks(self) -> None:
         """Removes the chunks, once the rollouts file holds all they held."""
         self.chunks.remove()
+
+
+# How to mend a damaged summary: the rollouts are all it is made from.
+_REWRITE_SUMMARY = (
+    "rerun the evaluation's command to write it again from the rollouts (nothing"
+    " is generated again)."
+)
+
+
+def _lines(text: str) -> list[str]:
+    """A JSON Lines text's lines, each with its newline (the last may lack
+    it). Split at newlines alone: a response may hold other line breaks
+    (U+2028, U+0085), which JSON writes unescaped and str.splitlines splits at."""
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
 
 
 def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:

@@ -215,7 +215,10 @@ def evaluate(
     params = config.sampling
     method = config.extraction_method
     task = tasks.get_task(config.task)
-    done = rescore(files.read_finished(params.num_samples), method, task)
+    # Only this run's examples: rows of other ids (a chunk of another run)
+    # are left out, with a warning.
+    wanted = {e.id for e in examples}
+    done = rescore(files.read_finished(params.num_samples, wanted), method, task)
     finished_ids = {r["id"] for r in done}
     if finished_ids and show_progress:
         print(

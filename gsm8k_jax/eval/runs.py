@@ -5,7 +5,9 @@ or `chunks_<tag>/` while it runs, `summary_<tag>.json`, `run_<tag>.json`;
 see `results.RunFiles`), in a local folder or on `gs://`. Reading a run
 never changes its files, so a run still in progress, or one that crashed,
 can be read too: it is then marked incomplete (`RunResult.complete`) so
-that a comparison does not report it as if it had finished.
+that a comparison does not report it as if it had finished. A damaged
+summary is read past, with a warning: the run is compared from its
+rollouts, as every comparison scores them again anyway.
 
 Needs neither jax nor a model.
 """
@@ -16,10 +18,11 @@ import dataclasses
 import itertools
 import os
 import re
+import warnings
 from typing import Any
 
 from gsm8k_jax import storage
-from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.results import DamagedFileError, ResultsWarning, RunFiles
 from gsm8k_jax.eval.tasks import BOXED
 
 __all__ = ["RunResult", "load_run", "load_run_files", "load_runs"]
@@ -46,6 +49,8 @@ class RunResult:
         has not finished.
       run_info: the settings that produced the run (`run_<tag>.json`).
       source: the folder holding the run's files.
+      summary_damaged: `summary_<tag>.json` is there but cannot be read
+        (summary is then None): the run got as far as writing it.
     """
 
     tag: str
@@ -57,6 +62,7 @@ class RunResult:
     summary: dict[str, Any] | None
     run_info: dict[str, Any]
     source: str
+    summary_damaged: bool = False
 
     @property
     def task(self) -> str:
@@ -75,10 +81,12 @@ class RunResult:
 
     @property
     def complete(self) -> bool:
-        """Whether the run finished: it has its summary and every problem it
-        was started on. An incomplete run's accuracy covers only the problems
-        it finished, which need not be a fair sample of the rest."""
-        return self.summary is not None and self.num_finished >= self.num_examples
+        """Whether the run finished: it has its summary (a damaged one
+        counts: it is written last) and every problem it was started on. An
+        incomplete run's accuracy covers only the problems it finished,
+        which need not be a fair sample of the rest."""
+        has_summary = self.summary is not None or self.summary_damaged
+        return has_summary and self.num_finished >= self.num_examples
 
     def by_question(self) -> list[list[dict[str, Any]]]:
         """The rollouts grouped per example id (in id order), each group in
@@ -99,17 +107,42 @@ def _tags_in(folder: str) -> list[str]:
 def load_run_files(files: RunFiles) -> RunResult:
     """The run whose files `files` names, finished or not.
 
+    A damaged summary is read past with a warning (`ResultsWarning`): the
+    run is compared from its rollouts and run record. So is a damaged
+    rollouts line (its problem counts as unfinished), and, in a run without
+    a summary, rows of problems beyond the first `num_examples` it was
+    started on (a chunk of another run).
+
     Raises:
       FileNotFoundError: the run has no rollouts, or no record of what
         produced them (neither summary nor run record).
-      ResultsError: a rollouts line other than the last is damaged.
-      ValueError: no example has all its samples yet.
+      ValueError: no example has all its samples yet, or the summary is
+        damaged and the run record missing or damaged too.
     """
     if not (storage.exists(files.rollouts_path) or files.chunks.names()):
         raise FileNotFoundError(
             f"{files.rollouts_path} not found: run '{files.tag}' has no rollouts."
         )
-    summary = files.read_summary()
+    summary_damaged = False
+    try:
+        summary = files.read_summary()
+    except DamagedFileError as e:
+        summary, summary_damaged = None, True
+        record = storage.basename(files.run_path)
+        if files.read_run_info() is None:
+            raise ValueError(
+                f"{e.path} is damaged ({e.reason}) and {record} is missing: nothing"
+                f" says what produced the rollouts of run '{files.tag}'. Rerun its"
+                " evaluation command to write both again (nothing is generated"
+                " again), or restore them."
+            ) from e
+        warnings.warn(
+            f"{e.path} is damaged ({e.reason}): run '{files.tag}' is compared from"
+            f" its rollouts and {record} (rerunning its evaluation command writes"
+            " the summary again without generating).",
+            ResultsWarning,
+            stacklevel=2,
+        )
     run_info = summary["run"] if summary is not None else files.read_run_info()
     if run_info is None:
         raise FileNotFoundError(
@@ -123,14 +156,20 @@ def load_run_files(files: RunFiles) -> RunResult:
         model_name = run_info["model"]["model_name"]
         checkpoint = run_info["lora_checkpoint"]
         batch_size = run_info["eval"]["batch_size"]
+        num_examples = run_info["num_examples"]
     except (KeyError, TypeError) as e:
         raise ValueError(
             f"The record of run '{files.tag}' in {files.output_dir} lacks {e}:"
             " it was not written by this project's scripts or with a run record"
             " from gsm8k_jax.run_info(...), so it cannot be compared."
         ) from e
+    # A finished run wrote its own problems alone; an unfinished one may hold
+    # a chunk of another run. The scripts evaluate a data file's first
+    # `num_examples` problems, numbered by line from 0 (`load_gsm8k`).
+    example_ids = None if summary is not None else range(num_examples)
     rollouts = sorted(
-        files.read_finished(num_samples), key=lambda r: (r["id"], r["sample_index"])
+        files.read_finished(num_samples, example_ids),
+        key=lambda r: (r["id"], r["sample_index"]),
     )
     if not rollouts:
         raise ValueError(
@@ -147,6 +186,7 @@ def load_run_files(files: RunFiles) -> RunResult:
         summary=summary,
         run_info=run_info,
         source=files.output_dir,
+        summary_damaged=summary_damaged,
     )
 
 
@@ -159,8 +199,8 @@ def load_runs(path: str | os.PathLike) -> list[RunResult]:
     Raises:
       FileNotFoundError: the path does not exist, or the folder holds no
         `rollouts_<tag>.jsonl` file.
-      ResultsError, ValueError: a rollouts file is damaged or holds no
-        finished example.
+      ValueError: a rollouts file holds no finished example, or a run's
+        summary and run record are both missing or damaged.
     """
     folder = os.fspath(path)
     if not storage.exists(folder):
@@ -189,7 +229,6 @@ def load_run(path: str | os.PathLike) -> RunResult:
       FileNotFoundError: the path or the run's rollouts do not exist.
       ValueError: the file name is not a run file, the folder holds several
         runs (use `load_runs`), or the rollouts are empty.
-      ResultsError: the rollouts are damaged.
     """
     path = os.fspath(path)
     if storage.is_file(path):

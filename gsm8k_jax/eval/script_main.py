@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import gc
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +17,7 @@ from absl import app
 from tqdm import tqdm
 
 from gsm8k_jax.eval import cli_flags, multihost
+from gsm8k_jax.eval.results import ResultsWarning
 from gsm8k_jax.quiet import quiet_logging
 from gsm8k_jax.stop_signals import Terminated, stop_on_signals
 from gsm8k_jax.storage import require_reachable
@@ -38,6 +40,20 @@ def _report(message: str) -> None:
     """Prints `message` to stderr on a line of its own, also when a progress
     bar was left open by the failure."""
     tqdm.write(message, file=sys.stderr)
+
+
+def _one_line_warnings() -> None:
+    """Shows a `ResultsWarning` (results read with a damaged part left out)
+    as one `warning: ...` line; other warnings as Python shows them."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ResultsWarning):
+            _report(f"warning: {message}")
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
 
 
 def _stop(message: str, exit_status: int, reason: str | None = None) -> NoReturn:
@@ -91,6 +107,7 @@ def run_main(
 
     def _main(argv):
         quiet_logging()
+        _one_line_warnings()
         if len(argv) > 1:  # Else ignored: e.g. an output folder without its flag.
             _report(
                 f"error: unexpected argument(s) {' '.join(argv[1:])}: every setting"

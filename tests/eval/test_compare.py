@@ -32,7 +32,7 @@ from gsm8k_jax.eval.multi_sample import (
     rerank,
 )
 from gsm8k_jax.eval.report import plot_accuracies
-from gsm8k_jax.eval.results import ResultsError
+from gsm8k_jax.eval.results import ResultsWarning
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.eval.runs import RunResult, load_run, load_runs
 from gsm8k_jax.eval.sweep import evaluate_checkpoints
@@ -590,7 +590,7 @@ def test_plot_labels_each_run_with_n_and_its_interval(tmp_path):
 
 def write_run(folder, tag, rollouts, *, summary=True, run_info=None):
     folder.mkdir(parents=True, exist_ok=True)
-    info = run_info or make_run([]).run_info
+    info = run_info or make_run(rollouts).run_info
     (folder / f"run_{tag}.json").write_text(json.dumps(info))
     (folder / f"rollouts_{tag}.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rollouts)
@@ -615,15 +615,40 @@ def test_load_run_from_folder_or_files(tmp_path):
     write_run(tmp_path / "one", "b", [rollout(0, True)], summary=False)
     with pytest.raises(ValueError, match="holds 2 runs \\(a, b\\)"):
         load_run(tmp_path / "one")
-    a, b = load_runs(tmp_path / "one")
-    assert b.summary is None and b.run_info == a.run_info  # Unfinished: run file.
+    _, b = load_runs(tmp_path / "one")
+    run_file = json.loads((tmp_path / "one" / "run_b.json").read_text())
+    assert b.summary is None and b.run_info == run_file  # Unfinished: run file.
 
 
-def test_a_damaged_summary_is_named(tmp_path):
-    write_run(tmp_path, "t", [rollout(0, True)])
+@pytest.mark.parametrize("damage", ["{", '{"correct": 1, "tot', "[]", "{}"])
+def test_a_damaged_summary_is_read_past_from_the_rollouts(tmp_path, damage):
+    """Comparisons score every run again from its rollouts: a summary that
+    cannot be read (truncated, not an object, without its run record) is
+    named in a warning, and the run is read from its rollouts and run
+    record, as finished as they show."""
+    rows = [rollout(0, True), rollout(1, False)]
+    write_run(tmp_path, "t", rows)
     (summary,) = tmp_path.glob("summary_*.json")
-    summary.write_text("{")
-    with pytest.raises(ValueError, match=f"{summary} is damaged"):
+    summary.write_text(damage)
+    with pytest.warns(ResultsWarning) as caught:
+        (run,) = load_runs(tmp_path)
+    (warning,) = caught
+    assert str(warning.message).startswith(f"{summary} is damaged (")
+    assert str(warning.message).endswith(
+        "): run 't' is compared from its rollouts and run_t.json (rerunning its"
+        " evaluation command writes the summary again without generating)."
+    )
+    assert run.rollouts == rows and run.summary is None
+    assert run.run_info == json.loads((tmp_path / "run_t.json").read_text())
+    assert run.complete  # All it was started on, and it wrote its summary.
+    assert compare_runs([run, run]).runs[0].correct == 1
+
+
+def test_a_damaged_summary_without_a_run_record_is_one_clear_error(tmp_path):
+    write_run(tmp_path, "t", [rollout(0, True)])
+    (tmp_path / "summary_t.json").write_text("{")
+    (tmp_path / "run_t.json").unlink()
+    with pytest.raises(ValueError, match="summary_t.json is damaged .* and run_t.json"):
         load_runs(tmp_path)
 
 
@@ -676,10 +701,36 @@ def rollouts_only(folder):
     (folder / "summary_a.json").unlink()
 
 
-def damaged_line(folder):
-    write_run(folder, "a", [rollout(0, True), rollout(1, True)])
-    path = folder / "rollouts_a.jsonl"
-    path.write_text('{"id": 0, "corr\n' + path.read_text().split("\n", 1)[1])
+def test_a_damaged_rollouts_line_leaves_its_problem_unfinished(tmp_path):
+    """Named in a warning; the run's other problems are compared, and the
+    run is marked incomplete."""
+    write_run(tmp_path, "a", [rollout(0, True), rollout(1, True), rollout(2, False)])
+    path = tmp_path / "rollouts_a.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + '{"id": 1, "corr\n' + lines[2])
+    with pytest.warns(ResultsWarning, match="rollouts_a.jsonl, line 2 is damaged"):
+        (run,) = load_runs(tmp_path)
+    assert [r["id"] for r in run.rollouts] == [0, 2]
+    assert (run.num_finished, run.num_examples, run.complete) == (2, 3, False)
+
+
+def test_an_unfinished_run_leaves_out_problems_it_was_not_started_on(tmp_path):
+    """A chunk of another run (of more problems) in a stopped run's folder
+    counts for none of its problems: neither its accuracy nor its count."""
+    info = single([1, 1, 1]).run_info  # Started on 3 problems: ids 0-2.
+    write_run(tmp_path, "a", [rollout(0, True)], summary=False, run_info=info)
+    (tmp_path / "rollouts_a.jsonl").unlink()
+    chunks = tmp_path / "chunks_a"
+    chunks.mkdir()
+    (chunks / "0000-00000000.jsonl").write_text(
+        "".join(json.dumps(rollout(i, True)) + "\n" for i in (0, 1, 5, 6, 7))
+    )
+    with pytest.warns(ResultsWarning, match=r"3 problem\(s\) .* \(ids 5, 6, 7;"):
+        (run,) = load_runs(tmp_path)
+    assert [r["id"] for r in run.rollouts] == [0, 1]
+    row = compare_runs([run]).runs[0]
+    assert (row.num_finished, row.num_examples, row.complete) == (2, 3, False)
+    assert (row.correct, row.total) == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -689,7 +740,6 @@ def damaged_line(folder):
         (no_files, FileNotFoundError, "it is empty"),
         (empty_rollouts, ValueError, "no finished example"),
         (rollouts_only, FileNotFoundError, "neither summary_a.json nor run_a.json"),
-        (damaged_line, ResultsError, "rollouts_a.jsonl, line 1: not valid JSON"),
     ],
 )
 def test_clear_load_errors(tmp_path, setup, error, message):
@@ -823,6 +873,31 @@ def test_compare_script_refuses_in_one_line(tmp_path, args, message):
     proc = run_compare(*args, f"--output_dir={tmp_path}")
     assert proc.returncode == 1 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_compare_script_warns_in_one_line_and_compares_a_damaged_summary(tmp_path):
+    rows = [rollout(i, i % 2 == 0) for i in range(4)]
+    write_run(tmp_path / "a", "a", rows)
+    write_run(tmp_path / "b", "b", rows)
+    summary = tmp_path / "b" / "summary_b.json"
+    truncated = '{"correct": 2, "to'
+    summary.write_text(truncated)
+    column = truncated.index('"to') + 1
+    proc = run_compare(
+        f"--results={tmp_path / 'a'},{tmp_path / 'b'}",
+        f"--output_dir={tmp_path / 'cmp'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (warning,) = proc.stderr.splitlines()
+    assert warning == (
+        f"warning: {summary} is damaged (not valid JSON at line 1, column"
+        f" {column}: Unterminated string starting at): run 'b'"
+        " is compared from its rollouts"
+        " and run_b.json (rerunning its evaluation command writes the summary"
+        " again without generating)."
+    )
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert markdown.count("| 4/4 | 2 | 4 | 50.00%") == 2  # Both complete.
 
 
 def test_compare_script_refuses_a_run_listed_twice(cli_runs, tmp_path):

@@ -389,6 +389,8 @@ def test_a_finished_run_rerun_says_so_and_keeps_its_rollouts(finished_run):
             "leaves no room for a prompt in the model's context of 8192 tokens",
         ),
         (["--noresume"], "--resume to continue them or --overwrite"),
+        # Its problems and their count are in the run record: none is mixed in.
+        (["--num_examples=4"], "other settings \\(differing: num_examples\\)"),
         (["--extraction_method=fuzzy"], "extraction_method"),
         (["results/elsewhere"], "unexpected argument\\(s\\) results/elsewhere"),
         (["--row_tile=4"], "other settings \\(differing: row_tile\\)"),
@@ -406,6 +408,103 @@ def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, me
     assert "Traceback" not in proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
+
+
+FINISHED_TAG = "gemma3-tiny_base_bs4"
+
+
+def finished_copy(finished_run, target):
+    """A copy of the finished run's folder, and the path of its rollouts."""
+    shutil.copytree(finished_run[0], target)
+    return target, target / f"rollouts_{FINISHED_TAG}.jsonl"
+
+
+def test_a_damaged_rollouts_line_is_generated_again_alone(finished_run, tmp_path):
+    """A line of a finished run's rollouts made unreadable: rerunning the
+    same command warns in one line naming it, generates its problem alone
+    and gives back the whole file, byte for byte."""
+    out, rollouts = finished_copy(finished_run, tmp_path / "copy")
+    lines = rollouts.read_text().splitlines(keepends=True)
+    lines[2] = "garbage\n"
+    rollouts.write_text("".join(lines))
+    proc = run_script(*QUICK, f"--output_dir={out}")
+    (warning,) = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warning == (
+        f"warning: {rollouts}, line 3 is damaged (not valid JSON at column 1:"
+        " Expecting value) and left out: its problem counts as unfinished, and"
+        " resuming the run generates it again and keeps every other line."
+    )
+    assert f"Resuming {FINISHED_TAG}: 5 of 6 problems are already finished" in (
+        proc.stderr
+    )
+    assert rollouts.read_text() == finished_run[1]
+    assert read_outputs(out, FINISHED_TAG)[1]["resumed_examples"] == 5
+
+
+def test_rows_of_problems_not_in_the_run_are_not_resumed(finished_run, tmp_path):
+    """A stopped run's folder holding a chunk of another run (of problems
+    past this run's 6): those rows count as none of its problems."""
+    out = tmp_path / "stopped"
+    chunks = out / f"chunks_{FINISHED_TAG}"
+    chunks.mkdir(parents=True)
+    record = f"run_{FINISHED_TAG}.json"
+    shutil.copy(finished_run[0] / record, out / record)
+    lines = finished_run[1].splitlines(keepends=True)
+    (chunks / "0000-00000000.jsonl").write_text("".join(lines[:3]))
+    others = [json.loads(line) | {"id": 6 + i} for i, line in enumerate(lines[:3])]
+    (chunks / "0001-00000000.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in others)
+    )
+    proc = run_script(*QUICK, f"--output_dir={out}")
+    assert (
+        f"warning: {out} holds rollouts of 3 problem(s) that are not among the 6 of"
+        f" run '{FINISHED_TAG}' (ids 6, 7, 8; from another run?): they are left out"
+        " of its results."
+    ) in proc.stderr.splitlines()
+    assert f"Resuming {FINISHED_TAG}: 3 of 6 problems are already finished" in (
+        proc.stderr
+    )
+    rollouts, summary = read_outputs(out, FINISHED_TAG)
+    assert rollouts == finished_run[1]
+    assert summary["resumed_examples"] == 3 and summary["total"] == 6
+
+
+def test_a_lost_run_record_is_named_or_taken_from_the_summary(finished_run, tmp_path):
+    """Without run_<tag>.json a finished run resumes from the copy its
+    summary holds (and the record is written again); a stopped run, which
+    has no summary yet, is refused in one line naming the file, not as
+    differing in every setting. A damaged summary is written again."""
+    record = f"run_{FINISHED_TAG}.json"
+    out, rollouts = finished_copy(finished_run, tmp_path / "finished")
+    (out / record).unlink()
+    proc = run_script(*QUICK, f"--output_dir={out}")
+    assert f"{FINISHED_TAG}: all 6 problems were already finished" in proc.stderr
+    assert rollouts.read_text() == finished_run[1]
+    assert (out / record).read_text() == (finished_run[0] / record).read_text()
+    # A damaged summary is written again the same way (as the comparison's
+    # warning advises), generating nothing.
+    summary = out / f"summary_{FINISHED_TAG}.json"
+    summary.write_text(summary.read_text()[:100])
+    proc = run_script(*QUICK, f"--output_dir={out}")
+    assert "Compiling" not in proc.stderr
+    _, expected = read_outputs(finished_run[0], FINISHED_TAG)
+    assert {
+        k: v for k, v in json.loads(summary.read_text()).items() if k not in TIMING_KEYS
+    } == {k: v for k, v in expected.items() if k not in TIMING_KEYS}
+
+    stopped = tmp_path / "stopped"
+    (stopped / f"chunks_{FINISHED_TAG}").mkdir(parents=True)
+    (stopped / f"chunks_{FINISHED_TAG}" / "0000-00000000.jsonl").write_text(
+        "".join(finished_run[1].splitlines(keepends=True)[:3])
+    )
+    proc = run_script(*QUICK, f"--output_dir={stopped}", check=False)
+    assert proc.returncode == 1 and "differing" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: {stopped} holds results of run '{FINISHED_TAG}' but not its run"
+        f" record {record}, which says what settings produced them, so they cannot"
+        " be resumed: restore it, or use another --output_dir (--overwrite deletes"
+        " the results)."
+    )
 
 
 def test_a_home_folder_after_equals_is_expanded(tmp_path):

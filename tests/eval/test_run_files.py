@@ -9,7 +9,14 @@ import fsspec
 import pytest
 
 from gsm8k_jax import storage
-from gsm8k_jax.eval.results import RunFiles, model_config, run_info
+from gsm8k_jax.eval.chunks import json_line
+from gsm8k_jax.eval.results import (
+    ResultsError,
+    ResultsWarning,
+    RunFiles,
+    model_config,
+    run_info,
+)
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
@@ -198,3 +205,84 @@ def test_the_data_is_recorded_by_its_digest_on_gcs_too(tmp_path, gcs_bucket):
     files.prepare({"data_sha256": "gcs"}, resume=True, overwrite=False)
     files.chunks.commit([record(0)])
     files.check(lambda: {"data_sha256": digests.pop()}, resume=True, overwrite=False)
+
+
+def test_a_damaged_rollouts_line_leaves_out_its_problem_alone(folder):
+    """A line of a finished rollouts file that is not a rollout (edited, or
+    damaged on disk) is left out with a warning naming it: its problem is
+    unfinished, the others stay finished (a resume redoes it alone; the
+    eval scripts' test checks the file comes back whole)."""
+    files = RunFiles(folder, "t")
+    rows = [record(i, s) for i in range(4) for s in range(2)]
+    files.write_rollouts(rows)
+    lines = storage.read_text(files.rollouts_path).splitlines(keepends=True)
+    torn = '{"id": 1, "sample_index": 0, "resp'  # Example 1, sample 0.
+    lines[2] = torn + "\n"
+    lines[5] = "[]\n"  # Example 2, sample 1: JSON, but not a rollout.
+    raw_write(files.rollouts_path, "".join(lines) + "\n")  # And a blank line.
+    with pytest.warns(ResultsWarning) as caught:
+        finished = RunFiles(folder, "t").read_finished(2)
+    advice = (
+        ") and left out: its problem counts as unfinished, and resuming the run"
+        " generates it again and keeps every other line."
+    )
+    path, column = files.rollouts_path, torn.index('"resp') + 1
+    assert [str(w.message) for w in caught] == [
+        f"{path}, line 3 is damaged (not valid JSON at column {column}:"
+        + f" Unterminated string starting at{advice}",
+        f"{path}, line 6 is damaged (a JSON list, not a rollout object{advice}",
+    ]
+    assert finished == [r for r in rows if r["id"] in (0, 3)]
+
+
+def test_line_breaks_inside_a_response_split_no_line(folder):
+    """JSON leaves U+2028 and U+0085 unescaped; str.splitlines splits at
+    them, which made such a chunk look damaged (generated again for ever)."""
+    rows = [record(0, 0, "a\u2028b"), record(1, 0, "c\x85d\re")]
+    files = RunFiles(folder, "t")
+    files.chunks.commit(rows)
+    assert RunFiles(folder, "t").read_finished(1) == rows
+    files.write_rollouts(rows)
+    assert storage.read_text(files.rollouts_path) == "".join(map(json_line, rows))
+    assert files.read_rollouts() == rows
+    files.remove_chunks()
+    assert RunFiles(folder, "t").read_finished(1) == rows
+
+
+def test_rows_of_problems_not_in_the_run_are_left_out(folder):
+    """A chunk of another run (more problems) counts for none of this run's."""
+    files = RunFiles(folder, "t")
+    files.chunks.commit([record(0), record(1), record(7), record(9)])
+    with pytest.warns(ResultsWarning) as caught:
+        finished = RunFiles(folder, "t").read_finished(1, {0, 1, 2, 3})
+    assert finished == [record(0), record(1)]
+    (warning,) = caught
+    assert str(warning.message) == (
+        f"{folder} holds rollouts of 2 problem(s) that are not among the 4 of run"
+        " 't' (ids 7, 9; from another run?): they are left out of its results."
+    )
+    assert len(RunFiles(folder, "t").read_finished(1)) == 4  # Ids unknown: all.
+
+
+def test_a_lost_run_record_is_named_and_the_summary_copy_resumes(folder):
+    """Results without run_<tag>.json cannot be checked against the settings
+    of the rerun: one line naming the file, not every setting as differing.
+    A finished run's summary holds a copy of the record: that resumes."""
+    files = RunFiles(folder, "t")
+    files.prepare({"seed": 0}, resume=True, overwrite=False)
+    files.chunks.commit([record(0)])
+    storage.remove(files.run_path)
+    with pytest.raises(ResultsError) as refused:
+        RunFiles(folder, "t").check(lambda: {"seed": 0}, resume=True, overwrite=False)
+    assert str(refused.value) == (
+        f"{folder} holds results of run 't' but not its run record run_t.json,"
+        " which says what settings produced them, so they cannot be resumed:"
+        " restore it, or use another --output_dir (--overwrite deletes the"
+        " results)."
+    )
+    files.write_summary({"run": {"seed": 0}})
+    RunFiles(folder, "t").check(lambda: {"seed": 0}, resume=True, overwrite=False)
+    with pytest.raises(ResultsError, match="differing: seed"):
+        RunFiles(folder, "t").check(lambda: {"seed": 1}, resume=True, overwrite=False)
+    RunFiles(folder, "t").prepare({"seed": 0}, resume=True, overwrite=False)
+    assert RunFiles(folder, "t").read_run_info() == {"seed": 0}
