@@ -20,6 +20,7 @@ import functools
 import os
 import posixpath
 import socket
+import tempfile
 import threading
 import urllib.parse
 import uuid
@@ -239,10 +240,11 @@ def require_writable(
     flag: str = "--output_dir",
 ) -> None:
     """Raises StorageError, naming the folder (its `role`, set by `flag`) and
-    the fix, unless files can be
-    written into `folder`, leaving nothing behind: locally its nearest
-    existing ancestor must be a writable folder (nothing is created); on
-    `gs://` an empty probe object is written and removed."""
+    the fix, unless files can be written into `folder`, leaving nothing
+    behind: locally its nearest existing ancestor must be a folder that an
+    empty probe folder can be made in (and is removed from at once); on
+    `gs://` an empty probe object is written and removed. Any failure is one
+    line: the folder, the reason in a few words, and to choose another `flag`."""
     folder = os.fspath(folder)
     if not folder:  # os.path would take it for the current folder.
         raise StorageError(f"{flag} is empty: name the {role}.")
@@ -279,3 +281,12 @@ def _require_local_writable(folder: str) -> None:
         raise NotADirectoryError(20, f"{existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(13, f"{existing} is not writable")
+    # os.access answers for permissions alone, and root passes them all: a
+    # read-only file system, or a folder that takes no new entries (/proc,
+    # /sys), shows only on trying. Writing the output makes folders here.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
+    except OSError as e:
+        raise OSError(
+            e.errno, f"cannot create a folder in {existing} ({e.strerror or e})"
+        ) from e

@@ -714,6 +714,45 @@ def test_a_file_as_compilation_cache_is_one_line_before_any_work(tmp_path):
     ), proc.stderr
 
 
+# A folder that takes no new entries, whoever asks (root passes os.access):
+# mkdir under /proc fails with an OS error of its own.
+UNCREATABLE = "/proc/gsm8k_jax_no_such_folder"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    "flag, role",
+    [
+        ("--output_dir", "output folder"),
+        ("--compilation_cache_dir", "compilation cache folder"),
+    ],
+)
+def test_an_uncreatable_folder_is_one_line_before_any_work(tmp_path, flag, role):
+    """Under /proc: the output folder failed after the run had started, in
+    the OS's words alone; the compilation cache warned in several lines on
+    every program and cached nothing."""
+    folder = f"{UNCREATABLE}/run"
+    settings = {
+        "--output_dir": tmp_path / "out",
+        "--compilation_cache_dir": tmp_path / "cache",
+        flag: folder,
+    }
+    proc = run_script(
+        "--data_path=/nonexistent/test.jsonl",
+        *(f"{name}={value}" for name, value in settings.items()),
+        check=False,
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    # As root (os.access passes): making a folder there fails; else: denied.
+    reason = r"(cannot create a folder in /proc \(.+\)|/proc is not writable)\."
+    assert re.match(f"error: Cannot write to {role} {folder}: {reason}", proc.stderr)
+    assert proc.stderr.rstrip().endswith(
+        f" Choose another {flag}"
+        + (" (or '' for none)." if flag == "--compilation_cache_dir" else ".")
+    ), proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_lora_script_requires_a_checkpoint(tmp_path):
     proc = run_script(
         *QUICK, f"--output_dir={tmp_path}", script=LORA_SCRIPT, check=False

@@ -122,6 +122,17 @@ def test_unwritable_locations_are_refused_and_left_untouched(tmp_path, gcs_bucke
             "bucket gs://no-such-bucket-xyz does not exist",
         ),
     ]
+    if os.path.isdir("/proc"):  # No folder can be made there, even by root.
+        cases.append(
+            (
+                "/proc/gsm8k_jax_no_such_folder/run",
+                (
+                    r"^Cannot write to output folder /proc/gsm8k_jax_no_such_folder/run:"
+                    r" (cannot create a folder in /proc \(.+\)|/proc is not writable)\."
+                    " Choose another --output_dir.$"
+                ),
+            )
+        )
     for path, message in cases:
         with pytest.raises(storage.StorageError, match=message):
             storage.require_writable(path)
