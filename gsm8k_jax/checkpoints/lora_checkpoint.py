@@ -15,11 +15,14 @@ Local folders and `gs://` alike.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Collection, Mapping
+import threading
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -48,6 +51,14 @@ LORA_CONFIG_FILE = "lora_config.json"
 TRAINING_SETTINGS_FILE = "sft_settings.json"
 # A factor's name: `<weight>_lora_a` or `<weight>_lora_b`.
 FACTOR_NAME = re.compile(r"(.+)_lora_([ab])")
+# What tensorstore appends to an error: the whole spec of the array it failed
+# on, about 1,000 characters of JSON that say nothing to a user.
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec=.*\]", re.DOTALL)
+# How much of an error reading a damaged checkpoint its message keeps.
+_REASON_CHARS = 240
+# How long a failed restore waits for the reads still in flight (see
+# `_reads_finish_before_the_loop_closes`).
+_DRAIN_TIMEOUT_S = 60.0
 
 LoraParams = dict[str, np.ndarray | jax.Array]
 
@@ -65,10 +76,16 @@ def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
         folder.
 
     Raises:
-      CheckpointError: the path is missing or unreadable, or holds no step
-        folders or no `model_params`.
+      CheckpointError: the path is missing, unreadable or a file, or holds no
+        step folders or no `model_params`.
     """
     folder = existing_path(path, "LoRA checkpoint")
+    if not storage_call(folder, folder.is_dir):
+        raise CheckpointError(
+            f"{path} is a file, not a LoRA checkpoint folder (expected"
+            f" <root>/{ACTOR_DIR}/<step>/{PARAMS_DIR}, a step folder"
+            f" <root>/{ACTOR_DIR}/<step> or <root>/{ACTOR_DIR}): pass the folder."
+        )
     if _is_pytree_checkpoint(folder):
         return str(folder)
     params = folder / PARAMS_DIR
@@ -141,16 +158,96 @@ def restore_lora_params(path: str | os.PathLike) -> LoraParams:
     """
     params_dir = epath.Path(resolve_lora_checkpoint(path))
     try:
-        params = _restore_factors(params_dir)
-    except (ValueError, KeyError, TypeError) as e:  # JSON, tensorstore, tree.
+        with _reads_finish_before_the_loop_closes():
+            params = _restore_factors(params_dir)
+    # JSON, tensorstore, tree; AttributeError: a _METADATA of another shape.
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(
-            f"{params_dir} is damaged or incomplete ({type(e).__name__}: {e}):"
+            f"{params_dir} is damaged or incomplete ({_brief_reason(e)}):"
             " evaluate another step, or write this one again."
         ) from e
     logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
     return params
+
+
+def _brief_reason(e: Exception) -> str:
+    """Why a checkpoint could not be read, in a line: tensorstore's message
+    without the spec it appends and, where still long, only its first two
+    clauses (what failed) and its last (the cause)."""
+    text = " ".join(_TENSORSTORE_SPEC.sub("", str(e)).split())
+    clauses = text.split(": ")
+    if len(text) > _REASON_CHARS and len(clauses) > 3:
+        text = ": ".join([*clauses[:2], "...", clauses[-1]])
+    if len(text) > _REASON_CHARS:
+        text = text[: _REASON_CHARS - 3] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
+def _run_until_tasks_finish(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Orbax's `_run_sync_via_new_loop`, but where the coroutine fails, its
+    loop closes only once the tasks it started have finished (for up to
+    _DRAIN_TIMEOUT_S; not on Ctrl-C)."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(coro)
+        except Exception:
+            if pending := asyncio.all_tasks(loop):
+                loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+                for task in pending:  # Their errors are the one raised, or like it.
+                    if task.done() and not task.cancelled():
+                        task.exception()
+            raise
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+# Orbax's own loop runner while `_reads_finish_before_the_loop_closes` has
+# swapped it, and how many restores are using the swap.
+_orbax_runner: Callable[..., Any] | None = None
+_drain_users = 0
+_drain_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _reads_finish_before_the_loop_closes() -> Iterator[None]:
+    """While it lasts, Orbax's event loops wait for their reads to finish
+    before they close on an error.
+
+    Orbax reads every array of a restore concurrently, on an event loop it
+    closes as soon as the restore returns or raises. When one array cannot
+    be read (a damaged checkpoint), the reads of the others are still in
+    flight, and as each finishes, tensorstore calls back into the closed
+    loop from its own thread: dozens of "RuntimeError: Event loop is closed"
+    tracebacks after the error, then "Future exception was never retrieved"
+    as their futures are collected. Orbax offers no way to wait for them, so
+    its loop runner (a private function) is swapped for one that does, for
+    as long as any restore here runs; where Orbax has no such function any
+    more, nothing is swapped (restores work as before, only noisier).
+    """
+    global _orbax_runner, _drain_users
+    from orbax.checkpoint._src import asyncio_utils
+
+    if not hasattr(asyncio_utils, "_run_sync_via_new_loop"):
+        yield
+        return
+    with _drain_lock:
+        if _drain_users == 0:
+            _orbax_runner = asyncio_utils._run_sync_via_new_loop
+            asyncio_utils._run_sync_via_new_loop = _run_until_tasks_finish
+        _drain_users += 1
+    try:
+        yield
+    finally:
+        with _drain_lock:
+            _drain_users -= 1
+            if _drain_users == 0:
+                asyncio_utils._run_sync_via_new_loop = _orbax_runner
+                _orbax_runner = None
 
 
 def _restore_factors(params_dir: epath.Path) -> LoraParams:

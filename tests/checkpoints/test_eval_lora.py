@@ -88,6 +88,61 @@ def test_lora_eval_rank_mismatch_is_clear(tmp_path):
     assert "LoRA: rank 16 (given), alpha 2.0 (default);" in proc.stdout
 
 
+def _cut_array_files(params_dir):
+    """Cuts every file of the arrays' data to half its size (a copy stopped
+    part way, a full disk); the tree's metadata is left whole."""
+    for file in (params_dir / "d").iterdir():
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "file",
+            (
+                "error: {path} is a file, not a LoRA checkpoint folder (expected"
+                " <root>/actor/<step>/model_params, a step folder"
+                " <root>/actor/<step> or <root>/actor): pass the folder."
+            ),
+        ),
+        ("missing", "error: No LoRA checkpoint at {path}: the path does not exist."),
+        (
+            "damaged",
+            "error: {params} is damaged or incomplete (ValueError: OUT_OF_RANGE:",
+        ),
+    ],
+)
+def test_a_bad_checkpoint_is_one_short_line(tmp_path, case, message):
+    """A file gave the OS's words alone ("[Errno 20] Not a directory"); a
+    damaged checkpoint gave a line of 1,500 characters (tensorstore's spec of
+    the array) among dozens of "Event loop is closed" tracebacks."""
+    params = tmp_path / "run" / "actor" / "7" / "model_params"
+    write_tunix_checkpoint(params, tiny_factors())
+    path = {
+        "file": params / "_METADATA",
+        "missing": tmp_path / "run" / "actor" / "8",
+        "damaged": tmp_path / "run" / "actor",
+    }[case]
+    if case == "damaged":
+        _cut_array_files(params)
+    proc = run_script(
+        *QUICK,
+        f"--model.lora_config.rank={RANK}",
+        f"--model.lora_checkpoint_path={path}",
+        f"--output_dir={tmp_path / 'out'}",
+        script=LORA_SCRIPT,
+        check=False,
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(message.format(path=path, params=params))
+    assert len(proc.stderr) < 500, proc.stderr
+    if case == "damaged":
+        assert proc.stderr.rstrip().endswith(
+            "): evaluate another step, or write this one again."
+        )
+
+
 def test_lora_eval_unreachable_bucket(tmp_path, gcs_bucket):
     proc = run_script(
         *QUICK,

@@ -6,8 +6,11 @@ torch weights by code independent of gsm8k_jax.
 """
 
 import dataclasses
+import gc
 import logging
+import re
 import shutil
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +21,7 @@ from flax import nnx
 from gcs_emulator import upload_dir
 from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
 from lora_checkpoints import random_factors, write_tunix_checkpoint
+from orbax.checkpoint._src import asyncio_utils
 
 from gsm8k_jax.checkpoints import lora, lora_checkpoint
 from gsm8k_jax.checkpoints.lora import LoraConfig
@@ -364,6 +368,12 @@ def test_missing_and_empty_paths(tmp_path):
         CheckpointError, match=r"No LoRA checkpoint at .*/nope: the path"
     ):
         lora_checkpoint.resolve_lora_checkpoint(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        CheckpointError,
+        match=r"^.*/file is a file, not a LoRA checkpoint folder \(expected <root>/",
+    ):
+        lora_checkpoint.resolve_lora_checkpoint(tmp_path / "file")
     (tmp_path / "run" / "actor").mkdir(parents=True)
     with pytest.raises(
         CheckpointError, match=r"expected integer step folders .* but it is empty"
@@ -405,6 +415,37 @@ def test_damaged_checkpoint_is_named(setup, tmp_path):
             file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"/200/model_params is damaged"):
         lora_checkpoint.restore_lora_params(damaged)
+
+
+def test_damaged_arrays_are_named_briefly_and_quietly(setup, tmp_path, capfd, caplog):
+    """The arrays' data cut to half (the tree's metadata whole): one array's
+    read fails while the others' are in flight. The error was 1,500
+    characters (tensorstore's spec of the array), and the other reads,
+    finishing after Orbax had closed its event loop, printed "Event loop is
+    closed" tracebacks, then "Future exception was never retrieved"."""
+    damaged = tmp_path / "actor"
+    shutil.copytree(setup.run / "actor" / "200", damaged / "200")
+    for file in (damaged / "200" / "model_params" / "d").iterdir():
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(CheckpointError) as error,
+    ):
+        lora_checkpoint.restore_lora_params(damaged)
+    message = str(error.value)
+    assert re.fullmatch(
+        rf"{damaged}/200/model_params is damaged or incomplete \(ValueError:"
+        r" OUT_OF_RANGE: [^\n]+\): evaluate another step, or write this one again\.",
+        message,
+    ), message
+    assert len(message) < 400 and "tensorstore_spec" not in message, message
+    time.sleep(0.5)  # Reads that were in flight would report by now.
+    gc.collect()  # Their futures too, when collected.
+    assert "Event loop is closed" not in capfd.readouterr().err
+    assert not caplog.records
+    # Orbax's loop runner is its own again once the restore is over.
+    assert asyncio_utils._run_sync_via_new_loop.__module__ == asyncio_utils.__name__
+    assert lora_checkpoint.restore_lora_params(setup.run / "actor")
 
 
 def test_unreachable_bucket(gcs_bucket):
