@@ -567,7 +567,8 @@ def load_lora(
       path: anything `resolve_lora_checkpoint` accepts, local or `gs://`.
       config: rank, alpha and module_path of the training run. Checkpoints
         our trainer wrote record them: None uses those, and a config that
-        contradicts them is refused. Tunix's own record none: required.
+        contradicts them is refused. Tunix's own record none: required, and
+        an alpha left at LoraConfig's default (2.0) is used with a warning.
       merge: False: attach the factors beside the weights (`attach_lora`,
         replacing any attached before). True: merge them into the weights in
         float32 (`merge_lora`; those layers then compute in float32).

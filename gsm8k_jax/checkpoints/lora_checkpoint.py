@@ -417,6 +417,20 @@ def _effective_lora_config(
                 " writes none): pass the training run's, LoraConfig(rank=...,"
                 f" alpha=...) or {CONFIG_FLAG}.rank and .alpha."
             )
+        if not config.alpha_given:
+            # A wrong rank is refused (the factors' shapes show it); a wrong
+            # alpha only scales every update, and changes every answer.
+            logging.warning(
+                "%s records no LoRA alpha (Tunix writes none): using LoraConfig's"
+                " default alpha=%s (update scale alpha/rank = %g). If training"
+                " used another, pass it: LoraConfig(rank=%d, alpha=...) or"
+                " %s.alpha (Tunix's GSM8K examples train with alpha 64.0).",
+                where,
+                config.alpha,
+                config.scale,
+                config.rank,
+                CONFIG_FLAG,
+            )
         return config
     if config is not None:
         differing = config.differing_fields(recorded)

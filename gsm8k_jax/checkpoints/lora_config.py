@@ -24,6 +24,27 @@ def named_setting(field: str, value) -> str:
     return f"LoraConfig {field}={value!r} ({CONFIG_FLAG}.{field})"
 
 
+class _DefaultAlpha(float):
+    """LoraConfig's alpha where none was given: a float like any other, but
+    marked, so that a checkpoint recording no alpha (Tunix's) can warn that
+    it was assumed. A deep copy (`dataclasses.asdict`) is a plain float:
+    settings written out (a `--model` config, a run record) and read back
+    are the values, given by whoever wrote them."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+    def __deepcopy__(self, memo) -> float:
+        return float(self)
+
+
+# The Tunix CLI's example (rank 16); qwix has no default, and Tunix's GSM8K
+# examples train with rank 64, alpha 64.0.
+DEFAULT_ALPHA = _DefaultAlpha(2.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """How the adapter was trained; rank and alpha must match training.
@@ -32,15 +53,16 @@ class LoraConfig:
       rank: r, the inner dimension of the factors (checked against the
         checkpoint).
       alpha: scales the update by alpha / rank; not in Tunix's checkpoints
-        (our trainer records it beside them).
-        The default 2.0 is the Tunix CLI's; Tunix's GSM8K GRPO examples use
-        rank 64, alpha 64.0.
+        (our trainer records it beside them). The default 2.0 is the example
+        in the Tunix CLI's config (with rank 16); qwix has none, and Tunix's
+        GSM8K GRPO examples use rank 64, alpha 64.0. Loading a checkpoint
+        that records no alpha with the default warns (`alpha_given`).
       module_path: regex that qwix matches (re.fullmatch) against '/'-joined
         module paths such as `layers/0/attn/q_einsum`.
     """
 
     rank: int = 16
-    alpha: float = 2.0
+    alpha: float = DEFAULT_ALPHA
     module_path: str = DEFAULT_MODULE_PATH
 
     def __post_init__(self):
@@ -53,6 +75,13 @@ class LoraConfig:
                 f"{named_setting('module_path', self.module_path)} is not a valid"
                 f" regex: {e}."
             ) from e
+
+    @property
+    def alpha_given(self) -> bool:
+        """False where alpha was left at the default (DEFAULT_ALPHA) when
+        this config was made (or the one `dataclasses.replace` copied); 2.0
+        given is given, and so is the default once through `asdict`."""
+        return not isinstance(self.alpha, _DefaultAlpha)
 
     @property
     def scale(self) -> float:

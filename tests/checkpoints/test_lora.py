@@ -273,6 +273,34 @@ def test_tunix_checkpoint_needs_a_config(setup):
         lora.load_lora(nnx.clone(setup.base), setup.run / "actor")
 
 
+def test_a_default_alpha_for_a_checkpoint_recording_none_warns(setup, tmp_path, caplog):
+    """Tunix records no alpha, and a wrong one only scales every update:
+    load_lora with LoraConfig's default alpha said nothing (the CLI names it
+    as the default). Quiet where alpha was given, 2.0 included, and where
+    the checkpoint records one."""
+    actor = setup.run / "actor"
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        lora.load_lora(nnx.clone(setup.base), actor, LoraConfig(rank=RANK))
+    assert [r.getMessage() for r in caplog.records] == [
+        (
+            f"{actor}/200/model_params records no LoRA alpha (Tunix writes none):"
+            " using LoraConfig's default alpha=2.0 (update scale alpha/rank = 0.5)."
+            f" If training used another, pass it: LoraConfig(rank={RANK}, alpha=...)"
+            " or --model.lora_config.alpha (Tunix's GSM8K examples train with"
+            " alpha 64.0)."
+        )
+    ]
+    caplog.clear()
+    recorded = tmp_path / "recorded"
+    shutil.copytree(actor, recorded / "actor")
+    lora_checkpoint.save_lora_config(recorded / "actor", LoraConfig(rank=RANK))
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        for config in (CONFIG, LoraConfig(rank=RANK, alpha=2.0)):
+            lora.load_lora(nnx.clone(setup.base), actor, config)
+        lora.load_lora(nnx.clone(setup.base), recorded / "actor")
+    assert not caplog.records
+
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
