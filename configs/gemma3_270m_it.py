@@ -1,6 +1,6 @@
 """Model config for gemma3-270m-it: `--model=configs/gemma3_270m_it.py`; fields overridable."""
 
-from gsm8k_jax.eval.results import model_config
+from gsm8k_jax.eval.run_record import model_config
 
 
 def get_config():

@@ -53,10 +53,10 @@ _EXPORTS = {
     "load_pretrained": "gsm8k_jax.models.registry",
     "load_run": "gsm8k_jax.eval.runs",
     "load_runs": "gsm8k_jax.eval.runs",
-    "model_config": "gsm8k_jax.eval.results",
+    "model_config": "gsm8k_jax.eval.run_record",
     "plot_accuracies": "gsm8k_jax.eval.report",
-    "run_info": "gsm8k_jax.eval.results",
-    "run_tag": "gsm8k_jax.eval.results",
+    "run_info": "gsm8k_jax.eval.run_record",
+    "run_tag": "gsm8k_jax.eval.run_record",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (one list of names: _EXPORTS)

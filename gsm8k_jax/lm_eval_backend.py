@@ -152,10 +152,12 @@ class GSM8KJaxLM(LM):
             self.lora_path, self.lora_config = trained.params_path, trained.config
             if not trained.recorded:
                 logger.warning(
-                    "LoRA: rank %d, alpha %g from model_args (the checkpoint records"
-                    " neither: they must be the training run's).",
+                    "LoRA: rank %d (%s), alpha %g (%s); the checkpoint records"
+                    " neither: they must be the training run's.",
                     self.lora_config.rank,
+                    "model_args" if "rank" in given else "default",
                     self.lora_config.alpha,
+                    "model_args" if "alpha" in given else "default",
                 )
             revision = model_revision(self.model_dir)
             if warning := trained.base_model_warning(

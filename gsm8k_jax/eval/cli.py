@@ -22,7 +22,8 @@ from gsm8k_jax.compilation_cache import enable_compilation_cache
 from gsm8k_jax.eval import multihost
 from gsm8k_jax.eval.cli_flags import FLAGS, check_model_config, given_lora_fields
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
-from gsm8k_jax.eval.results import RunFiles, run_info, run_tag
+from gsm8k_jax.eval.results import RunFiles
+from gsm8k_jax.eval.run_record import run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.eval.tasks import task_eval_config
 from gsm8k_jax.models.gemma3.config import Gemma3Config

@@ -26,7 +26,7 @@ from gsm8k_jax.eval import multihost
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
-from gsm8k_jax.eval.results import model_config
+from gsm8k_jax.eval.run_record import model_config
 from gsm8k_jax.eval.tasks import TASKS
 from gsm8k_jax.models.specs import MODELS, SUPPORTED_FAMILIES, check_dtype
 from gsm8k_jax.storage import is_gcs

@@ -34,7 +34,7 @@ from gsm8k_jax.eval.multi_sample import (
     correct_grid,
     multi_sample_metrics,
 )
-from gsm8k_jax.eval.results import (
+from gsm8k_jax.eval.run_record import (
     differing_settings,
     with_later_settings,
     without_greedy_unused,

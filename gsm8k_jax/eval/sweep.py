@@ -30,13 +30,8 @@ from flax import nnx
 from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
-from gsm8k_jax.eval.results import (
-    ResultsError,
-    RunFiles,
-    model_config,
-    run_info,
-    run_tag,
-)
+from gsm8k_jax.eval.results import ResultsError, RunFiles
+from gsm8k_jax.eval.run_record import model_config, run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3

@@ -18,7 +18,8 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET
-from gsm8k_jax.eval.results import ResultsError, RunFiles, model_config, run_info
+from gsm8k_jax.eval.results import ResultsError, RunFiles
+from gsm8k_jax.eval.run_record import model_config, run_info
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 

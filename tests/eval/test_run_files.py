@@ -10,13 +10,8 @@ import pytest
 
 from gsm8k_jax import storage
 from gsm8k_jax.eval.chunks import json_line
-from gsm8k_jax.eval.results import (
-    ResultsError,
-    ResultsWarning,
-    RunFiles,
-    model_config,
-    run_info,
-)
+from gsm8k_jax.eval.results import ResultsError, ResultsWarning, RunFiles
+from gsm8k_jax.eval.run_record import model_config, run_info
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 

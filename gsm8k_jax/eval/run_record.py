@@ -1,0 +1,209 @@
+"""A run's identity: the tag naming its files and the settings
+`run_<tag>.json` records (what produced its results), and which of two
+records' settings differ. Reading and comparing runs needs neither the CLI
+nor a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ml_collections
+
+from gsm8k_jax import storage
+from gsm8k_jax.checkpoints.lora_config import LoraConfig
+from gsm8k_jax.models.specs import model_spec
+
+if TYPE_CHECKING:
+    from gsm8k_jax.eval.runner import EvalConfig
+    from gsm8k_jax.sampling.params import SamplingParams
+
+
+# Sampling settings greedy decoding never reads: a greedy run records them
+# as null (`without_greedy_unused`), and they never tell two greedy runs
+# apart.
+_GREEDY_UNUSED = ("seed", "top_k", "top_p")
+_UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in _GREEDY_UNUSED)
+# Settings recorded since a later version: an older record does not say
+# what its run used (None), so a resume does not compare them, and a
+# comparison pairs such a run with none that records them.
+_SETTINGS_ADDED_LATER = ("mesh_model",)
+
+
+def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record with the settings it predates as None (unknown)."""
+    return dict.fromkeys(_SETTINGS_ADDED_LATER) | record
+
+
+def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of the settings that differ, e.g. `eval.sampling.seed`;
+    between two greedy runs, not those greedy decoding never reads."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out = {}
+        for key, value in d.items():
+            out |= flat(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+
+    a, b = flat(old), flat(new)
+    greedy = (
+        a.get("eval.sampling.temperature") == 0 == b.get("eval.sampling.temperature")
+    )
+    ignored = _UNUSED_WHEN_GREEDY if greedy else ()
+    ignored += tuple(k for k in _SETTINGS_ADDED_LATER if k not in a or k not in b)
+    if "gcs" in (a.get("data_sha256"), b.get("data_sha256")):
+        ignored += ("data_sha256",)  # An older record: gs:// data unhashed.
+    return sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignored
+    )
+
+
+def model_config(model_name: str) -> ml_collections.ConfigDict:
+    """The `--model` config of a named model; configs/*.py files return this."""
+    model_spec(model_name)
+    return ml_collections.ConfigDict(
+        {
+            "model_family": "Gemma3",
+            "model_name": model_name,
+            "model_path": "",  # Empty: the model's default source (see specs.MODELS).
+            "dtype": "bfloat16",
+            "lora_config": dataclasses.asdict(LoraConfig()),
+            "lora_checkpoint_path": "",
+        }
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def checkpoint_tag(lora_path: str) -> str:
+    """A short name for a LoRA checkpoint, e.g. `run-actor-500` for
+    `.../run/actor/500/model_params`."""
+    if not lora_path:
+        return "base"
+    parts = lora_path.rstrip("/").split("/")
+    if parts[-1] == "model_params":
+        parts = parts[:-1]
+    return _slug("-".join(parts[-3:]))
+
+
+def _file_digest(path: str) -> str:
+    """The file's sha256 (16 hex digits), local or on gs://. (Records before
+    2026-12-07 hold "gcs" for a file on gs://: it was not hashed.)"""
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]
+
+
+def run_tag(
+    model_name: str,
+    lora_path: str,
+    batch_size: int,
+    lora_config: LoraConfig | None = None,
+    task: str = "boxed",
+) -> str:
+    """The tag naming a run's files:
+    `<model>_<checkpoint>[_r<rank>a<alpha>][_<task>]_bs<batch>`.
+
+    Args:
+      model_name: a name from `specs.MODELS`.
+      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      batch_size: prompts decoded in parallel.
+      lora_config: the LoRA's rank and alpha, which change its answers, so
+        two runs of one checkpoint with different alphas never share files.
+      task: the `--task` preset; named unless it is the default `boxed`.
+    """
+    adapter = f"_r{lora_config.rank}a{lora_config.alpha:g}" if lora_config else ""
+    preset = "" if task == "boxed" else f"_{task}"
+    return (
+        f"{_slug(model_name)}_{checkpoint_tag(lora_path)}{adapter}{preset}"
+        f"_bs{batch_size}"
+    )
+
+
+def run_info(
+    model: Mapping[str, Any],
+    *,
+    model_dir: str | Path,
+    lora_path: str,
+    data_path: str,
+    num_examples: int,
+    eval_config: EvalConfig,
+    mesh_model: int = 1,
+) -> dict[str, Any]:
+    """What produced a run's results, as `run_<tag>.json` records it.
+
+    The answer extraction is not part of it: every run scores every method.
+
+    Args:
+      model: the `--model` config as a dict (`model_config(...).to_dict()`).
+      model_dir: the local folder the weights were loaded from.
+      lora_path: the LoRA checkpoint, or "" for the base model. Recorded as
+        the step it designates (`<root>/actor` is its latest step), with the
+        rank, alpha and module path the trainer recorded beside it (else
+        `model`'s), as `load_lora` uses them: a run of another step is
+        another run.
+      data_path: the GSM8K file (local or gs://).
+      num_examples: how many problems are evaluated.
+      eval_config: the evaluation settings.
+      mesh_model: devices per tensor-parallel group (`--mesh_model`): it
+        splits reductions, so it can change the last bits of a result.
+    """
+    from gsm8k_jax.checkpoints.sources import model_revision
+    from gsm8k_jax.sampling import batching
+
+    if lora_path:  # Orbax is imported for LoRA runs alone.
+        from gsm8k_jax.checkpoints.lora_checkpoint import resolve_trained_lora
+
+        trained = resolve_trained_lora(
+            lora_path, LoraConfig(**model["lora_config"]), given=()
+        )
+        lora_path = trained.params_path
+        model = {**model, "lora_config": dataclasses.asdict(trained.config)}
+    return {
+        "model": dict(model),
+        "model_dir": str(model_dir),
+        "model_revision": model_revision(model_dir),
+        "lora_checkpoint": lora_path,
+        "data_path": data_path,
+        "data_sha256": _file_digest(data_path),
+        "num_examples": num_examples,
+        # Results are bitwise the same at any batch size for one row tile and
+        # prefill group shape (the platform's), and a LoRA is attached
+        # beside the weights (`lora.attach_lora`).
+        "row_tile": eval_config.row_tile or batching.default_row_tile(),
+        "prefill_chunk": batching.default_prefill_chunk(),
+        # The platform's; a program runs at most row_tile of them.
+        "prefill_rows": batching.default_prefill_rows(),
+        "mesh_model": mesh_model,
+        "lora_mode": "attached" if lora_path else None,
+        # Every projection accumulates in float32 and rounds once. Records
+        # without it were made otherwise (their bfloat16 results differ), so
+        # they are neither resumed nor compared as the same settings.
+        "projection_accumulation": "float32",
+        "eval": {
+            "batch_size": eval_config.batch_size,
+            "sampling": _sampling_record(eval_config.sampling),
+            "prompt_template": eval_config.prompt_template,
+            "system_prompt": eval_config.system_prompt,
+            "use_chat_template": eval_config.use_chat_template,
+            "task": eval_config.task,
+        },
+    }
+
+
+def _sampling_record(sampling: SamplingParams) -> dict[str, Any]:
+    return without_greedy_unused({**vars(sampling), "eos_ids": list(sampling.eos_ids)})
+
+
+def without_greedy_unused(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A run record's sampling settings, with those a greedy run never reads
+    as null (older records hold the flags' values)."""
+    if sampling["temperature"] == 0:
+        return sampling | dict.fromkeys(_GREEDY_UNUSED)
+    return sampling
