@@ -6,6 +6,7 @@ data and checkpoint, and evaluates (`runner.evaluate`)."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import sys
@@ -237,6 +238,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     process, num_processes = jax.process_index(), jax.process_count()
     files = RunFiles(FLAGS.output_dir, tag, process_index=process)
     files.check(run_record, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    atexit.register(files.release)  # Also where the run fails before it starts.
     print(f"Run tag: {tag}", flush=True)
 
     model, tokenizer, _ = load_pretrained(

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from gsm8k_jax import stop_signals, storage
+from gsm8k_jax.eval import run_lock
 from gsm8k_jax.eval.chunks import (
     ChunkStore,
     DamagedLine,
@@ -147,6 +148,7 @@ class RunFiles:
         the results being resumed (it hashes the weights).
         """
         storage.require_writable(self.output_dir)
+        run_lock.acquire(self.output_dir, self.tag, self.process_index)
         # A record without results (a start that failed before its first
         # finished sequence) blocks nothing: it is simply rewritten.
         if self.has_results() and not overwrite:
@@ -323,6 +325,10 @@ class RunFiles:
     def remove_chunks(self) -> None:
         """Removes the chunks, once the rollouts file holds all they held."""
         self.chunks.remove()
+
+    def release(self) -> None:
+        """Lets another process run this run (`check` took it for this one)."""
+        run_lock.release(self.output_dir, self.tag, self.process_index)
 
 
 # How to mend a damaged summary: the rollouts are all it is made from.

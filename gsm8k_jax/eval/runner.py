@@ -211,6 +211,33 @@ def evaluate(
             f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"
             " problem needs its own (load_gsm8k numbers them by line)."
         )
+    try:
+        return _evaluate_run(
+            sampler,
+            examples,
+            config,
+            files,
+            run_info=run_info,
+            show_progress=show_progress,
+            num_processes=num_processes,
+            merge_timeout_s=merge_timeout_s,
+        )
+    finally:
+        files.release()  # Finished or failed, this process runs it no more.
+
+
+def _evaluate_run(
+    sampler: Sampler,
+    examples: Sequence[GSM8KExample],
+    config: EvalConfig,
+    files: RunFiles,
+    *,
+    run_info: dict[str, Any],
+    show_progress: bool,
+    num_processes: int,
+    merge_timeout_s: float,
+) -> dict[str, Any] | None:
+    """`evaluate`, its arguments checked."""
     started_at = _now()
     params = config.sampling
     method = config.extraction_method

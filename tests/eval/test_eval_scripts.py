@@ -637,6 +637,43 @@ def test_more_examples_and_slots_than_the_work_are_capped_with_a_note(tmp_path):
     assert summary["total"] == 6
 
 
+def test_a_second_copy_of_a_running_command_is_refused(tmp_path):
+    """A job launched twice: the copy stops in one line naming the running
+    process, before it loads anything, and the first run finishes as it
+    would alone, leaving no lock file behind."""
+    out = tmp_path / "out"
+    lock = out / ".lock_gemma3-tiny_base_bs4_p0"
+    first = subprocess.Popen(
+        [sys.executable, str(BASE_SCRIPT), *QUICK, f"--output_dir={out}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not lock.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # Holding its lock, mid-run.
+        assert lock.read_text() == f"{first.pid}\n"
+        second = run_script(*QUICK, f"--output_dir={out}", check=False)
+        assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith(
+            f"error: Run 'gemma3-tiny_base_bs4' is already running in {out}"
+            f" (process {first.pid}): wait for it to finish"
+        ), second.stderr
+        overwrite = run_script(*QUICK, "--overwrite", f"--output_dir={out}", check=False)
+        assert "is already running" in overwrite.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    _, summary = read_outputs(out, "gemma3-tiny_base_bs4")
+    assert summary["total"] == 6 and summary["resumed_examples"] == 0
+    assert not list(out.glob(".lock_*"))
+    run_script(*QUICK, f"--output_dir={out}")  # Free again: it resumes.
+
+
 def test_a_failed_start_does_not_block_its_corrected_rerun(tmp_path):
     """A start that fails after the model loaded leaves no run record; a
     record without results (an older failure) does not block either."""

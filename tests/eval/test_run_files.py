@@ -2,6 +2,7 @@
 committed whole, read whole or not at all, duplicates resolved the same way
 every time, and the final merge. No model is loaded here."""
 
+import fcntl
 import json
 import os
 
@@ -11,6 +12,7 @@ import pytest
 from gsm8k_jax import storage
 from gsm8k_jax.eval.chunks import json_line
 from gsm8k_jax.eval.results import ResultsError, ResultsWarning, RunFiles
+from gsm8k_jax.eval.run_lock import RunLockedError
 from gsm8k_jax.eval.run_record import model_config, run_info
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
@@ -292,3 +294,29 @@ def test_a_lost_run_record_is_named_and_the_summary_copy_resumes(folder):
         RunFiles(folder, "t").check(lambda: {"seed": 1}, resume=True, overwrite=False)
     RunFiles(folder, "t").prepare({"seed": 0}, resume=True, overwrite=False)
     assert RunFiles(folder, "t").read_run_info() == {"seed": 0}
+
+
+def test_a_run_is_locked_while_one_process_runs_it(tmp_path):
+    """Another holder of the lock (another process: here another open file)
+    refuses `check`, naming the pid it wrote; the holder itself may check
+    again, and `release` frees the run and removes the lock file."""
+    files = RunFiles(tmp_path, "tag")
+    lock = tmp_path / ".lock_tag_p0"
+    with open(lock, "w") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunLockedError, match=r"'tag' is already running .* 4242"):
+            files.check(dict, resume=True, overwrite=False)
+    files.check(dict, resume=True, overwrite=False)
+    files.check(dict, resume=True, overwrite=False)  # Its own: taken again.
+    assert lock.read_text() == f"{os.getpid()}\n"
+    # A multi-host run's other process has a lock of its own.
+    other_process = RunFiles(tmp_path, "tag", process_index=1)
+    other_process.check(dict, resume=True, overwrite=False)
+    files.release()
+    assert not lock.exists()
+    with open(tmp_path / ".lock_tag_p1") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other_process.release()
+    assert not any(tmp_path.iterdir())

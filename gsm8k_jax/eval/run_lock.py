@@ -1,0 +1,81 @@
+"""One process at a time per run: a second copy of a running command (a
+second terminal, a job launched twice) is refused in one line instead of
+doing the same work again, and its `--overwrite` cannot delete the results
+the first is committing.
+
+A lock is an advisory `flock` on a small file beside the results
+(`.lock_<tag>_p<process>`), which the operating system releases when its
+process ends, however it ends (kill -9 included): a crashed run never
+blocks its resume. The process holding it writes its pid into it, for the
+refusal to name. Locks are local: on `gs://`, which has no locks, nothing is
+checked. One process may take its own lock again (a notebook evaluating
+the same run twice).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from gsm8k_jax import storage
+
+# Lock files this process holds: path -> open descriptor (closing releases).
+_HELD: dict[str, int] = {}
+
+
+class RunLockedError(RuntimeError):
+    """Another process is running the same run in the same folder."""
+
+
+def lock_path(output_dir: str, tag: str, process_index: int) -> str:
+    return storage.join(output_dir, f".lock_{tag}_p{process_index}")
+
+
+def acquire(output_dir: str, tag: str, process_index: int = 0) -> None:
+    """Takes the run's lock for this process (no-op on gs://, or when held).
+
+    Raises:
+      RunLockedError: another live process holds it.
+    """
+    if storage.is_gcs(output_dir):
+        return
+    path = lock_path(output_dir, tag, process_index)
+    if path in _HELD:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"Run '{tag}' is already running in {output_dir} (process"
+                f" {holder}): wait for it to finish or stop it (a rerun then"
+                " resumes it), or use another --output_dir."
+            ) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # Locked just as its holder removed it: open the new one.
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[path] = fd
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def release(output_dir: str, tag: str, process_index: int = 0) -> None:
+    """Releases and removes the run's lock, if this process holds it."""
+    path = lock_path(output_dir, tag, process_index)
+    fd = _HELD.pop(path, None)
+    if fd is None:
+        return
+    os.remove(path)  # Before unlocking: no process locks a file being removed.
+    os.close(fd)
