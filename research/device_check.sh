@@ -4,7 +4,11 @@
 # gold-solution answer lengths (up to 768 tokens).
 #
 #   1. batch invariance: 256 problems at batch 128 (one GPU row tile) and
-#      256 (two), fraction of rows bitwise identical;
+#      256 (two), fraction of rows bitwise identical; then the same at 256
+#      in a second process, which compiles its own programs, against the
+#      first's rows (a GPU autotuner that picks other kernels for the same
+#      shapes shows here; `XLA_FLAGS=--xla_gpu_autotune_level=0` is the
+#      remedy to try if it does);
 #   2. the full test set (1,319 problems) at batch 256: wall time, warm-up
 #      (compilation), phase shares, achieved bandwidth against the peak;
 #   3. against transformers' `generate` on the same device: 256 problems at
@@ -27,6 +31,8 @@
 #   bash research/device_check.sh                 # on the GPU machine
 #   SCALE=smoke PYTHON=.venv/bin/python bash research/device_check.sh
 #                                    # the same steps, tiny, on CPU
+#   STEPS="full_test_set vs_transformers" bash research/device_check.sh
+#                                    # only the steps named
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -48,6 +54,9 @@ GSM8K=(--workload gsm8k "${MODEL[@]}" --answer_lengths reference)
 step() {
   local name=$1
   shift
+  if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then
+    return
+  fi
   echo "== $name: benchmark_sampler.py $*"
   timeout -k 15 "$STEP_TIMEOUT_S" "$PYTHON" research/script/benchmark_sampler.py "$@" \
     --output_json "$OUT/$name.json" >"$OUT/$name.log" 2>&1
@@ -65,6 +74,9 @@ flax.__version__, 'transformers', transformers.__version__, jax.devices())"
 
 step invariance "${GSM8K[@]}" --skip_reference --num_examples "$FEW" \
   --batch_size "$TILE" --invariance_batch_size $((2 * TILE))
+step invariance_other_process "${GSM8K[@]}" --skip_reference \
+  --num_examples "$FEW" --batch_size $((2 * TILE)) \
+  --rows_reference_json "$OUT/invariance.json"
 step full_test_set "${GSM8K[@]}" --skip_reference --batch_size "$BATCH" \
   ${ALL:+--num_examples "$ALL"}
 step vs_transformers "${GSM8K[@]}" --num_examples "$FEW" --batch_size "$BATCH"

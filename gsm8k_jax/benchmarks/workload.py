@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import transformers
 
+from gsm8k_jax.benchmarks import invariance as invariance_lib
 from gsm8k_jax.benchmarks import roofline
 from gsm8k_jax.benchmarks.synthetic import (
     DTYPES,
@@ -79,6 +80,11 @@ class WorkloadConfig:
     # Also run ours at this batch size and count the rows whose tokens and
     # summed log-probability are bitwise those of the timed run.
     invariance_batch_size: int | None = None
+    # The result JSON of this workload run by another process (at another
+    # batch size): count the rows bitwise the same as its. Each process
+    # compiles its own programs, so this also catches a compiler choosing
+    # other kernels for the same shapes (e.g. a GPU autotuner's timings).
+    rows_reference_json: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -184,22 +190,19 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
             other = _generate(
                 sampler, prompts, lengths, params, cfg.invariance_batch_size
             )
-            invariance = {
-                "dtype": cfg.dtype,
-                "row_tile": sampler.row_tile,
-                "batch_sizes": [cfg.batch_size, cfg.invariance_batch_size],
-                "identical_tokens_fraction": float(
-                    np.mean([a.tokens == b.tokens for a, b in zip(completions, other)])
-                ),
-                "identical_tokens_and_logprob_fraction": float(
-                    np.mean(
-                        [
-                            (a.tokens, a.logprob) == (b.tokens, b.logprob)
-                            for a, b in zip(completions, other)
-                        ]
-                    )
-                ),
-            }
+            invariance = invariance_lib.same_process(
+                completions, other, cfg, sampler.row_tile
+            )
+        row_digests = [invariance_lib.row_digest(c) for c in completions]
+        cross_process = (
+            invariance_lib.cross_process(
+                cfg.rows_reference_json,
+                dataclasses.asdict(cfg),
+                row_digests,
+            )
+            if cfg.rows_reference_json
+            else None
+        )
         weights = roofline.weight_bytes(model)
         kv = roofline.kv_bytes_read(config, prompt_lengths, num_tokens, model.dtype)
         traffic = weights * ours["tile_steps"] + kv
@@ -269,6 +272,8 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
         "reference": reference,
         "agreement": agreement,
         "batch_invariance": invariance,
+        "cross_process_invariance": cross_process,
+        "row_digests": row_digests,
         "ratio_tokens_per_s": (
             ours["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         ),
@@ -449,5 +454,13 @@ def format_workload(result: dict[str, Any]) -> str:
             f" {b['batch_sizes'][1]} ({b['dtype']}, row tile {b['row_tile']}):"
             f" tokens {b['identical_tokens_fraction']:.4f}, tokens and logprob"
             f" {b['identical_tokens_and_logprob_fraction']:.4f}"
+        )
+    if result["cross_process_invariance"]:
+        c = result["cross_process_invariance"]
+        lines.append(
+            f"rows bitwise identical to another process's, batch"
+            f" {c['batch_sizes'][0]} vs {c['batch_sizes'][1]} (programs compiled"
+            f" in each): tokens and logprob"
+            f" {c['identical_tokens_and_logprob_fraction']:.4f}"
         )
     return "\n".join(lines)

@@ -88,6 +88,13 @@ _INVARIANCE_BATCH_SIZE = flags.DEFINE_integer(
     "gsm8k workload: also generate at this batch size and report the fraction"
     " of rows bitwise identical to the --batch_size run (tokens and logprob).",
 )
+_ROWS_REFERENCE = flags.DEFINE_string(
+    "rows_reference_json",
+    None,
+    "gsm8k workload: the --output_json of the same workload run by another"
+    " process (e.g. at another --batch_size); report the fraction of rows"
+    " bitwise identical to its (each process compiles its own programs).",
+)
 _ANSWER_LENGTHS = flags.DEFINE_string(
     "answer_lengths",
     "model",
@@ -117,6 +124,7 @@ def main(argv):
             peak_bandwidth_gbps=_PEAK_BANDWIDTH.value,
             seed=_SEED.value,
             invariance_batch_size=_INVARIANCE_BATCH_SIZE.value,
+            rows_reference_json=_ROWS_REFERENCE.value,
         )
         result, table = run_workload(cfg), format_workload
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hf_models import tiny_hf_kwargs
 
+from gsm8k_jax.benchmarks import invariance
 from gsm8k_jax.benchmarks.workload import (
     WorkloadConfig,
     format_workload,
@@ -105,24 +106,53 @@ def test_bad_settings_fail_early(tmp_path):
         )
 
 
-def test_script_runs_the_gsm8k_workload(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
+def run_benchmark_script(*args):
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "research/script/benchmark_sampler.py"),
             "--workload=gsm8k",
             "--num_examples=3",
-            "--batch_size=2",
             "--max_generation_steps=8",
-            f"--output_json={out}",
+            *args,
         ],
         capture_output=True,
         text=True,
         check=True,
     )
+
+
+def test_script_runs_the_gsm8k_workload_and_compares_rows_across_processes(tmp_path):
+    """The device check's invariance across two processes, each compiling
+    its own programs: here on CPU, in bfloat16."""
+    first, second = tmp_path / "bs2.json", tmp_path / "bs3.json"
+    proc = run_benchmark_script(
+        "--batch_size=2", "--dtype=bfloat16", f"--output_json={first}"
+    )
     assert "tokens/s" in proc.stdout
-    assert json.loads(out.read_text())["workload"]["num_prompts"] == 3
+    result = json.loads(first.read_text())
+    assert result["workload"]["num_prompts"] == 3 and len(result["row_digests"]) == 3
+    proc = run_benchmark_script(
+        "--batch_size=3",
+        "--dtype=bfloat16",
+        f"--rows_reference_json={first}",
+        f"--output_json={second}",
+    )
+    assert (
+        "rows bitwise identical to another process's, batch 2 vs 3 (programs"
+        " compiled in each): tokens and logprob 1.0000"
+    ) in proc.stdout, proc.stdout
+    check = json.loads(second.read_text())["cross_process_invariance"]
+    assert check["identical_tokens_and_logprob_fraction"] == 1.0
+    # A row that differs counts; another workload is refused.
+    settings = json.loads(second.read_text())["settings"]
+    digests = json.loads(second.read_text())["row_digests"]
+    changed = [digests[0], "0" * 16, digests[2]]
+    assert invariance.cross_process(str(first), settings, changed)[
+        "identical_tokens_and_logprob_fraction"
+    ] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="differing: dtype"):
+        invariance.cross_process(str(first), settings | {"dtype": "float32"}, digests)
 
 
 def test_batch_invariance_check_counts_bitwise_identical_rows():
