@@ -60,6 +60,7 @@ from gsm8k_jax.eval.stopping import (
     with_eos_text,
 )
 from gsm8k_jax.eval.tasks import LM_EVAL_MAX_GEN_TOKS, apply_chat_template
+from gsm8k_jax.kernel_choice import fix_gpu_kernels, recorded_autotune_level
 from gsm8k_jax.models.registry import default_eos_ids, load_pretrained
 from gsm8k_jax.models.specs import MODELS, model_spec
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -267,6 +268,7 @@ class GSM8KJaxLM(LM):
             if self.lora_config
             else None,
             "row_tile": self.sampler.row_tile,
+            "xla_gpu_autotune_level": recorded_autotune_level(),
         }
 
 
@@ -284,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     registered; bad input is one line on stderr, exit status 1."""
     from lm_eval.__main__ import cli_evaluate
 
+    fix_gpu_kernels()
     register()
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:

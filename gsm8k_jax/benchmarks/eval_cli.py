@@ -37,6 +37,7 @@ from gsm8k_jax.benchmarks.synthetic import (
     make_random_hf_model,
 )
 from gsm8k_jax.eval import tasks
+from gsm8k_jax.eval.chunks import jsonl_lines
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
@@ -166,7 +167,7 @@ def run_cli_benchmark(cfg: CliBenchmarkConfig) -> dict[str, Any]:
 
 def _read_rollouts(folder: Path) -> list[str]:
     path = next(folder.glob("rollouts_*.jsonl"))
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines(path.read_text())]
     return [r["response"] for r in sorted(rows, key=lambda r: r["id"])]
 
 

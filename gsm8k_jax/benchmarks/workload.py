@@ -53,6 +53,7 @@ from gsm8k_jax.benchmarks.synthetic import (
 )
 from gsm8k_jax.eval.data import GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.prompts import format_prompt
+from gsm8k_jax.kernel_choice import gpu_autotune_level
 from gsm8k_jax.models.gemma3.config import CONFIGS
 from gsm8k_jax.models.gemma3.params import PAD_ID, load_hf_model
 from gsm8k_jax.models.registry import default_eos_ids
@@ -262,6 +263,7 @@ def run_workload(cfg: WorkloadConfig) -> dict[str, Any]:
             "device": str(jax.devices()[0]),
             "cpu_count": os.cpu_count(),
             "jax_version": jax.__version__,
+            "xla_gpu_autotune_level": gpu_autotune_level(),
             "loadavg_end": os.getloadavg(),
         },
         "peak_bandwidth_gbps": peak,

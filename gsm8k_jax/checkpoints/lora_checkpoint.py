@@ -15,14 +15,11 @@ Local folders and `gs://` alike.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import threading
-from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -34,6 +31,7 @@ from flax import nnx
 from orbax.checkpoint import v1 as ocp_v1
 
 from gsm8k_jax import storage
+from gsm8k_jax.checkpoints import orbax_reads
 from gsm8k_jax.checkpoints.lora_config import CONFIG_FLAG, LoraConfig, named_setting
 from gsm8k_jax.checkpoints.paths import absolute, existing_path, storage_call
 from gsm8k_jax.models.gemma3.params import CheckpointError
@@ -56,9 +54,6 @@ FACTOR_NAME = re.compile(r"(.+)_lora_([ab])")
 _TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec=.*\]", re.DOTALL)
 # How much of an error reading a damaged checkpoint its message keeps.
 _REASON_CHARS = 240
-# How long a failed restore waits for the reads still in flight (see
-# `_reads_finish_before_the_loop_closes`).
-_DRAIN_TIMEOUT_S = 60.0
 
 LoraParams = dict[str, np.ndarray | jax.Array]
 
@@ -158,7 +153,7 @@ def restore_lora_params(path: str | os.PathLike) -> LoraParams:
     """
     params_dir = epath.Path(resolve_lora_checkpoint(path))
     try:
-        with _reads_finish_before_the_loop_closes():
+        with orbax_reads.reads_finish_before_failing():
             params = _restore_factors(params_dir)
     # JSON, tensorstore, tree; AttributeError: a _METADATA of another shape.
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -183,71 +178,6 @@ def _brief_reason(e: Exception) -> str:
     if len(text) > _REASON_CHARS:
         text = text[: _REASON_CHARS - 3] + "..."
     return f"{type(e).__name__}: {text}"
-
-
-def _run_until_tasks_finish(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Orbax's `_run_sync_via_new_loop`, but where the coroutine fails, its
-    loop closes only once the tasks it started have finished (for up to
-    _DRAIN_TIMEOUT_S; not on Ctrl-C)."""
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        try:
-            return loop.run_until_complete(coro)
-        except Exception:
-            if pending := asyncio.all_tasks(loop):
-                loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
-                for task in pending:  # Their errors are the one raised, or like it.
-                    if task.done() and not task.cancelled():
-                        task.exception()
-            raise
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-
-
-# Orbax's own loop runner while `_reads_finish_before_the_loop_closes` has
-# swapped it, and how many restores are using the swap.
-_orbax_runner: Callable[..., Any] | None = None
-_drain_users = 0
-_drain_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _reads_finish_before_the_loop_closes() -> Iterator[None]:
-    """While it lasts, Orbax's event loops wait for their reads to finish
-    before they close on an error.
-
-    Orbax reads every array of a restore concurrently, on an event loop it
-    closes as soon as the restore returns or raises. When one array cannot
-    be read (a damaged checkpoint), the reads of the others are still in
-    flight, and as each finishes, tensorstore calls back into the closed
-    loop from its own thread: dozens of "RuntimeError: Event loop is closed"
-    tracebacks after the error, then "Future exception was never retrieved"
-    as their futures are collected. Orbax offers no way to wait for them, so
-    its loop runner (a private function) is swapped for one that does, for
-    as long as any restore here runs; where Orbax has no such function any
-    more, nothing is swapped (restores work as before, only noisier).
-    """
-    global _orbax_runner, _drain_users
-    from orbax.checkpoint._src import asyncio_utils
-
-    if not hasattr(asyncio_utils, "_run_sync_via_new_loop"):
-        yield
-        return
-    with _drain_lock:
-        if _drain_users == 0:
-            _orbax_runner = asyncio_utils._run_sync_via_new_loop
-            asyncio_utils._run_sync_via_new_loop = _run_until_tasks_finish
-        _drain_users += 1
-    try:
-        yield
-    finally:
-        with _drain_lock:
-            _drain_users -= 1
-            if _drain_users == 0:
-                asyncio_utils._run_sync_via_new_loop = _orbax_runner
-                _orbax_runner = None
 
 
 def _restore_factors(params_dir: epath.Path) -> LoraParams:

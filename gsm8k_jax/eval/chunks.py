@@ -59,14 +59,21 @@ def parse_rollout_line(line: str) -> dict[str, Any]:
     return record
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """A JSON Lines text's lines, each with its newline (the last may lack
+    it). Split at newlines alone: a response may hold other line breaks
+    (U+2028, U+0085), which JSON writes unescaped and str.splitlines splits at."""
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
 def _parse_whole(text: str) -> list[dict[str, Any]] | None:
     """A chunk's records, or None unless every line is a complete JSON
     object with a rollout's fields (a damaged chunk is done again)."""
     if not text.endswith("\n"):
         return None
     try:
-        # Split at newlines alone: a response may hold U+2028 (JSON leaves it).
-        return [parse_rollout_line(line) for line in text[:-1].split("\n")]
+        return [parse_rollout_line(line[:-1]) for line in jsonl_lines(text)]
     except DamagedLine:
         return None
 

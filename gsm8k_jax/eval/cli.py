@@ -27,6 +27,7 @@ from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.run_record import run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.eval.tasks import task_eval_config
+from gsm8k_jax.kernel_choice import fix_gpu_kernels
 from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
@@ -77,11 +78,16 @@ def eval_config_from_flags(
         given={name for name in FLAGS if FLAGS[name].present},
     )
     sampling = config.sampling
-    if sampling.temperature == 0 and (sampling.top_p != 1 or sampling.top_k):
+    unused = [
+        f"--{name}={getattr(sampling, name)}"
+        for name, off in (("top_p", 1.0), ("top_k", 0))
+        if getattr(sampling, name) != off
+    ]
+    if sampling.temperature == 0 and unused:
         print(
-            f"note: --top_p={sampling.top_p} and --top_k={sampling.top_k} have no"
-            " effect at --temperature=0 (greedy decoding); set a temperature > 0"
-            " to sample.",
+            f"note: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'}"
+            " no effect at --temperature=0 (greedy decoding); set a temperature"
+            " > 0 to sample.",
             file=sys.stderr,
         )
     if num_problems is None:
@@ -116,7 +122,7 @@ def check_generation_steps(steps: int, config: Gemma3Config, model_dir: Path) ->
             f"--max_generation_steps={steps} leaves no room for a prompt in the"
             f" model's context of {config.max_position_embeddings} tokens"
             f" (max_position_embeddings in {model_dir}/config.json); GSM8K answers"
-            " take a few hundred tokens (default 768)."
+            " take a few hundred tokens."
         )
 
 
@@ -146,8 +152,10 @@ def start_compilation_cache() -> None:
 
 
 def start_jax() -> None:
-    """JAX as the flags set it up: the persistent compilation cache, and
+    """JAX as the flags set it up: the same GPU kernels in every compilation
+    (`kernel_choice`), the persistent compilation cache, and
     `jax.distributed.initialize` with --distributed."""
+    fix_gpu_kernels()
     start_compilation_cache()
     if FLAGS.distributed:
         multihost.initialize(
@@ -237,8 +245,8 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     )
     process, num_processes = jax.process_index(), jax.process_count()
     files = RunFiles(FLAGS.output_dir, tag, process_index=process)
-    files.check(run_record, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     atexit.register(files.release)  # Also where the run fails before it starts.
+    files.check(run_record, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     print(f"Run tag: {tag}", flush=True)
 
     model, tokenizer, _ = load_pretrained(

@@ -39,14 +39,25 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from gsm8k_jax import stop_signals, storage
-from gsm8k_jax.eval import run_lock
+from gsm8k_jax.eval import run_lock, run_record
 from gsm8k_jax.eval.chunks import (
     ChunkStore,
     DamagedLine,
     json_line,
+    jsonl_lines,
     parse_rollout_line,
 )
 from gsm8k_jax.eval.run_record import differing_settings
+
+# Names defined here until 2026-12-07, now in run_record.py: configs written
+# then (`--model=my_config.py`) import them from here.
+_MOVED_TO_RUN_RECORD = ("model_config", "run_info", "run_tag")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_RUN_RECORD:
+        return getattr(run_record, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ResultsError(RuntimeError):
@@ -141,14 +152,27 @@ class RunFiles:
         resume: bool,
         overwrite: bool,
     ) -> None:
-        """Checks the folder is writable and the files belong to this run.
+        """Checks the folder is writable, no other process is running this
+        run there (`run_lock`; this process holds the run until `release`),
+        and the files belong to this run.
 
-        Raises before anything is changed, so bad input never damages
-        results already written. `run_info()` is called only to compare with
-        the results being resumed (it hashes the weights).
+        Raises before any result is changed, so bad input never damages
+        results already written (and then holds no lock it took). `run_info()`
+        is called only to compare with the results being resumed (it hashes
+        the weights).
         """
         storage.require_writable(self.output_dir)
-        run_lock.acquire(self.output_dir, self.tag, self.process_index)
+        took = run_lock.acquire(self.output_dir, self.tag, self.process_index)
+        try:
+            self._check_results(run_info, resume=resume, overwrite=overwrite)
+        except BaseException:
+            if took:
+                self.release()
+            raise
+
+    def _check_results(
+        self, run_info: Callable[[], dict[str, Any]], *, resume: bool, overwrite: bool
+    ) -> None:
         # A record without results (a start that failed before its first
         # finished sequence) blocks nothing: it is simply rewritten.
         if self.has_results() and not overwrite:
@@ -283,7 +307,7 @@ class RunFiles:
         run generates it again, and keeps every other line). A final line
         cut short of its newline (an interrupted append, by versions that
         appended to the file) is left out silently."""
-        lines = _lines(storage.read_text(self.rollouts_path))
+        lines = jsonl_lines(storage.read_text(self.rollouts_path))
         records = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -313,10 +337,9 @@ class RunFiles:
             storage.write_atomic(self.rollouts_path, "".join(map(json_line, records)))
 
     def read_rollouts(self) -> list[dict[str, Any]]:
-        """The rollouts file's records (of a finished run)."""
-        return [
-            json.loads(line) for line in _lines(storage.read_text(self.rollouts_path))
-        ]
+        """The rollouts file's records (of a finished run; a damaged line is
+        left out with a warning, as when resuming)."""
+        return self._parse_rollouts()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         with stop_signals.finishing_write():
@@ -336,14 +359,6 @@ _REWRITE_SUMMARY = (
     "rerun the evaluation's command to write it again from the rollouts (nothing"
     " is generated again)."
 )
-
-
-def _lines(text: str) -> list[str]:
-    """A JSON Lines text's lines, each with its newline (the last may lack
-    it). Split at newlines alone: a response may hold other line breaks
-    (U+2028, U+0085), which JSON writes unescaped and str.splitlines splits at."""
-    lines = text.split("\n")
-    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
 
 
 def _finished(records: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:

@@ -7,19 +7,23 @@ A lock is an advisory `flock` on a small file beside the results
 (`.lock_<tag>_p<process>`), which the operating system releases when its
 process ends, however it ends (kill -9 included): a crashed run never
 blocks its resume. The process holding it writes its pid into it, for the
-refusal to name. Locks are local: on `gs://`, which has no locks, nothing is
-checked. One process may take its own lock again (a notebook evaluating
-the same run twice).
+refusal to name. Locks are local: on `gs://`, which has no locks, and on a
+file system without `flock` (some network and FUSE mounts: a warning says
+so), nothing is checked. One process may take its own lock again (a
+notebook evaluating the same run twice).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import warnings
 
 from gsm8k_jax import storage
 
-# Lock files this process holds: path -> open descriptor (closing releases).
+# Lock files this process holds: real path -> open descriptor (closing it
+# releases the lock).
 _HELD: dict[str, int] = {}
 
 
@@ -31,18 +35,21 @@ def lock_path(output_dir: str, tag: str, process_index: int) -> str:
     return storage.join(output_dir, f".lock_{tag}_p{process_index}")
 
 
-def acquire(output_dir: str, tag: str, process_index: int = 0) -> None:
-    """Takes the run's lock for this process (no-op on gs://, or when held).
+def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
+    """Takes the run's lock for this process (on gs://, nothing to take).
+
+    Returns:
+      Whether this call took it (False: already held here, or no locking).
 
     Raises:
       RunLockedError: another live process holds it.
     """
     if storage.is_gcs(output_dir):
-        return
-    path = lock_path(output_dir, tag, process_index)
-    if path in _HELD:
-        return
+        return False
     os.makedirs(output_dir, exist_ok=True)
+    path = os.path.realpath(lock_path(output_dir, tag, process_index))
+    if path in _HELD:
+        return False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -55,12 +62,37 @@ def acquire(output_dir: str, tag: str, process_index: int = 0) -> None:
                 f" {holder}): wait for it to finish or stop it (a rerun then"
                 " resumes it), or use another --output_dir."
             ) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            warnings.warn(
+                f"{output_dir} cannot be locked ({e.strerror}): a second copy of"
+                f" run '{tag}' would not be noticed.",
+                stacklevel=2,
+            )
+            return False
         if _same_file(fd, path):
             break
         os.close(fd)  # Locked just as its holder removed it: open the new one.
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[path] = fd
+    return True
+
+
+def release(output_dir: str, tag: str, process_index: int = 0) -> None:
+    """Releases and removes the run's lock, if this process holds it."""
+    path = os.path.realpath(lock_path(output_dir, tag, process_index))
+    fd = _HELD.pop(path, None)
+    if fd is None:
+        return
+    try:
+        os.remove(path)  # Before unlocking: none locks a file being removed.
+    except FileNotFoundError:
+        pass  # Removed with its folder: nothing is left to release but the lock.
+    finally:
+        os.close(fd)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -69,13 +101,3 @@ def _same_file(fd: int, path: str) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
-
-
-def release(output_dir: str, tag: str, process_index: int = 0) -> None:
-    """Releases and removes the run's lock, if this process holds it."""
-    path = lock_path(output_dir, tag, process_index)
-    fd = _HELD.pop(path, None)
-    if fd is None:
-        return
-    os.remove(path)  # Before unlocking: no process locks a file being removed.
-    os.close(fd)

@@ -31,7 +31,7 @@ _UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in _GREEDY_UNUSED)
 # Settings recorded since a later version: an older record does not say
 # what its run used (None), so a resume does not compare them, and a
 # comparison pairs such a run with none that records them.
-_SETTINGS_ADDED_LATER = ("mesh_model",)
+_SETTINGS_ADDED_LATER = ("mesh_model", "xla_gpu_autotune_level")
 
 
 def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +155,7 @@ def run_info(
         splits reductions, so it can change the last bits of a result.
     """
     from gsm8k_jax.checkpoints.sources import model_revision
+    from gsm8k_jax.kernel_choice import recorded_autotune_level
     from gsm8k_jax.sampling import batching
 
     if lora_path:  # Orbax is imported for LoRA runs alone.
@@ -181,6 +182,9 @@ def run_info(
         # The platform's; a program runs at most row_tile of them.
         "prefill_rows": batching.default_prefill_rows(),
         "mesh_model": mesh_model,
+        # On GPU, whether XLA timed kernels to choose them (`kernel_choice`):
+        # runs that did may differ in the last bits.
+        "xla_gpu_autotune_level": recorded_autotune_level(),
         "lora_mode": "attached" if lora_path else None,
         # Every projection accumulates in float32 and rounds once. Records
         # without it were made otherwise (their bfloat16 results differ), so

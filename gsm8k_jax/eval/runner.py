@@ -200,17 +200,6 @@ def evaluate(
             f"files is a RunFiles(output_dir, tag), prepared with"
             f" files.prepare(run_info, ...), not {files!r}."
         )
-    if config.row_tile is not None and sampler.row_tile != config.row_tile:
-        raise ValueError(
-            f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"
-            f" asks for {config.row_tile}: build it with Sampler(...,"
-            f" row_tile={config.row_tile})."
-        )
-    if repeated := repeated_ids([e.id for e in examples]):
-        raise ValueError(
-            f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"
-            " problem needs its own (load_gsm8k numbers them by line)."
-        )
     try:
         return _evaluate_run(
             sampler,
@@ -237,7 +226,18 @@ def _evaluate_run(
     num_processes: int,
     merge_timeout_s: float,
 ) -> dict[str, Any] | None:
-    """`evaluate`, its arguments checked."""
+    """`evaluate`, once `files` is known to be a RunFiles."""
+    if config.row_tile is not None and sampler.row_tile != config.row_tile:
+        raise ValueError(
+            f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"
+            f" asks for {config.row_tile}: build it with Sampler(...,"
+            f" row_tile={config.row_tile})."
+        )
+    if repeated := repeated_ids([e.id for e in examples]):
+        raise ValueError(
+            f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"
+            " problem needs its own (load_gsm8k numbers them by line)."
+        )
     started_at = _now()
     params = config.sampling
     method = config.extraction_method

@@ -109,9 +109,7 @@ def load_run_files(files: RunFiles) -> RunResult:
 
     A damaged summary is read past with a warning (`ResultsWarning`): the
     run is compared from its rollouts and run record. So is a damaged
-    rollouts line (its problem counts as unfinished), and, in a run without
-    a summary, rows of problems beyond the first `num_examples` it was
-    started on (a chunk of another run).
+    rollouts line (its problem counts as unfinished).
 
     Raises:
       FileNotFoundError: the run has no rollouts, or no record of what
@@ -156,20 +154,14 @@ def load_run_files(files: RunFiles) -> RunResult:
         model_name = run_info["model"]["model_name"]
         checkpoint = run_info["lora_checkpoint"]
         batch_size = run_info["eval"]["batch_size"]
-        num_examples = run_info["num_examples"]
     except (KeyError, TypeError) as e:
         raise ValueError(
             f"The record of run '{files.tag}' in {files.output_dir} lacks {e}:"
             " it was not written by this project's scripts or with a run record"
             " from gsm8k_jax.run_info(...), so it cannot be compared."
         ) from e
-    # A finished run wrote its own problems alone; an unfinished one may hold
-    # a chunk of another run. The scripts evaluate a data file's first
-    # `num_examples` problems, numbered by line from 0 (`load_gsm8k`).
-    example_ids = None if summary is not None else range(num_examples)
     rollouts = sorted(
-        files.read_finished(num_samples, example_ids),
-        key=lambda r: (r["id"], r["sample_index"]),
+        files.read_finished(num_samples), key=lambda r: (r["id"], r["sample_index"])
     )
     if not rollouts:
         raise ValueError(

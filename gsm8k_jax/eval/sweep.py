@@ -247,6 +247,14 @@ def evaluate_checkpoints(
         trained = lora_checkpoint.resolve_trained_lora(
             raw_path, lora_config, given=given_lora_fields
         )
+        if not trained.recorded and "alpha" not in (given_lora_fields or {"alpha"}):
+            # (A LoraConfig left at its default alpha warns as it loads.)
+            logging.warning(
+                "%s records no LoRA alpha (Tunix writes none): using alpha %g, the"
+                " default; pass --model.lora_config.alpha=<the training run's>.",
+                trained.params_path,
+                trained.config.alpha,
+            )
         trained_loras[trained.params_path] = trained
         checkpoints.append((str(raw_path), trained.params_path))
     data_path = str(data_path or BUNDLED_TEST_SET)
@@ -304,50 +312,56 @@ def evaluate_checkpoints(
     if check_tags is not None:
         check_tags([files.tag for _, files, _ in runs])
     mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
-    for _, (_, files, info) in mine:
-        files.prepare(info, resume=resume, overwrite=overwrite)
-
-    work: queue.SimpleQueue[tuple[int, _Run]] = queue.SimpleQueue()
-    for item in mine:
-        work.put(item)
-    results: dict[int, RunResult] = {}
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    sweep = _Sweep(
-        model_name,
-        model_dir,
-        dtype,
-        {path: trained.config for path, trained in trained_loras.items()},
-        eval_config,
-        examples,
-        show_progress,
-        load_lora_fn,
-        mesh_model,
-    )
-
-    def evaluate_on(devices: list[jax.Device]) -> None:
-        try:
-            _evaluate_on(devices, sweep, work, results, stop)
-        except BaseException as e:  # Re-raised in the calling thread.
-            stop.set()
-            errors.append(e)
-
-    groups = groups[: len(mine)]  # No group without a run to take.
-    # Daemon threads: Ctrl-C stops the process (finished rows are on disk).
-    threads = [
-        threading.Thread(target=evaluate_on, args=(g,), daemon=True) for g in groups
-    ]
-    for thread in threads:
-        thread.start()
+    # Each run is this process's (`run_lock`) from its prepare until its
+    # evaluation ends, and no longer than this sweep.
     try:
+        for _, (_, files, info) in mine:
+            files.prepare(info, resume=resume, overwrite=overwrite)
+
+        work: queue.SimpleQueue[tuple[int, _Run]] = queue.SimpleQueue()
+        for item in mine:
+            work.put(item)
+        results: dict[int, RunResult] = {}
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        sweep = _Sweep(
+            model_name,
+            model_dir,
+            dtype,
+            {path: trained.config for path, trained in trained_loras.items()},
+            eval_config,
+            examples,
+            show_progress,
+            load_lora_fn,
+            mesh_model,
+        )
+
+        def evaluate_on(devices: list[jax.Device]) -> None:
+            try:
+                _evaluate_on(devices, sweep, work, results, stop)
+            except BaseException as e:  # Re-raised in the calling thread.
+                stop.set()
+                errors.append(e)
+
+        groups = groups[: len(mine)]  # No group without a run to take.
+        # Daemon threads: Ctrl-C stops the process (finished rows are on disk).
+        threads = [
+            threading.Thread(target=evaluate_on, args=(g,), daemon=True) for g in groups
+        ]
         for thread in threads:
-            thread.join()
-    except BaseException:  # Ctrl-C, SIGTERM: no group takes another run.
-        stop.set()
-        raise
-    if errors:
-        raise errors[0]
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except BaseException:  # Ctrl-C, SIGTERM: no group takes another run.
+            stop.set()
+            raise
+        if errors:
+            raise errors[0]
+    finally:
+        for _, (_, files, _) in mine:
+            files.release()
     if process_index != 0:
         return [results[i] for i, _ in mine]
     deadline = time.monotonic() + timeout_s

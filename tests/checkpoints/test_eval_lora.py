@@ -17,6 +17,7 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
 )
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import model_revision
+from gsm8k_jax.eval.chunks import jsonl_lines
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.eval.results import ResultsError, RunFiles
 from gsm8k_jax.eval.run_record import model_config, run_info
@@ -33,7 +34,7 @@ def tiny_factors():
 
 def rollouts(out_dir):
     (path,) = out_dir.glob("rollouts_*.jsonl")
-    return path.name, [json.loads(line) for line in path.read_text().splitlines()]
+    return path.name, [json.loads(line) for line in jsonl_lines(path.read_text())]
 
 
 def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):

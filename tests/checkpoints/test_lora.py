@@ -5,6 +5,7 @@ the reference is transformers' Gemma 3 with the LoRA updates added to its
 torch weights by code independent of gsm8k_jax.
 """
 
+import asyncio
 import dataclasses
 import gc
 import logging
@@ -23,7 +24,7 @@ from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 from orbax.checkpoint._src import asyncio_utils
 
-from gsm8k_jax.checkpoints import lora, lora_checkpoint
+from gsm8k_jax.checkpoints import lora, lora_checkpoint, orbax_reads
 from gsm8k_jax.checkpoints.lora import LoraConfig
 from gsm8k_jax.models.gemma3.params import CheckpointError, load_hf_model
 from gsm8k_jax.sampling.decode import prompt_positions
@@ -474,6 +475,35 @@ def test_damaged_arrays_are_named_briefly_and_quietly(setup, tmp_path, capfd, ca
     # Orbax's loop runner is its own again once the restore is over.
     assert asyncio_utils._run_sync_via_new_loop.__module__ == asyncio_utils.__name__
     assert lora_checkpoint.restore_lora_params(setup.run / "actor")
+
+
+def test_a_failing_restore_waits_for_its_other_reads():
+    """What keeps a damaged checkpoint's error alone: the coroutine Orbax
+    runs awaits its loop's other tasks before it fails, so none finishes
+    into a closed loop (the test above shows the tracebacks only sometimes)."""
+    finished = []
+
+    async def read(delay):
+        await asyncio.sleep(delay)
+        finished.append(delay)
+        raise ValueError(f"read {delay} failed too")
+
+    async def restore():
+        for delay in (0.05, 0.2):
+            asyncio.ensure_future(read(delay))
+        await asyncio.sleep(0)
+        raise ValueError("the first read failed")
+
+    for wrap, expected in ((lambda c: c, []), (orbax_reads.drained, [0.05, 0.2])):
+        finished.clear()
+        loop = asyncio.new_event_loop()
+        with pytest.raises(ValueError, match="the first read failed"):
+            loop.run_until_complete(wrap(restore()))
+        assert finished == expected
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
 
 
 def test_unreachable_bucket(gcs_bucket):

@@ -5,6 +5,7 @@ every time, and the final merge. No model is loaded here."""
 import fcntl
 import json
 import os
+import shutil
 
 import fsspec
 import pytest
@@ -101,8 +102,11 @@ def test_prepare_records_the_run_and_overwrite_removes_results(folder):
     with pytest.raises(RuntimeError, match="--resume to continue them"):
         RunFiles(folder, "t").check(not_needed, resume=False, overwrite=False)
     RunFiles(folder, "t").check(not_needed, resume=False, overwrite=True)
-    RunFiles(f"{folder}/fresh", "t").check(not_needed, resume=True, overwrite=False)
+    fresh = RunFiles(f"{folder}-fresh", "t")
+    fresh.check(not_needed, resume=True, overwrite=False)
+    fresh.release()
     RunFiles(folder, "t").prepare({"seed": 1}, resume=True, overwrite=True)
+    RunFiles(folder, "t").release()  # (Locally, its lock file goes with it.)
     assert raw_names(folder) == ["run_t.json"]
     assert RunFiles(folder, "t").read_run_info() == {"seed": 1}
 
@@ -320,3 +324,33 @@ def test_a_run_is_locked_while_one_process_runs_it(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     other_process.release()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_refused_check_holds_no_lock_and_a_lock_is_one_per_folder(tmp_path):
+    """A check that refuses (results of other settings) releases the lock it
+    took; the same folder spelled another way is the same lock, taken again
+    by its holder; a lock whose folder was removed releases quietly."""
+    out = tmp_path / "out"
+    files = RunFiles(out, "tag")
+    files.prepare({"seed": 0}, resume=True, overwrite=False)
+    files.chunks.commit([record(0)])
+    files.release()
+    with pytest.raises(ResultsError, match="other settings"):
+        RunFiles(out, "tag").check(lambda: {"seed": 1}, resume=True, overwrite=False)
+    assert not (out / ".lock_tag_p0").exists()
+    RunFiles(out, "tag").check(dict, resume=True, overwrite=True)
+    RunFiles(f"{tmp_path}/./out/../out", "tag").check(dict, resume=True, overwrite=True)
+    shutil.rmtree(out)
+    files.release()
+    RunFiles(out, "tag").check(dict, resume=True, overwrite=False)  # Free again.
+    files.release()
+
+
+def test_names_that_moved_are_still_found_where_they_were():
+    """Configs written before run_record.py import model_config from results."""
+    from gsm8k_jax.eval import results, run_record
+
+    for name in ("model_config", "run_info", "run_tag"):
+        assert getattr(results, name) is getattr(run_record, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        results.nope  # noqa: B018
