@@ -6,9 +6,10 @@
 #   1. batch invariance: 256 problems at batch 128 (one GPU row tile) and
 #      256 (two), fraction of rows bitwise identical; then the same at 256
 #      in a second process, which compiles its own programs, against the
-#      first's rows (a GPU autotuner that picks other kernels for the same
-#      shapes shows here; `XLA_FLAGS=--xla_gpu_autotune_level=0` is the
-#      remedy to try if it does);
+#      first's rows (the benchmark turns XLA's GPU autotuner off, as the
+#      eval scripts do: gsm8k_jax/kernel_choice.py; with
+#      XLA_FLAGS=--xla_gpu_autotune_level=4 the step shows whether
+#      autotuned kernels would differ between two runs);
 #   2. the full test set (1,319 problems) at batch 256: wall time, warm-up
 #      (compilation), phase shares, achieved bandwidth against the peak;
 #   3. against transformers' `generate` on the same device: 256 problems at
