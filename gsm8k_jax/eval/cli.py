@@ -25,10 +25,9 @@ from gsm8k_jax.eval.cli_flags import FLAGS, check_model_config, given_lora_field
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.run_record import run_info, run_tag
-from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.eval.runner import EvalConfig, check_generation_limit, evaluate
 from gsm8k_jax.eval.tasks import task_eval_config
 from gsm8k_jax.kernel_choice import fix_gpu_kernels
-from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
 from gsm8k_jax.models.registry import default_eos_ids, load_pretrained, shape_warning
@@ -111,18 +110,6 @@ def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) ->
             f"--eos_tokens {outside} are outside the model's vocabulary (0 to"
             f" {vocab_size - 1}); leave --eos_tokens out for the model's own stop ids"
             f" {list(default_eos_ids(model_dir))}."
-        )
-
-
-def check_generation_steps(steps: int, config: Gemma3Config, model_dir: Path) -> None:
-    """A generation limit the model's context cannot hold with any prompt fails
-    before the weights load (the sampler checks each prompt's length too)."""
-    if steps >= config.max_position_embeddings:
-        raise ValueError(
-            f"--max_generation_steps={steps} leaves no room for a prompt in the"
-            f" model's context of {config.max_position_embeddings} tokens"
-            f" (max_position_embeddings in {model_dir}/config.json); GSM8K answers"
-            " take a few hundred tokens."
         )
 
 
@@ -224,9 +211,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
         print(f"warning: {warning}", file=sys.stderr)
     mesh = local_mesh(FLAGS.mesh_model)
     eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
-    check_generation_steps(
-        eval_config.sampling.max_generation_steps, weights_config, model_dir
-    )
+    check_generation_limit(eval_config, weights_config, model_dir)
     tag = run_tag(
         cfg.model_name, lora_path, eval_config.batch_size, lora_config, eval_config.task
     )

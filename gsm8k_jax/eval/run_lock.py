@@ -6,8 +6,8 @@ the first is committing.
 A lock is an advisory `flock` on a small file beside the results
 (`.lock_<tag>_p<process>`), which the operating system releases when its
 process ends, however it ends (kill -9 included): a crashed run never
-blocks its resume. The process holding it writes its pid into it, for the
-refusal to name. Locks are local: on `gs://`, which has no locks, and on a
+blocks its resume. The process holding it writes its pid and host into it, for
+the refusal to name. Locks are local: on `gs://`, which has no locks, and on a
 file system without `flock` (some network and FUSE mounts: a warning says
 so), nothing is checked. One process may take its own lock again (a
 notebook evaluating the same run twice).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import warnings
 
 from gsm8k_jax import storage
@@ -55,7 +56,7 @@ def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunLockedError(
                 f"Run '{tag}' is already running in {output_dir} (process"
@@ -76,9 +77,15 @@ def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
             break
         os.close(fd)  # Locked just as its holder removed it: open the new one.
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{holder_name()}\n".encode())
     _HELD[path] = fd
     return True
+
+
+def holder_name() -> str:
+    """This process, as a refusal names it: its pid and host (a folder may be
+    shared by several machines)."""
+    return f"{os.getpid()} on {socket.gethostname()}"
 
 
 def release(output_dir: str, tag: str, process_index: int = 0) -> None:

@@ -37,6 +37,7 @@ from gsm8k_jax.eval.stopping import (
     stop_token_sequences,
     with_eos_text,
 )
+from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.sampling.requests import repeated_ids
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -98,6 +99,21 @@ class EvalConfig:
         if self.batch_size <= num_problems:
             return self
         return dataclasses.replace(self, batch_size=max(num_problems, 1))
+
+
+def check_generation_limit(
+    config: EvalConfig, model: Gemma3Config, model_dir: str | Path
+) -> None:
+    """A generation limit the model's context cannot hold with any prompt fails
+    before the weights load (the sampler checks each prompt's length too)."""
+    steps, context = config.sampling.max_generation_steps, model.max_position_embeddings
+    if steps >= context:
+        raise ValueError(
+            f"max_generation_steps={steps} (--max_generation_steps) leaves no room"
+            f" for a prompt in the model's context of {context} tokens"
+            f" (max_position_embeddings in {model_dir}/config.json); GSM8K answers"
+            " take a few hundred tokens."
+        )
 
 
 def library_versions() -> dict[str, str | None]:

@@ -32,7 +32,7 @@ from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.results import ResultsError, RunFiles
 from gsm8k_jax.eval.run_record import model_config, run_info, run_tag
-from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.eval.runner import EvalConfig, check_generation_limit, evaluate
 from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_config
@@ -263,6 +263,7 @@ def evaluate_checkpoints(
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
     weights_config = load_config(model_dir)
     check_model_parallelism(weights_config.num_heads, mesh_model)
+    check_generation_limit(eval_config, weights_config, model_dir)
     if warning := shape_warning(model_name, weights_config, model_dir):
         logging.warning("%s", warning)
 

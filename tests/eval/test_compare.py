@@ -1100,6 +1100,21 @@ def test_a_bad_baseline_is_refused_before_anything_is_evaluated(tmp_path):
     assert not (tmp_path / "api").exists()
 
 
+def test_a_limit_past_the_context_is_refused_before_anything_loads(tmp_path):
+    checkpoint = str(fake_checkpoint(tmp_path / "a" / "run", 100))
+    with pytest.raises(ValueError, match="max_generation_steps=8192 .* no room"):
+        evaluate_checkpoints(
+            "gemma3-tiny",
+            None,
+            [checkpoint],
+            LoraConfig(rank=16, alpha=16.0),
+            EvalConfig(sampling=SamplingParams(max_generation_steps=8192)),
+            tmp_path / "out",
+            load_lora_fn=lambda *a, **k: pytest.fail("nothing may load"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_sweep_split_over_processes_equals_one_process(tmp_path):
     """Process 1 of 2 evaluates run 1 (of base, a, b); process 0 evaluates runs
     0 and 2, then reads run 1 from the shared folder: all as one process."""

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -648,21 +649,24 @@ def test_a_second_copy_of_a_running_command_is_refused(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    holder = f"{first.pid} on {socket.gethostname()}"
     try:
         deadline = time.time() + 120
         while first.poll() is None and time.time() < deadline:
-            if lock.exists() and lock.read_text() == f"{first.pid}\n":
+            if lock.exists() and lock.read_text() == f"{holder}\n":
                 break  # Locked: the pid is written once the lock is taken.
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)  # Holding its lock, mid-run.
-        assert lock.read_text() == f"{first.pid}\n"
+        assert lock.read_text() == f"{holder}\n"
         second = run_script(*QUICK, f"--output_dir={out}", check=False)
         assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
         assert second.stderr.startswith(
             f"error: Run 'gemma3-tiny_base_bs4' is already running in {out}"
-            f" (process {first.pid}): wait for it to finish"
+            f" (process {holder}): wait for it to finish"
         ), second.stderr
-        overwrite = run_script(*QUICK, "--overwrite", f"--output_dir={out}", check=False)
+        overwrite = run_script(
+            *QUICK, "--overwrite", f"--output_dir={out}", check=False
+        )
         assert "is already running" in overwrite.stderr
     finally:
         first.send_signal(signal.SIGCONT)

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 
 import fsspec
 import pytest
@@ -314,7 +315,7 @@ def test_a_run_is_locked_while_one_process_runs_it(tmp_path):
             files.check(dict, resume=True, overwrite=False)
     files.check(dict, resume=True, overwrite=False)
     files.check(dict, resume=True, overwrite=False)  # Its own: taken again.
-    assert lock.read_text() == f"{os.getpid()}\n"
+    assert lock.read_text() == f"{os.getpid()} on {socket.gethostname()}\n"
     # A multi-host run's other process has a lock of its own.
     other_process = RunFiles(tmp_path, "tag", process_index=1)
     other_process.check(dict, resume=True, overwrite=False)
