@@ -248,6 +248,13 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     ):
         print(f"warning: {warning}", file=sys.stderr)
     if process == 0:
+        if FLAGS.overwrite and files.has_results():
+            print(
+                f"--overwrite: removing the results of run '{tag}' in"
+                f" {FLAGS.output_dir} and evaluating it again.",
+                file=sys.stderr,
+                flush=True,
+            )
         files.prepare(info, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if num_processes > 1:  # No process commits before process 0 prepared.
         multihost.wait_for_all_processes(

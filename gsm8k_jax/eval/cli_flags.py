@@ -120,7 +120,11 @@ def define_flags(default_model_config: str | Path) -> None:
         "results",
         "Folder for the run's files: a local folder or gs://bucket/folder.",
     )
-    flags.DEFINE_integer("max_generation_steps", 768, "Most new tokens per answer.")
+    flags.DEFINE_integer(
+        "max_generation_steps",
+        768,
+        "Most new tokens per answer (default 768; 256 for the lm-eval --task presets).",
+    )
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
     flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")

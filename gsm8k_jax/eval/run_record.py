@@ -41,7 +41,8 @@ def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of the settings that differ, e.g. `eval.sampling.seed`;
-    between two greedy runs, not those greedy decoding never reads."""
+    between two greedy runs, not those greedy decoding never reads, and not
+    the paths of data or weights whose recorded digests are the same."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -59,6 +60,12 @@ def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ignored += tuple(k for k in _SETTINGS_ADDED_LATER if k not in a or k not in b)
     if "gcs" in (a.get("data_sha256"), b.get("data_sha256")):
         ignored += ("data_sha256",)  # An older record: gs:// data unhashed.
+    # Where the data and the weights were read from does not matter where
+    # their contents are recorded the same (a moved clone, another HF cache).
+    if a.get("data_sha256") == b.get("data_sha256") not in (None, "gcs"):
+        ignored += ("data_path",)
+    if a.get("model_revision") == b.get("model_revision") is not None:
+        ignored += ("model_dir", "model.model_path")
     return sorted(
         k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignored
     )

@@ -243,6 +243,12 @@ def _evaluate_run(
     merge_timeout_s: float,
 ) -> dict[str, Any] | None:
     """`evaluate`, once `files` is known to be a RunFiles."""
+    if files.read_run_info() is None:
+        raise ValueError(
+            f"{files.output_dir} holds no run record of run '{files.tag}': call"
+            " files.prepare(run_info, resume=..., overwrite=...) before evaluate (it"
+            " checks the folder and records what produces the results)."
+        )
     if config.row_tile is not None and sampler.row_tile != config.row_tile:
         raise ValueError(
             f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"

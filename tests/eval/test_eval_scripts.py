@@ -4,8 +4,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -366,6 +366,19 @@ def test_a_finished_run_rerun_says_so_and_keeps_its_rollouts(finished_run):
     assert "gemma3-tiny_base_bs4: all 6 problems were already finished" in proc.stderr
     assert "Resuming" not in proc.stderr and "Compiling" not in proc.stderr
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
+
+
+def test_overwrite_says_what_it_removes(finished_run, tmp_path):
+    out, rollouts = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    proc = run_script(*QUICK, "--overwrite", f"--output_dir={copy}")
+    assert (
+        f"--overwrite: removing the results of run 'gemma3-tiny_base_bs4' in {copy}"
+        " and evaluating it again."
+    ) in proc.stderr
+    assert "already finished" not in proc.stderr
+    assert (copy / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from gsm8k_jax import storage
 from gsm8k_jax.eval.chunks import json_line
 from gsm8k_jax.eval.results import ResultsError, ResultsWarning, RunFiles
 from gsm8k_jax.eval.run_lock import RunLockedError
-from gsm8k_jax.eval.run_record import model_config, run_info
-from gsm8k_jax.eval.runner import EvalConfig
+from gsm8k_jax.eval.run_record import differing_settings, model_config, run_info
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 
@@ -355,3 +355,40 @@ def test_names_that_moved_are_still_found_where_they_were():
         assert getattr(results, name) is getattr(run_record, name)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         results.nope  # noqa: B018
+
+
+def test_moved_data_and_weights_are_the_same_settings():
+    """A moved clone or another HF cache reads the same files from other
+    paths: their digests say they are the same, so a resume goes on (it
+    was refused, with advice to --overwrite the results)."""
+    record = {
+        "data_path": "/old/clone/test.jsonl",
+        "data_sha256": "abc",
+        "model_dir": "/old/hf/snapshot",
+        "model_revision": "sha256:123",
+        "model": {"model_path": "/old/hf/snapshot"},
+    }
+    moved = {
+        "data_path": "/new/clone/test.jsonl",
+        "data_sha256": "abc",
+        "model_dir": "/new/hf/snapshot",
+        "model_revision": "sha256:123",
+        "model": {"model_path": "/new/hf/snapshot"},
+    }
+    assert differing_settings(record, moved) == []
+    other = moved | {"data_sha256": "def", "model_revision": "sha256:456"}
+    assert differing_settings(record, other) == [
+        "data_path",
+        "data_sha256",
+        "model.model_path",
+        "model_dir",
+        "model_revision",
+    ]
+
+
+def test_evaluate_needs_a_prepared_run(tmp_path):
+    """Without `prepare` no record says what made the results (compare could
+    not place them) and no lock is held: refused before any work."""
+    with pytest.raises(ValueError, match="holds no run record of run 't': call"):
+        evaluate(None, [], EvalConfig(), RunFiles(tmp_path, "t"), run_info={})
+    assert not any(tmp_path.iterdir())
