@@ -361,23 +361,20 @@ def test_moved_data_and_weights_are_the_same_settings():
     """A moved clone or another HF cache reads the same files from other
     paths: their digests say they are the same, so a resume goes on (it
     was refused, with advice to --overwrite the results)."""
-    record = {
-        "data_path": "/old/clone/test.jsonl",
-        "data_sha256": "abc",
-        "model_dir": "/old/hf/snapshot",
-        "model_revision": "sha256:123",
-        "model": {"model_path": "/old/hf/snapshot"},
-    }
-    moved = {
-        "data_path": "/new/clone/test.jsonl",
-        "data_sha256": "abc",
-        "model_dir": "/new/hf/snapshot",
-        "model_revision": "sha256:123",
-        "model": {"model_path": "/new/hf/snapshot"},
-    }
-    assert differing_settings(record, moved) == []
+
+    def record(root):
+        return {
+            "data_path": f"{root}/clone/test.jsonl",
+            "data_sha256": "abc",
+            "model_dir": f"{root}/hf/snapshot",
+            "model_revision": "sha256:123",
+            "model": {"model_path": f"{root}/hf/snapshot"},
+        }
+
+    moved = record("/new")
+    assert differing_settings(record("/old"), moved) == []
     other = moved | {"data_sha256": "def", "model_revision": "sha256:456"}
-    assert differing_settings(record, other) == [
+    assert differing_settings(record("/old"), other) == [
         "data_path",
         "data_sha256",
         "model.model_path",
