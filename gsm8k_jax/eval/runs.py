@@ -121,27 +121,28 @@ def load_run_files(files: RunFiles) -> RunResult:
         raise FileNotFoundError(
             f"{files.rollouts_path} not found: run '{files.tag}' has no rollouts."
         )
-    summary_damaged = False
+    damage = None
     try:
         summary = files.read_summary()
     except DamagedFileError as e:
-        summary, summary_damaged = None, True
+        summary, damage = None, e
+    run_info = summary["run"] if summary is not None else files.read_run_info()
+    if damage is not None:
         record = storage.basename(files.run_path)
-        if files.read_run_info() is None:
+        if run_info is None:
             raise ValueError(
-                f"{e.path} is damaged ({e.reason}) and {record} is missing: nothing"
-                f" says what produced the rollouts of run '{files.tag}'. Rerun its"
-                " evaluation command to write both again (nothing is generated"
+                f"{damage.path} is damaged ({damage.reason}) and {record} is missing:"
+                f" nothing says what produced the rollouts of run '{files.tag}'. Rerun"
+                " its evaluation command to write both again (nothing is generated"
                 " again), or restore them."
-            ) from e
+            ) from damage
         warnings.warn(
-            f"{e.path} is damaged ({e.reason}): run '{files.tag}' is compared from"
-            f" its rollouts and {record} (rerunning its evaluation command writes"
-            " the summary again without generating).",
+            f"{damage.path} is damaged ({damage.reason}): run '{files.tag}' is"
+            f" compared from its rollouts and {record} (rerunning its evaluation"
+            " command writes the summary again without generating).",
             ResultsWarning,
             stacklevel=2,
         )
-    run_info = summary["run"] if summary is not None else files.read_run_info()
     if run_info is None:
         raise FileNotFoundError(
             f"{files.output_dir} has rollouts of run '{files.tag}' but neither"
@@ -178,7 +179,7 @@ def load_run_files(files: RunFiles) -> RunResult:
         summary=summary,
         run_info=run_info,
         source=files.output_dir,
-        summary_damaged=summary_damaged,
+        summary_damaged=damage is not None,
     )
 
 
