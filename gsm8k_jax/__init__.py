@@ -57,6 +57,7 @@ _EXPORTS = {
     "plot_accuracies": "gsm8k_jax.eval.report",
     "run_info": "gsm8k_jax.eval.run_record",
     "run_tag": "gsm8k_jax.eval.run_record",
+    "run_tag_of": "gsm8k_jax.eval.run_record",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (one list of names: _EXPORTS)

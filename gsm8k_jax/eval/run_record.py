@@ -41,8 +41,9 @@ def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of the settings that differ, e.g. `eval.sampling.seed`;
-    between two greedy runs, not those greedy decoding never reads, and not
-    the paths of data or weights whose recorded digests are the same."""
+    between two greedy runs, not those greedy decoding never reads; between
+    two base runs, not the LoRA settings; and not the paths of data or
+    weights whose recorded digests are the same."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -66,8 +67,15 @@ def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         ignored += ("data_path",)
     if a.get("model_revision") == b.get("model_revision") is not None:
         ignored += ("model_dir", "model.model_path")
+    # A base run reads no LoRA: the rank and alpha its flags held do not
+    # matter to it.
+    base_runs = not a.get("lora_checkpoint") and not b.get("lora_checkpoint")
     return sorted(
-        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignored
+        k
+        for k in a.keys() | b.keys()
+        if a.get(k) != b.get(k)
+        and k not in ignored
+        and not (base_runs and k.startswith("model.lora_config."))
     )
 
 
@@ -117,14 +125,52 @@ def run_tag(
     """The tag naming a run's files:
     `<model>_<checkpoint>[_r<rank>a<alpha>][_<task>]_bs<batch>`.
 
+    `run_tag_of(run_info)` gives the same tag from a run record, which
+    cannot disagree with what the record says.
+
     Args:
       model_name: a name from `specs.MODELS`.
-      lora_path: the resolved LoRA checkpoint, or "" for the base model.
+      lora_path: the LoRA checkpoint, or "" for the base model; named by the
+        step it designates, as the scripts name it (`<root>/actor` is its
+        latest step).
       batch_size: prompts decoded in parallel.
       lora_config: the LoRA's rank and alpha, which change its answers, so
         two runs of one checkpoint with different alphas never share files.
+        Those recorded beside the checkpoint (by our trainer) are used where
+        there are any, as `run_info` records them.
       task: the `--task` preset; named unless it is the default `boxed`.
     """
+    if lora_path:  # Orbax is imported for LoRA runs alone.
+        from gsm8k_jax.checkpoints.lora_checkpoint import (
+            read_lora_config,
+            resolve_lora_checkpoint,
+        )
+
+        lora_path = resolve_lora_checkpoint(lora_path)
+        lora_config = read_lora_config(lora_path) or lora_config
+    return _tag(model_name, lora_path, batch_size, lora_config, task)
+
+
+def run_tag_of(run_info: Mapping[str, Any]) -> str:
+    """The tag naming the files of the run `run_info` records: `run_tag`'s
+    for the same run, read from the record alone."""
+    lora_path = run_info["lora_checkpoint"]
+    return _tag(
+        run_info["model"]["model_name"],
+        lora_path,
+        run_info["eval"]["batch_size"],
+        LoraConfig(**run_info["model"]["lora_config"]) if lora_path else None,
+        run_info["eval"].get("task", "boxed"),
+    )
+
+
+def _tag(
+    model_name: str,
+    lora_path: str,
+    batch_size: int,
+    lora_config: LoraConfig | None,
+    task: str,
+) -> str:
     adapter = f"_r{lora_config.rank}a{lora_config.alpha:g}" if lora_config else ""
     preset = "" if task == "boxed" else f"_{task}"
     return (

@@ -20,7 +20,7 @@ from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.chunks import jsonl_lines
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.eval.results import ResultsError, RunFiles
-from gsm8k_jax.eval.run_record import model_config, run_info
+from gsm8k_jax.eval.run_record import model_config, run_info, run_tag, run_tag_of
 from gsm8k_jax.eval.runner import EvalConfig
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
@@ -71,6 +71,13 @@ def test_lora_eval_from_local_and_gcs(tmp_path, gcs_bucket):
     summary = json.loads(next((tmp_path / "gcs").glob("summary_*.json")).read_text())
     assert summary["run"]["lora_checkpoint"] == f"{gcs_run}/actor/50/model_params"
     assert summary["run"]["model"]["lora_config"]["rank"] == RANK
+    # A notebook names the run as the script did, from the paths given to it
+    # or from the run record.
+    tag = local_name.removeprefix("rollouts_").removesuffix(".jsonl")
+    given = LoraConfig(rank=RANK, alpha=8.0)
+    assert run_tag("gemma3-tiny", str(run / "actor"), 4, given) == tag
+    assert run_tag("gemma3-tiny", f"{gcs_run}/actor", 4, given) == tag
+    assert run_tag_of(summary["run"]) == tag
 
 
 def test_lora_eval_rank_mismatch_is_clear(tmp_path):
@@ -226,6 +233,11 @@ def test_run_info_records_the_step_and_config_load_lora_uses(tmp_path):
     assert later["model"]["lora_config"] == dataclasses.asdict(
         LoraConfig(rank=RANK, alpha=16.0)
     )
+    # Named as the scripts name them: by step, with the recorded rank and
+    # alpha where there are any (else the config given).
+    assert run_tag_of(first) == "gemma3-tiny_run-actor-10_r16a2_bs32"
+    assert run_tag_of(later) == "gemma3-tiny_run-actor-12_r4a16_bs32"
+    assert run_tag("gemma3-tiny", str(actor), 32, LoraConfig()) == run_tag_of(later)
     files = RunFiles(tmp_path / "out", "tag")
     files.prepare(first, resume=True, overwrite=False)
     files.chunks.commit([{"id": 0, "sample_index": 0}])  # A first result.

@@ -571,10 +571,18 @@ def test_a_rerun_reads_every_program_the_first_run_compiled(tmp_path):
 
 def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_path):
     """Greedy decoding reads no seed, top_k or top_p: a rerun that names them
-    (or drops them) resumes instead of being refused as other settings."""
+    (or drops them) resumes instead of being refused as other settings; a
+    base run reads no LoRA, so neither is it refused for LoRA flags."""
     out = tmp_path / "copy"
     shutil.copytree(finished_run[0], out)
-    run_script(*QUICK, "--seed=5", "--top_k=3", "--top_p=0.5", f"--output_dir={out}")
+    run_script(
+        *QUICK,
+        "--seed=5",
+        "--top_k=3",
+        "--top_p=0.5",
+        "--model.lora_config.rank=8",
+        f"--output_dir={out}",
+    )
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == finished_run[1]
     # The records name no seed, top_k or top_p that the run never read.
     record = json.loads((out / "run_gemma3-tiny_base_bs4.json").read_text())
