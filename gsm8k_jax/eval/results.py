@@ -3,7 +3,8 @@
 An output folder (a local folder or `gs://bucket/folder`; see `storage`)
 holds, per run tag:
 - `run_<tag>.json`: what produced the results (model, checkpoint, settings);
-  a rerun with other settings is refused rather than mixed in;
+  a rerun with other settings is refused rather than mixed in, except that
+  a rerun on more problems (`num_examples`) extends the run;
 - `chunks_<tag>/`: while the run is in progress, its finished rollouts, one
   small file committed atomically per group of finished sequences (see
   `chunks.py`), so a crash (kill -9 included) loses only sequences in
@@ -181,13 +182,31 @@ class RunFiles:
                     f"{self.output_dir} already holds results for run '{self.tag}'. Pass"
                     " --resume to continue them or --overwrite to replace them."
                 )
-            changed = differing_settings(self._recorded_run_info(), run_info())
-            if changed:
+            recorded, wanted = self._recorded_run_info(), run_info()
+            changed = differing_settings(recorded, wanted)
+            if changed == ["num_examples"]:
+                self._check_more_problems(
+                    recorded["num_examples"], wanted["num_examples"]
+                )
+            elif changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"
                     f" settings (differing: {', '.join(changed)}). Use another"
                     " --output_dir, or --overwrite to replace them."
                 )
+
+    def _check_more_problems(self, recorded: int, wanted: int) -> None:
+        """A run goes on to more problems than it was started with, keeping
+        those it finished: a problem's results do not depend on which others
+        run beside it (its own prompt alone decides them, tested bitwise).
+        Fewer would leave finished results out of the run's files: refused."""
+        if wanted < recorded:
+            raise ResultsError(
+                f"{self.output_dir} holds results of run '{self.tag}' on its first"
+                f" {recorded} problems; {wanted} would leave some out: pass"
+                f" --num_examples={recorded} or more (more extends the run), or use"
+                " another --output_dir."
+            )
 
     def has_results(self) -> bool:
         """Whether any rollout was committed: a chunk, or a non-empty rollouts file."""

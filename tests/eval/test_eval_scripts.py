@@ -368,6 +368,23 @@ def test_a_finished_run_rerun_says_so_and_keeps_its_rollouts(finished_run):
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == rollouts
 
 
+def test_a_rerun_on_more_problems_extends_the_run(finished_run, tmp_path):
+    """A rerun on more problems keeps the finished ones (a problem's results
+    do not depend on which others run) and gives the files of a run on all
+    of them; one on fewer is refused (below)."""
+    more = [*QUICK, "--num_examples=9"]
+    fresh = tmp_path / "fresh"
+    run_script(*more, f"--output_dir={fresh}")
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    proc = run_script(*more, f"--output_dir={out}")
+    assert "Resuming gemma3-tiny_base_bs4: 6 of 9 problems" in proc.stderr
+    rollouts, summary = read_outputs(out, "gemma3-tiny_base_bs4")
+    assert_uninterrupted_files(
+        rollouts, summary, read_outputs(fresh, "gemma3-tiny_base_bs4"), resumed=6
+    )
+
+
 def test_overwrite_says_what_it_removes(finished_run, tmp_path):
     out, rollouts = finished_run
     copy = tmp_path / "copy"
@@ -403,8 +420,8 @@ def test_overwrite_says_what_it_removes(finished_run, tmp_path):
             "leaves no room for a prompt in the model's context of 8192 tokens",
         ),
         (["--noresume"], "--resume to continue them or --overwrite"),
-        # Its problems and their count are in the run record: none is mixed in.
-        (["--num_examples=4"], "other settings \\(differing: num_examples\\)"),
+        # Fewer problems would leave finished ones out (more extend the run).
+        (["--num_examples=4"], "on its first 6 problems; 4 would leave some out"),
         (["--extraction_method=fuzzy"], "extraction_method"),
         (["results/elsewhere"], "unexpected argument\\(s\\) results/elsewhere"),
         (["--row_tile=4"], "other settings \\(differing: row_tile\\)"),
