@@ -23,6 +23,7 @@ from safetensors import safe_open
 from sampling.test_sampler import GREEDY, IdTokenizer
 
 from gsm8k_jax.checkpoints import lora as lora_lib
+from gsm8k_jax.checkpoints import lora_merge, lora_targets
 from gsm8k_jax.checkpoints.lora_config import DEFAULT_MODULE_PATH
 from gsm8k_jax.compilation_cache import enable_compilation_cache
 from gsm8k_jax.eval.data import load_gsm8k
@@ -82,12 +83,13 @@ def sampled_after(fn):
 
 
 params_lib._place_tensor = sampled_after(params_lib._place_tensor)
-lora_lib._merge_weight = sampled_after(lora_lib._merge_weight)
+lora_merge._merge_weight = sampled_after(lora_merge._merge_weight)
 
 # The bound, from the file alone: every 2-D tensor split 8 ways (all their
 # split dimensions divide by 8 here), the 1-D norms whole on every device.
 with safe_open(model_dir / "model.safetensors", framework="numpy") as f:
-    shapes = [f.get_slice(name).get_shape() for name in f.keys()]
+    # safe_open has keys() but cannot be iterated.
+    shapes = [f.get_slice(name).get_shape() for name in f.keys()]  # noqa: SIM118
 F32 = 4
 results["whole_model_bytes"] = sum(int(np.prod(s)) * F32 for s in shapes)
 results["bound_bytes"] = sum(
@@ -108,7 +110,7 @@ write_tunix_checkpoint(
 factors_bytes = sum(
     a.nbytes + b.nbytes for a, b in random_factors(hf_config, RANK, seed=1).values()
 )
-targets = lora_lib._targets(model, DEFAULT_MODULE_PATH)
+targets = lora_targets._targets(model, DEFAULT_MODULE_PATH)
 merged_bytes = sum(t.variable.get_value().nbytes for t in targets.values())
 # Above the loaded model: at most every merged (float32) weight's 1/8 beside
 # its base, and every factor whole. One whole merged weight on a device
@@ -120,7 +122,7 @@ lora_lib.load_lora(
     model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK), merge=True
 )
 results["sharded_merge"] = {"peak": meter.peak, "samples": meter.samples}
-targets = lora_lib._targets(model, DEFAULT_MODULE_PATH)
+targets = lora_targets._targets(model, DEFAULT_MODULE_PATH)
 results["merge_kept_shardings"] = all(
     t.variable.get_value().sharding == specs_before[path]
     and t.variable.get_value().dtype == jnp.float32
@@ -136,12 +138,12 @@ def merged_in_float32_where_split(model) -> bool:
     keep its base weight's sharding."""
     before = {
         path: t.variable.get_value().sharding
-        for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items()
+        for path, t in lora_targets._targets(model, DEFAULT_MODULE_PATH).items()
     }
     lora_lib.load_lora(
         model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK), merge=True
     )
-    after = lora_lib._targets(model, DEFAULT_MODULE_PATH)
+    after = lora_targets._targets(model, DEFAULT_MODULE_PATH)
     return after.keys() == before.keys() and all(
         t.variable.get_value().sharding == before[path]
         and t.variable.get_value().dtype == jnp.float32
@@ -154,13 +156,13 @@ def attached_beside_the_blocks(model) -> bool:
     every factor be split as its weight's axes of the same letter."""
     before = {
         path: t.variable.get_value()
-        for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items()
+        for path, t in lora_targets._targets(model, DEFAULT_MODULE_PATH).items()
     }
     lora_lib.load_lora(
         model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK)
     )
     placed = []
-    for path, t in lora_lib._targets(model, DEFAULT_MODULE_PATH).items():
+    for path, t in lora_targets._targets(model, DEFAULT_MODULE_PATH).items():
         adapter = t.layer.lora
         w = t.variable.get_value()
         a_sharding, b_sharding = t.factor_shardings(w.sharding)
