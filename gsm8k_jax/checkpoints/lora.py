@@ -42,11 +42,11 @@ from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.lora_merge import merge_lora
 from gsm8k_jax.checkpoints.lora_qwix import apply_lora, qwix_lora_model
 from gsm8k_jax.checkpoints.lora_targets import (
-    _adapted_layers,
-    _check_not_merged,
-    _factors,
-    _targets,
+    adapted_layers,
+    check_not_merged,
+    factors_by_weight,
     validate_lora_params,
+    weight_targets,
 )
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, LoraAdapter
@@ -84,8 +84,11 @@ def attach_lora(
             "The model already runs LoRA factors through qwix (qwix_lora_model or"
             " apply_lora); attach to the base model instead."
         )
-    targets, weights = _targets(model, config.module_path), _factors(params)
-    _check_not_merged(targets, weights)
+    targets, weights = (
+        weight_targets(model, config.module_path),
+        factors_by_weight(params),
+    )
+    check_not_merged(targets, weights)
     detach_lora(model)
     for weight in weights:
         target = targets[weight]
@@ -100,7 +103,7 @@ def attach_lora(
 
 def detach_lora(model: Gemma3) -> None:
     """Removes every adapter `attach_lora` attached, in place."""
-    for layer in _adapted_layers(model):
+    for layer in adapted_layers(model):
         delattr(layer, LORA_ATTRIBUTE)
 
 

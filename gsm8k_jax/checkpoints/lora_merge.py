@@ -18,13 +18,13 @@ import numpy as np
 
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.lora_targets import (
-    _MERGED_ARRAYS,
-    _check_no_adapter,
-    _check_not_merged,
-    _factors,
-    _Target,
-    _targets,
+    MERGED_ARRAYS,
+    Target,
+    check_no_adapter,
+    check_not_merged,
+    factors_by_weight,
     validate_lora_params,
+    weight_targets,
 )
 from gsm8k_jax.models.gemma3.model import Gemma3
 
@@ -50,7 +50,7 @@ def _merged(
     return jax.lax.with_sharding_constraint(merged, sharding)
 
 
-def _merge_weight(target: _Target, a: Any, b: Any, scale: float) -> jax.Array:
+def _merge_weight(target: Target, a: Any, b: Any, scale: float) -> jax.Array:
     """The merged weight, its factors placed beside the weight's blocks."""
     w = target.variable.get_value()
     a_sharding, b_sharding = target.factor_shardings(w.sharding)
@@ -77,9 +77,12 @@ def merge_lora(
     match), so no device ever holds a whole merged weight.
     """
     validate_lora_params(model, params, config)
-    _check_no_adapter(model)
-    targets, weights = _targets(model, config.module_path), _factors(params)
-    _check_not_merged(targets, weights)
+    check_no_adapter(model)
+    targets, weights = (
+        weight_targets(model, config.module_path),
+        factors_by_weight(params),
+    )
+    check_not_merged(targets, weights)
     for weight in weights:
         target = targets[weight]
         merged = _merge_weight(
@@ -89,4 +92,4 @@ def merge_lora(
             config.scale,
         )
         target.variable.set_value(merged)
-        _MERGED_ARRAYS[id(merged)] = merged
+        MERGED_ARRAYS[id(merged)] = merged

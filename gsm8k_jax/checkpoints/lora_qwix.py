@@ -29,12 +29,12 @@ from gsm8k_jax.checkpoints.lora_config import (
     named_setting,
 )
 from gsm8k_jax.checkpoints.lora_targets import (
-    _check_no_adapter,
-    _check_not_merged,
-    _factors,
-    _fmt,
-    _targets,
+    check_no_adapter,
+    check_not_merged,
+    factors_by_weight,
+    format_shape,
     validate_lora_params,
+    weight_targets,
 )
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import CheckpointError
@@ -114,8 +114,10 @@ def apply_lora(
     factors for get zero factors (no update).
     """
     validate_lora_params(model, params, config)
-    _check_no_adapter(model)
-    _check_not_merged(_targets(model, config.module_path), _factors(params))
+    check_no_adapter(model)
+    check_not_merged(
+        weight_targets(model, config.module_path), factors_by_weight(params)
+    )
     # qwix creates the factors by running the model once, on any input.
     # Tracing that run abstractly gives the structure without computing
     # anything; the values come from `model` and the checkpoint.
@@ -135,8 +137,8 @@ def apply_lora(
         elif tuple(np.shape(params[key])) != spec.shape:
             # Validation mirrors qwix: this is a bug, not a user error.
             raise CheckpointError(
-                f"qwix creates {key} as {_fmt(spec.shape)}, the checkpoint has"
-                f" {_fmt(np.shape(params[key]))}."
+                f"qwix creates {key} as {format_shape(spec.shape)}, the checkpoint has"
+                f" {format_shape(np.shape(params[key]))}."
             )
         else:
             value = jnp.asarray(params[key], spec.dtype)

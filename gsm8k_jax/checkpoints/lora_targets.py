@@ -40,7 +40,7 @@ _LAYER_WEIGHT = re.compile(r"layers/(\d+)/(.+)")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Target:
+class Target:
     """A weight qwix gives LoRA factors to, with the axes of each factor.
 
     Axes are einsum letters of the layer's equation (`modules.lora_axes`):
@@ -92,16 +92,16 @@ class _Target:
         return NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
 
 
-def _target(module: nnx.Module) -> tuple[str, _Target] | None:
+def _target(module: nnx.Module) -> tuple[str, Target] | None:
     """(param name, target) for the layer types qwix attaches LoRA to here."""
     if isinstance(module, Einsum):  # y = einsum('<x axes>,<w axes>->...', x, w)
-        return "w", _Target(module.w, module, module.equation)
+        return "w", Target(module.w, module, module.equation)
     if isinstance(module, nnx.Linear):  # kernel [in, out]
-        return "kernel", _Target(module.kernel, module, LINEAR_EQUATION)
+        return "kernel", Target(module.kernel, module, LINEAR_EQUATION)
     return None
 
 
-def _targets(model: nnx.Module, module_path: str) -> dict[str, _Target]:
+def weight_targets(model: nnx.Module, module_path: str) -> dict[str, Target]:
     """Weights (by '/'-joined path) that `module_path` gives LoRA factors to."""
     pattern = re.compile(module_path)
     targets = {}
@@ -122,7 +122,7 @@ def _weight_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _fmt(shape: tuple[int, ...]) -> str:
+def format_shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
@@ -131,7 +131,9 @@ def _preview(names: list[str], limit: int = 4) -> str:
     return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
-def _factors(params: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+def factors_by_weight(
+    params: Mapping[str, Any],
+) -> dict[str, dict[str, tuple[int, ...]]]:
     """{weight path: {'a': shape, 'b': shape}}; rejects keys that are not factors."""
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     others = []
@@ -166,7 +168,7 @@ def validate_lora_params(
             "The checkpoint has no LoRA parameters (no keys ending in _lora_a /"
             " _lora_b): not a LoRA checkpoint?"
         )
-    factors = _factors(params)
+    factors = factors_by_weight(params)
 
     weights = _weight_shapes(model)
     unknown = sorted(w for w in factors if w not in weights)
@@ -185,7 +187,7 @@ def validate_lora_params(
             f" ({_preview(unknown)}): {cause}"
         )
 
-    targets = _targets(model, config.module_path)
+    targets = weight_targets(model, config.module_path)
     unselected = sorted(w for w in factors if w not in targets)
     if unselected:
         raise CheckpointError(
@@ -209,7 +211,7 @@ def validate_lora_params(
             raise CheckpointError(
                 f"LoRA rank mismatch: {named_setting('rank', config.rank)} but"
                 f" checkpoint has rank {a_shape[-1] if a_shape else '?'}"
-                f" ({weight}_lora_a {_fmt(a_shape)}). Set the rank (and alpha)"
+                f" ({weight}_lora_a {format_shape(a_shape)}). Set the rank (and alpha)"
                 " the adapter was trained with."
             )
     for weight, shapes in sorted(factors.items()):
@@ -218,17 +220,15 @@ def validate_lora_params(
             if shapes[which] != expected[which]:
                 raise CheckpointError(
                     f"LoRA shape mismatch: {weight}_lora_{which} is"
-                    f" {_fmt(shapes[which])} in the checkpoint, but this model"
-                    f" ({weight} {_fmt(weights[weight])}) expects"
-                    f" {_fmt(expected[which])} at rank {config.rank}: a"
+                    f" {format_shape(shapes[which])} in the checkpoint, but this model"
+                    f" ({weight} {format_shape(weights[weight])}) expects"
+                    f" {format_shape(expected[which])} at rank {config.rank}: a"
                     " checkpoint for another model size?"
                 )
     _warn_if_partial(factors, targets)
 
 
-def _warn_if_partial(
-    factors: Mapping[str, Any], targets: Mapping[str, _Target]
-) -> None:
+def _warn_if_partial(factors: Mapping[str, Any], targets: Mapping[str, Target]) -> None:
     """Warns when a kind of weight (e.g. attn/q_einsum/w) has factors in some
     of the layers `module_path` selects it in but not all: Tunix's module
     paths select a kind in every layer, so that is most likely a truncated or
@@ -265,17 +265,17 @@ def _warn_if_partial(
 # (in this model, a clone or a copy of its state) has an update merged in,
 # and another merge or an unmerged LoRA on top would add a second. Putting
 # the base arrays back (as a sweep does) clears it.
-_MERGED_ARRAYS: weakref.WeakValueDictionary[int, jax.Array] = (
+MERGED_ARRAYS: weakref.WeakValueDictionary[int, jax.Array] = (
     weakref.WeakValueDictionary()
 )
 
 
-def _check_not_merged(targets: Mapping[str, _Target], weights: Iterable[str]) -> None:
-    """Refuses a model whose `weights` (keys of its `_targets`) still hold
+def check_not_merged(targets: Mapping[str, Target], weights: Iterable[str]) -> None:
+    """Refuses a model whose `weights` (keys of its `weight_targets`) still hold
     arrays an earlier merge wrote."""
     for weight in weights:
         value = targets[weight].variable.get_value()
-        if _MERGED_ARRAYS.get(id(value)) is value:
+        if MERGED_ARRAYS.get(id(value)) is value:
             raise ValueError(
                 f"{weight} already has a LoRA update merged in; another would add"
                 " to it. Load the base model again (load_pretrained), or put its"
@@ -283,17 +283,17 @@ def _check_not_merged(targets: Mapping[str, _Target], weights: Iterable[str]) ->
             )
 
 
-def _check_no_adapter(model: Gemma3) -> None:
+def check_no_adapter(model: Gemma3) -> None:
     """Refuses a model with an adapter attached: merging or applying another
     update on top would add to it."""
-    if _adapted_layers(model):
+    if adapted_layers(model):
         raise ValueError(
             "The model has a LoRA attached (attach_lora); another update would"
             " add to it. Detach it first (detach_lora)."
         )
 
 
-def _adapted_layers(model: Gemma3) -> list[nnx.Module]:
+def adapted_layers(model: Gemma3) -> list[nnx.Module]:
     """The layers that hold a `LoraAdapter`."""
     return [
         module

@@ -110,7 +110,7 @@ write_tunix_checkpoint(
 factors_bytes = sum(
     a.nbytes + b.nbytes for a, b in random_factors(hf_config, RANK, seed=1).values()
 )
-targets = lora_targets._targets(model, DEFAULT_MODULE_PATH)
+targets = lora_targets.weight_targets(model, DEFAULT_MODULE_PATH)
 merged_bytes = sum(t.variable.get_value().nbytes for t in targets.values())
 # Above the loaded model: at most every merged (float32) weight's 1/8 beside
 # its base, and every factor whole. One whole merged weight on a device
@@ -122,7 +122,7 @@ lora_lib.load_lora(
     model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK), merge=True
 )
 results["sharded_merge"] = {"peak": meter.peak, "samples": meter.samples}
-targets = lora_targets._targets(model, DEFAULT_MODULE_PATH)
+targets = lora_targets.weight_targets(model, DEFAULT_MODULE_PATH)
 results["merge_kept_shardings"] = all(
     t.variable.get_value().sharding == specs_before[path]
     and t.variable.get_value().dtype == jnp.float32
@@ -138,12 +138,12 @@ def merged_in_float32_where_split(model) -> bool:
     keep its base weight's sharding."""
     before = {
         path: t.variable.get_value().sharding
-        for path, t in lora_targets._targets(model, DEFAULT_MODULE_PATH).items()
+        for path, t in lora_targets.weight_targets(model, DEFAULT_MODULE_PATH).items()
     }
     lora_lib.load_lora(
         model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK), merge=True
     )
-    after = lora_targets._targets(model, DEFAULT_MODULE_PATH)
+    after = lora_targets.weight_targets(model, DEFAULT_MODULE_PATH)
     return after.keys() == before.keys() and all(
         t.variable.get_value().sharding == before[path]
         and t.variable.get_value().dtype == jnp.float32
@@ -156,13 +156,13 @@ def attached_beside_the_blocks(model) -> bool:
     every factor be split as its weight's axes of the same letter."""
     before = {
         path: t.variable.get_value()
-        for path, t in lora_targets._targets(model, DEFAULT_MODULE_PATH).items()
+        for path, t in lora_targets.weight_targets(model, DEFAULT_MODULE_PATH).items()
     }
     lora_lib.load_lora(
         model, scratch / "lora" / "actor", lora_lib.LoraConfig(rank=RANK)
     )
     placed = []
-    for path, t in lora_targets._targets(model, DEFAULT_MODULE_PATH).items():
+    for path, t in lora_targets.weight_targets(model, DEFAULT_MODULE_PATH).items():
         adapter = t.layer.lora
         w = t.variable.get_value()
         a_sharding, b_sharding = t.factor_shardings(w.sharding)
