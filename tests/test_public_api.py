@@ -38,7 +38,7 @@ def test_loading_a_model_or_evaluating_does_not_import_torch(tmp_path):
         "except SystemExit as e: assert not e.code, e.code"
     )
     assert imported_after(code, ("torch",)) == []
-    assert (tmp_path / "summary_gemma3-tiny_base_bs2.json").is_file()
+    assert (tmp_path / "summary_gemma3-tiny_base_bs32.json").is_file()
 
 
 @pytest.mark.parametrize("torch_installed", [False, True])

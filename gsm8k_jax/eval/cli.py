@@ -46,11 +46,8 @@ def _parse_eos(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def eval_config_from_flags(
-    model_dir: Path, *, num_problems: int | None = None
-) -> EvalConfig:
-    """The evaluation settings of the flags; stop ids default to `model_dir`'s,
-    and the batch is capped to the work (`num_problems` problems, if given)."""
+def eval_config_from_flags(model_dir: Path) -> EvalConfig:
+    """The evaluation settings of the flags; stop ids default to `model_dir`'s."""
     eos_ids = _parse_eos(FLAGS.eos_tokens) or default_eos_ids(model_dir)
     config = EvalConfig(
         batch_size=FLAGS.batch_size,
@@ -89,16 +86,7 @@ def eval_config_from_flags(
             " > 0 to sample.",
             file=sys.stderr,
         )
-    if num_problems is None:
-        return config
-    capped = config.for_problems(num_problems)
-    if capped.batch_size != config.batch_size:
-        print(
-            f"note: --batch_size={config.batch_size} is more than the"
-            f" {num_problems} problems; using {capped.batch_size}.",
-            file=sys.stderr,
-        )
-    return capped
+    return config
 
 
 def check_eos_ids(eos_ids: tuple[int, ...], vocab_size: int, model_dir: Path) -> None:
@@ -210,7 +198,7 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     if warning := shape_warning(cfg.model_name, weights_config, model_dir):
         print(f"warning: {warning}", file=sys.stderr)
     mesh = local_mesh(FLAGS.mesh_model)
-    eval_config = eval_config_from_flags(model_dir, num_problems=len(examples))
+    eval_config = eval_config_from_flags(model_dir)
     check_generation_limit(eval_config, weights_config, model_dir)
     tag = run_tag(
         cfg.model_name, lora_path, eval_config.batch_size, lora_config, eval_config.task

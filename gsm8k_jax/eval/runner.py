@@ -92,14 +92,6 @@ class EvalConfig:
                 f" {self.extraction_method!r}."
             )
 
-    def for_problems(self, num_problems: int) -> EvalConfig:
-        """This config with its batch capped to `num_problems` (slots beyond
-        the work would only hold KV-cache memory). The eval scripts and the
-        sweep both cap, so one evaluation gets one run tag."""
-        if self.batch_size <= num_problems:
-            return self
-        return dataclasses.replace(self, batch_size=max(num_problems, 1))
-
 
 def check_generation_limit(
     config: EvalConfig, model: Gemma3Config, model_dir: str | Path
@@ -294,7 +286,10 @@ def _evaluate_run(
     # Size the KV cache for the longest prompt of the whole run, so a resumed
     # run compiles the same decode program as an uninterrupted one.
     max_prompt_len = max(len(sampler.encode(p)) for p in prompts.values())
-    batch_size = config.batch_size * params.num_samples
+    # No more slots than the run has problems (more would only hold KV-cache
+    # memory); the run keeps the batch size asked for in its tag and record,
+    # so a rerun on more problems extends it.
+    batch_size = min(config.batch_size, len(examples)) * params.num_samples
     stops = with_eos_text(task.until, sampler.tokenizer) if task.until else []
     stop_sequences = stop_token_sequences(stops, sampler.tokenizer)
 
@@ -339,6 +334,7 @@ def _evaluate_run(
             task,
             stops,
             stop_sequences,
+            batch_size,
         )
     if files.process_index != 0:
         return None
@@ -394,8 +390,9 @@ def _generate(
     task: tasks.Task,
     stops: Sequence[str],
     stop_sequences: Sequence[Sequence[int]],
+    batch_size: int,
 ) -> None:
-    """Generates the `todo` examples' answers, committing each group of
+    """Generates the `todo` examples' answers, `batch_size` rows at a time, committing each group of
     finished rollouts to `files` as it comes, and keeps `bar` up to date.
     The task's stop strings cut the responses; generation ends at
     `stop_sequences`, the tokens that write them."""
@@ -410,7 +407,7 @@ def _generate(
         [prompts[e.id] for e in todo],
         params,
         example_ids=[e.id for e in todo],
-        batch_size=config.batch_size * params.num_samples,
+        batch_size=batch_size,
         max_prompt_len=max_prompt_len,
         stop_sequences=stop_sequences,
     )

@@ -259,7 +259,6 @@ def evaluate_checkpoints(
         checkpoints.append((str(raw_path), trained.params_path))
     data_path = str(data_path or BUNDLED_TEST_SET)
     examples = load_gsm8k(data_path, num_examples)
-    eval_config = eval_config.for_problems(len(examples))  # As the eval scripts.
     model_dir = resolve_model_dir(model_path or model_spec(model_name).default_path)
     weights_config = load_config(model_dir)
     check_model_parallelism(weights_config.num_heads, mesh_model)

@@ -985,8 +985,9 @@ def test_sweep_without_a_config_uses_what_each_checkpoint_records(tmp_path):
     assert [(c.rank, c.alpha) for c in used.values()] == [(16, 16.0), (8, 4.0)]
 
 
-def test_sweep_caps_the_batch_to_the_problems_as_the_eval_scripts_do(tmp_path):
-    """One evaluation, one tag: 2 problems at --batch_size=32 run as bs2."""
+def test_sweep_tags_the_batch_asked_for_as_the_eval_scripts_do(tmp_path):
+    """One evaluation, one tag: 2 problems at --batch_size=32 are bs32 (and
+    run 2 slots), as in the scripts, so a rerun on more problems extends it."""
     (run,) = short_sweep({})(
         lora_paths=[],
         lora_config=None,
@@ -995,7 +996,7 @@ def test_sweep_caps_the_batch_to_the_problems_as_the_eval_scripts_do(tmp_path):
         ),
         output_dir=tmp_path,
     )
-    assert run.tag == "gemma3-tiny_base_bs2" and run.batch_size == 2
+    assert run.tag == "gemma3-tiny_base_bs32" and run.batch_size == 32
 
 
 def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):

@@ -654,8 +654,11 @@ def test_unscorable_data_is_refused(tmp_path, content, message):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_more_examples_and_slots_than_the_work_are_capped_with_a_note(tmp_path):
-    """Also: sampling settings that greedy decoding ignores are named."""
+def test_more_examples_than_the_data_and_slots_than_the_work_are_capped(tmp_path):
+    """Examples past the data's end with a note; slots past the problems
+    silently (100,000 slots would not fit in memory), and the run keeps the
+    batch size asked for in its tag. Also: sampling settings that greedy
+    decoding ignores are named."""
     data = tmp_path / "six.jsonl"
     lines = (REPO / "gsm8k_jax" / "data" / "test.jsonl").read_text().splitlines()
     data.write_text("\n".join(lines[:6]) + "\n")
@@ -669,8 +672,7 @@ def test_more_examples_and_slots_than_the_work_are_capped_with_a_note(tmp_path):
     )
     assert "Asked for 5000 examples" in proc.stderr and "has 6" in proc.stderr
     assert "note: --top_p=0.9 has no effect at --temperature=0" in proc.stderr
-    assert "--batch_size=100000 is more than the 6 problems; using 6" in proc.stderr
-    _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs6")
+    _, summary = read_outputs(tmp_path, "gemma3-tiny_base_bs100000")
     assert summary["total"] == 6
 
 
