@@ -201,7 +201,12 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     eval_config = eval_config_from_flags(model_dir)
     check_generation_limit(eval_config, weights_config, model_dir)
     tag = run_tag(
-        cfg.model_name, lora_path, eval_config.batch_size, lora_config, eval_config.task
+        cfg.model_name,
+        lora_path,
+        eval_config.batch_size,
+        lora_config,
+        eval_config.task,
+        eval_config.sampling,
     )
     # The run record hashes the weights (model_revision): in the background,
     # while they load, unless a resumed run needs it now to compare.

@@ -121,9 +121,10 @@ def run_tag(
     batch_size: int,
     lora_config: LoraConfig | None = None,
     task: str = "boxed",
+    sampling: SamplingParams | None = None,
 ) -> str:
     """The tag naming a run's files:
-    `<model>_<checkpoint>[_r<rank>a<alpha>][_<task>]_bs<batch>`.
+    `<model>_<checkpoint>[_r<rank>a<alpha>][_<task>][_<sampling>]_bs<batch>`.
 
     `run_tag_of(run_info)` gives the same tag from a run record, which
     cannot disagree with what the record says.
@@ -139,6 +140,10 @@ def run_tag(
         Those recorded beside the checkpoint (by our trainer) are used where
         there are any, as `run_info` records them.
       task: the `--task` preset; named unless it is the default `boxed`.
+      sampling: a sampled run's settings are named (`_t0.8_n4_seed3`, with
+        `p<top_p>` / `k<top_k>` after the temperature where set), so runs of
+        other seeds or temperatures never share files; greedy runs (None,
+        or temperature 0) name none.
     """
     if lora_path:  # Orbax is imported for LoRA runs alone.
         from gsm8k_jax.checkpoints.lora_checkpoint import (
@@ -148,7 +153,8 @@ def run_tag(
 
         lora_path = resolve_lora_checkpoint(lora_path)
         lora_config = read_lora_config(lora_path) or lora_config
-    return _tag(model_name, lora_path, batch_size, lora_config, task)
+    sampled = vars(sampling) if sampling is not None else None
+    return _tag(model_name, lora_path, batch_size, lora_config, task, sampled)
 
 
 def run_tag_of(run_info: Mapping[str, Any]) -> str:
@@ -161,6 +167,7 @@ def run_tag_of(run_info: Mapping[str, Any]) -> str:
         run_info["eval"]["batch_size"],
         LoraConfig(**run_info["model"]["lora_config"]) if lora_path else None,
         run_info["eval"].get("task", "boxed"),
+        run_info["eval"]["sampling"],
     )
 
 
@@ -170,13 +177,27 @@ def _tag(
     batch_size: int,
     lora_config: LoraConfig | None,
     task: str,
+    sampling: Mapping[str, Any] | None,
 ) -> str:
     adapter = f"_r{lora_config.rank}a{lora_config.alpha:g}" if lora_config else ""
     preset = "" if task == "boxed" else f"_{task}"
     return (
         f"{_slug(model_name)}_{checkpoint_tag(lora_path)}{adapter}{preset}"
-        f"_bs{batch_size}"
+        f"{_sampling_tag(sampling)}_bs{batch_size}"
     )
+
+
+def _sampling_tag(sampling: Mapping[str, Any] | None) -> str:
+    """`_t<temperature>[p<top_p>][k<top_k>]_n<samples>_seed<seed>` for a
+    sampled run; "" for a greedy one."""
+    if not sampling or not sampling["temperature"]:
+        return ""
+    part = f"_t{sampling['temperature']:g}"
+    if sampling["top_p"] != 1:
+        part += f"p{sampling['top_p']:g}"
+    if sampling["top_k"]:
+        part += f"k{sampling['top_k']}"
+    return f"{part}_n{sampling['num_samples']}_seed{sampling['seed']}"
 
 
 def run_info(

@@ -295,6 +295,7 @@ def evaluate_checkpoints(
             eval_config.batch_size,
             run_lora_config if lora_path else None,
             task=eval_config.task,
+            sampling=eval_config.sampling,
         )
         files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))

@@ -19,6 +19,7 @@ from gcs_emulator import gcs_filesystem
 from hf_models import make_tiny_hf_model
 
 from gsm8k_jax.eval.extraction import is_correct
+from gsm8k_jax.eval.run_record import run_tag_of
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -589,7 +590,8 @@ def test_a_rerun_reads_every_program_the_first_run_compiled(tmp_path):
 def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_path):
     """Greedy decoding reads no seed, top_k or top_p: a rerun that names them
     (or drops them) resumes instead of being refused as other settings; a
-    base run reads no LoRA, so neither is it refused for LoRA flags."""
+    base run reads no LoRA, so neither is it refused for LoRA flags. A
+    sampled run gets files of its own."""
     out = tmp_path / "copy"
     shutil.copytree(finished_run[0], out)
     run_script(
@@ -606,10 +608,14 @@ def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_pat
     _, summary = read_outputs(out, "gemma3-tiny_base_bs4")
     for sampling in (record["eval"]["sampling"], summary["run"]["eval"]["sampling"]):
         assert [sampling[k] for k in ("seed", "top_k", "top_p")] == [None] * 3
-    refused = run_script(
-        *QUICK, "--temperature=0.5", f"--output_dir={out}", check=False
+    # A sampled run is a run of its own, named by its sampling settings.
+    sampled = run_script(*QUICK, "--temperature=0.5", "--seed=3", f"--output_dir={out}")
+    assert "Run tag: gemma3-tiny_base_t0.5_n1_seed3_bs4" in sampled.stdout
+    record = json.loads(
+        (out / "run_gemma3-tiny_base_t0.5_n1_seed3_bs4.json").read_text()
     )
-    assert refused.returncode == 1 and "eval.sampling.temperature" in refused.stderr
+    assert run_tag_of(record) == "gemma3-tiny_base_t0.5_n1_seed3_bs4"
+    assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == finished_run[1]
 
 
 def test_row_tile_and_mesh_model_are_recorded(finished_run, tmp_path):

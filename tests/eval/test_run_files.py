@@ -15,9 +15,16 @@ from gsm8k_jax import storage
 from gsm8k_jax.eval.chunks import json_line
 from gsm8k_jax.eval.results import ResultsError, ResultsWarning, RunFiles
 from gsm8k_jax.eval.run_lock import RunLockedError
-from gsm8k_jax.eval.run_record import differing_settings, model_config, run_info
+from gsm8k_jax.eval.run_record import (
+    differing_settings,
+    model_config,
+    run_info,
+    run_tag,
+    run_tag_of,
+)
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
+from gsm8k_jax.sampling.params import SamplingParams
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -389,3 +396,25 @@ def test_evaluate_needs_a_prepared_run(tmp_path):
     with pytest.raises(ValueError, match="holds no run record of run 't': call"):
         evaluate(None, [], EvalConfig(), RunFiles(tmp_path, "t"), run_info={})
     assert not any(tmp_path.iterdir())
+
+
+def test_a_sampled_run_is_named_by_its_sampling_settings():
+    """Runs of other seeds, temperatures or nucleus settings never share
+    files; greedy runs read none of them, and name none."""
+    sampled = SamplingParams(
+        temperature=0.8, top_p=0.95, top_k=40, num_samples=4, seed=3
+    )
+    tag = "gemma3-tiny_base_t0.8p0.95k40_n4_seed3_bs16"
+    assert run_tag("gemma3-tiny", "", 16, sampling=sampled) == tag
+    config = EvalConfig(batch_size=16, sampling=sampled)
+    record = run_info(
+        model_config("gemma3-tiny").to_dict(),
+        model_dir=TINY_MODEL_DIR,
+        lora_path="",
+        data_path=str(TINY_MODEL_DIR / "config.json"),
+        num_examples=1,
+        eval_config=config,
+    )
+    assert run_tag_of(record) == tag
+    greedy = SamplingParams(top_p=0.5, seed=7)
+    assert run_tag("gemma3-tiny", "", 16, sampling=greedy) == "gemma3-tiny_base_bs16"
