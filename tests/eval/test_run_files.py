@@ -175,17 +175,22 @@ def test_tensor_parallelism_is_a_setting_that_older_records_predate(tmp_path):
                 )
 
 
-def test_runs_recorded_before_float32_accumulation_are_not_resumed(tmp_path):
-    """Every projection accumulates in float32 now; a record without that
-    setting was made by code whose bfloat16 results differ: refused."""
-    current = run_info(
+def tiny_run_info(eval_config: EvalConfig) -> dict:
+    """The record of a base run of the bundled model (a small file as data)."""
+    return run_info(
         model_config("gemma3-tiny").to_dict(),
         model_dir=TINY_MODEL_DIR,
         lora_path="",
         data_path=str(TINY_MODEL_DIR / "config.json"),
         num_examples=1,
-        eval_config=EvalConfig(),
+        eval_config=eval_config,
     )
+
+
+def test_runs_recorded_before_float32_accumulation_are_not_resumed(tmp_path):
+    """Every projection accumulates in float32 now; a record without that
+    setting was made by code whose bfloat16 results differ: refused."""
+    current = tiny_run_info(EvalConfig())
     assert current["projection_accumulation"] == "float32"
     older = {k: v for k, v in current.items() if k != "projection_accumulation"}
     files = RunFiles(tmp_path, "t")
@@ -406,15 +411,7 @@ def test_a_sampled_run_is_named_by_its_sampling_settings():
     )
     tag = "gemma3-tiny_base_t0.8p0.95k40_n4_seed3_bs16"
     assert run_tag("gemma3-tiny", "", 16, sampling=sampled) == tag
-    config = EvalConfig(batch_size=16, sampling=sampled)
-    record = run_info(
-        model_config("gemma3-tiny").to_dict(),
-        model_dir=TINY_MODEL_DIR,
-        lora_path="",
-        data_path=str(TINY_MODEL_DIR / "config.json"),
-        num_examples=1,
-        eval_config=config,
-    )
+    record = tiny_run_info(EvalConfig(batch_size=16, sampling=sampled))
     assert run_tag_of(record) == tag
     greedy = SamplingParams(top_p=0.5, seed=7)
     assert run_tag("gemma3-tiny", "", 16, sampling=greedy) == "gemma3-tiny_base_bs16"
