@@ -41,7 +41,7 @@ def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of the settings that differ, e.g. `eval.sampling.seed`;
-    between two greedy runs, not those greedy decoding never reads; between
+    where a run is greedy, not those greedy decoding never reads; between
     two base runs, not the LoRA settings; and not the paths of data or
     weights whose recorded digests are the same."""
 
@@ -54,8 +54,11 @@ def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         return out
 
     a, b = flat(old), flat(new)
-    greedy = (
-        a.get("eval.sampling.temperature") == 0 == b.get("eval.sampling.temperature")
+    # A greedy run reads no seed, top_k or top_p: beside another greedy run
+    # they never differ, and beside a sampled one the temperature says it.
+    greedy = 0 in (
+        a.get("eval.sampling.temperature"),
+        b.get("eval.sampling.temperature"),
     )
     ignored = _UNUSED_WHEN_GREEDY if greedy else ()
     ignored += tuple(k for k in _SETTINGS_ADDED_LATER if k not in a or k not in b)

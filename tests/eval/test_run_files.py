@@ -415,3 +415,17 @@ def test_a_sampled_run_is_named_by_its_sampling_settings():
     assert run_tag_of(record) == tag
     greedy = SamplingParams(top_p=0.5, seed=7)
     assert run_tag("gemma3-tiny", "", 16, sampling=greedy) == "gemma3-tiny_base_bs16"
+
+
+def test_beside_a_greedy_run_only_the_temperature_differs():
+    """A greedy run records no seed, top_k or top_p (it reads none): beside a
+    sampled run the temperature is the difference, not those."""
+
+    def record(**sampling):
+        return {"eval": {"sampling": sampling}}
+
+    greedy = record(temperature=0, seed=None, top_k=None, top_p=None)
+    sampled = record(temperature=0.7, seed=3, top_k=0, top_p=1.0)
+    assert differing_settings(greedy, sampled) == ["eval.sampling.temperature"]
+    other_seed = record(temperature=0.7, seed=4, top_k=0, top_p=1.0)
+    assert differing_settings(sampled, other_seed) == ["eval.sampling.seed"]
