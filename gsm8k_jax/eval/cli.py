@@ -26,7 +26,7 @@ from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.run_record import run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, check_generation_limit, evaluate
-from gsm8k_jax.eval.tasks import task_eval_config
+from gsm8k_jax.eval.tasks import get_task, task_eval_config
 from gsm8k_jax.kernel_choice import fix_gpu_kernels
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
@@ -271,12 +271,30 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
             f"Process {process}: its share is committed; process 0 writes the results."
         )
         return None
-    low, high = summary["accuracy_ci95"]
-    print(
-        f"{tag}: {summary['correct']}/{summary['total']} correct ="
-        f" {summary['accuracy']:.2%} (95% CI {low:.2%}-{high:.2%}),"
-        f" {summary['extraction_failures']} without an answer, {summary['truncations']}"
-        f" truncated. Summary: {files.summary_path}"
-    )
+    print(summary_line(summary, files.summary_path))
     logging.info("Finished %s", tag)
     return summary
+
+
+def summary_line(summary: dict[str, Any], path: str) -> str:
+    """A finished run in one line: its accuracy with its interval; pass@k and
+    maj@k where it drew several samples; lm-eval's own scores for its tasks."""
+    low, high = summary["accuracy_ci95"]
+    interval = f"95% CI {low:.2%}-{high:.2%}"
+    if summary["accuracy_ci95_method"] == "clustered":
+        interval += ", clustered by problem"
+    correct = f"{summary['correct']}/{summary['total']} correct"
+    figures = [f"{correct} = {summary['accuracy']:.2%} ({interval})"]
+    k = summary["run"]["eval"]["sampling"]["num_samples"]
+    if k > 1:
+        figures.append(
+            f"pass@{k} {summary[f'pass@{k}']:.2%}, maj@{k} {summary[f'maj@{k}']:.2%}"
+        )
+    if lm_eval := summary.get("lm_eval"):
+        filters = [name for name, _ in get_task(summary["run"]["eval"]["task"]).filters]
+        scores = (f"{n} {lm_eval[f'exact_match,{n}']:.2%}" for n in filters)
+        figures.append(f"lm-eval exact_match {', '.join(scores)}")
+    return (
+        f"{summary['tag']}: {'; '.join(figures)}; {summary['extraction_failures']}"
+        f" without an answer, {summary['truncations']} truncated. Summary: {path}"
+    )

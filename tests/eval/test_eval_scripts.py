@@ -609,12 +609,22 @@ def test_greedy_resumes_whatever_its_unused_sampling_flags(finished_run, tmp_pat
     for sampling in (record["eval"]["sampling"], summary["run"]["eval"]["sampling"]):
         assert [sampling[k] for k in ("seed", "top_k", "top_p")] == [None] * 3
     # A sampled run is a run of its own, named by its sampling settings.
-    sampled = run_script(*QUICK, "--temperature=0.5", "--seed=3", f"--output_dir={out}")
-    assert "Run tag: gemma3-tiny_base_t0.5_n1_seed3_bs4" in sampled.stdout
-    record = json.loads(
-        (out / "run_gemma3-tiny_base_t0.5_n1_seed3_bs4.json").read_text()
+    sampled = run_script(
+        *QUICK,
+        "--temperature=0.5",
+        "--seed=3",
+        "--num_samples=2",
+        f"--output_dir={out}",
     )
-    assert run_tag_of(record) == "gemma3-tiny_base_t0.5_n1_seed3_bs4"
+    tag = "gemma3-tiny_base_t0.5_n2_seed3_bs4"
+    assert f"Run tag: {tag}" in sampled.stdout
+    record = json.loads((out / f"run_{tag}.json").read_text())
+    assert run_tag_of(record) == tag
+    # Its last line gives pass@2 and maj@2, and says how the interval is made.
+    _, summary = read_outputs(out, tag)
+    last = sampled.stdout.splitlines()[-1]
+    assert f"pass@2 {summary['pass@2']:.2%}, maj@2 {summary['maj@2']:.2%}" in last
+    assert "clustered by problem" in last
     assert (out / "rollouts_gemma3-tiny_base_bs4.jsonl").read_text() == finished_run[1]
 
 

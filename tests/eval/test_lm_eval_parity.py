@@ -74,7 +74,7 @@ def test_hf_our_preset_and_our_backend_agree(model_dir, tmp_path):
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
     }
     # Our preset through our eval script.
-    run_script(
+    ours = run_script(
         f"--task={TASK}",
         "--model.model_name=gemma3-1b-pt",
         f"--model.model_path={model_dir}",
@@ -162,5 +162,8 @@ def test_hf_our_preset_and_our_backend_agree(model_dir, tmp_path):
             expected = hf["results"][local_name(TASK)][key]
             assert summary["lm_eval"][key] == expected
             assert backend_results["results"][local_name(TASK)][key] == expected
+        # The script's last line gives lm-eval's own figures.
+        expected = hf["results"][local_name(TASK)][f"exact_match,{name}"]
+        assert f"{name} {expected:.2%}" in ours.stdout.splitlines()[-1]
     # Noise, but not only failures: some answers are numbers.
     assert any(r["extracted_answers"][FLEXIBLE_EXTRACT] for r in rollouts)
