@@ -53,6 +53,7 @@ _EXPORTS = {
     "load_pretrained": "gsm8k_jax.models.registry",
     "load_run": "gsm8k_jax.eval.runs",
     "load_runs": "gsm8k_jax.eval.runs",
+    "lora_mode": "gsm8k_jax.checkpoints.lora_state",
     "model_config": "gsm8k_jax.eval.run_record",
     "plot_accuracies": "gsm8k_jax.eval.report",
     "run_info": "gsm8k_jax.eval.run_record",

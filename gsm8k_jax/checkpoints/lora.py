@@ -20,6 +20,8 @@ Three ways to use an adapter, all importable from here:
 * unmerged through qwix (`apply_lora`, `qwix_lora_model`, in `lora_qwix`),
   as in training, in the activation dtype.
 
+`lora_mode(model)` says which of these a model carries, if any.
+
 alpha is not in Tunix's checkpoints: it must be the value used in training
 (our trainer records it beside them, and `load_lora` uses that).
 """
@@ -41,8 +43,8 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.lora_merge import merge_lora
 from gsm8k_jax.checkpoints.lora_qwix import apply_lora, qwix_lora_model
+from gsm8k_jax.checkpoints.lora_state import adapted_layers, lora_mode, merged_weights
 from gsm8k_jax.checkpoints.lora_targets import (
-    adapted_layers,
     check_not_merged,
     factors_by_weight,
     validate_lora_params,
@@ -58,6 +60,7 @@ __all__ = [
     "detach_lora",
     "load_lora",
     "load_trained_lora",
+    "lora_mode",
     "merge_lora",
     "qwix_lora_model",
     "validate_lora_params",
@@ -89,7 +92,7 @@ def attach_lora(
         factors_by_weight(params),
     )
     check_not_merged(targets, weights)
-    detach_lora(model)
+    _remove_adapters(model)
     for weight in weights:
         target = targets[weight]
         w = target.variable.get_value()
@@ -102,7 +105,24 @@ def attach_lora(
 
 
 def detach_lora(model: Gemma3) -> None:
-    """Removes every adapter `attach_lora` attached, in place."""
+    """Removes every adapter `attach_lora` attached, in place.
+
+    Raises:
+      ValueError: a weight has an update merged in (`merge_lora`, `load_lora`
+        with merge=True), which no detaching removes; the model is left
+        unchanged.
+    """
+    if merged := merged_weights(model):
+        more = f" and {len(merged) - 1} more" if len(merged) > 1 else ""
+        raise ValueError(
+            f"The model has a LoRA update merged in ({merged[0]}{more}), which"
+            " cannot be detached: load the base model again (load_pretrained), or"
+            " attach instead of merging (load_lora's default)."
+        )
+    _remove_adapters(model)
+
+
+def _remove_adapters(model: Gemma3) -> None:
     for layer in adapted_layers(model):
         delattr(layer, LORA_ATTRIBUTE)
 

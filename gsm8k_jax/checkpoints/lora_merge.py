@@ -2,7 +2,7 @@
 place, kept in float32 so that a small update survives a bfloat16 model.
 Those layers then compute in float32 (twice the bytes of their bf16
 weights), so in bfloat16 their results differ from the base model's even
-for a zero update. Each merged array is recorded (`lora_targets`), so that
+for a zero update. Each merged array is recorded (`lora_state`), so that
 a second update on top is refused.
 """
 
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
+from gsm8k_jax.checkpoints.lora_state import MERGED_ARRAYS
 from gsm8k_jax.checkpoints.lora_targets import (
-    MERGED_ARRAYS,
     Target,
     check_no_adapter,
     check_not_merged,

@@ -2,14 +2,14 @@
 `lora_merge`, through qwix: `lora_qwix`): the weights `module_path` gives
 factors to, with each factor's axes, shape and placement; the check that a
 checkpoint's factors fit them; and the refusal of a model that already
-carries an update (merged in or attached), which another would add to.
+carries an update (merged in or attached), which another would add to
+(which update a model carries: `lora_state`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,13 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gsm8k_jax.checkpoints.lora_checkpoint import FACTOR_NAME
 from gsm8k_jax.checkpoints.lora_config import LoraConfig, named_setting
+from gsm8k_jax.checkpoints.lora_state import adapted_layers, is_merged
 from gsm8k_jax.models.gemma3.model import LINEAR_EQUATION, Gemma3
-from gsm8k_jax.models.gemma3.modules import (
-    LORA_ATTRIBUTE,
-    Einsum,
-    LoraAdapter,
-    lora_axes,
-)
+from gsm8k_jax.models.gemma3.modules import Einsum, lora_axes
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
 # A layer's weight path: layers/<index>/<kind>, e.g. layers/3/attn/q_einsum/w.
@@ -261,21 +257,11 @@ def _warn_if_partial(factors: Mapping[str, Any], targets: Mapping[str, Target]) 
 # --------------------------------------------------------------------------
 
 
-# Every array merge_lora has written, by id: a weight that still holds one
-# (in this model, a clone or a copy of its state) has an update merged in,
-# and another merge or an unmerged LoRA on top would add a second. Putting
-# the base arrays back (as a sweep does) clears it.
-MERGED_ARRAYS: weakref.WeakValueDictionary[int, jax.Array] = (
-    weakref.WeakValueDictionary()
-)
-
-
 def check_not_merged(targets: Mapping[str, Target], weights: Iterable[str]) -> None:
     """Refuses a model whose `weights` (keys of its `weight_targets`) still hold
     arrays an earlier merge wrote."""
     for weight in weights:
-        value = targets[weight].variable.get_value()
-        if MERGED_ARRAYS.get(id(value)) is value:
+        if is_merged(targets[weight].variable.get_value()):
             raise ValueError(
                 f"{weight} already has a LoRA update merged in; another would add"
                 " to it. Load the base model again (load_pretrained), or put its"
@@ -291,12 +277,3 @@ def check_no_adapter(model: Gemma3) -> None:
             "The model has a LoRA attached (attach_lora); another update would"
             " add to it. Detach it first (detach_lora)."
         )
-
-
-def adapted_layers(model: Gemma3) -> list[nnx.Module]:
-    """The layers that hold a `LoraAdapter`."""
-    return [
-        module
-        for _, module in nnx.iter_modules(model)
-        if isinstance(getattr(module, LORA_ATTRIBUTE, None), LoraAdapter)
-    ]

@@ -32,6 +32,10 @@ _UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in _GREEDY_UNUSED)
 # what its run used (None), so a resume does not compare them, and a
 # comparison pairs such a run with none that records them.
 _SETTINGS_ADDED_LATER = ("mesh_model", "xla_gpu_autotune_level")
+# How a LoRA run's model carries its checkpoint (`lora_state.LORA_MODES`),
+# or "custom": changed by a loader of the user's (`evaluate_checkpoints`'
+# load_lora_fn), which `evaluate` cannot check.
+RECORDED_LORA_MODES = ("attached", "merged", "qwix", "custom")
 
 
 def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +216,7 @@ def run_info(
     num_examples: int,
     eval_config: EvalConfig,
     mesh_model: int = 1,
+    lora_mode: str = "attached",
 ) -> dict[str, Any]:
     """What produced a run's results, as `run_<tag>.json` records it.
 
@@ -230,11 +235,21 @@ def run_info(
       eval_config: the evaluation settings.
       mesh_model: devices per tensor-parallel group (`--mesh_model`): it
         splits reductions, so it can change the last bits of a result.
+      lora_mode: how the model carries the checkpoint, recorded with a
+        lora_path alone: "attached" (`load_lora`'s default), "merged"
+        (`load_lora(..., merge=True)`) or "qwix" (`apply_lora`), which
+        `evaluate` checks against the model (`lora_mode(model)`), refusing
+        a model that carries another or none; "custom" for weights changed
+        some other way, which it cannot check.
     """
     from gsm8k_jax.checkpoints.sources import model_revision
     from gsm8k_jax.kernel_choice import recorded_autotune_level
     from gsm8k_jax.sampling import batching
 
+    if lora_mode not in RECORDED_LORA_MODES:
+        raise ValueError(
+            f"lora_mode must be one of {RECORDED_LORA_MODES}, got {lora_mode!r}."
+        )
     if lora_path:  # Orbax is imported for LoRA runs alone.
         from gsm8k_jax.checkpoints.lora_checkpoint import resolve_trained_lora
 
@@ -262,7 +277,7 @@ def run_info(
         # On GPU, whether XLA timed kernels to choose them (`kernel_choice`):
         # runs that did may differ in the last bits.
         "xla_gpu_autotune_level": recorded_autotune_level(),
-        "lora_mode": "attached" if lora_path else None,
+        "lora_mode": lora_mode if lora_path else None,
         # Every projection accumulates in float32 and rounds once. Records
         # without it were made otherwise (their bfloat16 results differ), so
         # they are neither resumed nor compared as the same settings.

@@ -25,6 +25,7 @@ import jax
 from tqdm import tqdm
 
 from gsm8k_jax import stop_signals
+from gsm8k_jax.checkpoints.lora_state import LORA_MODES, lora_mode
 from gsm8k_jax.compilation_cache import cache_counts
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import GSM8KExample
@@ -145,6 +146,46 @@ def project_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def _check_lora_matches(model: Any, run_info: dict[str, Any]) -> None:
+    """Refuses a model whose LoRA (`lora_mode(model)`) contradicts the run
+    record: a LoRA where it records the base model, or, where it records a
+    checkpoint and how it is applied, none or another way. A record of no
+    run (no `lora_checkpoint`, e.g. `{}`) is not checked, nor a mode an
+    older record or a custom loader ("custom") leaves unsaid."""
+    if "lora_checkpoint" not in run_info:
+        return
+    carried, recorded = lora_mode(model), run_info.get("lora_mode")
+    checkpoint = run_info["lora_checkpoint"]
+    if not checkpoint and carried is not None:
+        remedy = {
+            "attached": "detach_lora(model) first",
+            "merged": "load the base model again (load_pretrained) first",
+            "qwix": "evaluate the base model it was made from",
+        }[carried]
+        raise ValueError(
+            f"The model carries a LoRA ({carried}) but run_info records the base"
+            " model (lora_path=''): evaluate it under its checkpoint's run_info"
+            f" (lora_path=...), or {remedy}."
+        )
+    if not checkpoint or recorded not in LORA_MODES or carried == recorded:
+        return
+    apply = {
+        "attached": f"load_lora(model, {checkpoint!r}, ...)",
+        "merged": f"load_lora(model, {checkpoint!r}, ..., merge=True)",
+        "qwix": f"apply_lora(model, restore_lora_params({checkpoint!r}), ...)",
+    }[recorded]
+    if carried is None:
+        raise ValueError(
+            f"run_info records LoRA checkpoint {checkpoint} ({recorded}) but the"
+            f" model carries none: {apply} first."
+        )
+    raise ValueError(
+        f"run_info records LoRA checkpoint {checkpoint} {recorded} but the model"
+        f" carries its LoRA {carried}: pass run_info(..., lora_mode={carried!r}),"
+        f" or apply it as recorded ({apply}, on the base model)."
+    )
+
+
 def _rollout(
     example: GSM8KExample,
     prompt: str,
@@ -202,6 +243,11 @@ def evaluate(
     chunks; process 0 then waits (up to `merge_timeout_s`) until every
     example is committed, and writes the files a single-host run writes.
     Other processes return None.
+
+    A model that carries a LoRA other than `run_info` records (one where it
+    records the base model, none or another way of applying it where it
+    records a checkpoint: `lora_state.lora_mode`) is refused before any
+    work, so that no results go under another run's tag.
     """
     if not isinstance(files, RunFiles):
         raise TypeError(
@@ -241,6 +287,7 @@ def _evaluate_run(
             " files.prepare(run_info, resume=..., overwrite=...) before evaluate (it"
             " checks the folder and records what produces the results)."
         )
+    _check_lora_matches(sampler.model, run_info)
     if config.row_tile is not None and sampler.row_tile != config.row_tile:
         raise ValueError(
             f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"

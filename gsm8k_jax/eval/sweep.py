@@ -213,6 +213,8 @@ def evaluate_checkpoints(
       show_progress: show a progress bar per run.
       load_lora_fn: applies a checkpoint to the model in place;
         `gsm8k_jax.checkpoints.lora.load_lora` (attaching it) by default.
+        Runs of another loader record lora_mode "custom", which `evaluate`
+        cannot check against the model.
       devices_per_checkpoint: local devices per group (0: one group of all
         local devices, evaluating the runs one after another).
       mesh_model: tensor-parallel devices within a group (`--mesh_model`).
@@ -235,6 +237,9 @@ def evaluate_checkpoints(
     from gsm8k_jax.checkpoints import lora as lora_lib  # qwix, orbax: heavy.
     from gsm8k_jax.checkpoints import lora_checkpoint
 
+    # A loader of the user's may change the weights in any way, which
+    # `evaluate` cannot check against the run record: recorded as "custom".
+    custom_loader = load_lora_fn not in (None, lora_lib.load_lora)
     load_lora_fn = load_lora_fn or lora_lib.load_lora
     if not lora_paths and not include_base:
         raise ValueError("Nothing to evaluate: no LoRA checkpoint and no base model.")
@@ -284,6 +289,7 @@ def evaluate_checkpoints(
             num_examples=len(examples),
             eval_config=eval_config,
             mesh_model=mesh_model,
+            lora_mode="custom" if custom_loader else "attached",
         )
         if trained and (
             warning := trained.base_model_warning(info["model_revision"], model_dir)

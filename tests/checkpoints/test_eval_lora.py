@@ -3,6 +3,8 @@
 import dataclasses
 import functools
 import json
+import re
+from pathlib import Path
 
 import pytest
 import transformers
@@ -10,6 +12,7 @@ from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
 from gcs_emulator import upload_dir
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
+from gsm8k_jax.checkpoints.lora import detach_lora, load_lora
 from gsm8k_jax.checkpoints.lora_checkpoint import (
     TRAINING_SETTINGS_FILE,
     resolve_trained_lora,
@@ -18,11 +21,13 @@ from gsm8k_jax.checkpoints.lora_checkpoint import (
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.chunks import jsonl_lines
-from gsm8k_jax.eval.data import BUNDLED_TEST_SET
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.results import ResultsError, RunFiles
 from gsm8k_jax.eval.run_record import model_config, run_info, run_tag, run_tag_of
-from gsm8k_jax.eval.runner import EvalConfig
+from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
+from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
 RANK = 4
 
@@ -272,3 +277,113 @@ def test_the_recorded_base_weights_are_compared(tmp_path, settings, recorded):
     else:
         assert trained.base_model == (revision if recorded else None)
         assert warning == ""
+
+
+# A notebook's evaluation, kept short: 2 problems, 4 tokens.
+SHORT = EvalConfig(batch_size=2, sampling=SamplingParams(max_generation_steps=4))
+
+
+@pytest.fixture(scope="module")
+def trained_actor(tmp_path_factory):
+    """A checkpoint recording its rank and alpha, as our trainer writes it."""
+    actor = tmp_path_factory.mktemp("notebook_lora") / "run" / "actor"
+    write_tunix_checkpoint(actor / "4" / "model_params", tiny_factors())
+    save_lora_config(actor, LoraConfig(rank=RANK, alpha=8.0))
+    return actor
+
+
+def notebook_run(output_dir, lora_path="", **kwargs):
+    """(run_info, prepared RunFiles) as the notebook makes them."""
+    info = run_info(
+        model_config("gemma3-tiny").to_dict(),
+        model_dir=TINY_MODEL_DIR,
+        lora_path=str(lora_path),
+        data_path=str(BUNDLED_TEST_SET),
+        num_examples=2,
+        eval_config=SHORT,
+        **kwargs,
+    )
+    files = RunFiles(output_dir, run_tag_of(info))
+    files.prepare(info, resume=True, overwrite=False)
+    return info, files
+
+
+def evaluate_short(sampler, files, info):
+    return evaluate(
+        sampler,
+        load_gsm8k(num_examples=2),
+        SHORT,
+        files,
+        run_info=info,
+        show_progress=False,
+    )
+
+
+def only_the_run_record(files):
+    """Whether the folder holds the run's record and no result."""
+    names = sorted(p.name for p in Path(files.output_dir).iterdir())
+    return names == [f"run_{files.tag}.json"] and not files.has_results()
+
+
+def test_evaluate_refuses_a_lora_the_run_record_contradicts(trained_actor, tmp_path):
+    """A notebook cell rerun after load_lora, whose run_info says base, wrote
+    the LoRA's answers under the base run's tag (and the reverse, the base
+    model's under the LoRA's): refused in one line naming the fix, before
+    any result is written."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny")  # bfloat16
+    sampler = Sampler(model, tokenizer)
+    params_path = str(trained_actor / "4" / "model_params")
+    base_info, base_files = notebook_run(tmp_path / "base")
+    lora_info, lora_files = notebook_run(tmp_path / "lora", trained_actor)
+    merged_info, merged_files = notebook_run(
+        tmp_path / "merged", trained_actor, lora_mode="merged"
+    )
+    base_message = (
+        "The model carries a LoRA (attached) but run_info records the base model"
+        " (lora_path=''): evaluate it under its checkpoint's run_info"
+        " (lora_path=...), or detach_lora(model) first."
+    )
+    merged_message = (
+        f"run_info records LoRA checkpoint {params_path} merged but the model"
+        " carries its LoRA attached: pass run_info(..., lora_mode='attached'),"
+        f" or apply it as recorded (load_lora(model, {params_path!r}, ...,"
+        " merge=True), on the base model)."
+    )
+    refusals = [
+        (base_files, base_info, base_message),
+        (merged_files, merged_info, merged_message),
+    ]
+    load_lora(model, trained_actor)
+    for files, info, message in refusals:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            evaluate_short(Sampler(model, tokenizer), files, info)
+        assert only_the_run_record(files)
+    detach_lora(model)
+    message = (
+        f"run_info records LoRA checkpoint {params_path} (attached) but the model"
+        f" carries none: load_lora(model, {params_path!r}, ...) first."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        evaluate_short(sampler, lora_files, lora_info)
+    assert only_the_run_record(lora_files)
+    # The refused runs were released: a model that agrees runs them.
+    assert evaluate_short(sampler, base_files, base_info)["total"] == 2
+
+
+def test_evaluate_runs_a_lora_the_run_record_agrees_with(trained_actor, tmp_path):
+    """Attached as recorded; a record without a mode (older ones) or with
+    "custom" (a sweep's own loader) is not checked."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny")
+    load_lora(model, trained_actor)
+    sampler = Sampler(model, tokenizer)
+    info, files = notebook_run(tmp_path / "attached", trained_actor)
+    summary = evaluate_short(sampler, files, info)
+    assert summary["total"] == 2 and summary["run"]["lora_mode"] == "attached"
+    older = {k: v for k, v in info.items() if k != "lora_mode"}
+    files = RunFiles(tmp_path / "older", run_tag_of(older))
+    files.prepare(older, resume=True, overwrite=False)
+    assert "lora_mode" not in evaluate_short(sampler, files, older)["run"]
+    info, files = notebook_run(tmp_path / "custom", trained_actor, lora_mode="custom")
+    assert evaluate_short(sampler, files, info)["run"]["lora_mode"] == "custom"
+    with pytest.raises(ValueError, match=r"lora_mode must be one of \("):
+        notebook_run(tmp_path / "typo", trained_actor, lora_mode="merge")

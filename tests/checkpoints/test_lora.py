@@ -13,11 +13,13 @@ import re
 import shutil
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
+import transformers
 from flax import nnx
 from gcs_emulator import upload_dir
 from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
@@ -27,6 +29,8 @@ from orbax.checkpoint._src import asyncio_utils
 from gsm8k_jax.checkpoints import lora, lora_checkpoint, orbax_reads
 from gsm8k_jax.checkpoints.lora import LoraConfig
 from gsm8k_jax.models.gemma3.params import CheckpointError, load_hf_model
+from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.decode import prompt_positions
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -164,6 +168,65 @@ def test_a_sampler_refuses_a_model_whose_adapter_changed(setup):
         change()
         with pytest.raises(ValueError, match="changed structure since this Sampler"):
             sampler.generate([IDS[0].tolist()], params)
+
+
+@pytest.fixture(scope="module")
+def tiny_actor(tmp_path_factory):
+    """A Tunix checkpoint (random factors) for the bundled model."""
+    actor = tmp_path_factory.mktemp("tiny_lora") / "actor"
+    hf_config = transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    write_tunix_checkpoint(
+        actor / "5" / "model_params", random_factors(hf_config, RANK, seed=3)
+    )
+    return actor
+
+
+def test_lora_mode_names_the_way_a_model_carries_its_lora(tiny_actor):
+    """In the default bfloat16: none, attached, merged (in a clone too, which
+    shares the merged arrays), through qwix; detaching makes it none."""
+    model, _, _ = load_pretrained("gemma3-tiny")
+    assert model.layers[0].mlp.down_proj.kernel[...].dtype == jnp.bfloat16
+    assert lora.lora_mode(model) is None
+    lora.load_lora(model, tiny_actor, CONFIG)
+    assert lora.lora_mode(model) == "attached"
+    lora.detach_lora(model)
+    assert lora.lora_mode(model) is None
+    params = lora_checkpoint.restore_lora_params(tiny_actor)
+    through_qwix = lora.apply_lora(model, params, CONFIG)
+    assert (lora.lora_mode(through_qwix), lora.lora_mode(model)) == ("qwix", None)
+    lora.load_lora(model, tiny_actor, CONFIG, merge=True)
+    assert lora.lora_mode(model) == lora.lora_mode(nnx.clone(model)) == "merged"
+    fresh, _, _ = load_pretrained("gemma3-tiny")
+    assert lora.lora_mode(fresh) is None
+
+
+def test_detaching_a_merged_lora_is_refused(tiny_actor):
+    """A merged update cannot be taken out: detach_lora said nothing and the
+    model went on computing the merged weights. Putting the base weights
+    back (as the sweep does) makes it the base model again."""
+    model, _, _ = load_pretrained("gemma3-tiny")
+    base = nnx.clone(model)
+    base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+    base_logits = our_logits(base)
+    lora.load_lora(model, tiny_actor, CONFIG, merge=True)
+    # On a clone (sharing the arrays): an NNX transform such as nnx.jit
+    # writes new arrays into the model it is given, which are not known as
+    # merged.
+    merged_logits = our_logits(nnx.clone(model))
+    assert np.abs(merged_logits - base_logits).max() > 0.1
+    for target in (model, nnx.clone(model)):
+        with pytest.raises(
+            ValueError,
+            match=r"^The model has a LoRA update merged in \(layers/0/\S+ and \d+"
+            r" more\), which cannot be detached: load the base model again"
+            r" \(load_pretrained\), or attach instead of merging",
+        ):
+            lora.detach_lora(target)
+    np.testing.assert_array_equal(our_logits(nnx.clone(model)), merged_logits)
+    nnx.update(model, base_params)
+    lora.detach_lora(model)
+    assert lora.lora_mode(model) is None
+    np.testing.assert_array_equal(our_logits(model), base_logits)
 
 
 def test_step_and_params_folders_and_layouts(setup, tmp_path):

@@ -15,12 +15,14 @@ import jax
 import numpy as np
 import pytest
 import scipy.stats
+import transformers
 from eval.test_scoring import wilson
 from flax import nnx
 from fresh_interpreter import imported_after
 from gcs_emulator import upload_dir
+from lora_checkpoints import random_factors, write_tunix_checkpoint
 
-from gsm8k_jax.checkpoints.lora import LoraConfig
+from gsm8k_jax.checkpoints.lora import LoraConfig, load_lora
 from gsm8k_jax.checkpoints.lora_checkpoint import (
     TRAINING_SETTINGS_FILE,
     save_lora_config,
@@ -38,6 +40,7 @@ from gsm8k_jax.eval.runs import RunResult, load_run, load_runs
 from gsm8k_jax.eval.sweep import evaluate_checkpoints
 from gsm8k_jax.models.gemma3.params import CheckpointError
 from gsm8k_jax.models.registry import load_pretrained
+from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.sampler import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1053,6 +1056,45 @@ def test_sweep_restores_base_weights_between_checkpoints(cli_runs, tmp_path):
 
     report = compare_runs(runs, num_resamples=100)
     assert [p.candidate for p in report.paired] == [1, 2] and not report.consistency
+
+
+def test_sweep_records_how_its_loader_applies_each_checkpoint(tmp_path):
+    """The default loader attaches ("attached", which `evaluate` checks
+    against the model); a loader of the user's records "custom", which it
+    cannot check. Here that loader merges: the sweep puts the base weights
+    back before detaching, so no merged update is left to refuse."""
+    hf_config = transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    checkpoints = []
+    for seed, name in enumerate("ab"):
+        actor = tmp_path / name / "actor"
+        factors = random_factors(hf_config, 4, seed=seed)
+        write_tunix_checkpoint(actor / "5" / "model_params", factors)
+        checkpoints.append(str(actor))
+    sweep = functools.partial(
+        evaluate_checkpoints,
+        "gemma3-tiny",
+        None,
+        lora_config=LoraConfig(rank=4, alpha=8.0),
+        eval_config=EvalConfig(
+            batch_size=2, sampling=SamplingParams(max_generation_steps=4)
+        ),
+        num_examples=2,
+        show_progress=False,
+    )
+    merged = sweep(
+        lora_paths=checkpoints,
+        output_dir=tmp_path / "merged",
+        include_base=False,
+        load_lora_fn=functools.partial(load_lora, merge=True),
+    )
+    (attached,) = sweep(
+        lora_paths=checkpoints[:1], output_dir=tmp_path / "attached", include_base=False
+    )
+    assert [r.run_info["lora_mode"] for r in merged] == ["custom", "custom"]
+    assert attached.run_info["lora_mode"] == "attached"
+    # Between two LoRA runs, how each was applied is a setting they differ in.
+    (paired,) = compare_runs([attached, merged[0]], num_resamples=10).paired
+    assert paired.differing_settings == ["lora_mode"]
 
 
 def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
