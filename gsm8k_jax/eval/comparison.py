@@ -132,6 +132,10 @@ class PairedComparison:
         got right, `c` those only the candidate got right.
       significant: whether McNemar's p is below the report's significance
         level; None when no problem is paired.
+      significant_holm: whether it stays significant at that level with
+        Holm's correction for every comparison of the report (several runs
+        each tested against one baseline: by chance alone, one in twenty
+        passes at 5%); the same as `significant` with one comparison.
       baseline_only_correct: ids of the `b` problems.
       candidate_only_correct: ids of the `c` problems.
       disagreements: the `b` and `c` problems in id order, to read.
@@ -154,6 +158,7 @@ class PairedComparison:
     difference: stats.BootstrapResult | None
     mcnemar: stats.McNemarResult | None
     significant: bool | None
+    significant_holm: bool | None
     baseline_only_correct: list[int]
     candidate_only_correct: list[int]
     disagreements: list[Disagreement]
@@ -291,6 +296,7 @@ def _paired(
         ),
         mcnemar=mcnemar,
         significant=None if mcnemar is None else mcnemar.p_value < SIGNIFICANCE_LEVEL,
+        significant_holm=None,  # Known once every run is paired (`_with_holm`).
         baseline_only_correct=[d.id for d in disagreements if d.baseline.correct],
         candidate_only_correct=[d.id for d in disagreements if d.candidate.correct],
         disagreements=disagreements,
@@ -342,6 +348,18 @@ def _settings_key(run: RunResult) -> str:
     if info.get("data_sha256") != "gcs":  # (Older records: gs:// data unhashed.)
         info.pop("data_path", None)
     return json.dumps(info, sort_keys=True)
+
+
+def _with_holm(paired: list[PairedComparison]) -> list[PairedComparison]:
+    """`paired` with each verdict corrected for all of them (Holm)."""
+    tested = [p for p in paired if p.mcnemar is not None]
+    rejected = stats.holm_rejections(
+        [p.mcnemar.p_value for p in tested], SIGNIFICANCE_LEVEL
+    )
+    holm = {p.candidate: r for p, r in zip(tested, rejected, strict=True)}
+    return [
+        dataclasses.replace(p, significant_holm=holm.get(p.candidate)) for p in paired
+    ]
 
 
 def _consistency(runs: Sequence[RunResult], i: int, j: int) -> BatchConsistency:
@@ -439,11 +457,13 @@ def compare_runs(
     return ComparisonReport(
         runs=[_run_row(i, run) for i, run in enumerate(runs)],
         baseline=base,
-        paired=[
-            _paired(runs, base, i, num_resamples, seed)
-            for i in range(len(runs))
-            if i != base
-        ],
+        paired=_with_holm(
+            [
+                _paired(runs, base, i, num_resamples, seed)
+                for i in range(len(runs))
+                if i != base
+            ]
+        ),
         consistency=[
             _consistency(runs, i, j)
             for members in groups.values()

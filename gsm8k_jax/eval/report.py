@@ -170,6 +170,18 @@ def _paired_section_markdown(
         )
         lines.append(summary + _verdict(p, level) + differs)
     lines.append("")
+    tested = [p for p in report.paired if p.significant_holm is not None]
+    if len(tested) > 1:
+        kept = [_label(rows[p.candidate]) for p in tested if p.significant_holm]
+        lines += [
+            (
+                f"{len(tested)} runs are each tested against the baseline, so one"
+                f" may pass at {level:.0%} by chance alone. With Holm's correction"
+                f" for the {len(tested)} tests, significant at {level:.0%}:"
+                f" {', '.join(kept) or 'none'}."
+            ),
+            "",
+        ]
     if any(p.first_sample_only for p in report.paired):
         lines += [
             (

@@ -28,6 +28,7 @@ __all__ = [
     "McNemarResult",
     "accuracy_interval",
     "clustered_mean_accuracy",
+    "holm_rejections",
     "mcnemar_exact",
     "paired_bootstrap_diff",
     "standard_error",
@@ -275,6 +276,20 @@ def mcnemar_exact(
     else:
         p_value = min(1.0, 2.0 * _binom_half_lower_tail(min(b, c), n))
     return McNemarResult(b=b, c=c, num_items=int(a.shape[0]), p_value=p_value)
+
+
+def holm_rejections(p_values: Sequence[float], level: float) -> list[bool]:
+    """Which of several tests' null hypotheses Holm's step-down method
+    rejects at family-wise error `level`: the i-th smallest p-value (from
+    0) must be below level / (m - i), and so must every smaller one. With
+    one test this is `p < level`."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] >= level / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected
 
 
 @dataclass(frozen=True)

@@ -1190,3 +1190,25 @@ def test_sweep_split_over_processes_equals_one_process(tmp_path):
     assert [r.tag for r in first] == [r.tag for r in alone]
     assert [r.rollouts for r in first] == [r.rollouts for r in alone]
     assert len({tuple(x["response"] for x in r.rollouts) for r in alone}) == 3
+
+
+def test_several_runs_against_one_baseline_are_corrected_for_together():
+    """Each candidate is significant at 5% alone (McNemar p = 2/2^7 and
+    2/2^6 = 0.03125 on 10 problems the baseline all got wrong); tested
+    three at once, Holm's correction keeps the first alone."""
+    base = single([0] * 10, tag="base")
+    runs = [base] + [
+        single([1] * right + [0] * (10 - right), tag=tag)
+        for tag, right in (("seven", 7), ("six", 6), ("six_too", 6))
+    ]
+    report = compare_runs(runs, baseline=0)
+    assert [p.significant for p in report.paired] == [True, True, True]
+    assert [p.significant_holm for p in report.paired] == [True, False, False]
+    assert (
+        "3 runs are each tested against the baseline, so one may pass at 5% by"
+        " chance alone. With Holm's correction for the 3 tests, significant at 5%:"
+        " #1 `seven`." in report.to_markdown()
+    )
+    (alone,) = compare_runs(runs[:3:2], baseline=0).paired
+    assert alone.significant_holm == alone.significant is True
+    assert "Holm" not in compare_runs(runs[:3:2], baseline=0).to_markdown()

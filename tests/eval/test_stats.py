@@ -394,3 +394,27 @@ def test_clustered_se_exceeds_naive_se_when_samples_agree():
 def test_clustered_rejects_bad_input(correct):
     with pytest.raises(ValueError):
         clustered_mean_accuracy(correct)
+
+
+def test_holm_rejects_as_its_adjusted_p_values_say():
+    """Holm's step-down against its adjusted p-values (the running maximum of
+    (m - rank) * p over the sorted p-values), on random and on tied p-values;
+    one test is p < level."""
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 3, 5, 8):
+        for _ in range(200):
+            p = rng.choice([*rng.uniform(0, 0.1, size=m), 0.0125, 0.025], size=m)
+            order = np.argsort(p, kind="stable")
+            adjusted = np.maximum.accumulate(
+                np.minimum(1, (m - np.arange(m)) * p[order])
+            )
+            expected = np.empty(m, bool)
+            expected[order] = adjusted < 0.05
+            assert stats.holm_rejections(list(p), 0.05) == expected.tolist()
+    assert stats.holm_rejections([0.049], 0.05) == [True]
+    assert stats.holm_rejections([0.01, 0.04, 0.03, 0.005], 0.05) == [
+        True,
+        False,
+        False,
+        True,
+    ]
