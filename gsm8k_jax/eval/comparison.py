@@ -141,6 +141,9 @@ class PairedComparison:
       disagreements: the `b` and `c` problems in id order, to read.
       first_sample_only: True when either run drew several samples per
         question; the pairing then uses sample 0 of each.
+      mean_difference: then also, over all samples: the difference of each
+        question's share of correct samples (this run − baseline), with a
+        paired bootstrap interval over the questions; None otherwise.
       differing_settings: dotted names of the run-record settings in which
         the two runs differ besides the checkpoint, the batch size and where
         their files were (e.g. `eval.sampling.max_generation_steps`): their
@@ -163,6 +166,7 @@ class PairedComparison:
     candidate_only_correct: list[int]
     disagreements: list[Disagreement]
     first_sample_only: bool
+    mean_difference: stats.BootstrapResult | None
     differing_settings: list[str]
 
 
@@ -245,6 +249,14 @@ def _first_samples(run: RunResult) -> dict[int, dict[str, Any]]:
     return {r["id"]: r for r in run.rollouts if r["sample_index"] == 0}
 
 
+def _question_shares(run: RunResult, ids: Sequence[int]) -> list[float]:
+    """Each question's share of correct samples, in the order of `ids`."""
+    samples: dict[int, list[bool]] = {}
+    for r in run.rollouts:
+        samples.setdefault(r["id"], []).append(bool(r["correct"]))
+    return [float(np.mean(samples[i])) for i in ids]
+
+
 def _answer(rollout: dict[str, Any]) -> Answer:
     return Answer(
         response=rollout["response"],
@@ -278,6 +290,7 @@ def _paired(
         if x != y
     ]
     mcnemar = stats.mcnemar_exact(a_correct, b_correct) if ids else None
+    several = max(runs[baseline].num_samples, runs[candidate].num_samples) > 1
     return PairedComparison(
         baseline=baseline,
         candidate=candidate,
@@ -300,8 +313,18 @@ def _paired(
         baseline_only_correct=[d.id for d in disagreements if d.baseline.correct],
         candidate_only_correct=[d.id for d in disagreements if d.candidate.correct],
         disagreements=disagreements,
-        first_sample_only=max(runs[baseline].num_samples, runs[candidate].num_samples)
-        > 1,
+        first_sample_only=several,
+        mean_difference=(
+            stats.paired_bootstrap_mean_diff(
+                _question_shares(runs[baseline], ids),
+                _question_shares(runs[candidate], ids),
+                num_resamples,
+                CONFIDENCE,
+                seed,
+            )
+            if several and ids
+            else None
+        ),
         differing_settings=_setting_differences(runs[baseline], runs[candidate]),
     )
 

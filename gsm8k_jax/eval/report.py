@@ -186,10 +186,20 @@ def _paired_section_markdown(
         lines += [
             (
                 "Runs with several samples per question are paired on sample 0 of"
-                " each question."
+                " each question (McNemar's test needs one answer each). Over all"
+                " samples, each question's share of correct samples, paired by"
+                " question:"
             ),
             "",
         ]
+        for p in report.paired:
+            if (d := p.mean_difference) is not None:
+                lines.append(
+                    f"- {_label(rows[p.candidate])}: {_points(d.diff)} points, 95%"
+                    f" paired bootstrap interval [{_points(d.low)},"
+                    f" {_points(d.high)}] over {p.num_common} questions"
+                )
+        lines.append("")
     for p in report.paired:
         lines += _paired_markdown(p, report, max_disagreements)
     return lines

@@ -31,6 +31,7 @@ __all__ = [
     "holm_rejections",
     "mcnemar_exact",
     "paired_bootstrap_diff",
+    "paired_bootstrap_mean_diff",
     "standard_error",
 ]
 
@@ -338,12 +339,51 @@ def paired_bootstrap_diff(
       seed: seed for ``numpy.random.default_rng``.
     """
     a, b = _paired(a_correct, b_correct)
+    # Per-item difference in {-1, 0, 1}.
+    return _bootstrap_mean(
+        b.astype(np.float64) - a.astype(np.float64), num_resamples, confidence, seed
+    )
+
+
+def paired_bootstrap_mean_diff(
+    a_means: Sequence[float] | np.ndarray,
+    b_means: Sequence[float] | np.ndarray,
+    num_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapResult:
+    """`paired_bootstrap_diff` of per-question mean correctness, for runs
+    with several samples per question: each question's share of correct
+    samples (its own run's k, which may differ between the runs), and the
+    questions resampled, so that correlated samples of one question count
+    as one item. On 0/1 means it gives `paired_bootstrap_diff`'s result."""
+    a, b = (
+        _as_share_vector(n, v) for n, v in (("a_means", a_means), ("b_means", b_means))
+    )
+    if a.shape != b.shape:
+        raise ValueError(
+            "a_means and b_means must score the same questions: got lengths "
+            f"{a.shape[0]} and {b.shape[0]}"
+        )
+    return _bootstrap_mean(b - a, num_resamples, confidence, seed)
+
+
+def _as_share_vector(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty vector, got shape {arr.shape}")
+    if not np.all((arr >= 0) & (arr <= 1)):
+        raise ValueError(f"{name} must hold shares in [0, 1]")
+    return arr
+
+
+def _bootstrap_mean(
+    d: np.ndarray, num_resamples: int, confidence: float, seed: int
+) -> BootstrapResult:
+    """The percentile interval of the mean of `d` (per-item differences B - A)
+    over resampled items."""
     num_resamples = check_int("num_resamples", num_resamples, 1)
     confidence = _check_confidence(confidence)
-
-    # Per-item difference in {-1, 0, 1}; mean over resampled indices equals
-    # mean(b[idx]) - mean(a[idx]) for the same idx.
-    d = b.astype(np.int8) - a.astype(np.int8)
     n = d.shape[0]
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
@@ -351,7 +391,7 @@ def paired_bootstrap_diff(
     for start in range(0, num_resamples, chunk):
         stop = min(start + chunk, num_resamples)
         idx = rng.integers(0, n, size=(stop - start, n))
-        diffs[start:stop] = d[idx].sum(axis=1, dtype=np.int64) / n
+        diffs[start:stop] = d[idx].sum(axis=1) / n
 
     alpha = 1.0 - confidence
     low, high = np.quantile(diffs, [alpha / 2.0, 1.0 - alpha / 2.0])

@@ -1212,3 +1212,22 @@ def test_several_runs_against_one_baseline_are_corrected_for_together():
     (alone,) = compare_runs(runs[:3:2], baseline=0).paired
     assert alone.significant_holm == alone.significant is True
     assert "Holm" not in compare_runs(runs[:3:2], baseline=0).to_markdown()
+
+
+def test_runs_of_several_samples_are_also_paired_over_all_samples():
+    """McNemar pairs sample 0; the mean difference pairs each question's share
+    of correct samples (greedy baseline: k = 1), here +7/16 - 1/4 points."""
+    sampled = sampled_run()
+    greedy = single([1, 0, 0, 0], tag="greedy")
+    report = compare_runs([greedy, sampled], baseline=0, num_resamples=2000)
+    (p,) = report.paired
+    shares = np.mean(GRID, axis=1)
+    assert p.first_sample_only and p.num_common == 4
+    assert p.mean_difference.diff == pytest.approx(shares.mean() - 1 / 4)
+    assert p.mean_difference.low <= p.mean_difference.diff <= p.mean_difference.high
+    assert (
+        f"- #1 `k4`: {100 * (shares.mean() - 1 / 4):+.2f} points, 95% paired"
+        " bootstrap interval" in report.to_markdown()
+    )
+    (greedy_pair,) = compare_runs([greedy, single([1, 1, 0, 0])]).paired
+    assert greedy_pair.mean_difference is None
