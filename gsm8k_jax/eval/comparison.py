@@ -315,7 +315,7 @@ def _paired(
         disagreements=disagreements,
         first_sample_only=several,
         mean_difference=(
-            stats.paired_bootstrap_mean_diff(
+            stats.paired_bootstrap_diff(
                 _question_shares(runs[baseline], ids),
                 _question_shares(runs[candidate], ids),
                 num_resamples,

@@ -17,9 +17,10 @@ reported as ``B - A``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,6 @@ __all__ = [
     "holm_rejections",
     "mcnemar_exact",
     "paired_bootstrap_diff",
-    "paired_bootstrap_mean_diff",
     "standard_error",
 ]
 
@@ -62,14 +62,19 @@ def check_int(name: str, value: int, minimum: int) -> int:
     return value
 
 
-def _as_bool_vector(name: str, values: Sequence[bool] | np.ndarray) -> np.ndarray:
-    """Converts a 1-D sequence of booleans (or 0/1 numbers) to a bool array."""
+def _vector(name: str, values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """`values` as a non-empty 1-D array."""
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty; need at least one item")
-    return _to_bool(name, arr)
+    return arr
+
+
+def _as_bool_vector(name: str, values: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Converts a 1-D sequence of booleans (or 0/1 numbers) to a bool array."""
+    return _to_bool(name, _vector(name, values))
 
 
 def _to_bool(name: str, arr: np.ndarray) -> np.ndarray:
@@ -82,11 +87,23 @@ def _to_bool(name: str, arr: np.ndarray) -> np.ndarray:
     return arr.astype(bool)
 
 
+def _as_share_vector(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """A 1-D sequence of shares in [0, 1] (or booleans) as a float64 array."""
+    arr = _vector(name, values)
+    numeric = arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.number)
+    if not numeric or not np.all((arr >= 0) & (arr <= 1)):
+        raise ValueError(f"{name} must hold booleans, 0/1 or shares in [0, 1]")
+    return arr.astype(np.float64)
+
+
 def _paired(
-    a_correct: Sequence[bool] | np.ndarray, b_correct: Sequence[bool] | np.ndarray
+    a_correct: Sequence[Any] | np.ndarray,
+    b_correct: Sequence[Any] | np.ndarray,
+    as_vector: Callable[[str, Any], np.ndarray] = _as_bool_vector,
 ) -> tuple[np.ndarray, np.ndarray]:
-    a = _as_bool_vector("a_correct", a_correct)
-    b = _as_bool_vector("b_correct", b_correct)
+    """Both runs' per-item scores (`as_vector`'s), of the same items."""
+    a = as_vector("a_correct", a_correct)
+    b = as_vector("b_correct", b_correct)
     if a.shape != b.shape:
         raise ValueError(
             "a_correct and b_correct must score the same items: got lengths "
@@ -315,8 +332,8 @@ class BootstrapResult:
 
 
 def paired_bootstrap_diff(
-    a_correct: Sequence[bool] | np.ndarray,
-    b_correct: Sequence[bool] | np.ndarray,
+    a_correct: Sequence[float] | np.ndarray,
+    b_correct: Sequence[float] | np.ndarray,
     num_resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -331,59 +348,22 @@ def paired_bootstrap_diff(
     bounded (about 32 MiB of indices) whatever ``num_resamples`` is; the result
     depends only on ``seed``, not on the chunking.
 
+    An item may also be a question's share of correct samples, for runs of
+    several samples per question (each its own run's k): the questions are
+    resampled, so correlated samples of one question count as one item.
+
     Args:
-      a_correct: per-item correctness of model A (bools or 0/1).
+      a_correct: per-item correctness of model A (bools, 0/1, or shares in
+        [0, 1]).
       b_correct: per-item correctness of model B, same items in the same order.
       num_resamples: number of bootstrap resamples (``>= 1``).
       confidence: two-sided confidence level in ``(0, 1)``.
       seed: seed for ``numpy.random.default_rng``.
     """
-    a, b = _paired(a_correct, b_correct)
-    # Per-item difference in {-1, 0, 1}.
-    return _bootstrap_mean(
-        b.astype(np.float64) - a.astype(np.float64), num_resamples, confidence, seed
-    )
-
-
-def paired_bootstrap_mean_diff(
-    a_means: Sequence[float] | np.ndarray,
-    b_means: Sequence[float] | np.ndarray,
-    num_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> BootstrapResult:
-    """`paired_bootstrap_diff` of per-question mean correctness, for runs
-    with several samples per question: each question's share of correct
-    samples (its own run's k, which may differ between the runs), and the
-    questions resampled, so that correlated samples of one question count
-    as one item. On 0/1 means it gives `paired_bootstrap_diff`'s result."""
-    a, b = (
-        _as_share_vector(n, v) for n, v in (("a_means", a_means), ("b_means", b_means))
-    )
-    if a.shape != b.shape:
-        raise ValueError(
-            "a_means and b_means must score the same questions: got lengths "
-            f"{a.shape[0]} and {b.shape[0]}"
-        )
-    return _bootstrap_mean(b - a, num_resamples, confidence, seed)
-
-
-def _as_share_vector(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty vector, got shape {arr.shape}")
-    if not np.all((arr >= 0) & (arr <= 1)):
-        raise ValueError(f"{name} must hold shares in [0, 1]")
-    return arr
-
-
-def _bootstrap_mean(
-    d: np.ndarray, num_resamples: int, confidence: float, seed: int
-) -> BootstrapResult:
-    """The percentile interval of the mean of `d` (per-item differences B - A)
-    over resampled items."""
+    a, b = _paired(a_correct, b_correct, _as_share_vector)
     num_resamples = check_int("num_resamples", num_resamples, 1)
     confidence = _check_confidence(confidence)
+    d = b - a  # Per-item difference; a mean over resampled items is B - A's.
     n = d.shape[0]
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)

@@ -421,19 +421,18 @@ def test_holm_rejects_as_its_adjusted_p_values_say():
 
 
 def test_paired_bootstrap_of_shares():
-    """On 0/1 shares it is the paired bootstrap of correctness; on shares its
-    standard error is the paired difference's (std / sqrt(n)) within 5%."""
+    """Items may be each question's share of correct samples: on 0/1 shares
+    it is the bootstrap of correctness; on shares its standard error is the
+    paired difference's (std / sqrt(n)) within 5%."""
     rng = np.random.default_rng(1)
     a, b = rng.random(300) < 0.4, rng.random(300) < 0.5
-    assert stats.paired_bootstrap_mean_diff(
+    assert stats.paired_bootstrap_diff(
         a.astype(float), b.astype(float), 500, seed=3
     ) == stats.paired_bootstrap_diff(a, b, 500, seed=3)
     a_shares, b_shares = rng.integers(0, 9, 400) / 8, rng.integers(0, 9, 400) / 8
-    result = stats.paired_bootstrap_mean_diff(a_shares, b_shares, 20_000)
+    result = stats.paired_bootstrap_diff(a_shares, b_shares, 20_000)
     d = b_shares - a_shares
     assert result.diff == pytest.approx(d.mean())
     assert result.std_error == pytest.approx(d.std(ddof=1) / 20, rel=0.05)
     with pytest.raises(ValueError, match=r"shares in \[0, 1\]"):
-        stats.paired_bootstrap_mean_diff([0.5, 1.5], [0.5, 0.5])
-    with pytest.raises(ValueError, match="same questions"):
-        stats.paired_bootstrap_mean_diff([0.5], [0.5, 0.5])
+        stats.paired_bootstrap_diff([0.5, 1.5], [0.5, 0.5])
