@@ -260,6 +260,12 @@ def _paired_markdown(
             f"- Difference (this run − baseline): {_points(d.diff)} points, 95% paired"
             f" bootstrap interval [{_points(d.low)}, {_points(d.high)}]"
             f" ({report.num_resamples:,} resamples)"
+            + (
+                "; the runs are right on the same problems, so no resample differs"
+                " (the interval is a point, not certainty)"
+                if m.b + m.c == 0
+                else ""
+            )
         ),
         (
             f"- McNemar exact test: b = {m.b} (only the baseline right), c = {m.c}"

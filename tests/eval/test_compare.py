@@ -1231,3 +1231,14 @@ def test_runs_of_several_samples_are_also_paired_over_all_samples():
     )
     (greedy_pair,) = compare_runs([greedy, single([1, 1, 0, 0])]).paired
     assert greedy_pair.mean_difference is None
+
+
+def test_runs_right_on_the_same_problems_get_a_point_interval_said_so():
+    """No discordant problem: every resample gives the same difference, which
+    the report says instead of a bare [+0.00, +0.00]."""
+    same = compare_runs([single([0, 1, 0], tag="a"), single([0, 1, 0], tag="b")])
+    (p,) = same.paired
+    assert p.difference.low == p.difference.high == 0
+    assert "the interval is a point, not certainty" in same.to_markdown()
+    other = compare_runs([single([0, 1, 0], tag="a"), single([1, 1, 0], tag="b")])
+    assert "not certainty" not in other.to_markdown()
