@@ -19,9 +19,13 @@ CONFIG_FLAG = "--model.lora_config"
 
 
 def named_setting(field: str, value) -> str:
-    """A LoRA setting as messages name it, for notebook and command line
-    alike: `LoraConfig rank=8 (--model.lora_config.rank)`."""
-    return f"LoraConfig {field}={value!r} ({CONFIG_FLAG}.{field})"
+    """A LoRA setting as messages name it, for notebook, command line and
+    lm-eval alike: `LoraConfig rank=8 (--model.lora_config.rank; lm-eval's
+    model_args: lora_rank)`."""
+    return (
+        f"LoraConfig {field}={value!r} ({CONFIG_FLAG}.{field}; lm-eval's"
+        f" model_args: lora_{field})"
+    )
 
 
 class _DefaultAlpha(float):

@@ -187,7 +187,8 @@ def test_recorded_lora_config_is_used_and_enforced(tmp_path):
     )
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert (
-        "alpha=2.0 (--model.lora_config.alpha), but the checkpoint was trained with"
+        "alpha=2.0 (--model.lora_config.alpha; lm-eval's model_args: lora_alpha), but"
+        " the checkpoint was trained with"
         " alpha=8.0" in wrong.stderr
     )
     assert not (tmp_path / "wrong").exists()

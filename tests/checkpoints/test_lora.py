@@ -327,7 +327,8 @@ def test_recorded_config_is_used_and_a_contradicting_one_refused(setup, tmp_path
     np.testing.assert_allclose(our_logits(attached), setup.expected, atol=1e-4)
     with pytest.raises(
         ValueError,
-        match=r"alpha=2\.0 \(--model\.lora_config\.alpha\), but the checkpoint",
+        match=r"alpha=2\.0 \(--model\.lora_config\.alpha; lm-eval's model_args:"
+        r" lora_alpha\), but the checkpoint",
     ):
         lora.load_lora(nnx.clone(setup.base), tmp_path / "actor", LoraConfig(rank=RANK))
 
@@ -374,7 +375,8 @@ def test_wrong_rank(setup):
     params = lora_checkpoint.restore_lora_params(setup.run / "actor")
     with pytest.raises(
         CheckpointError,
-        match=r"LoRA rank mismatch: LoraConfig rank=16 \(--model\.lora_config\.rank\)"
+        match=r"LoRA rank mismatch: LoraConfig rank=16 \(--model\.lora_config\.rank;"
+        r" lm-eval's model_args: lora_rank\)"
         r" but checkpoint has rank 4 \(layers/0/attn/\w+/w_lora_a \[.*, 4\]\)",
     ):
         lora.merge_lora(nnx.clone(setup.base), params, LoraConfig(rank=16))
@@ -410,7 +412,8 @@ def test_module_path_missing_trained_modules(setup):
     with pytest.raises(
         CheckpointError,
         match=r"module_path='\.\*q_einsum\|\.\*kv_einsum'"
-        r" \(--model\.lora_config\.module_path\) does not select"
+        r" \(--model\.lora_config\.module_path; lm-eval's model_args:"
+        r" lora_module_path\) does not select"
         r" layers/0/attn/attn_vec_einsum/w, .* use the module_path the adapter was"
         " trained with",
     ):
