@@ -125,6 +125,7 @@ class RunFiles:
             storage.join(self.output_dir, f"chunks_{tag}"), process_index
         )
         self._warned: set[str] = set()
+        self._extended = False  # The last check: results go on to more problems.
 
     def _warn(self, message: str) -> None:
         """Warns once per message and RunFiles: a run reads its files again
@@ -144,6 +145,9 @@ class RunFiles:
             for path in (self.rollouts_path, self.summary_path):
                 storage.remove(path)
             self.chunks.remove()
+        elif self._extended:
+            # It summarised fewer problems: until the run ends, it is not finished.
+            storage.remove(self.summary_path)
         storage.write_atomic(self.run_path, _json_file(run_info))
 
     def check(
@@ -174,6 +178,7 @@ class RunFiles:
     def _check_results(
         self, run_info: Callable[[], dict[str, Any]], *, resume: bool, overwrite: bool
     ) -> None:
+        self._extended = False
         # A record without results (a start that failed before its first
         # finished sequence) blocks nothing: it is simply rewritten.
         if self.has_results() and not overwrite:
@@ -188,6 +193,7 @@ class RunFiles:
                 self._check_more_problems(
                     recorded["num_examples"], wanted["num_examples"]
                 )
+                self._extended = True
             elif changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"

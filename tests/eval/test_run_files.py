@@ -429,3 +429,24 @@ def test_beside_a_greedy_run_only_the_temperature_differs():
     assert differing_settings(greedy, sampled) == ["eval.sampling.temperature"]
     other_seed = record(temperature=0.7, seed=4, top_k=0, top_p=1.0)
     assert differing_settings(sampled, other_seed) == ["eval.sampling.seed"]
+
+
+def test_a_run_going_on_to_more_problems_is_unfinished_until_it_ends(tmp_path):
+    """Its summary of fewer problems is removed as it goes on (a comparison
+    would take it for finished); its finished rows are kept. A rerun on as
+    many problems keeps the summary."""
+    files = RunFiles(tmp_path, "t")
+    files.prepare({"num_examples": 2}, resume=True, overwrite=False)
+    files.write_rollouts([record(0), record(1)])
+    files.write_summary({"run": {"num_examples": 2}})
+    files.release()
+    same = RunFiles(tmp_path, "t")
+    same.prepare({"num_examples": 2}, resume=True, overwrite=False)
+    assert same.read_summary() is not None
+    same.release()
+    more = RunFiles(tmp_path, "t")
+    more.prepare({"num_examples": 5}, resume=True, overwrite=False)
+    assert more.read_summary() is None
+    assert [r["id"] for r in more.read_finished(1)] == [0, 1]
+    assert more.read_run_info() == {"num_examples": 5}
+    more.release()
