@@ -60,10 +60,12 @@ def lora_mode(model: nnx.Module) -> str | None:
     first of that order.
 
     A weight changed by other means (e.g. a custom sweep loader) is not
-    seen: only these three. Nor is a merge once an NNX transform (`nnx.jit`
-    and the like) has been called on the model itself: it writes new arrays
-    into the model, which `MERGED_ARRAYS` does not know (the `Sampler`, a
-    clone or a copy of the model's state keep them).
+    seen: only these three. Nor is a merge once new arrays replace the
+    merged ones in the model itself, which `MERGED_ARRAYS` does not know:
+    an NNX transform (`nnx.jit` and the like) called on the model, or its
+    weights moved onto a mesh (`Sampler(model, ..., mesh=...)` of a model
+    loaded without one: load it with the mesh before merging). A clone or a
+    copy of the model's state keeps them.
     """
     if nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         return "qwix"

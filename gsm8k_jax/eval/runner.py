@@ -175,9 +175,15 @@ def _check_lora_matches(model: Any, run_info: dict[str, Any]) -> None:
         "qwix": f"apply_lora(model, restore_lora_params({checkpoint!r}), ...)",
     }[recorded]
     if carried is None:
+        moved = (
+            " (or, if it was merged before its weights moved onto a mesh, load"
+            " the model with the mesh, then merge)"
+            if recorded == "merged"
+            else ""
+        )
         raise ValueError(
             f"run_info records LoRA checkpoint {checkpoint} ({recorded}) but the"
-            f" model carries none: {apply} first."
+            f" model carries none: {apply} first{moved}."
         )
     raise ValueError(
         f"run_info records LoRA checkpoint {checkpoint} {recorded} but the model"
@@ -439,8 +445,9 @@ def _generate(
     stop_sequences: Sequence[Sequence[int]],
     batch_size: int,
 ) -> None:
-    """Generates the `todo` examples' answers, `batch_size` rows at a time, committing each group of
-    finished rollouts to `files` as it comes, and keeps `bar` up to date.
+    """Generates the `todo` examples' answers, `batch_size` rows at a time,
+    committing each group of finished rollouts to `files` as it comes, and
+    keeps `bar` up to date.
     The task's stop strings cut the responses; generation ends at
     `stop_sequences`, the tokens that write them."""
     params = config.sampling

@@ -31,7 +31,7 @@ from gsm8k_jax import stop_signals, storage
 from gsm8k_jax.checkpoints.sources import resolve_model_dir
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.results import ResultsError, RunFiles
-from gsm8k_jax.eval.run_record import model_config, run_info, run_tag
+from gsm8k_jax.eval.run_record import model_config, run_info, run_tag_of
 from gsm8k_jax.eval.runner import EvalConfig, check_generation_limit, evaluate
 from gsm8k_jax.eval.runs import RunResult, load_run_files
 from gsm8k_jax.models.gemma3.model import Gemma3
@@ -295,14 +295,7 @@ def evaluate_checkpoints(
             warning := trained.base_model_warning(info["model_revision"], model_dir)
         ):
             logging.warning("%s", warning)
-        tag = run_tag(
-            model_name,
-            lora_path,
-            eval_config.batch_size,
-            run_lora_config if lora_path else None,
-            task=eval_config.task,
-            sampling=eval_config.sampling,
-        )
+        tag = run_tag_of(info)  # The tag the scripts give this record's run.
         files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))
     by_tag: dict[str, list[str]] = {}

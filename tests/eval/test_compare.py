@@ -946,7 +946,8 @@ def test_sweep_uses_each_checkpoints_recorded_config(tmp_path, caplog):
     )
     with pytest.raises(
         ValueError,
-        match=r"alpha=2\.0 \(--model\.lora_config\.alpha\), but the checkpoint",
+        match=r"alpha=2\.0 \(--model\.lora_config\.alpha; lm-eval's model_args:"
+        r" lora_alpha\), but the checkpoint",
     ):
         sweep(output_dir=tmp_path / "refused", given_lora_fields={"alpha"})
     assert not (tmp_path / "refused").exists() and not used
