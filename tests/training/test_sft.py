@@ -334,7 +334,8 @@ def test_qwix_lora_model_refuses_a_module_path_matching_nothing(base_dir):
     base = load_hf_model(base_dir, dtype=jnp.float32)
     with pytest.raises(
         ValueError,
-        match=r"module_path='nomatch' \(--model\.lora_config\.module_path\) matches no"
+        match=r"module_path='nomatch' \(--model\.lora_config\.module_path; lm-eval's"
+        r" model_args: lora_module_path\) matches no"
         r" layer of the model .*; Tunix's default is '\.\*q_einsum",
     ):
         qwix_lora_model(base, LoraConfig(module_path="nomatch"))
