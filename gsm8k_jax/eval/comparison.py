@@ -251,10 +251,11 @@ def _first_samples(run: RunResult) -> dict[int, dict[str, Any]]:
 
 def _question_shares(run: RunResult, ids: Sequence[int]) -> list[float]:
     """Each question's share of correct samples, in the order of `ids`."""
-    samples: dict[int, list[bool]] = {}
-    for r in run.rollouts:
-        samples.setdefault(r["id"], []).append(bool(r["correct"]))
-    return [float(np.mean(samples[i])) for i in ids]
+    shares = {
+        group[0]["id"]: float(np.mean([bool(r["correct"]) for r in group]))
+        for group in run.by_question()
+    }
+    return [shares[i] for i in ids]
 
 
 def _answer(rollout: dict[str, Any]) -> Answer:

@@ -125,7 +125,6 @@ class RunFiles:
             storage.join(self.output_dir, f"chunks_{tag}"), process_index
         )
         self._warned: set[str] = set()
-        self._extended = False  # The last check: results go on to more problems.
 
     def _warn(self, message: str) -> None:
         """Warns once per message and RunFiles: a run reads its files again
@@ -140,12 +139,12 @@ class RunFiles:
         """`check`s, then (re)writes the run record; with `overwrite`, first
         removes the run's results. Process 0's work: the other processes of
         a multi-host run only `check`, and wait for process 0."""
-        self.check(lambda: run_info, resume=resume, overwrite=overwrite)
+        extends = self.check(lambda: run_info, resume=resume, overwrite=overwrite)
         if overwrite:
             for path in (self.rollouts_path, self.summary_path):
                 storage.remove(path)
             self.chunks.remove()
-        elif self._extended:
+        elif extends:
             # It summarised fewer problems: until the run ends, it is not finished.
             storage.remove(self.summary_path)
         storage.write_atomic(self.run_path, _json_file(run_info))
@@ -156,10 +155,11 @@ class RunFiles:
         *,
         resume: bool,
         overwrite: bool,
-    ) -> None:
+    ) -> bool:
         """Checks the folder is writable, no other process is running this
         run there (`run_lock`; this process holds the run until `release`),
-        and the files belong to this run.
+        and the files belong to this run; returns whether they go on to more
+        problems than the run was started with (`num_examples`).
 
         Raises before any result is changed, so bad input never damages
         results already written (and then holds no lock it took). `run_info()`
@@ -169,7 +169,7 @@ class RunFiles:
         storage.require_writable(self.output_dir)
         took = run_lock.acquire(self.output_dir, self.tag, self.process_index)
         try:
-            self._check_results(run_info, resume=resume, overwrite=overwrite)
+            return self._check_results(run_info, resume=resume, overwrite=overwrite)
         except BaseException:
             if took:
                 self.release()
@@ -177,8 +177,7 @@ class RunFiles:
 
     def _check_results(
         self, run_info: Callable[[], dict[str, Any]], *, resume: bool, overwrite: bool
-    ) -> None:
-        self._extended = False
+    ) -> bool:
         # A record without results (a start that failed before its first
         # finished sequence) blocks nothing: it is simply rewritten.
         if self.has_results() and not overwrite:
@@ -193,13 +192,14 @@ class RunFiles:
                 self._check_more_problems(
                     recorded["num_examples"], wanted["num_examples"]
                 )
-                self._extended = True
-            elif changed:
+                return True
+            if changed:
                 raise ResultsError(
                     f"{self.output_dir} holds results of run '{self.tag}' made with other"
                     f" settings (differing: {', '.join(changed)}). Use another"
                     " --output_dir, or --overwrite to replace them."
                 )
+        return False
 
     def _check_more_problems(self, recorded: int, wanted: int) -> None:
         """A run goes on to more problems than it was started with, keeping
