@@ -35,8 +35,9 @@ __all__ = [
     "standard_error",
 ]
 
-# Upper bound on the number of int64 indices materialised at once by the
-# bootstrap (4M * 8 bytes = 32 MiB); resamples are processed in chunks.
+# Upper bound on the resampled items materialised at once by the bootstrap:
+# 4M int64 indices and the 4M float64 differences they pick (32 MiB each);
+# resamples are processed in chunks.
 _BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -345,7 +346,7 @@ def paired_bootstrap_diff(
     much narrower than treating the two accuracies as independent when the
     models agree on most items). The interval is the percentile interval of the
     resampled differences. Resamples are processed in chunks so memory stays
-    bounded (about 32 MiB of indices) whatever ``num_resamples`` is; the result
+    bounded (about 64 MiB of indices and picked differences) whatever ``num_resamples`` is; the result
     depends only on ``seed``, not on the chunking.
 
     An item may also be a question's share of correct samples, for runs of
