@@ -2,8 +2,8 @@
 place, kept in float32 so that a small update survives a bfloat16 model.
 Those layers then compute in float32 (twice the bytes of their bf16
 weights), so in bfloat16 their results differ from the base model's even
-for a zero update. Each merged array is recorded (`lora_state`), so that
-a second update on top is refused.
+for a zero update. Each merged weight is marked (`lora_state.MERGED`), so
+that a second update on top is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsm8k_jax.checkpoints.lora_config import LoraConfig
-from gsm8k_jax.checkpoints.lora_state import MERGED_ARRAYS
+from gsm8k_jax.checkpoints.lora_state import mark_merged
 from gsm8k_jax.checkpoints.lora_targets import (
     Target,
     check_no_adapter,
@@ -75,6 +75,11 @@ def merge_lora(
     layers in float32 and returns activations in its own dtype. A weight
     split over a mesh stays split as it is (its factors are placed to
     match), so no device ever holds a whole merged weight.
+
+    Each merged weight is marked (`lora_state.MERGED`, metadata that is part
+    of the model's structure, `nnx.graphdef`): a `Sampler` made before
+    merging refuses the merged model, as one made before attaching does.
+    Make it after merging.
     """
     validate_lora_params(model, params, config)
     check_no_adapter(model)
@@ -92,4 +97,4 @@ def merge_lora(
             config.scale,
         )
         target.variable.set_value(merged)
-        MERGED_ARRAYS[id(merged)] = merged
+        mark_merged(target.variable)

@@ -7,10 +7,6 @@ against its run record without importing them.
 
 from __future__ import annotations
 
-import weakref
-from typing import Any
-
-import jax
 from flax import nnx
 
 from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, LoraAdapter
@@ -19,18 +15,26 @@ from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, LoraAdapter
 # record's `lora_mode` may say (run_record.run_info).
 LORA_MODES = ("attached", "merged", "qwix")
 
-# Every array merge_lora has written, by id: a weight that still holds one
-# (in this model, a clone or a copy of its state) has an update merged in,
-# and another merge or an unmerged LoRA on top would add a second. Putting
-# the base arrays back (as a sweep does) clears it.
-MERGED_ARRAYS: weakref.WeakValueDictionary[int, jax.Array] = (
-    weakref.WeakValueDictionary()
-)
+# The metadata (`nnx.Variable.set_metadata`) that merge_lora puts on each
+# weight it writes: another merge or an unmerged LoRA on top would add a
+# second update. It lives on the Variable, so it goes wherever the weight
+# goes: into a clone, a copy of the model's state and the model it updates,
+# and through array replacements (`shard_model`, NNX transforms). Putting
+# the base weights back with `nnx.update(model, base_state)` (as a sweep
+# does) brings their metadata back too, which clears it. Always True where
+# set: a part of the model's graphdef and of jitted programs' cache keys,
+# it gives one merged structure whichever checkpoint was merged.
+MERGED = "lora_merged"
 
 
-def is_merged(value: Any) -> bool:
-    """Whether `value` (a weight's array) is one merge_lora wrote."""
-    return MERGED_ARRAYS.get(id(value)) is value
+def mark_merged(variable: nnx.Variable) -> None:
+    """Marks `variable` (a weight) as holding a LoRA update merged in."""
+    variable.set_metadata(MERGED, True)
+
+
+def is_merged(variable: nnx.Variable) -> bool:
+    """Whether `variable` (a weight) holds a LoRA update merged in."""
+    return variable.get_metadata(MERGED, False)
 
 
 def merged_weights(model: nnx.Module) -> list[str]:
@@ -38,7 +42,7 @@ def merged_weights(model: nnx.Module) -> list[str]:
     return [
         "/".join(map(str, path))
         for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if is_merged(variable.get_value())
+        if is_merged(variable)
     ]
 
 
@@ -54,18 +58,18 @@ def adapted_layers(model: nnx.Module) -> list[nnx.Module]:
 def lora_mode(model: nnx.Module) -> str | None:
     """How `model` carries a LoRA: "qwix" (it holds qwix's LoRA factors,
     `nnx.LoRAParam`: made by `qwix_lora_model` or `apply_lora`), "attached"
-    (`attach_lora`, `load_lora`'s default), "merged" (a weight holds an
-    array `merge_lora` wrote), or None for none. The loaders refuse a
-    second LoRA on top of one; a model carrying two ways anyway gets the
-    first of that order.
+    (`attach_lora`, `load_lora`'s default), "merged" (a weight carries the
+    mark `merge_lora` puts on it: `MERGED`), or None for none. The loaders
+    refuse a second LoRA on top of one; a model carrying two ways anyway
+    gets the first of that order.
 
     A weight changed by other means (e.g. a custom sweep loader) is not
-    seen: only these three. Nor is a merge once new arrays replace the
-    merged ones in the model itself, which `MERGED_ARRAYS` does not know:
-    an NNX transform (`nnx.jit` and the like) called on the model, or its
-    weights moved onto a mesh (`Sampler(model, ..., mesh=...)` of a model
-    loaded without one: load it with the mesh before merging). A clone or a
-    copy of the model's state keeps them.
+    seen: only these three. The merged mark stays with the weight when it
+    is cloned, copied, moved onto a mesh or replaced by an NNX transform,
+    and when any array is written into it (`set_value`, even the base one):
+    what clears it is putting the base weights back with `nnx.update` from
+    a state taken before merging (the sweep's way), or loading the model
+    again.
     """
     if nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         return "qwix"

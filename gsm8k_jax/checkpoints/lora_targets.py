@@ -258,14 +258,15 @@ def _warn_if_partial(factors: Mapping[str, Any], targets: Mapping[str, Target]) 
 
 
 def check_not_merged(targets: Mapping[str, Target], weights: Iterable[str]) -> None:
-    """Refuses a model whose `weights` (keys of its `weight_targets`) still hold
-    arrays an earlier merge wrote."""
+    """Refuses a model whose `weights` (keys of its `weight_targets`) hold an
+    update an earlier merge wrote."""
     for weight in weights:
-        if is_merged(targets[weight].variable.get_value()):
+        if is_merged(targets[weight].variable):
             raise ValueError(
                 f"{weight} already has a LoRA update merged in; another would add"
                 " to it. Load the base model again (load_pretrained), or put its"
-                " weights back, before applying the next checkpoint."
+                " weights back (nnx.update with its state taken before merging),"
+                " before applying the next checkpoint."
             )
 
 

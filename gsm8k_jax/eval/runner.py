@@ -175,15 +175,9 @@ def _check_lora_matches(model: Any, run_info: dict[str, Any]) -> None:
         "qwix": f"apply_lora(model, restore_lora_params({checkpoint!r}), ...)",
     }[recorded]
     if carried is None:
-        moved = (
-            " (or, if it was merged before its weights moved onto a mesh, load"
-            " the model with the mesh, then merge)"
-            if recorded == "merged"
-            else ""
-        )
         raise ValueError(
             f"run_info records LoRA checkpoint {checkpoint} ({recorded}) but the"
-            f" model carries none: {apply} first{moved}."
+            f" model carries none: {apply} first."
         )
     raise ValueError(
         f"run_info records LoRA checkpoint {checkpoint} {recorded} but the model"

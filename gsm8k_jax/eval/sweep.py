@@ -108,13 +108,15 @@ def _evaluate_on(
             sweep.model_name, sweep.model_dir, dtype=sweep.dtype, mesh=mesh
         )
         # One Sampler per structure of the model (the base model; with a
-        # LoRA attached), each compiled once for all the runs it serves.
+        # LoRA attached, or merged), each compiled once for all the runs it
+        # serves.
         samplers: dict[nnx.GraphDef, Sampler] = {}
         detach_lora = None
         if sweep.lora_configs:  # qwix, orbax: imported for LoRA runs alone.
             from gsm8k_jax.checkpoints.lora import detach_lora
         # New Variables holding the base arrays: merging replaces a
-        # Variable's array, so these stay the base weights.
+        # Variable's array and marks it merged (`lora_state.MERGED`), so
+        # these stay the base weights, and putting them back clears the mark.
         base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
         while not stop.is_set():
             try:
@@ -177,7 +179,8 @@ def evaluate_checkpoints(
     takes the next run not yet taken until none is left, side by side with
     the other groups. Each checkpoint is attached beside the base weights
     (replacing the one before; the base run has none), and one `Sampler`
-    per group and structure (base, LoRA) serves its runs, compiled once.
+    per group and structure (base, LoRA attached, LoRA merged) serves its
+    runs, compiled once.
     A `load_lora_fn` that changes the weights instead finds the base
     weights put back before each run (the model keeps references to the
     base arrays, so this costs no memory). Each run's files and

@@ -107,8 +107,9 @@ class Sampler:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         )
         graphdef, _ = nnx.split(model)
-        # The structure the programs are compiled for (a LoRA attached or
-        # detached later, or attached with another alpha, changes it).
+        # The structure the programs are compiled for (a LoRA attached,
+        # merged or detached later, or attached with another alpha, changes
+        # it).
         self._graphdef = graphdef
         # Whether the programs take their weights `weight_layout.arrange`d.
         self._arranged = weight_layout.arranges()
@@ -143,8 +144,8 @@ class Sampler:
         if graphdef != self._graphdef:
             raise ValueError(
                 "The model changed structure since this Sampler was made (a LoRA"
-                " attached, detached or attached with another alpha?): make a new"
-                " Sampler for it."
+                " attached, merged, detached or attached with another alpha?):"
+                " make a new Sampler for it."
             )
         return weight_layout.arrange(weights) if self._arranged else weights
 

@@ -6,13 +6,16 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import pytest
 import transformers
 from eval.test_eval_scripts import LORA_SCRIPT, QUICK, run_script
+from flax import nnx
 from gcs_emulator import upload_dir
+from jax.sharding import NamedSharding
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 
-from gsm8k_jax.checkpoints.lora import detach_lora, load_lora
+from gsm8k_jax.checkpoints.lora import detach_lora, load_lora, lora_mode
 from gsm8k_jax.checkpoints.lora_checkpoint import (
     TRAINING_SETTINGS_FILE,
     resolve_trained_lora,
@@ -25,6 +28,7 @@ from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.results import ResultsError, RunFiles
 from gsm8k_jax.eval.run_record import model_config, run_info, run_tag, run_tag_of
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -293,10 +297,10 @@ def trained_actor(tmp_path_factory):
     return actor
 
 
-def notebook_run(output_dir, lora_path="", **kwargs):
+def notebook_run(output_dir, lora_path="", dtype="bfloat16", **kwargs):
     """(run_info, prepared RunFiles) as the notebook makes them."""
     info = run_info(
-        model_config("gemma3-tiny").to_dict(),
+        {**model_config("gemma3-tiny").to_dict(), "dtype": dtype},
         model_dir=TINY_MODEL_DIR,
         lora_path=str(lora_path),
         data_path=str(BUNDLED_TEST_SET),
@@ -388,3 +392,45 @@ def test_evaluate_runs_a_lora_the_run_record_agrees_with(trained_actor, tmp_path
     assert evaluate_short(sampler, files, info)["run"]["lora_mode"] == "custom"
     with pytest.raises(ValueError, match=r"lora_mode must be one of \("):
         notebook_run(tmp_path / "typo", trained_actor, lora_mode="merge")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_merged_lora_moved_onto_a_mesh_runs_as_recorded(
+    trained_actor, tmp_path, dtype
+):
+    """Merged into a model loaded without a mesh, whose Sampler then moves
+    its weights onto one: still merged, as its record says (it read as
+    carrying none, and was refused). Each run on it compiles nothing new.
+    The sweep's way back to the base model (`nnx.update` with the weights
+    taken before merging) makes it the base model again."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny", dtype=dtype)
+    base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+    load_lora(model, trained_actor, merge=True)
+    sampler = Sampler(model, tokenizer, mesh=make_mesh(1, 1))
+    assert isinstance(model.layers[0].attn.q_einsum.w[...].sharding, NamedSharding)
+    assert lora_mode(model) == "merged"
+    compiled = []
+    for name in ("merged", "again"):
+        info, files = notebook_run(
+            tmp_path / name, trained_actor, dtype=dtype, lora_mode="merged"
+        )
+        assert evaluate_short(sampler, files, info)["total"] == 2
+        compiled.append(sampler.num_compilations)
+    assert compiled[1] == compiled[0]
+    with pytest.raises(ValueError, match="already has a LoRA update merged in"):
+        load_lora(model, trained_actor, merge=True)
+    nnx.update(model, base_params)
+    assert lora_mode(model) is None
+    sampler = Sampler(model, tokenizer)
+    info, files = notebook_run(
+        tmp_path / "refused", trained_actor, dtype=dtype, lora_mode="merged"
+    )
+    params_path = str(trained_actor / "4" / "model_params")
+    message = (
+        f"run_info records LoRA checkpoint {params_path} (merged) but the model"
+        f" carries none: load_lora(model, {params_path!r}, ..., merge=True) first."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        evaluate_short(sampler, files, info)
+    base_info, base_files = notebook_run(tmp_path / "base", dtype=dtype)
+    assert evaluate_short(sampler, base_files, base_info)["total"] == 2

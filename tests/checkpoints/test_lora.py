@@ -23,12 +23,14 @@ import transformers
 from flax import nnx
 from gcs_emulator import upload_dir
 from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
+from jax.sharding import NamedSharding
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 from orbax.checkpoint._src import asyncio_utils
 
 from gsm8k_jax.checkpoints import lora, lora_checkpoint, orbax_reads
 from gsm8k_jax.checkpoints.lora import LoraConfig
 from gsm8k_jax.models.gemma3.params import CheckpointError, load_hf_model
+from gsm8k_jax.models.gemma3.sharding import make_mesh, shard_model
 from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.decode import prompt_positions
@@ -155,7 +157,8 @@ def test_attached_merged_and_qwix_match_transformers(setup, through_qwix):
 def test_a_sampler_refuses_a_model_whose_adapter_changed(setup):
     """A Sampler compiles for the model's structure: an adapter attached,
     detached or attached with another alpha after it was made is refused,
-    not run with the old structure or scale."""
+    not run with the old structure or scale; so is one merged (its weights
+    marked merged)."""
     model = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
     sampler = Sampler(model, IdTokenizer())
     params = SamplingParams(max_generation_steps=2)
@@ -164,6 +167,7 @@ def test_a_sampler_refuses_a_model_whose_adapter_changed(setup):
     for change in (
         lambda: lora.load_lora(model, setup.run / "actor", other_alpha),
         lambda: lora.detach_lora(model),
+        lambda: lora.load_lora(model, setup.run / "actor", CONFIG, merge=True),
     ):
         change()
         with pytest.raises(ValueError, match="changed structure since this Sampler"):
@@ -182,8 +186,8 @@ def tiny_actor(tmp_path_factory):
 
 
 def test_lora_mode_names_the_way_a_model_carries_its_lora(tiny_actor):
-    """In the default bfloat16: none, attached, merged (in a clone too, which
-    shares the merged arrays), through qwix; detaching makes it none."""
+    """In the default bfloat16: none, attached, merged (in a clone too),
+    through qwix; detaching makes it none."""
     model, _, _ = load_pretrained("gemma3-tiny")
     assert model.layers[0].mlp.down_proj.kernel[...].dtype == jnp.bfloat16
     assert lora.lora_mode(model) is None
@@ -209,10 +213,8 @@ def test_detaching_a_merged_lora_is_refused(tiny_actor):
     base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
     base_logits = our_logits(base)
     lora.load_lora(model, tiny_actor, CONFIG, merge=True)
-    # On a clone (sharing the arrays): an NNX transform such as nnx.jit
-    # writes new arrays into the model it is given, which are not known as
-    # merged.
-    merged_logits = our_logits(nnx.clone(model))
+    # nnx.jit writes new arrays into the model it is given: still merged.
+    merged_logits = our_logits(model)
     assert np.abs(merged_logits - base_logits).max() > 0.1
     for target in (model, nnx.clone(model)):
         with pytest.raises(
@@ -222,11 +224,52 @@ def test_detaching_a_merged_lora_is_refused(tiny_actor):
             r" \(load_pretrained\), or attach instead of merging",
         ):
             lora.detach_lora(target)
-    np.testing.assert_array_equal(our_logits(nnx.clone(model)), merged_logits)
+    np.testing.assert_array_equal(our_logits(model), merged_logits)
     nnx.update(model, base_params)
     lora.detach_lora(model)
     assert lora.lora_mode(model) is None
     np.testing.assert_array_equal(our_logits(model), base_logits)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_merged_lora_stays_merged_wherever_its_weights_go(tiny_actor, dtype):
+    """The merged mark goes with the weights: moved onto a mesh (as
+    `Sampler(..., mesh=...)` moves a model loaded without one), replaced by
+    an NNX transform, into a clone, through split and merge, or into another
+    model by `nnx.update`. Each copy refuses a second update on top and
+    detaching. Putting the base weights back as the sweep does clears it.
+    (In float32 the merged weights keep the base dtype: the mark alone
+    tells them apart.)"""
+    model, _, _ = load_pretrained("gemma3-tiny", dtype=dtype)
+    base_params = jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))
+    base_logits = our_logits(model)
+    lora.load_lora(model, tiny_actor, CONFIG, merge=True)
+    kernel = model.layers[0].mlp.down_proj.kernel
+    merged = kernel.get_value()
+    assert merged.dtype == jnp.float32
+    shard_model(model, make_mesh(1, 1))
+    assert kernel.get_value() is not merged
+    assert isinstance(kernel.get_value().sharding, NamedSharding)
+    np.testing.assert_array_equal(kernel.get_value(), merged)
+    merged_logits = our_logits(model)  # nnx.jit: new arrays again
+    other, _, _ = load_pretrained("gemma3-tiny", dtype=dtype)
+    nnx.update(other, nnx.state(model))
+    params = lora_checkpoint.restore_lora_params(tiny_actor)
+    for copy in (model, nnx.clone(model), nnx.merge(*nnx.split(model)), other):
+        assert lora.lora_mode(copy) == "merged"
+        for merge in (False, True):
+            with pytest.raises(ValueError, match="already has a LoRA update merged"):
+                lora.load_lora(copy, tiny_actor, CONFIG, merge=merge)
+        with pytest.raises(ValueError, match="already has a LoRA update merged"):
+            lora.apply_lora(copy, params, CONFIG)
+        with pytest.raises(ValueError, match="which cannot be detached"):
+            lora.detach_lora(copy)
+        np.testing.assert_array_equal(our_logits(copy), merged_logits)
+    nnx.update(model, base_params)
+    assert lora.lora_mode(model) is None
+    np.testing.assert_array_equal(our_logits(model), base_logits)
+    lora.load_lora(model, tiny_actor, CONFIG, merge=True)
+    np.testing.assert_array_equal(our_logits(model), merged_logits)
 
 
 def test_step_and_params_folders_and_layouts(setup, tmp_path):
