@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from gsm8k_jax.models.gemma3.cache import KVCache, RowWindow
 from gsm8k_jax.models.gemma3.model import KEY_BLOCK
+from gsm8k_jax.models.gemma3.sharding import constrain_decode_state
 from gsm8k_jax.sampling import weight_layout
 from gsm8k_jax.sampling.batching import round_up
 from gsm8k_jax.sampling.params import MAX_EOS_IDS, SamplingParams
@@ -118,9 +120,11 @@ class DecodeState:
         max_steps: int,
         pad_id: int,
         chunk: int,
+        mesh: Mesh | None = None,
     ) -> DecodeState:
         """Slots for prompts of up to `width` tokens, prefilled `chunk` tokens
-        per call, and `max_steps` generated tokens."""
+        per call, and `max_steps` generated tokens; made split over `mesh`
+        where there is one (`sharding.decode_state_sharding`)."""
         # A whole number of attention key blocks: every run's cache splits
         # into the same blocks (see blocked_attention).
         length = round_up(width + max_steps, KEY_BLOCK)
@@ -132,10 +136,11 @@ class DecodeState:
             max_steps,
             pad_id,
             chunk,
+            mesh,
         )
 
 
-@functools.partial(jax.jit, static_argnums=range(7))
+@functools.partial(jax.jit, static_argnums=range(8))
 def _empty_state(
     config,
     dtype: jnp.dtype,
@@ -144,10 +149,11 @@ def _empty_state(
     max_steps: int,
     pad_id: int,
     chunk: int,
+    mesh: Mesh | None,
 ) -> DecodeState:
     """`DecodeState.empty` as one program: built op by op, each array would
     compile a program of its own (about 15, 50 ms apiece on CPU)."""
-    return DecodeState(
+    state = DecodeState(
         cache=KVCache.empty(config, batch, length, dtype, chunk=chunk),
         hidden=jnp.zeros((batch, config.embed_dim), dtype),
         positions=jnp.zeros((batch,), jnp.int32),
@@ -162,6 +168,14 @@ def _empty_state(
         decode_steps=jnp.int32(0),
         tile_steps=jnp.int32(0),
     )
+    return placed(state, mesh)
+
+
+def placed(state: DecodeState, mesh: Mesh | None) -> DecodeState:
+    """Inside a program: `state` as the programs pass it on `mesh` (as it
+    is without one). Every program returning a state ends with this, so
+    each is called with the one placement it was compiled for."""
+    return state if mesh is None else constrain_decode_state(state, mesh)
 
 
 def prompt_positions(valid: jax.Array) -> jax.Array:
@@ -195,6 +209,7 @@ def prefill(
     *,
     pad_id: int,
     arranged: bool = False,
+    mesh: Mesh | None = None,
 ) -> DecodeState:
     """Runs one chunk of C tokens of G prompts into their slots' caches.
 
@@ -204,6 +219,7 @@ def prefill(
     alone decides). Rows whose last chunk this is start decoding.
 
     arranged: `params` are `weight_layout.arrange`d (for XLA:CPU).
+    mesh: the mesh the state is split over, if any (`placed`).
     """
     model = nnx.merge(graphdef, weight_layout.view(params) if arranged else params)
     chunk = tokens.shape[1]
@@ -217,7 +233,7 @@ def prefill(
     starting = jnp.where(last, slots, state.done.shape[0])  # others: dropped
     set_rows = lambda full, new: full.at[starting].set(new, mode="drop")
     group = tokens.shape[0]
-    return state.replace(
+    new_state = state.replace(
         cache=state.cache.put_rows(rows),
         # Left padding puts every prompt's last token in the last column.
         hidden=set_rows(state.hidden, hidden[:, -1]),
@@ -231,6 +247,7 @@ def prefill(
         hit_eos=set_rows(state.hit_eos, jnp.zeros((group,), bool)),
         logprob=set_rows(state.logprob, jnp.zeros((group,), jnp.float32)),
     )
+    return placed(new_state, mesh)
 
 
 def decode(
@@ -244,6 +261,7 @@ def decode(
     row_tile: int,
     data_shards: int = 1,
     arranged: bool = False,
+    mesh: Mesh | None = None,
 ) -> DecodeState:
     """Generates until every slot is done or `min_free` slots are free.
 
@@ -255,6 +273,7 @@ def decode(
     are all done are not run.
 
     arranged: `params` are `weight_layout.arrange`d (for XLA:CPU).
+    mesh: the mesh the state is split over, if any (`placed`).
     """
     # The views are taken inside the loop, where XLA makes them free; taken
     # outside it, XLA would copy the weights back into the loop.
@@ -329,7 +348,7 @@ def decode(
             decode_steps=s.decode_steps + 1, tile_steps=s.tile_steps + num_live
         )
 
-    return jax.lax.while_loop(cond, body, state)
+    return placed(jax.lax.while_loop(cond, body, state), mesh)
 
 
 def _without_kv(state: DecodeState) -> DecodeState:

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.models.gemma3.sharding import DATA, shard_decode_state, shard_model
+from gsm8k_jax.models.gemma3.sharding import DATA, shard_model
 from gsm8k_jax.sampling import requests, weight_layout
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
@@ -114,7 +114,9 @@ class Sampler:
         # Whether the programs take their weights `weight_layout.arrange`d.
         self._arranged = weight_layout.arranges()
         self._prefill = jax.jit(
-            functools.partial(prefill, graphdef, arranged=self._arranged),
+            functools.partial(
+                prefill, graphdef, arranged=self._arranged, mesh=self.mesh
+            ),
             static_argnames="pad_id",
             donate_argnums=1,
             compiler_options=COMPILER_OPTIONS,
@@ -126,6 +128,7 @@ class Sampler:
                 row_tile=self.row_tile,
                 data_shards=self.data_shards,
                 arranged=self._arranged,
+                mesh=self.mesh,
             ),
             static_argnames="pad_id",
             donate_argnums=1,
@@ -385,9 +388,8 @@ class Sampler:
             params.max_generation_steps,
             self.pad_id,
             self.prefill_chunk,
+            self.mesh,
         )
-        if self.mesh is not None:
-            state = shard_decode_state(state, self.mesh)
         schedule = SlotScheduler(
             chunks, num_slots=num_slots, group_size=self.prefill_group
         )

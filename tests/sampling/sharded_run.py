@@ -1,6 +1,7 @@
 """Run in a subprocess with 8 host CPU devices (XLA_FLAGS must be set before
 jax is imported): prints greedy and sampled completions per mesh as JSON,
-and what JAX compiled for the greedy call after `Sampler.compile`."""
+and what JAX compiled in `Sampler.compile` and for the greedy call after
+it."""
 
 import json
 import sys
@@ -30,8 +31,9 @@ for name, mesh in [
 ]:
     model = load_hf_model(model_dir, dtype=jnp.float32)
     sampler = Sampler(model, IdTokenizer(), mesh=mesh)
-    sampler.compile(PROMPTS[:16], GREEDY, batch_size=8)
-    results[name] = {}
+    with count_compile_events() as compiled:
+        sampler.compile(PROMPTS[:16], GREEDY, batch_size=8)
+    results[name] = {"compiled_by_compile": dict(compiled)}
     for kind, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
         with count_compile_events() as compiled:
             completions = sampler.generate(PROMPTS[:16], params, batch_size=8)

@@ -39,6 +39,10 @@ def test_sharded_runs_match_single_device(tmp_path):
             assert result[kind] == single[kind], (name, kind)
         # The programs compiled ahead are the ones that run, on every mesh.
         assert result["compiled_after_compile"] == {}, name
+        # And they are what one device compiles: the decode state is made
+        # split over the mesh, where moving it there compiled a program for
+        # each of its arrays (after making it whole on one device).
+        assert result["compiled_by_compile"] == single["compiled_by_compile"], name
     assert single["compiled_after_compile"] == {}
     # The MLP really is split over the model axis.
     assert results["data4_model2"]["gate_proj_spec"] == str(

@@ -96,18 +96,23 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> None:
     nnx.update(model, nnx.from_flat_state(flat))
 
 
-def shard_decode_state(state, mesh: Mesh):
-    """Splits every per-slot array of a DecodeState over `data` (and the KV
-    cache's heads over `model`); its scalars are replicated, as the programs
-    return them (a scalar left on one device would make the decode program
-    compiled for an empty state miss on the state a prefill returns)."""
+def decode_state_sharding(x: jax.Array, mesh: Mesh) -> NamedSharding:
+    """Where an array of a DecodeState lives: split over `data` by slot (and
+    a [B, S, K, H] cache's kv heads over `model`); scalars replicated."""
+    spec = list(_split(x.shape, 0, DATA, mesh)) if x.ndim else []
+    if x.ndim == 4:  # [B, S, K, H] cache: kv heads on the model axis.
+        spec[2] = _split(x.shape, 2, MODEL, mesh)[2]
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
-    def place(x):
-        if not hasattr(x, "ndim"):
-            return x
-        spec = list(_split(x.shape, 0, DATA, mesh)) if x.ndim else []
-        if x.ndim == 4:  # [B, S, K, H] cache: kv heads on the model axis.
-            spec[2] = _split(x.shape, 2, MODEL, mesh)[2]
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
-    return jax.tree.map(place, state)
+def constrain_decode_state(state, mesh: Mesh):
+    """Inside a program: its DecodeState placed by `decode_state_sharding`.
+
+    The programs that make or return a DecodeState end with it, so the
+    state is made where it lives (not whole on one device, then moved) and
+    every program returns the placement the next is compiled for.
+    """
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, decode_state_sharding(x, mesh)),
+        state,
+    )
