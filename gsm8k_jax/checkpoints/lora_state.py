@@ -23,7 +23,7 @@ LORA_MODES = ("attached", "merged", "qwix")
 # the base weights back with `nnx.update(model, base_state)` (as a sweep
 # does) brings their metadata back too, which clears it. Always True where
 # set: a part of the model's graphdef and of jitted programs' cache keys,
-# it gives one merged structure whichever checkpoint was merged.
+# it gives one merged structure for every checkpoint of the same layers.
 MERGED = "lora_merged"
 
 
@@ -68,8 +68,10 @@ def lora_mode(model: nnx.Module) -> str | None:
     is cloned, copied, moved onto a mesh or replaced by an NNX transform,
     and when any array is written into it (`set_value`, even the base one):
     what clears it is putting the base weights back with `nnx.update` from
-    a state taken before merging (the sweep's way), or loading the model
-    again.
+    a copy of them taken before merging (`jax.tree.map(lambda x: x,
+    nnx.state(model, nnx.Param))`, the sweep's way: `nnx.state` alone gives
+    the model's own weights, which merging changes too), or loading the
+    model again.
     """
     if nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         return "qwix"

@@ -265,7 +265,8 @@ def check_not_merged(targets: Mapping[str, Target], weights: Iterable[str]) -> N
             raise ValueError(
                 f"{weight} already has a LoRA update merged in; another would add"
                 " to it. Load the base model again (load_pretrained), or put its"
-                " weights back (nnx.update with its state taken before merging),"
+                " weights back (nnx.update from a copy taken before merging:"
+                " jax.tree.map(lambda x: x, nnx.state(model, nnx.Param))),"
                 " before applying the next checkpoint."
             )
 

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gsm8k_jax.models.gemma3.model import Gemma3
-from gsm8k_jax.models.gemma3.sharding import DATA, shard_model
+from gsm8k_jax.models.gemma3.sharding import DATA, check_mesh, shard_model
 from gsm8k_jax.sampling import requests, weight_layout
 from gsm8k_jax.sampling.batching import (
     SlotScheduler,
@@ -76,6 +76,8 @@ class Sampler:
         mesh: Mesh | None = None,
         row_tile: int | None = None,
     ):
+        if mesh is not None:
+            check_mesh(mesh)
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

@@ -157,8 +157,10 @@ def test_attached_merged_and_qwix_match_transformers(setup, through_qwix):
 def test_a_sampler_refuses_a_model_whose_adapter_changed(setup):
     """A Sampler compiles for the model's structure: an adapter attached,
     detached or attached with another alpha after it was made is refused,
-    not run with the old structure or scale; so is one merged (its weights
-    marked merged)."""
+    not run with the old structure or scale; so is a LoRA merged into the
+    model of a base Sampler (float32: the weights keep their dtype, their
+    merged mark alone changes the structure), and the base weights put back
+    under the merged model's Sampler."""
     model = lora.load_lora(nnx.clone(setup.base), setup.run / "actor", CONFIG)
     sampler = Sampler(model, IdTokenizer())
     params = SamplingParams(max_generation_steps=2)
@@ -167,11 +169,24 @@ def test_a_sampler_refuses_a_model_whose_adapter_changed(setup):
     for change in (
         lambda: lora.load_lora(model, setup.run / "actor", other_alpha),
         lambda: lora.detach_lora(model),
-        lambda: lora.load_lora(model, setup.run / "actor", CONFIG, merge=True),
     ):
         change()
         with pytest.raises(ValueError, match="changed structure since this Sampler"):
             sampler.generate([IDS[0].tolist()], params)
+    base = nnx.clone(setup.base)
+    base_params = jax.tree.map(lambda x: x, nnx.state(base, nnx.Param))
+    base_sampler = Sampler(base, IdTokenizer())
+    base_sampler.generate([IDS[0].tolist()], params)
+    lora.load_lora(base, setup.run / "actor", CONFIG, merge=True)
+    assert base.layers[0].mlp.down_proj.kernel.get_value().dtype == jnp.float32
+    with pytest.raises(ValueError, match="changed structure since this Sampler"):
+        base_sampler.generate([IDS[0].tolist()], params)
+    merged_sampler = Sampler(base, IdTokenizer())
+    merged_sampler.generate([IDS[0].tolist()], params)
+    nnx.update(base, base_params)
+    with pytest.raises(ValueError, match="changed structure since this Sampler"):
+        merged_sampler.generate([IDS[0].tolist()], params)
+    base_sampler.generate([IDS[0].tolist()], params)
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +250,7 @@ def test_detaching_a_merged_lora_is_refused(tiny_actor):
 def test_a_merged_lora_stays_merged_wherever_its_weights_go(tiny_actor, dtype):
     """The merged mark goes with the weights: moved onto a mesh (as
     `Sampler(..., mesh=...)` moves a model loaded without one), replaced by
-    an NNX transform, into a clone, through split and merge, or into another
-    model by `nnx.update`. Each copy refuses a second update on top and
+    an NNX transform, into a clone, or into another model by `nnx.update`. Each copy refuses a second update on top and
     detaching. Putting the base weights back as the sweep does clears it.
     (In float32 the merged weights keep the base dtype: the mark alone
     tells them apart.)"""
@@ -255,7 +269,7 @@ def test_a_merged_lora_stays_merged_wherever_its_weights_go(tiny_actor, dtype):
     other, _, _ = load_pretrained("gemma3-tiny", dtype=dtype)
     nnx.update(other, nnx.state(model))
     params = lora_checkpoint.restore_lora_params(tiny_actor)
-    for copy in (model, nnx.clone(model), nnx.merge(*nnx.split(model)), other):
+    for copy in (model, nnx.clone(model), other):
         assert lora.lora_mode(copy) == "merged"
         for merge in (False, True):
             with pytest.raises(ValueError, match="already has a LoRA update merged"):

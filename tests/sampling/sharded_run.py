@@ -18,6 +18,7 @@ from sampling.test_sampler import (
 
 from gsm8k_jax.models.gemma3.params import load_hf_model
 from gsm8k_jax.models.gemma3.sharding import make_mesh
+from gsm8k_jax.sampling.decode import DecodeState
 from gsm8k_jax.sampling.sampler import Sampler
 
 model_dir = sys.argv[1]
@@ -40,6 +41,11 @@ for name, mesh in [
         results[name][kind] = [c.tokens for c in completions]
         if kind == "greedy":
             results[name]["compiled_after_compile"] = dict(compiled)
+    # The empty decode state as the sampler makes it: each device's share of
+    # 16 slots' keys ([slots, length, kv heads, head dim]).
+    state = DecodeState.empty(model, 16, 32, 8, 0, sampler.prefill_chunk, mesh)
+    shards = state.cache.k[0].addressable_shards
+    results[name]["kv_shard_shapes"] = sorted({s.data.shape for s in shards})
     kernel = model.layers[0].mlp.gate_proj.kernel[...]
     results[name]["gate_proj_spec"] = str(kernel.sharding.spec) if mesh else None
 print(json.dumps(results))

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
-from gsm8k_jax.models.gemma3.sharding import make_mesh
+from gsm8k_jax.models.gemma3.sharding import DATA, MODEL, check_mesh, make_mesh
+from gsm8k_jax.sampling.sampler import Sampler
 from hf_models import make_tiny_hf_model
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -44,6 +47,16 @@ def test_sharded_runs_match_single_device(tmp_path):
         # each of its arrays (after making it whole on one device).
         assert result["compiled_by_compile"] == single["compiled_by_compile"], name
     assert single["compiled_after_compile"] == {}
+    # Each device holds its share of the decode state's 16 slots (and of
+    # its two kv heads where the model axis divides them).
+    [[slots, length, kv_heads, head_dim]] = single["kv_shard_shapes"]
+    assert (slots, kv_heads) == (16, 2)
+    for name, (rows, heads) in {
+        "data8": (2, 2),
+        "data4_model2": (4, 1),
+        "data2_model4": (8, 2),
+    }.items():
+        assert results[name]["kv_shard_shapes"] == [[rows, length, heads, head_dim]]
     # The MLP really is split over the model axis.
     assert results["data4_model2"]["gate_proj_spec"] == str(
         PartitionSpec(None, "model")
@@ -53,3 +66,16 @@ def test_sharded_runs_match_single_device(tmp_path):
 def test_mesh_must_fit_the_devices():
     with pytest.raises(ValueError, match="needs 6 devices"):
         make_mesh(data=3, model=2)
+
+
+def test_a_mesh_of_other_axes_is_refused():
+    """jax.make_mesh's meshes have explicit axes by default, which the
+    programs cannot run on: refused in one line before anything moves."""
+    devices = jax.devices()[:1]
+    for mesh, problem in (
+        (jax.make_mesh((1, 1), (DATA, MODEL), devices=devices), "of type"),
+        (Mesh(np.asarray(devices).reshape(1, 1), ("batch", MODEL)), "axes are"),
+    ):
+        with pytest.raises(ValueError, match=f"{problem}.*make_mesh\\(data, model\\)"):
+            Sampler(None, None, mesh=mesh)
+    check_mesh(make_mesh(1, 1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gsm8k_jax.models.gemma3.modules import LoraFactor
 
@@ -41,6 +41,24 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
             f" {devices.size} are available."
         )
     return Mesh(devices.reshape(data, model), (DATA, MODEL))
+
+
+def check_mesh(mesh: Mesh) -> None:
+    """Refuses a mesh the programs cannot run on: its axes must be (data,
+    model), of automatic type (the programs leave placements inside them
+    to XLA)."""
+    if tuple(mesh.axis_names) != (DATA, MODEL):
+        raise ValueError(
+            f"The mesh's axes are {tuple(mesh.axis_names)}; the sampler needs"
+            f" ({DATA!r}, {MODEL!r}): make it with"
+            " gsm8k_jax.models.gemma3.sharding.make_mesh(data, model)."
+        )
+    if any(axis_type != AxisType.Auto for axis_type in mesh.axis_types):
+        raise ValueError(
+            f"The mesh's axes are of type {mesh.axis_types} (jax.make_mesh's"
+            " default is Explicit); the sampler needs automatic axes: make it"
+            " with gsm8k_jax.models.gemma3.sharding.make_mesh(data, model)."
+        )
 
 
 def _split(
