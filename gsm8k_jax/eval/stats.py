@@ -346,8 +346,9 @@ def paired_bootstrap_diff(
     much narrower than treating the two accuracies as independent when the
     models agree on most items). The interval is the percentile interval of the
     resampled differences. Resamples are processed in chunks so memory stays
-    bounded (about 64 MiB of indices and picked differences) whatever ``num_resamples`` is; the result
-    depends only on ``seed``, not on the chunking.
+    bounded (about 64 MiB of indices and picked differences) whatever
+    ``num_resamples`` is; the result depends only on ``seed``, not on the
+    chunking.
 
     An item may also be a question's share of correct samples, for runs of
     several samples per question (each its own run's k): the questions are

@@ -168,14 +168,7 @@ def _empty_state(
         decode_steps=jnp.int32(0),
         tile_steps=jnp.int32(0),
     )
-    return _placed(state, mesh)
-
-
-def _placed(state: DecodeState, mesh: Mesh | None) -> DecodeState:
-    """Inside a program: `state` as the programs pass it on `mesh` (as it
-    is without one). Every program returning a state ends with this, so
-    each is called with the one placement it was compiled for."""
-    return state if mesh is None else constrain_decode_state(state, mesh)
+    return constrain_decode_state(state, mesh)
 
 
 def prompt_positions(valid: jax.Array) -> jax.Array:
@@ -219,7 +212,8 @@ def prefill(
     alone decides). Rows whose last chunk this is start decoding.
 
     arranged: `params` are `weight_layout.arrange`d (for XLA:CPU).
-    mesh: the mesh the state is split over, if any (`_placed`).
+    mesh: the mesh the state is split over, if any
+      (`sharding.constrain_decode_state`).
     """
     model = nnx.merge(graphdef, weight_layout.view(params) if arranged else params)
     chunk = tokens.shape[1]
@@ -247,7 +241,7 @@ def prefill(
         hit_eos=set_rows(state.hit_eos, jnp.zeros((group,), bool)),
         logprob=set_rows(state.logprob, jnp.zeros((group,), jnp.float32)),
     )
-    return _placed(new_state, mesh)
+    return constrain_decode_state(new_state, mesh)
 
 
 def decode(
@@ -273,7 +267,8 @@ def decode(
     are all done are not run.
 
     arranged: `params` are `weight_layout.arrange`d (for XLA:CPU).
-    mesh: the mesh the state is split over, if any (`_placed`).
+    mesh: the mesh the state is split over, if any
+      (`sharding.constrain_decode_state`).
     """
     # The views are taken inside the loop, where XLA makes them free; taken
     # outside it, XLA would copy the weights back into the loop.
@@ -348,7 +343,7 @@ def decode(
             decode_steps=s.decode_steps + 1, tile_steps=s.tile_steps + num_live
         )
 
-    return _placed(jax.lax.while_loop(cond, body, state), mesh)
+    return constrain_decode_state(jax.lax.while_loop(cond, body, state), mesh)
 
 
 def _without_kv(state: DecodeState) -> DecodeState:

@@ -250,8 +250,8 @@ def test_detaching_a_merged_lora_is_refused(tiny_actor):
 def test_a_merged_lora_stays_merged_wherever_its_weights_go(tiny_actor, dtype):
     """The merged mark goes with the weights: moved onto a mesh (as
     `Sampler(..., mesh=...)` moves a model loaded without one), replaced by
-    an NNX transform, into a clone, or into another model by `nnx.update`. Each copy refuses a second update on top and
-    detaching. Putting the base weights back as the sweep does clears it.
+    an NNX transform, into a clone, or into another model by `nnx.update`.
+    Each copy refuses a second update on top and detaching. Putting the base weights back as the sweep does clears it.
     (In float32 the merged weights keep the base dtype: the mark alone
     tells them apart.)"""
     model, _, _ = load_pretrained("gemma3-tiny", dtype=dtype)

@@ -47,17 +47,16 @@ def check_mesh(mesh: Mesh) -> None:
     """Refuses a mesh the programs cannot run on: its axes must be (data,
     model), of automatic type (the programs leave placements inside them
     to XLA)."""
+    fix = "make it with gsm8k_jax.models.gemma3.sharding.make_mesh(data, model)."
     if tuple(mesh.axis_names) != (DATA, MODEL):
         raise ValueError(
             f"The mesh's axes are {tuple(mesh.axis_names)}; the sampler needs"
-            f" ({DATA!r}, {MODEL!r}): make it with"
-            " gsm8k_jax.models.gemma3.sharding.make_mesh(data, model)."
+            f" ({DATA!r}, {MODEL!r}): {fix}"
         )
     if any(axis_type != AxisType.Auto for axis_type in mesh.axis_types):
         raise ValueError(
             f"The mesh's axes are of type {mesh.axis_types} (jax.make_mesh's"
-            " default is Explicit); the sampler needs automatic axes: make it"
-            " with gsm8k_jax.models.gemma3.sharding.make_mesh(data, model)."
+            f" default is Explicit); the sampler needs automatic axes: {fix}"
         )
 
 
@@ -123,13 +122,16 @@ def decode_state_sharding(x: jax.Array, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def constrain_decode_state(state, mesh: Mesh):
-    """Inside a program: its DecodeState placed by `decode_state_sharding`.
+def constrain_decode_state(state, mesh: Mesh | None):
+    """Inside a program: its DecodeState placed by `decode_state_sharding`
+    (as it is without a mesh).
 
     The programs that make or return a DecodeState end with it, so the
     state is made where it lives (not whole on one device, then moved) and
     every program returns the placement the next is compiled for.
     """
+    if mesh is None:
+        return state
     return jax.tree.map(
         lambda x: jax.lax.with_sharding_constraint(x, decode_state_sharding(x, mesh)),
         state,
