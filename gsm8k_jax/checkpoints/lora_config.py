@@ -1,4 +1,5 @@
-"""How a LoRA adapter was trained: rank, alpha and the layers it targets.
+"""How a LoRA adapter was trained: rank, alpha and the layers it targets;
+and the ways a model can carry one.
 
 Apart from `checkpoints.lora_checkpoint` and `checkpoints.lora` so that
 reading or writing the setting (every `--model` config has one) imports
@@ -14,6 +15,9 @@ import re
 DEFAULT_MODULE_PATH = (
     ".*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum"
 )
+# What `lora_state.lora_mode` returns for a model carrying a LoRA: attached
+# beside its weights, merged into them or run through qwix.
+LORA_MODES = ("attached", "merged", "qwix")
 # Names the settings in messages, as the command line spells them.
 CONFIG_FLAG = "--model.lora_config"
 

@@ -11,10 +11,6 @@ from flax import nnx
 
 from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, LoraAdapter
 
-# What `lora_mode` returns for a model carrying a LoRA, and what a run
-# record's `lora_mode` may say (run_record.run_info).
-LORA_MODES = ("attached", "merged", "qwix")
-
 # The metadata (`nnx.Variable.set_metadata`) that merge_lora puts on each
 # weight it writes: another merge or an unmerged LoRA on top would add a
 # second update. It lives on the Variable, so it goes wherever the weight

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 
 from gsm8k_jax import storage
-from gsm8k_jax.checkpoints.lora_config import LoraConfig
+from gsm8k_jax.checkpoints.lora_config import LORA_MODES, LoraConfig
 from gsm8k_jax.models.specs import model_spec
 
 if TYPE_CHECKING:
@@ -32,10 +32,10 @@ _UNUSED_WHEN_GREEDY = tuple(f"eval.sampling.{name}" for name in _GREEDY_UNUSED)
 # what its run used (None), so a resume does not compare them, and a
 # comparison pairs such a run with none that records them.
 _SETTINGS_ADDED_LATER = ("mesh_model", "xla_gpu_autotune_level")
-# How a LoRA run's model carries its checkpoint (`lora_state.LORA_MODES`),
+# How a LoRA run's model carries its checkpoint (LORA_MODES),
 # or "custom": changed by a loader of the user's (`evaluate_checkpoints`'
 # load_lora_fn), which `evaluate` cannot check.
-RECORDED_LORA_MODES = ("attached", "merged", "qwix", "custom")
+RECORDED_LORA_MODES = (*LORA_MODES, "custom")
 
 
 def with_later_settings(record: dict[str, Any]) -> dict[str, Any]:

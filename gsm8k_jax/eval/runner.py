@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
-import importlib.metadata
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 from tqdm import tqdm
 
 from gsm8k_jax import stop_signals
-from gsm8k_jax.checkpoints.lora_state import LORA_MODES, lora_mode
+from gsm8k_jax.checkpoints.lora_config import LORA_MODES
+from gsm8k_jax.checkpoints.lora_state import lora_mode
 from gsm8k_jax.compilation_cache import cache_counts
 from gsm8k_jax.eval import tasks
 from gsm8k_jax.eval.data import GSM8KExample
 from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
+from gsm8k_jax.eval.provenance import run_metadata
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
 from gsm8k_jax.eval.scoring import rescore, score, summarize
 from gsm8k_jax.eval.stopping import (
@@ -41,16 +38,6 @@ from gsm8k_jax.eval.stopping import (
 from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.sampling.requests import repeated_ids
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
-
-_VERSIONED_PACKAGES = (
-    "gsm8k_jax",
-    "jax",
-    "jaxlib",
-    "flax",
-    "transformers",
-    "qwix",
-    "orbax-checkpoint",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,43 +94,6 @@ def check_generation_limit(
             f" (max_position_embeddings in {model_dir}/config.json); GSM8K answers"
             " take a few hundred tokens."
         )
-
-
-def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    versions["python"] = platform.python_version()
-    versions["gsm8k_jax_commit"] = project_commit()
-    return versions
-
-
-@functools.cache
-def project_commit() -> str | None:
-    """The git commit of this gsm8k_jax checkout, `-dirty` when tracked files
-    changed; None for an install that is not a git checkout."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").exists():
-        return None  # Installed as a package: no checkout of ours around it.
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(root), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
 
 
 def _check_lora_matches(model: Any, run_info: dict[str, Any]) -> None:
@@ -398,7 +348,7 @@ def _evaluate_run(
     phases = sampler.phase_seconds - phases_before
     cached = {k: v - cached_before[k] for k, v in cache_counts().items()}
     summary = summarize(files.read_rollouts(), params.num_samples, method, task)
-    summary |= _run_metadata(files.tag, run_info)
+    summary |= run_metadata(files.tag, run_info)
     # Generated in this session, by every process.
     new_tokens = sum(r["num_tokens"] for r in rollouts if r["id"] not in finished_ids)
     summary |= {
@@ -513,12 +463,3 @@ def _wait_for_all(
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _run_metadata(tag: str, run_info: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "tag": tag,
-        "run": run_info,
-        "versions": library_versions(),
-        "devices": [str(d) for d in jax.local_devices()],
-    }

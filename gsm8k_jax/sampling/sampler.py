@@ -139,7 +139,10 @@ class Sampler:
 
     @property
     def num_compilations(self) -> int:
-        """How many programs were compiled so far (one per distinct shape)."""
+        """Entries in the programs' dispatch caches: one per distinct shape
+        called so far (a program `compile` built counts once it is called).
+        Tests bound recompiling with it. On a mesh, prefill's call on the
+        empty state adds an entry of its own, with no new trace or compile."""
         return self._prefill._cache_size() + self._decode._cache_size()
 
     def _program_weights(self) -> nnx.State:
