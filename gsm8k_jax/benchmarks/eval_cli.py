@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gsm8k_jax.benchmarks.synthetic import (
+from gsm8k_jax.benchmarks.models import (
     HF_SMALL,
     hf_text_config,
     make_random_hf_model,

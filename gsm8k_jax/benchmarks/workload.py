@@ -42,15 +42,15 @@ import transformers
 
 from gsm8k_jax.benchmarks import invariance as invariance_lib
 from gsm8k_jax.benchmarks import roofline
-from gsm8k_jax.benchmarks.synthetic import (
+from gsm8k_jax.benchmarks.models import (
     DTYPES,
     IdTokenizer,
     build_model,
     left_pad,
     load_reference,
-    peak_memory,
     reference_device,
 )
+from gsm8k_jax.benchmarks.synthetic import peak_memory
 from gsm8k_jax.eval.data import GSM8KExample, load_gsm8k
 from gsm8k_jax.eval.prompts import format_prompt
 from gsm8k_jax.kernel_choice import gpu_autotune_level

@@ -18,7 +18,7 @@ from gsm8k_jax.benchmarks.eval_cli import (
     format_cli_benchmark,
     run_cli_benchmark,
 )
-from gsm8k_jax.benchmarks.synthetic import DTYPES
+from gsm8k_jax.benchmarks.models import DTYPES
 from gsm8k_jax.models.gemma3.config import CONFIGS
 
 _CONFIG = flags.DEFINE_enum(

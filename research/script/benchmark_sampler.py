@@ -25,8 +25,8 @@ import json
 
 from absl import app, flags
 
+from gsm8k_jax.benchmarks.models import DTYPES
 from gsm8k_jax.benchmarks.synthetic import (
-    DTYPES,
     BenchmarkConfig,
     format_table,
     run_benchmark,
