@@ -199,30 +199,6 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             os.unlink(tmp)
 
 
-def create_new(path: str | os.PathLike, data: bytes) -> bool:
-    """Writes `path` only where no file is: returns False, writing nothing,
-    where one is. Atomic: of two writers, one creates it (on `gs://`, an
-    upload on the condition that no generation of the object exists)."""
-    path = os.fspath(path)
-    fs, fs_path = filesystem(path)
-    try:
-        if is_gcs(path):
-            fs.pipe_file(fs_path, data, mode="create")
-        else:
-            with open(path, "xb") as f:
-                f.write(data)
-    except FileExistsError:
-        return False
-    return True
-
-
-def modified_time(path: str | os.PathLike) -> float:
-    """When the file was last written, in seconds since the epoch (on `gs://`
-    by Cloud Storage's clock)."""
-    fs, fs_path = filesystem(os.fspath(path))
-    return fs.modified(fs_path).timestamp()
-
-
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of `write_atomic`'s temporary files (left
     behind only by a process killed mid-write)."""

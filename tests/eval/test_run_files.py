@@ -5,18 +5,13 @@ every time, and the final merge. No model is loaded here."""
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
-import subprocess
-import sys
-import time
 
 import fsspec
 import pytest
 
 from gsm8k_jax import storage
-from gsm8k_jax.eval import run_lock
 from gsm8k_jax.eval.chunks import json_line
 from gsm8k_jax.eval.results import ResultsError, ResultsWarning, RunFiles
 from gsm8k_jax.eval.run_lock import RunLockedError
@@ -342,66 +337,6 @@ def test_a_run_is_locked_while_one_process_runs_it(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     other_process.release()
     assert not any(tmp_path.iterdir())
-
-
-def write_lease(path, pid, host, token="theirs"):
-    """A lease as another process writes it."""
-    fs, fs_path = storage.filesystem(path)
-    fs.pipe_file(
-        fs_path, json.dumps({"pid": pid, "host": host, "token": token}).encode()
-    )
-
-
-def test_a_run_on_gcs_is_leased_while_one_process_runs_it(gcs_bucket, monkeypatch):
-    """On gs://: a live process's lease refuses `check` in one line naming
-    it and how to end it; a lease whose process is gone from this host is
-    taken at once, one of another host once it has had no heartbeat for
-    LEASE_S; the holder's heartbeat keeps it fresh until it stops, or until
-    another process holds it; `release` removes only its own."""
-    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.2)
-    folder = f"{gcs_bucket}/leased"
-    lease = f"{folder}/.lock_tag_p0"
-    files = RunFiles(folder, "tag")
-    here = socket.gethostname()
-    with subprocess.Popen(
-        [sys.executable, "-c", "input()"], stdin=subprocess.PIPE
-    ) as live:
-        write_lease(lease, live.pid, here)
-        with pytest.raises(
-            RunLockedError,
-            match=(
-                rf"'tag' is already running in {re.escape(folder)} \(process"
-                rf" {live.pid} on {re.escape(here)}, last heard from \d+ s ago\): .*"
-                rf" lapses in \d+ s, or delete {re.escape(lease)}\.$"
-            ),
-        ):
-            files.check(dict, resume=True, overwrite=False)
-        live.communicate(b"\n")
-    files.check(dict, resume=True, overwrite=False)  # Its process is gone.
-    files.check(dict, resume=True, overwrite=False)  # Its own: taken again.
-    mine = json.loads(storage.read_bytes(lease))
-    assert (mine["pid"], mine["host"]) == (os.getpid(), here)
-    written = storage.modified_time(lease)
-    time.sleep(1.0)
-    assert storage.modified_time(lease) > written  # Heartbeats.
-    files.release()
-    assert not storage.exists(lease)
-
-    # Another host's lease holds until it lapses, then is taken over.
-    monkeypatch.setattr(run_lock, "LEASE_S", 1.0)
-    write_lease(lease, 1, "elsewhere")
-    with pytest.raises(RunLockedError, match="process 1 on elsewhere"):
-        files.check(dict, resume=True, overwrite=False)
-    time.sleep(1.5)
-    files.check(dict, resume=True, overwrite=False)
-    assert json.loads(storage.read_bytes(lease))["pid"] == os.getpid()
-    # Taken over while this process was presumed gone: its heartbeat does
-    # not write over the new holder's lease, nor does its release remove it.
-    write_lease(lease, 1, "elsewhere", token="new")
-    time.sleep(1.0)
-    assert json.loads(storage.read_bytes(lease))["token"] == "new"
-    files.release()
-    assert json.loads(storage.read_bytes(lease))["token"] == "new"
 
 
 def test_a_refused_check_holds_no_lock_and_a_lock_is_one_per_folder(tmp_path):
