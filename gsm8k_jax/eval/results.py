@@ -350,7 +350,9 @@ class RunFiles:
         return records
 
     def append(self, rollouts: Iterable[Rollout]) -> None:
-        """Commits one group of finished rollouts as a chunk."""
+        """Commits one group of finished rollouts as a chunk (refused where
+        another process took the run over: `run_lock.check_held`)."""
+        run_lock.check_held(self.output_dir, self.tag, self.process_index)
         self.chunks.commit([dataclasses.asdict(r) for r in rollouts])
 
     def write_rollouts(self, records: Iterable[dict[str, Any]]) -> None:
@@ -358,6 +360,7 @@ class RunFiles:
         sequences finish out of order, but the finished file is the same
         however the run went."""
         records = sorted(records, key=lambda r: (r["id"], r["sample_index"]))
+        run_lock.check_held(self.output_dir, self.tag, self.process_index)
         with stop_signals.finishing_write():
             storage.write_atomic(self.rollouts_path, "".join(map(json_line, records)))
 

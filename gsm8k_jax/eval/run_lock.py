@@ -3,14 +3,14 @@ second terminal, a job launched twice) is refused in one line instead of
 doing the same work again, and its `--overwrite` cannot delete the results
 the first is committing.
 
-A lock is an advisory `flock` on a small file beside the results
-(`.lock_<tag>_p<process>`), which the operating system releases when its
-process ends, however it ends (kill -9 included): a crashed run never
-blocks its resume. The process holding it writes its pid and host into it, for
-the refusal to name. Locks are local: on `gs://`, which has no locks, and on a
-file system without `flock` (some network and FUSE mounts: a warning says
-so), nothing is checked. One process may take its own lock again (a
-notebook evaluating the same run twice).
+In a local folder a lock is an advisory `flock` on a small file beside the
+results (`.lock_<tag>_p<process>`), which the operating system releases
+when its process ends, however it ends (kill -9 included): a crashed run
+never blocks its resume. The process holding it writes its pid and host
+into it, for the refusal to name. On a file system without `flock` (some
+network and FUSE mounts: a warning says so), nothing is checked. On `gs://`,
+which has no locks, the same object is a lease (`run_lease`). One process
+may take its own lock again (a notebook evaluating the same run twice).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import socket
 import warnings
 
 from gsm8k_jax import storage
+from gsm8k_jax.eval import run_lease
 
 # Lock files this process holds: real path -> open descriptor (closing it
 # releases the lock).
@@ -37,7 +38,8 @@ def lock_path(output_dir: str, tag: str, process_index: int) -> str:
 
 
 def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
-    """Takes the run's lock for this process (on gs://, nothing to take).
+    """Takes the run's lock for this process (on gs://, its lease:
+    `run_lease`).
 
     Returns:
       Whether this call took it (False: already held here, or no locking).
@@ -46,7 +48,13 @@ def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
       RunLockedError: another live process holds it.
     """
     if storage.is_gcs(output_dir):
-        return False
+        try:
+            return run_lease.take(
+                lock_path(output_dir, tag, process_index),
+                f"Run '{tag}' is already running in {output_dir}",
+            )
+        except run_lease.LeaseError as e:
+            raise RunLockedError(str(e)) from None
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.realpath(lock_path(output_dir, tag, process_index))
     if path in _HELD:
@@ -82,6 +90,16 @@ def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
     return True
 
 
+def check_held(output_dir: str, tag: str, process_index: int = 0) -> None:
+    """Raises RunLockedError where this process took the run on gs:// and
+    another process has taken it over since (a local lock cannot be lost)."""
+    if storage.is_gcs(output_dir):
+        try:
+            run_lease.check_held(lock_path(output_dir, tag, process_index))
+        except run_lease.LeaseError as e:
+            raise RunLockedError(str(e)) from None
+
+
 def holder_name() -> str:
     """This process, as a refusal names it: its pid and host (a folder may be
     shared by several machines)."""
@@ -90,6 +108,9 @@ def holder_name() -> str:
 
 def release(output_dir: str, tag: str, process_index: int = 0) -> None:
     """Releases and removes the run's lock, if this process holds it."""
+    if storage.is_gcs(output_dir):
+        run_lease.release(lock_path(output_dir, tag, process_index))
+        return
     path = os.path.realpath(lock_path(output_dir, tag, process_index))
     fd = _HELD.pop(path, None)
     if fd is None:

@@ -18,6 +18,7 @@ from ctrl_c import WITH_DEFAULT_CTRL_C
 from gcs_emulator import gcs_filesystem
 from hf_models import make_tiny_hf_model
 
+from gsm8k_jax import storage
 from gsm8k_jax.eval.extraction import is_correct
 from gsm8k_jax.eval.run_record import run_tag_of
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
@@ -692,12 +693,16 @@ def test_more_examples_than_the_data_and_slots_than_the_work_are_capped(tmp_path
     assert summary["total"] == 6
 
 
-def test_a_second_copy_of_a_running_command_is_refused(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_second_copy_of_a_running_command_is_refused(request, tmp_path, where):
     """A job launched twice: the copy stops in one line naming the running
     process, before it loads anything, and the first run finishes as it
-    would alone, leaving no lock file behind."""
-    out = tmp_path / "out"
-    lock = out / ".lock_gemma3-tiny_base_bs4_p0"
+    would alone, leaving no lock (on gs://, no lease) behind."""
+    if where == "gcs":
+        out = f"{request.getfixturevalue('gcs_bucket')}/second-copy"
+    else:
+        out = str(tmp_path / "out")
+    lock = f"{out}/.lock_gemma3-tiny_base_bs4_p0"
     first = subprocess.Popen(
         [sys.executable, str(BASE_SCRIPT), *QUICK, f"--output_dir={out}"],
         cwd=REPO,
@@ -706,20 +711,33 @@ def test_a_second_copy_of_a_running_command_is_refused(tmp_path):
         text=True,
     )
     holder = f"{first.pid} on {socket.gethostname()}"
+
+    def locked_by_first() -> bool:
+        """The pid is written once the lock is taken (locally: its text;
+        on gs://: the lease's record)."""
+        try:
+            text = storage.read_text(lock)
+        except FileNotFoundError:
+            return False
+        if where == "local":
+            return text == f"{holder}\n"
+        return json.loads(text)["pid"] == first.pid
+
     try:
         deadline = time.time() + 120
         while first.poll() is None and time.time() < deadline:
-            if lock.exists() and lock.read_text() == f"{holder}\n":
-                break  # Locked: the pid is written once the lock is taken.
+            if locked_by_first():
+                break
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)  # Holding its lock, mid-run.
-        assert lock.read_text() == f"{holder}\n"
+        assert locked_by_first()
         second = run_script(*QUICK, f"--output_dir={out}", check=False)
         assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
         assert second.stderr.startswith(
             f"error: Run 'gemma3-tiny_base_bs4' is already running in {out}"
-            f" (process {holder}): wait for it to finish"
+            f" (process {holder}"
         ), second.stderr
+        assert "wait for it to finish" in second.stderr
         overwrite = run_script(
             *QUICK, "--overwrite", f"--output_dir={out}", check=False
         )
@@ -728,9 +746,9 @@ def test_a_second_copy_of_a_running_command_is_refused(tmp_path):
         first.send_signal(signal.SIGCONT)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    _, summary = read_outputs(out, "gemma3-tiny_base_bs4")
+    summary = json.loads(storage.read_text(f"{out}/summary_gemma3-tiny_base_bs4.json"))
     assert summary["total"] == 6 and summary["resumed_examples"] == 0
-    assert not list(out.glob(".lock_*"))
+    assert not [n for n in storage.list_names(out) if n.startswith(".lock_")]
     run_script(*QUICK, f"--output_dir={out}")  # Free again: it resumes.
 
 

@@ -5,13 +5,19 @@ every time, and the final merge. No model is loaded here."""
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import fsspec
 import pytest
 
-from gsm8k_jax import storage
+from gsm8k_jax import gcs_generations, storage
+from gsm8k_jax.eval import run_lease
 from gsm8k_jax.eval.chunks import json_line
 from gsm8k_jax.eval.results import ResultsError, ResultsWarning, RunFiles
 from gsm8k_jax.eval.run_lock import RunLockedError
@@ -337,6 +343,97 @@ def test_a_run_is_locked_while_one_process_runs_it(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     other_process.release()
     assert not any(tmp_path.iterdir())
+
+
+def write_lease(path, pid, host, token="theirs"):
+    """A lease as another process writes it (this machine's boot where `host`
+    is this machine)."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    record = {"pid": pid, "host": host, "boot": boot, "token": token}
+    fs, fs_path = storage.filesystem(path)
+    fs.pipe_file(fs_path, json.dumps(record).encode())
+
+
+def wait_until(condition, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def lease_holder(path):
+    return json.loads(gcs_generations.read(path)[0])
+
+
+def test_a_run_on_gcs_is_leased_while_one_process_runs_it(gcs_bucket, monkeypatch):
+    """On gs://: a live process's lease refuses `check` in one line naming
+    it and how to end it; a lease whose process is gone from this machine is
+    taken at once; the holder renews it, and learns at its next commit that
+    another process took it over (its release then leaves that one's)."""
+    monkeypatch.setattr(run_lease, "HEARTBEAT_S", 0.1)
+    folder = f"{gcs_bucket}/leased"
+    lease = f"{folder}/.lock_tag_p0"
+    files = RunFiles(folder, "tag")
+    here = socket.gethostname()
+    with subprocess.Popen(
+        [sys.executable, "-c", "input()"], stdin=subprocess.PIPE
+    ) as live:
+        write_lease(lease, live.pid, here)
+        with pytest.raises(
+            RunLockedError,
+            match=(
+                rf"^Run 'tag' is already running in {re.escape(folder)} \(process"
+                rf" {live.pid} on {re.escape(here)}, last heard from \d+ s ago\): .*"
+                rf" lapses in \d+ s, or delete {re.escape(lease)}\.$"
+            ),
+        ):
+            files.check(dict, resume=True, overwrite=False)
+        live.communicate(b"\n")
+    files.check(dict, resume=True, overwrite=False)  # Its process is gone.
+    files.check(dict, resume=True, overwrite=False)  # Its own: taken again.
+    assert lease_holder(lease)["pid"] == os.getpid()
+    generation = gcs_generations.read(lease)[1]
+    wait_until(lambda: gcs_generations.read(lease)[1] != generation)  # Renewed.
+    files.append([])
+
+    write_lease(lease, 1, "elsewhere", token="new")  # Taken over meanwhile.
+    wait_until(lambda: run_lease._HELD[lease].lost)
+    with pytest.raises(RunLockedError, match="no longer holds .* took it over"):
+        files.append([])
+    files.release()
+    assert lease_holder(lease)["token"] == "new"
+
+
+def test_a_lapsed_lease_is_taken_over_only_as_seen(gcs_bucket, monkeypatch):
+    """Another machine's lease holds until LEASE_S (Cloud Storage's clock)
+    has passed since its last renewal, then is taken over; a taker that
+    finds it renewed or replaced between its look and its takeover (another
+    taker was quicker) leaves it and is refused."""
+    monkeypatch.setattr(run_lease, "LEASE_S", 1.0)
+    folder = f"{gcs_bucket}/lapsed"
+    lease = f"{folder}/.lock_tag_p0"
+    files = RunFiles(folder, "tag")
+    write_lease(lease, 1, "elsewhere")
+    with pytest.raises(RunLockedError, match="process 1 on elsewhere"):
+        files.check(dict, resume=True, overwrite=False)
+    wait_until(lambda: gcs_generations.read(lease)[2] > 1.5)
+    look = gcs_generations.read
+
+    def quicker_rival(path):
+        seen = look(path)
+        monkeypatch.setattr(gcs_generations, "read", look)
+        write_lease(path, 2, "rival", token="rival")
+        return seen  # Lapsed, as this taker saw it.
+
+    monkeypatch.setattr(gcs_generations, "read", quicker_rival)
+    with pytest.raises(RunLockedError, match="process 2 on rival"):
+        files.check(dict, resume=True, overwrite=False)
+    assert lease_holder(lease)["token"] == "rival"
+    wait_until(lambda: gcs_generations.read(lease)[2] > 1.5)
+    files.check(dict, resume=True, overwrite=False)
+    assert lease_holder(lease)["pid"] == os.getpid()
+    files.release()
+    assert not storage.exists(lease)
 
 
 def test_a_refused_check_holds_no_lock_and_a_lock_is_one_per_folder(tmp_path):
