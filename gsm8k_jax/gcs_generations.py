@@ -31,9 +31,8 @@ def write_if(path: str, data: bytes, generation: int) -> int | None:
     """Writes the object where it is at `generation` (0: where none exists);
     returns its new generation, or None where it is at another."""
     fs, bucket, name = _object(path)
-    upload = storage.cloud_storage_url() + (
-        f"/upload/storage/v1/b/{urllib.parse.quote(bucket)}/o"
-    )
+    # Where gcsfs itself uploads (its endpoint, however configured).
+    upload = f"{fs._location}/upload/storage/v1/b/{urllib.parse.quote(bucket)}/o"
     try:
         written = fs.call(
             "POST",
@@ -69,6 +68,8 @@ def read(path: str) -> tuple[bytes, int, float] | None:
     except FileNotFoundError:  # None, or removed between the two requests
         return None
     now = email.utils.parsedate_to_datetime(headers["Date"])
+    if now.tzinfo is None:  # "-0000": UTC, source unknown
+        now = now.replace(tzinfo=datetime.UTC)
     written = datetime.datetime.fromisoformat(metadata["updated"])
     return data, int(metadata["generation"]), (now - written).total_seconds()
 

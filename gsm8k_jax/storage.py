@@ -57,14 +57,9 @@ def emulator_url() -> str:
     return url if url.startswith(("http://", "https://")) else f"http://{url}"
 
 
-def cloud_storage_url() -> str:
-    """Where gcsfs sends Cloud Storage requests: the emulator's URL, if set."""
-    return emulator_url() or _CLOUD_STORAGE_URL
-
-
 def storage_endpoint() -> tuple[str, int]:
     """The host and port gcsfs connects to."""
-    url = urllib.parse.urlsplit(cloud_storage_url())
+    url = urllib.parse.urlsplit(emulator_url() or _CLOUD_STORAGE_URL)
     return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
 
 

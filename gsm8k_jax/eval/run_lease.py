@@ -1,21 +1,25 @@
 """One process at a time per run on `gs://`, which has no locks: a lease.
 
 The lease is the object `.lock_<tag>_p<process>` (as a local lock's file is
-named, `run_lock`), holding its process's pid, host, boot and a token. It is
-created only where none is, renewed every `HEARTBEAT_S` seconds while its
-process runs, and removed when the process releases it. Each write and
-removal is conditioned on the generation its writer last saw
-(`gcs_generations`), so of two processes acting on the same lease one wins
-and the other learns it lost: a taker never removes a lease it did not see,
-and a holder whose renewal fails because another took the lease over knows
-it, and stops at its next commit (`check_held`).
+named, `run_lock`), holding its process's pid, host, boot, pid namespace
+and a token. It is created only where none is, renewed every `HEARTBEAT_S`
+seconds while its process runs, and removed when the process releases it.
+Each write and removal is conditioned on the generation its writer last
+saw (`gcs_generations`), so of two processes acting on the same lease one
+wins and the other learns it lost: a taker never removes a lease it did
+not see, and a holder's renewal never writes over another's lease.
 
 A process that ends without releasing it (kill -9, a lost machine) leaves
 a lease that another process takes over once `LEASE_S` seconds have passed
 since its last renewal (by Cloud Storage's clock, so the machines' clocks
-do not matter), or at once where it was this machine's and its process is
-gone (a resume on the same machine). The refusal says how long is left,
-and which object to delete instead.
+do not matter), or at once where it was this machine's (this boot's, this
+pid namespace's) and its process is gone: a resume on the same machine.
+The refusal says how long is left, and which object to delete instead.
+
+A holder stops at its next commit (`check_held`) once a renewal found the
+lease another's, or once none got through for `LEASE_S - HEARTBEAT_S`
+seconds (before another process may take it over), keeping what it
+committed.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class _Lease:
 
     data: bytes  # its contents, token included
     generation: int  # the last one this process wrote
+    # Until when (time.monotonic) this process surely holds it: LEASE_S -
+    # HEARTBEAT_S after the last write that got through was sent, so that a
+    # holder whose renewals fail stops before another may take over.
+    valid_until: float
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     renewals: threading.Thread | None = None
     lost: str | None = None  # why this process no longer holds it
@@ -69,11 +77,13 @@ def take(path: str, run: str) -> bool:
       LeaseError: another live process holds it.
     """
     if path in _HELD:
-        check_held(path)
-        return False
+        if not _HELD[path].lost and time.monotonic() < _HELD[path].valid_until:
+            return False
+        _stop(_HELD.pop(path))  # Lost since: taken afresh, or refused.
     identity = {**_this_process(), "token": uuid.uuid4().hex}
     data = json.dumps(identity).encode()
     for _ in range(_ATTEMPTS):
+        sent = time.monotonic()
         generation = gcs_generations.write_if(path, data, 0)
         if generation is not None:
             break
@@ -96,7 +106,7 @@ def take(path: str, run: str) -> bool:
             f"{run}: another process took {path} at each of {_ATTEMPTS} attempts;"
             " is a second copy of this command starting?"
         )
-    lease = _Lease(data, generation)
+    lease = _Lease(data, generation, _valid_until(sent))
     lease.renewals = threading.Thread(
         target=_renew_until_stopped, args=(path, lease), name="run lease", daemon=True
     )
@@ -109,7 +119,11 @@ def check_held(path: str) -> None:
     """Raises LeaseError where this process took the lease at `path` and has
     lost it since (another process took it over): its results must stop."""
     lease = _HELD.get(path)
-    if lease is not None and lease.lost:
+    if lease is None:
+        return
+    if not lease.lost and time.monotonic() > lease.valid_until:
+        lease.lost = f"no renewal got through for {LEASE_S - HEARTBEAT_S:.0f} s"
+    if lease.lost:
         raise LeaseError(
             f"This process no longer holds {path}: {lease.lost}. It stops here;"
             " its committed results are kept."
@@ -123,15 +137,18 @@ def release(path: str) -> None:
     lease = _HELD.pop(path, None)
     if lease is None:
         return
-    lease.stop.set()
-    lease.renewals.join(RELEASE_TIMEOUT_S)
+    _stop(lease)
     if lease.lost:
         return
     outcome: list[BaseException | None] = []
 
     def remove() -> None:
         try:
-            gcs_generations.remove_if(path, lease.generation)
+            if not gcs_generations.remove_if(path, lease.generation):
+                # A renewal still in flight may have written it since.
+                seen = gcs_generations.read(path)
+                if seen is not None and seen[0] == lease.data:
+                    gcs_generations.remove_if(path, seen[1])
             outcome.append(None)
         except Exception as e:  # noqa: BLE001 Reported below, in a warning.
             outcome.append(e)
@@ -148,22 +165,32 @@ def release(path: str) -> None:
         )
 
 
+def _stop(lease: _Lease) -> None:
+    """Stops the lease's renewals, waiting at most RELEASE_TIMEOUT_S for one
+    in flight."""
+    lease.stop.set()
+    lease.renewals.join(RELEASE_TIMEOUT_S)
+
+
+def _valid_until(sent: float) -> float:
+    return sent + LEASE_S - HEARTBEAT_S
+
+
 def _renew_until_stopped(path: str, lease: _Lease) -> None:
-    """Renews the lease every HEARTBEAT_S seconds until stopped or lost (to
-    another process, or when no renewal got through for LEASE_S seconds)."""
-    renewed = time.monotonic()
+    """Renews the lease every HEARTBEAT_S seconds until stopped, or lost to
+    another process. A renewal that fails (network, credentials) is tried
+    again; `check_held` stops the run once none got through for long."""
     while not lease.stop.wait(HEARTBEAT_S):
         try:
             _renew(path, lease)
-            renewed = time.monotonic()
-        except Exception as e:  # noqa: BLE001 Network or credentials: tried again.
-            if time.monotonic() - renewed > LEASE_S:
-                lease.lost = f"no renewal got through for {LEASE_S:.0f} s ({e})"
+        except Exception:  # noqa: BLE001, S112 Tried again at the next beat.
+            continue
         if lease.lost:
             return
 
 
 def _renew(path: str, lease: _Lease) -> None:
+    sent = time.monotonic()
     generation = gcs_generations.write_if(path, lease.data, lease.generation)
     if generation is None:
         seen = gcs_generations.read(path)
@@ -172,10 +199,19 @@ def _renew(path: str, lease: _Lease) -> None:
             return
         generation = seen[1]  # Our own write, retried by gcsfs after a hiccup.
     lease.generation = generation
+    lease.valid_until = _valid_until(sent)
 
 
 def _this_process() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id()}
+    """Who holds a lease: the pid, and where it means something (host, boot
+    and pid namespace: containers on one machine share its boot, and with
+    host networking its host name)."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pid_namespace": _pid_namespace(),
+    }
 
 
 def _boot_id() -> str | None:
@@ -183,6 +219,13 @@ def _boot_id() -> str | None:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
 
@@ -201,12 +244,12 @@ def _name(holder: dict) -> str:
 
 def _lapsed(holder: dict, age_s: float) -> bool:
     """Whether a lease no longer holds: not renewed for LEASE_S seconds, or
-    this machine's (this boot's) and its process gone, or this very process's
-    (left by a release that could not remove it)."""
+    this machine's (this boot's, this pid namespace's) and its process gone,
+    or this very process's (left by a release that could not remove it)."""
     if age_s > LEASE_S:
         return True
     here = _this_process()
-    if holder.get("host") != here["host"] or holder.get("boot") != here["boot"]:
+    if any(holder.get(k) != here[k] for k in ("host", "boot", "pid_namespace")):
         return False
     pid = holder.get("pid")
     return pid == here["pid"] or (isinstance(pid, int) and not _running(pid))

@@ -346,10 +346,15 @@ def test_a_run_is_locked_while_one_process_runs_it(tmp_path):
 
 
 def write_lease(path, pid, host, token="theirs"):
-    """A lease as another process writes it (this machine's boot where `host`
-    is this machine)."""
-    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    record = {"pid": pid, "host": host, "boot": boot, "token": token}
+    """A lease as another process writes it (of this boot and pid namespace:
+    this machine's where `host` is this machine)."""
+    record = {
+        "pid": pid,
+        "host": host,
+        "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        "pid_namespace": os.stat("/proc/self/ns/pid").st_ino,
+        "token": token,
+    }
     fs, fs_path = storage.filesystem(path)
     fs.pipe_file(fs_path, json.dumps(record).encode())
 
@@ -408,8 +413,10 @@ def test_a_lapsed_lease_is_taken_over_only_as_seen(gcs_bucket, monkeypatch):
     """Another machine's lease holds until LEASE_S (Cloud Storage's clock)
     has passed since its last renewal, then is taken over; a taker that
     finds it renewed or replaced between its look and its takeover (another
-    taker was quicker) leaves it and is refused."""
+    taker was quicker) leaves it and is refused. A holder none of whose
+    renewals gets through stops at its next commit."""
     monkeypatch.setattr(run_lease, "LEASE_S", 1.0)
+    monkeypatch.setattr(run_lease, "HEARTBEAT_S", 0.25)
     folder = f"{gcs_bucket}/lapsed"
     lease = f"{folder}/.lock_tag_p0"
     files = RunFiles(folder, "tag")
@@ -434,6 +441,18 @@ def test_a_lapsed_lease_is_taken_over_only_as_seen(gcs_bucket, monkeypatch):
     assert lease_holder(lease)["pid"] == os.getpid()
     files.release()
     assert not storage.exists(lease)
+
+    files.check(dict, resume=True, overwrite=False)
+    files.append([])
+
+    def unreachable(*args):
+        raise OSError("network down")
+
+    monkeypatch.setattr(gcs_generations, "write_if", unreachable)
+    time.sleep(1.0)
+    with pytest.raises(RunLockedError, match="no renewal got through"):
+        files.append([])
+    files.release()
 
 
 def test_a_refused_check_holds_no_lock_and_a_lock_is_one_per_folder(tmp_path):
