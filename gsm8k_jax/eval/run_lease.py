@@ -117,7 +117,8 @@ def take(path: str, run: str) -> bool:
 
 def check_held(path: str) -> None:
     """Raises LeaseError where this process took the lease at `path` and has
-    lost it since (another process took it over): its results must stop."""
+    lost it since (another process took it over, or no renewal got through
+    for LEASE_S - HEARTBEAT_S seconds): its results must stop."""
     lease = _HELD.get(path)
     if lease is None:
         return
