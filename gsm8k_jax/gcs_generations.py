@@ -21,7 +21,8 @@ from gsm8k_jax import storage
 
 
 def _object(path: str):
-    """The gcsfs filesystem, bucket and object name of a `gs://` path."""
+    """The gcsfs filesystem, bucket and object name of a `gs://` path (its
+    cached listings dropped, as `storage.filesystem` does on every call)."""
     fs, fs_path = storage.filesystem(path)
     bucket, name, _ = fs.split_path(fs_path)
     return fs, bucket, name
@@ -82,5 +83,4 @@ def remove_if(path: str, generation: int) -> bool:
         fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=str(generation))
     except (FileExistsError, FileNotFoundError):
         return False
-    fs.invalidate_cache(f"{bucket}/{name}")
     return True

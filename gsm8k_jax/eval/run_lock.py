@@ -15,11 +15,13 @@ may take its own lock again (a notebook evaluating the same run twice).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 
 from gsm8k_jax import storage
 from gsm8k_jax.eval import run_lease
@@ -48,13 +50,11 @@ def acquire(output_dir: str, tag: str, process_index: int = 0) -> bool:
       RunLockedError: another live process holds it.
     """
     if storage.is_gcs(output_dir):
-        try:
+        with _lease_refusals():
             return run_lease.take(
                 lock_path(output_dir, tag, process_index),
                 f"Run '{tag}' is already running in {output_dir}",
             )
-        except run_lease.LeaseError as e:
-            raise RunLockedError(str(e)) from None
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.realpath(lock_path(output_dir, tag, process_index))
     if path in _HELD:
@@ -94,10 +94,17 @@ def check_held(output_dir: str, tag: str, process_index: int = 0) -> None:
     """Raises RunLockedError where this process took the run on gs:// and
     another process has taken it over since (a local lock cannot be lost)."""
     if storage.is_gcs(output_dir):
-        try:
+        with _lease_refusals():
             run_lease.check_held(lock_path(output_dir, tag, process_index))
-        except run_lease.LeaseError as e:
-            raise RunLockedError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _lease_refusals() -> Iterator[None]:
+    """A lease's refusals (`run_lease.LeaseError`) as this module's."""
+    try:
+        yield
+    except run_lease.LeaseError as e:
+        raise RunLockedError(str(e)) from None
 
 
 def holder_name() -> str:
