@@ -37,6 +37,7 @@ from flax import nnx
 
 from gsm8k_jax.checkpoints.lora_checkpoint import (
     TrainedLora,
+    lora_factor_shapes,
     resolve_trained_lora,
     restore_lora_params,
 )
@@ -45,18 +46,22 @@ from gsm8k_jax.checkpoints.lora_merge import merge_lora
 from gsm8k_jax.checkpoints.lora_qwix import apply_lora, qwix_lora_model
 from gsm8k_jax.checkpoints.lora_state import adapted_layers, lora_mode, merged_weights
 from gsm8k_jax.checkpoints.lora_targets import (
+    check_factors_fit,
     check_not_merged,
     factors_by_weight,
     validate_lora_params,
     weight_targets,
 )
+from gsm8k_jax.models.gemma3.config import Gemma3Config
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.modules import LORA_ATTRIBUTE, LoraAdapter
+from gsm8k_jax.models.gemma3.params import CheckpointError
 
 __all__ = [
     "LoraConfig",
     "apply_lora",
     "attach_lora",
+    "check_trained_lora",
     "detach_lora",
     "load_lora",
     "load_trained_lora",
@@ -159,3 +164,17 @@ def load_trained_lora(
     params = restore_lora_params(trained.params_path)
     (merge_lora if merge else attach_lora)(model, params, trained.config)
     return model
+
+
+def check_trained_lora(model_config: Gemma3Config, trained: TrainedLora) -> None:
+    """Refuses, before any weight or factor is read, a checkpoint whose
+    factors `load_trained_lora` would refuse on a model of `model_config`
+    (another rank, module_path or model size): from the checkpoint's
+    metadata and an abstract model alone, so a sweep finds it before it
+    evaluates anything."""
+    model = nnx.eval_shape(lambda: Gemma3(model_config, rngs=nnx.Rngs(0)))
+    shapes = lora_factor_shapes(trained.params_path)
+    try:
+        check_factors_fit(model, shapes, trained.config)
+    except CheckpointError as e:  # Which of a sweep's checkpoints.
+        raise CheckpointError(f"{trained.params_path}: {e}") from e

@@ -15,11 +15,12 @@ Local folders and `gs://` alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -152,9 +153,17 @@ def restore_lora_params(path: str | os.PathLike) -> LoraParams:
       leaves (a checkpoint of the full model state) are skipped unread.
     """
     params_dir = epath.Path(resolve_lora_checkpoint(path))
+    with _named_damage(params_dir), orbax_reads.reads_finish_before_failing():
+        params = _restore_factors(params_dir)
+    logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
+    return params
+
+
+@contextlib.contextmanager
+def _named_damage(params_dir: epath.Path) -> Iterator[None]:
+    """A checkpoint that cannot be read, as a CheckpointError naming it."""
     try:
-        with orbax_reads.reads_finish_before_failing():
-            params = _restore_factors(params_dir)
+        yield
     # JSON, tensorstore, tree; AttributeError: a _METADATA of another shape.
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, CheckpointError):
@@ -163,8 +172,6 @@ def restore_lora_params(path: str | os.PathLike) -> LoraParams:
             f"{params_dir} is damaged or incomplete ({_brief_reason(e)}):"
             " evaluate another step, or write this one again."
         ) from e
-    logging.info("Restored %d LoRA factors from %s.", len(params), params_dir)
-    return params
 
 
 def _brief_reason(e: Exception) -> str:
@@ -180,22 +187,45 @@ def _brief_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def lora_factor_shapes(
+    params_path: str | os.PathLike,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of the LoRA factors of a resolved
+    `model_params` folder, from Orbax's metadata alone (no array is read):
+    enough to check the factors fit a model before anything is loaded."""
+    params_dir = epath.Path(params_path)
+    with _named_damage(params_dir):
+        tree = _metadata_tree(params_dir)
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        _key(p): jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
+        for p, meta in sorted(flat, key=lambda item: _key(item[0]))
+        if _is_factor(p)
+    }
+
+
+def _metadata_tree(params_dir: epath.Path) -> Any:
+    handler = ocp.PyTreeCheckpointHandler()
+    return storage_call(params_dir, lambda: handler.metadata(params_dir).tree)
+
+
+def _is_factor(keypath: tuple[Any, ...]) -> bool:
+    return FACTOR_NAME.fullmatch(_key(keypath).rsplit("/", 1)[-1]) is not None
+
+
 def _restore_factors(params_dir: epath.Path) -> LoraParams:
     """The LoRA factors of a resolved `model_params` folder, sorted by key."""
     handler = ocp.PyTreeCheckpointHandler()
-    tree = storage_call(params_dir, lambda: handler.metadata(params_dir).tree)
-
-    def is_factor(keypath: tuple[Any, ...]) -> bool:
-        return FACTOR_NAME.fullmatch(_key(keypath).rsplit("/", 1)[-1]) is not None
+    tree = _metadata_tree(params_dir)
 
     # Restore the factors only, as numpy (no device or sharding assumptions).
     item = jax.tree_util.tree_map_with_path(
-        lambda p, meta: meta if is_factor(p) else ocp.PLACEHOLDER, tree
+        lambda p, meta: meta if _is_factor(p) else ocp.PLACEHOLDER, tree
     )
     restore_args = jax.tree_util.tree_map_with_path(
         lambda p, _: (
             ocp.RestoreArgs(restore_type=np.ndarray)
-            if is_factor(p)
+            if _is_factor(p)
             else ocp.PLACEHOLDER
         ),
         tree,
@@ -209,7 +239,7 @@ def _restore_factors(params_dir: epath.Path) -> LoraParams:
         ),
     )
     flat = jax.tree_util.tree_flatten_with_path(restored)[0]
-    params = {_key(p): v for p, v in flat if is_factor(p)}
+    params = {_key(p): v for p, v in flat if _is_factor(p)}
     return dict(sorted(params.items()))
 
 

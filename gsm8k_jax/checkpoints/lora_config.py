@@ -76,6 +76,11 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"{named_setting('rank', self.rank)}: must be >= 1.")
+        if not self.alpha > 0:  # 0 cancels the update; a negative one inverts it.
+            raise ValueError(
+                f"{named_setting('alpha', self.alpha)}: must be > 0 (the update is"
+                " scaled by alpha / rank)."
+            )
         try:
             re.compile(self.module_path)
         except re.error as e:

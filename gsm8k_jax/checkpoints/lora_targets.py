@@ -149,15 +149,32 @@ def factors_by_weight(
 def validate_lora_params(
     model: Gemma3, params: Mapping[str, np.ndarray | jax.Array], config: LoraConfig
 ) -> None:
-    """Checks that the factors fit the model and config, before anything runs.
-
-    Every factor must belong to a weight of the model that
-    `config.module_path` selects, come with its partner, have rank
-    `config.rank` and the shape qwix would create.
+    """Checks that the factors fit the model and config, before anything runs
+    (`check_factors_fit`), and warns where a kind of weight has factors in
+    only some of its layers.
 
     Raises:
       CheckpointError: saying what does not fit and the likely cause
         (another model size, another rank, another module_path).
+    """
+    check_factors_fit(model, params, config)
+    _warn_if_partial(
+        factors_by_weight(params), weight_targets(model, config.module_path)
+    )
+
+
+def check_factors_fit(
+    model: Gemma3,
+    params: Mapping[str, np.ndarray | jax.Array | jax.ShapeDtypeStruct],
+    config: LoraConfig,
+) -> None:
+    """Every factor must belong to a weight of the model that
+    `config.module_path` selects, come with its partner, have rank
+    `config.rank` and the shape qwix would create. Shapes alone are read:
+    `model` may be abstract (`nnx.eval_shape`), `params` shape structs.
+
+    Raises:
+      CheckpointError: as `validate_lora_params`.
     """
     if not params:
         raise CheckpointError(
@@ -221,7 +238,6 @@ def validate_lora_params(
                     f" {format_shape(expected[which])} at rank {config.rank}: a"
                     " checkpoint for another model size?"
                 )
-    _warn_if_partial(factors, targets)
 
 
 def _warn_if_partial(factors: Mapping[str, Any], targets: Mapping[str, Target]) -> None:

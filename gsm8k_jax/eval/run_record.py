@@ -49,15 +49,7 @@ def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     two base runs, not the LoRA settings; and not the paths of data or
     weights whose recorded digests are the same."""
 
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        out = {}
-        for key, value in d.items():
-            out |= flat(value, f"{prefix}.{key}" if prefix else str(key))
-        return out
-
-    a, b = flat(old), flat(new)
+    a, b = flat_settings(old), flat_settings(new)
     # A greedy run reads no seed, top_k or top_p: beside another greedy run
     # they never differ, and beside a sampled one the temperature says it.
     greedy = 0 in (
@@ -84,6 +76,16 @@ def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         and k not in ignored
         and not (base_runs and k.startswith("model.lora_config."))
     )
+
+
+def flat_settings(record: Any, prefix: str = "") -> dict[str, Any]:
+    """A run record's settings by dotted name: {"eval.batch_size": 32, ...}."""
+    if not isinstance(record, dict):
+        return {prefix: record}
+    out = {}
+    for key, value in record.items():
+        out |= flat_settings(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
 
 
 def model_config(model_name: str) -> ml_collections.ConfigDict:
@@ -282,14 +284,19 @@ def run_info(
         # without it were made otherwise (their bfloat16 results differ), so
         # they are neither resumed nor compared as the same settings.
         "projection_accumulation": "float32",
-        "eval": {
-            "batch_size": eval_config.batch_size,
-            "sampling": _sampling_record(eval_config.sampling),
-            "prompt_template": eval_config.prompt_template,
-            "system_prompt": eval_config.system_prompt,
-            "use_chat_template": eval_config.use_chat_template,
-            "task": eval_config.task,
-        },
+        "eval": eval_record(eval_config),
+    }
+
+
+def eval_record(eval_config: EvalConfig) -> dict[str, Any]:
+    """The evaluation settings as a run record holds them (its "eval")."""
+    return {
+        "batch_size": eval_config.batch_size,
+        "sampling": _sampling_record(eval_config.sampling),
+        "prompt_template": eval_config.prompt_template,
+        "system_prompt": eval_config.system_prompt,
+        "use_chat_template": eval_config.use_chat_template,
+        "task": eval_config.task,
     }
 
 

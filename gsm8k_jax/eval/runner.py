@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from gsm8k_jax import stop_signals
@@ -29,6 +30,7 @@ from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.provenance import run_metadata
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
+from gsm8k_jax.eval.run_record import eval_record, flat_settings
 from gsm8k_jax.eval.scoring import rescore, score, summarize
 from gsm8k_jax.eval.stopping import (
     cut_at_stop_sequences,
@@ -36,6 +38,7 @@ from gsm8k_jax.eval.stopping import (
     with_eos_text,
 )
 from gsm8k_jax.models.gemma3.config import Gemma3Config
+from gsm8k_jax.models.gemma3.sharding import MODEL
 from gsm8k_jax.sampling.requests import repeated_ids
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 
@@ -93,6 +96,45 @@ def check_generation_limit(
             f" for a prompt in the model's context of {context} tokens"
             f" (max_position_embeddings in {model_dir}/config.json); GSM8K answers"
             " take a few hundred tokens."
+        )
+
+
+def _check_record_matches(
+    sampler: Sampler,
+    examples: Sequence[GSM8KExample],
+    config: EvalConfig,
+    run_info: dict[str, Any],
+) -> None:
+    """Refuses a run record that says other than what this call runs (its
+    evaluation settings, problem count, row tile, tensor parallelism, model
+    dtype): the rows would go under the tag and record of a run they are not
+    (a script run with the recorded settings would adopt them as its own).
+    A record of no run (`{}`) is not checked, nor a setting an older record
+    leaves unsaid."""
+    if "eval" not in run_info:
+        return
+    recorded = flat_settings(run_info)
+    mesh = sampler.mesh
+    running = {
+        "num_examples": (len(examples), "examples"),
+        "row_tile": (sampler.row_tile, "the sampler's row_tile"),
+        "mesh_model": (mesh.shape[MODEL] if mesh else 1, "the sampler's mesh"),
+        "model.dtype": (jnp.dtype(sampler.model.dtype).name, "the model's dtype"),
+    } | {
+        name: (value, "config")
+        for name, value in flat_settings({"eval": eval_record(config)}).items()
+    }
+    differing = [
+        f"{name}={recorded[name]!r} in run_info but {value!r} in {source}"
+        for name, (value, source) in running.items()
+        if name in recorded and recorded[name] != value
+    ]
+    if differing:
+        raise ValueError(
+            f"run_info does not record what this call runs: {'; '.join(differing)}."
+            " Make run_info for this run: gsm8k_jax.run_info(...,"
+            " num_examples=len(examples), eval_config=config) with the model's"
+            " model_config and dtype."
         )
 
 
@@ -197,7 +239,9 @@ def evaluate(
     A model that carries a LoRA other than `run_info` records (one where it
     records the base model, none or another way of applying it where it
     records a checkpoint: `lora_state.lora_mode`) is refused before any
-    work, so that no results go under another run's tag.
+    work, so that no results go under another run's tag; and so is a
+    `run_info` whose evaluation settings, problem count, row tile, tensor
+    parallelism or model dtype are not this call's.
     """
     if not isinstance(files, RunFiles):
         raise TypeError(
@@ -238,6 +282,7 @@ def _evaluate_run(
             " checks the folder and records what produces the results)."
         )
     _check_lora_matches(sampler.model, run_info)
+    _check_record_matches(sampler, examples, config, run_info)
     if config.row_tile is not None and sampler.row_tile != config.row_tile:
         raise ValueError(
             f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"

@@ -235,7 +235,9 @@ def evaluate_checkpoints(
       ValueError: nothing to evaluate, two checkpoints would share a tag, or
         the devices do not split into groups as asked.
       ResultsError: `output_dir` holds other runs under the same tags.
-      CheckpointError, SourceError: a checkpoint or the model cannot be read.
+      CheckpointError, SourceError: a checkpoint or the model cannot be
+        read, or a checkpoint's factors do not fit the model (another rank
+        or size: checked from their shapes before anything is evaluated).
     """
     from gsm8k_jax.checkpoints import lora as lora_lib  # qwix, orbax: heavy.
     from gsm8k_jax.checkpoints import lora_checkpoint
@@ -255,7 +257,8 @@ def evaluate_checkpoints(
         trained = lora_checkpoint.resolve_trained_lora(
             raw_path, lora_config, given=given_lora_fields
         )
-        if not trained.recorded and "alpha" not in (given_lora_fields or {"alpha"}):
+        alpha_given = given_lora_fields is None or "alpha" in given_lora_fields
+        if not trained.recorded and not alpha_given:
             # (A LoraConfig left at its default alpha warns as it loads.)
             logging.warning(
                 "%s records no LoRA alpha (Tunix writes none): using alpha %g, the"
@@ -314,6 +317,9 @@ def evaluate_checkpoints(
             )
     if check_tags is not None:
         check_tags([files.tag for _, files, _ in runs])
+    if not custom_loader:  # A loader of the user's may read other layouts.
+        for trained in trained_loras.values():
+            lora_lib.check_trained_lora(weights_config, trained)
     mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
     # Each run is this process's (`run_lock`) from its prepare until its
     # evaluation ends, and no longer than this sweep.

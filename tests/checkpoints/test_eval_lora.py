@@ -330,6 +330,51 @@ def only_the_run_record(files):
     return names == [f"run_{files.tag}.json"] and not files.has_results()
 
 
+def test_evaluate_refuses_a_run_record_of_other_settings(tmp_path):
+    """evaluate takes the settings, the problems and the model apart from
+    run_info: where they disagree with it, a notebook's rows went under the
+    tag and record of another run (and a script with those settings would
+    adopt them). Refused before any result is written, naming each
+    difference."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny")  # bfloat16
+    sampler = Sampler(model, tokenizer)
+    info, files = notebook_run(tmp_path / "run")
+    float32_info, float32_files = notebook_run(tmp_path / "float32", dtype="float32")
+    longer = dataclasses.replace(
+        SHORT, sampling=dataclasses.replace(SHORT.sampling, max_generation_steps=8)
+    )
+
+    def call(config=SHORT, num_examples=2, files=files, info=info):
+        return evaluate(
+            sampler,
+            load_gsm8k(num_examples=num_examples),
+            config,
+            files,
+            run_info=info,
+            show_progress=False,
+        )
+
+    for kwargs, difference in (
+        (
+            {"config": longer},
+            "eval.sampling.max_generation_steps=4 in run_info but 8 in config",
+        ),
+        ({"num_examples": 3}, "num_examples=2 in run_info but 3 in examples"),
+        (
+            {"files": float32_files, "info": float32_info},
+            "model.dtype='float32' in run_info but 'bfloat16' in the model's dtype",
+        ),
+    ):
+        with pytest.raises(
+            ValueError,
+            match="^run_info does not record what this call runs:"
+            f" {re.escape(difference)}\\. Make run_info for this run",
+        ):
+            call(**kwargs)
+        assert only_the_run_record(kwargs.get("files", files))
+    assert call()["total"] == 2
+
+
 def test_evaluate_refuses_a_lora_the_run_record_contradicts(trained_actor, tmp_path):
     """A notebook cell rerun after load_lora, whose run_info says base, wrote
     the LoRA's answers under the base run's tag (and the reverse, the base

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -958,6 +959,8 @@ def test_sweep_uses_each_checkpoints_recorded_config(tmp_path, caplog):
         runs = sweep(output_dir=tmp_path / "out", given_lora_fields={"rank"})
     warnings = [r.getMessage() for r in caplog.records if "base weights" in r.message]
     assert len(warnings) == 1 and f"({settings})" in warnings[0]
+    # The Tunix checkpoint records no alpha, and only the rank was given.
+    assert [r.getMessage() for r in caplog.records if "no LoRA alpha" in r.message]
     assert [r.tag for r in runs] == [
         "gemma3-tiny_trained-actor-100_r16a16_bs2",
         "gemma3-tiny_tunix-actor-100_r16a2_bs2",
@@ -1098,6 +1101,32 @@ def test_sweep_records_how_its_loader_applies_each_checkpoint(tmp_path):
     assert paired.differing_settings == ["lora_mode"]
 
 
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_runs(tmp_path):
+    """Each checkpoint's factor shapes, read from its metadata alone, are
+    checked against the model before any run (the base model's included)
+    starts: a wrong rank is named with its checkpoint."""
+    hf_config = transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    checkpoints = []
+    for name, rank in (("fits", 4), ("other", 8)):
+        params = tmp_path / name / "actor" / "5" / "model_params"
+        write_tunix_checkpoint(params, random_factors(hf_config, rank))
+        checkpoints.append(str(params.parent.parent))
+    with pytest.raises(
+        CheckpointError,
+        match=f"^{re.escape(str(params))}: LoRA rank mismatch: LoraConfig rank=4"
+        " .*but checkpoint has rank 8",
+    ):
+        evaluate_checkpoints(
+            "gemma3-tiny",
+            None,
+            checkpoints,
+            LoraConfig(rank=4, alpha=8.0),
+            EvalConfig(),
+            tmp_path / "out",
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
     same_step = [fake_checkpoint(tmp_path / name / "run", 100) for name in ("a", "b")]
     paths = " and ".join(map(str, same_step))
@@ -1118,7 +1147,6 @@ def test_a_bad_baseline_is_refused_before_anything_is_evaluated(tmp_path):
     checkpoint = str(fake_checkpoint(tmp_path / "a" / "run", 100))
     proc = run_compare(
         f"--lora_checkpoints={checkpoint}",
-        "--model.lora_config.rank=16",
         "--baseline=5",
         f"--output_dir={tmp_path / 'out'}",
     )

@@ -399,6 +399,9 @@ def test_script_full_finetune_writes_hf_folders(tmp_path):
         # Training is float32 only: a dtype flag must not pass unnoticed.
         ("--model.dtype=bfloat16", "trains in float32, not --model.dtype=bfloat16"),
         ("--flagfile={flags}", "trains in float32, not --model.dtype=bfloat16"),
+        # A negative rate ascends the loss; alpha 0 trains an update of zero.
+        ("--learning_rate=-1", "error: learning_rate must be > 0, got -1.0."),
+        ("--model.lora_config.alpha=0", "alpha=0.0 (--model.lora_config.alpha;"),
     ],
 )
 def test_script_refuses_in_one_line(tmp_path, flag, message):
