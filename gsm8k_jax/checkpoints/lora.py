@@ -103,7 +103,7 @@ def attach_lora(
         w = target.variable.get_value()
         a, b = (
             jax.device_put(params[f"{weight}_lora_{f}"], sharding)
-            for f, sharding in zip("ab", target.factor_shardings(w.sharding))
+            for f, sharding in zip("ab", target.factor_shardings(w))
         )
         adapter = LoraAdapter(target.equation, a, b, config.scale)
         setattr(target.layer, LORA_ATTRIBUTE, adapter)

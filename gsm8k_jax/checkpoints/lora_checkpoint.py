@@ -83,6 +83,12 @@ def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
             f" <root>/{ACTOR_DIR}/<step> or <root>/{ACTOR_DIR}): pass the folder."
         )
     if _is_pytree_checkpoint(folder):
+        beside = folder.parent / PARAMS_DIR
+        if folder.name != PARAMS_DIR and _is_pytree_checkpoint(beside):
+            raise CheckpointError(  # Tunix's optimizer_state, say.
+                f"{path} is the step's {folder.name}, not its LoRA factors: pass"
+                f" {beside} (or the step folder {folder.parent})."
+            )
         return str(folder)
     params = folder / PARAMS_DIR
     if storage_call(params, params.exists):

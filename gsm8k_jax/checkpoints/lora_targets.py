@@ -74,10 +74,17 @@ class Target:
         return f"{self.a_axes}{r},{r}{self.b_axes}->{self.w_axes}"
 
     def factor_shardings(
-        self, sharding: jax.sharding.Sharding
-    ) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
-        """Where lora_a and lora_b go for a weight placed with `sharding`: each
-        axis split as the weight's axis of the same letter, the rank whole."""
+        self, weight: jax.Array
+    ) -> tuple[jax.sharding.Sharding | None, jax.sharding.Sharding | None]:
+        """Where lora_a and lora_b go beside `weight` (for `jax.device_put`):
+        each axis split as the weight's axis of the same letter, the rank
+        whole. None for a weight left uncommitted (one device, placed by
+        default, as `load_pretrained` places it): factors committed beside it
+        would commit every program output they touch, and the sampler's
+        programs, compiled ahead for uncommitted arguments, compile again."""
+        if not weight.committed:
+            return None, None
+        sharding = weight.sharding
         if not isinstance(sharding, NamedSharding):  # One device.
             return sharding, sharding
         spec = sharding.spec + (None,) * (len(self.w_axes) - len(sharding.spec))

@@ -133,12 +133,19 @@ def start_jax() -> None:
     fix_gpu_kernels()
     start_compilation_cache()
     if FLAGS.distributed:
-        multihost.initialize(
-            FLAGS.coordinator_address,
-            FLAGS.num_processes,
-            FLAGS.process_id,
-            heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
-        )
+        try:
+            multihost.initialize(
+                FLAGS.coordinator_address,
+                FLAGS.num_processes,
+                FLAGS.process_id,
+                heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
+            )
+        except ValueError as e:  # No cluster JAX can detect, and no flags.
+            raise ValueError(
+                f"--distributed: {e} Pass --coordinator_address=<host:port of"
+                " process 0>, --num_processes and --process_id, or run where"
+                " JAX detects the cluster (Cloud TPU, SLURM, Open MPI)."
+            ) from e
 
 
 def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from hf_models import IdTokenizer, make_tiny_hf_model, tiny_hf_config
 from jax.sharding import NamedSharding
 from lora_checkpoints import random_factors, write_tunix_checkpoint
 from orbax.checkpoint._src import asyncio_utils
+from sampling.test_sampler import count_compile_events
 
 from gsm8k_jax.checkpoints import lora, lora_checkpoint, orbax_reads
 from gsm8k_jax.checkpoints.lora import LoraConfig
@@ -217,6 +218,23 @@ def test_lora_mode_names_the_way_a_model_carries_its_lora(tiny_actor):
     assert lora.lora_mode(model) == lora.lora_mode(nnx.clone(model)) == "merged"
     fresh, _, _ = load_pretrained("gemma3-tiny")
     assert lora.lora_mode(fresh) is None
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["attached", "merged"])
+def test_a_sampler_compiled_ahead_runs_a_lora_without_compiling(tiny_actor, merge):
+    """In the default dtype on one device: factors committed to the device
+    (where the weights are not) made every program output committed, so
+    the eval scripts' prefill and decode compiled a second time during the
+    run (about 9 s, counted as generation)."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny")
+    lora.load_lora(model, tiny_actor, CONFIG, merge=merge)
+    sampler = Sampler(model, tokenizer)
+    prompts = ["What is 2 + 3?", "Name a prime number larger than ten."]
+    params = SamplingParams(max_generation_steps=4)
+    sampler.compile(prompts, params)
+    with count_compile_events() as during_call:
+        sampler.generate(prompts, params)
+    assert during_call == {}
 
 
 def test_detaching_a_merged_lora_is_refused(tiny_actor):
@@ -536,6 +554,18 @@ def test_missing_and_empty_paths(tmp_path):
     (tmp_path / "run" / "actor" / "5").mkdir()
     with pytest.raises(CheckpointError, match=r"step folder .*/5 has no model_params"):
         lora_checkpoint.resolve_lora_checkpoint(tmp_path / "run" / "actor")
+    # Tunix saves the optimizer's state beside the factors, as a checkpoint.
+    for name in ("model_params", "optimizer_state"):
+        (tmp_path / "run" / "actor" / "5" / name).mkdir()
+        (tmp_path / "run" / "actor" / "5" / name / "_METADATA").write_text("{}")
+    with pytest.raises(
+        CheckpointError,
+        match=r"/5/optimizer_state is the step's optimizer_state, not its LoRA"
+        r" factors: pass .*/5/model_params \(or the step folder .*/5\)\.$",
+    ):
+        lora_checkpoint.resolve_lora_checkpoint(
+            tmp_path / "run" / "actor" / "5" / "optimizer_state"
+        )
 
 
 def test_latest_step_still_being_written_is_passed_over(setup, tmp_path, caplog):

@@ -1153,8 +1153,9 @@ def test_a_bad_baseline_is_refused_before_anything_is_evaluated(tmp_path):
     assert proc.returncode == 1
     # The checkpoint records no alpha (as Tunix's), and none was given.
     warning, error = proc.stderr.strip().splitlines()
-    assert "records no LoRA alpha (Tunix writes none): using alpha 2, the default;" in (
-        warning
+    assert warning.startswith(
+        f"warning: {checkpoint}/100/model_params records no LoRA alpha (Tunix"
+        " writes none): using alpha 2, the default;"
     )
     assert error == "error: Baseline index 5 out of range for 2 runs."
     assert not list((tmp_path / "out").glob("*"))

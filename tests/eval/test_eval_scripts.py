@@ -430,6 +430,8 @@ def test_overwrite_says_what_it_removes(finished_run, tmp_path):
         (["--row_tile=0"], "row_tile"),
         (["--num_samples=3"], "gives 3 identical samples: set a temperature > 0"),
         (["--prompt_template=Solve this."], "--prompt_template\\) must contain"),
+        # No cluster for JAX to detect, and no coordinator given.
+        (["--distributed"], "error: --distributed: .* Pass --coordinator_address="),
     ],
 )
 def test_bad_input_fails_early_and_clearly_without_damage(finished_run, args, message):
