@@ -302,6 +302,14 @@ class TrainedLora:
     # The base weights' revision our trainer recorded, or None (Tunix's own
     # checkpoints, and ours from before 2026-12-07).
     base_model: str | None = None
+    # The user turn of the prompts our trainer trained on (chat-templated,
+    # with no system turn), or None (Tunix's own checkpoints).
+    prompt_template: str | None = None
+
+    @property
+    def settings_path(self) -> epath.Path:
+        """Where our trainer records its settings for this checkpoint."""
+        return _actor_dir(self.params_path) / TRAINING_SETTINGS_FILE
 
     def base_model_warning(
         self,
@@ -313,10 +321,9 @@ class TrainedLora:
         `model_dir`, chosen by `setting`), or "" where nothing says so."""
         if self.base_model is None or self.base_model == revision:
             return ""
-        settings = _actor_dir(self.params_path) / TRAINING_SETTINGS_FILE
         return (
             f"the LoRA checkpoint was trained on base weights {self.base_model}"
-            f" ({settings}), but {model_dir} holds {revision}: merged into other"
+            f" ({self.settings_path}), but {model_dir} holds {revision}: merged into other"
             f" weights, an adapter gives other answers. Check {setting} (a hub"
             " snapshot and a local copy of the same weights are named"
             " differently)."
@@ -336,27 +343,32 @@ def resolve_trained_lora(
     which is then required."""
     params_path = resolve_lora_checkpoint(path)
     recorded = read_lora_config(params_path)
+    training = _recorded_training_settings(_actor_dir(params_path))
     return TrainedLora(
         params_path,
         _effective_lora_config(config, recorded, given=given, where=params_path),
         recorded is not None,
-        _recorded_base_model(_actor_dir(params_path)),
+        _text_or_none(training.get("base_model")),
+        _text_or_none(training.get("prompt_template")),
     )
 
 
-def _recorded_base_model(actor_dir: epath.Path) -> str | None:
-    """The base revision the trainer recorded beside the step folders, or
-    None (none recorded, or a record that cannot be read: the trainer's own
+def _recorded_training_settings(actor_dir: epath.Path) -> dict[str, Any]:
+    """The settings the trainer recorded beside the step folders, or {}
+    (none recorded, or a record that cannot be read: the trainer's own
     resume reports that one)."""
     settings = actor_dir / TRAINING_SETTINGS_FILE
     if not storage_call(settings, settings.exists):
-        return None
+        return {}
     try:
         recorded = json.loads(storage_call(settings, settings.read_text))
     except json.JSONDecodeError:
-        return None
-    base_model = recorded.get("base_model") if isinstance(recorded, dict) else None
-    return base_model if isinstance(base_model, str) else None
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _effective_lora_config(

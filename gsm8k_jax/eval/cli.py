@@ -26,7 +26,7 @@ from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.run_record import run_info, run_tag
 from gsm8k_jax.eval.runner import EvalConfig, check_generation_limit, evaluate
-from gsm8k_jax.eval.tasks import get_task, task_eval_config
+from gsm8k_jax.eval.tasks import get_task, task_eval_config, trained_lora_warnings
 from gsm8k_jax.kernel_choice import fix_gpu_kernels
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
@@ -243,10 +243,10 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     sampler = Sampler(model, tokenizer, mesh=mesh, row_tile=eval_config.row_tile)
     # Recorded only now that model, data and checkpoint have loaded.
     info = run_record()
-    if lora and (
-        warning := trained.base_model_warning(info["model_revision"], model_dir)
-    ):
-        print(f"warning: {warning}", file=sys.stderr)
+    if lora:
+        revision = info["model_revision"]
+        for warning in trained_lora_warnings(trained, revision, model_dir, eval_config):
+            print(f"warning: {warning}", file=sys.stderr)
     if process == 0:
         if FLAGS.overwrite and files.has_results():
             print(

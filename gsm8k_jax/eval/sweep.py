@@ -34,6 +34,7 @@ from gsm8k_jax.eval.results import ResultsError, RunFiles
 from gsm8k_jax.eval.run_record import model_config, run_info, run_tag_of
 from gsm8k_jax.eval.runner import EvalConfig, check_generation_limit, evaluate
 from gsm8k_jax.eval.runs import RunResult, load_run_files
+from gsm8k_jax.eval.tasks import trained_lora_warnings
 from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import load_config
 from gsm8k_jax.models.gemma3.sharding import check_model_parallelism, make_mesh
@@ -297,10 +298,12 @@ def evaluate_checkpoints(
             mesh_model=mesh_model,
             lora_mode="custom" if custom_loader else "attached",
         )
-        if trained and (
-            warning := trained.base_model_warning(info["model_revision"], model_dir)
-        ):
-            logging.warning("%s", warning)
+        if trained:
+            revision = info["model_revision"]
+            for warning in trained_lora_warnings(
+                trained, revision, model_dir, eval_config
+            ):
+                logging.warning("%s", warning)
         tag = run_tag_of(info)  # The tag the scripts give this record's run.
         files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))

@@ -45,6 +45,7 @@ from gsm8k_jax.eval.lm_eval_filters import (
 from gsm8k_jax.eval.prompts import format_prompt
 
 if TYPE_CHECKING:
+    from gsm8k_jax.checkpoints.lora_checkpoint import TrainedLora
     from gsm8k_jax.eval.runner import EvalConfig
 
 __all__ = [
@@ -275,6 +276,51 @@ def default_task_name(instruction_tuned: bool) -> str:
     plain text), the setting of published base-model figures, for
     pretrained ones."""
     return BOXED if instruction_tuned else "gsm8k"
+
+
+def trained_lora_warnings(
+    trained: TrainedLora, revision: str, model_dir: str, config: EvalConfig
+) -> list[str]:
+    """Why `trained` may answer worse in a run of `config` on the weights of
+    `revision` (at `model_dir`) than it learned to: other base weights
+    (`TrainedLora.base_model_warning`), other prompts
+    (`training_prompt_warning`)."""
+    warnings = (
+        trained.base_model_warning(revision, model_dir),
+        training_prompt_warning(
+            trained.prompt_template, str(trained.settings_path), config
+        ),
+    )
+    return [w for w in warnings if w]
+
+
+def training_prompt_warning(
+    trained_template: str | None, recorded_at: str, config: EvalConfig
+) -> str:
+    """Why an adapter may answer worse under `config`'s prompts than it
+    would under those it was trained on (`trained_template` as the user turn,
+    chat-templated, no system turn: our trainer's prompts, recorded at
+    `recorded_at`), or "" where nothing says so: nothing recorded, the same
+    prompts, or an lm-eval task (prompts of its own, a choice made apart)."""
+    if trained_template is None or get_task(config.task).lm_eval_task is not None:
+        return ""
+    differing = []
+    if config.prompt_template != trained_template:
+        differing.append(
+            f"--prompt_template={config.prompt_template!r} (trained with"
+            f" {trained_template!r})"
+        )
+    if config.system_prompt:
+        differing.append("--system_prompt (trained with none)")
+    if not config.use_chat_template:
+        differing.append("--nouse_chat_template (trained chat-templated)")
+    if not differing:
+        return ""
+    return (
+        f"the LoRA checkpoint was trained on other prompts ({recorded_at}):"
+        f" {'; '.join(differing)}. An adapter answers best in the format it"
+        " was trained on: leave these flags at the training run's."
+    )
 
 
 def task_eval_config(

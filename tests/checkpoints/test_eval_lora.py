@@ -25,9 +25,11 @@ from gsm8k_jax.checkpoints.lora_config import LoraConfig
 from gsm8k_jax.checkpoints.sources import model_revision
 from gsm8k_jax.eval.chunks import jsonl_lines
 from gsm8k_jax.eval.data import BUNDLED_TEST_SET, load_gsm8k
+from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.results import ResultsError, RunFiles
 from gsm8k_jax.eval.run_record import model_config, run_info, run_tag, run_tag_of
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
+from gsm8k_jax.eval.tasks import training_prompt_warning
 from gsm8k_jax.models.gemma3.sharding import make_mesh
 from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
@@ -200,7 +202,10 @@ def test_recorded_lora_config_is_used_and_enforced(tmp_path):
     # Trained on other base weights (as recorded by our trainer): said once.
     other_base = "sha256:0123456789abcdef"
     settings = actor / TRAINING_SETTINGS_FILE
-    settings.write_text(json.dumps({"base_model": other_base}))
+    # And on other prompts than the run's: said once too.
+    settings.write_text(
+        json.dumps({"base_model": other_base, "prompt_template": "Q: {question}"})
+    )
     proc = run_script(
         *common, f"--output_dir={tmp_path / 'recorded'}", script=LORA_SCRIPT
     )
@@ -208,6 +213,12 @@ def test_recorded_lora_config_is_used_and_enforced(tmp_path):
     warning = (
         f"warning: the LoRA checkpoint was trained on base weights {other_base}"
         f" ({settings}), but {TINY_MODEL_DIR} holds {model_revision(TINY_MODEL_DIR)}"
+    )
+    assert proc.stderr.count(warning) == 1, proc.stderr
+    warning = (
+        f"warning: the LoRA checkpoint was trained on other prompts ({settings}):"
+        f" --prompt_template={DEFAULT_PROMPT_TEMPLATE!r} (trained with"
+        " 'Q: {question}')."
     )
     assert proc.stderr.count(warning) == 1, proc.stderr
     summary = json.loads(
@@ -282,6 +293,30 @@ def test_the_recorded_base_weights_are_compared(tmp_path, settings, recorded):
     else:
         assert trained.base_model == (revision if recorded else None)
         assert warning == ""
+
+
+@pytest.mark.parametrize(
+    "settings, differing",
+    [
+        ({}, None),
+        ({"task": "gsm8k_cot"}, None),  # lm-eval's prompts: a choice made apart
+        ({"prompt_template": "Q: {question}"}, "--prompt_template='Q: {question}'"),
+        ({"system_prompt": "Be brief."}, "--system_prompt (trained with none)"),
+        ({"use_chat_template": False}, "--nouse_chat_template (trained chat-"),
+    ],
+)
+def test_prompts_other_than_the_training_runs_warn(settings, differing):
+    """Our trainer's prompts are its template as the user turn, chat-templated,
+    with no system turn; a run on others (flags left at the default here)
+    warns, naming each difference; Tunix's checkpoints record none."""
+    config = dataclasses.replace(EvalConfig(), **settings)
+    warning = training_prompt_warning(DEFAULT_PROMPT_TEMPLATE, "where", config)
+    assert training_prompt_warning(None, "where", config) == ""
+    if differing is None:
+        assert warning == ""
+    else:
+        assert warning.startswith("the LoRA checkpoint was trained on other prompts")
+        assert differing in warning and "(where)" in warning
 
 
 # A notebook's evaluation, kept short: 2 problems, 4 tokens.
