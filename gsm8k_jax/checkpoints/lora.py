@@ -18,7 +18,10 @@ Three ways to use an adapter, all importable from here:
 * merged (`merge_lora`, in `lora_merge`): W' = W + (a . b) * alpha / r, in
   place, in float32; those layers then compute in float32.
 * unmerged through qwix (`apply_lora`, `qwix_lora_model`, in `lora_qwix`),
-  as in training, in the activation dtype.
+  as in training, in the activation dtype. On CPU in bfloat16, XLA cannot
+  run a Sampler's prefill of such a model (seen on gemma3-tiny with jax
+  0.10.2: "Unsupported element type for DotThunk::Execute: BF16 x BF16 =
+  F32", from qwix's own factor dots): attach, or use float32, there.
 
 `lora_mode(model)` says which of these a model carries, if any.
 
