@@ -1,5 +1,5 @@
 """Scripts print what a person reads; other libraries' logging stays at warnings,
-each a line of its own (`warning: ...`).
+each as `warning: <message>`.
 
 Left at absl's default (INFO), a run's own lines (run tag, results path,
 progress, accuracy) are buried: JAX reports probing for a TPU, Orbax logs
@@ -55,14 +55,15 @@ def quiet_logging() -> None:
     if flags.FLAGS["verbosity"].present:
         return
     absl_logging.set_verbosity(absl_logging.WARNING)
-    absl_logging.get_absl_handler().setFormatter(_OneLine())
+    absl_logging.get_absl_handler().setFormatter(_Plain())
     for name in _REPORTED_HERE:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-class _OneLine(logging.Formatter):
+class _Plain(logging.Formatter):
     """`warning: <message>`, as the scripts print their own warnings (absl's
-    prefix of date, thread and source line is for developers)."""
+    prefix of date, thread and source line is for developers); a logged
+    exception's traceback still follows its line."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def formatMessage(self, record: logging.LogRecord) -> str:
         return f"{record.levelname.lower()}: {record.getMessage()}"

@@ -32,7 +32,7 @@ alpha is not in Tunix's checkpoints: it must be the value used in training
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -64,7 +64,7 @@ __all__ = [
     "LoraConfig",
     "apply_lora",
     "attach_lora",
-    "check_trained_lora",
+    "check_trained_loras",
     "detach_lora",
     "load_lora",
     "load_trained_lora",
@@ -103,11 +103,7 @@ def attach_lora(
     _remove_adapters(model)
     for weight in weights:
         target = targets[weight]
-        w = target.variable.get_value()
-        a, b = (
-            jax.device_put(params[f"{weight}_lora_{f}"], sharding)
-            for f, sharding in zip("ab", target.factor_shardings(w))
-        )
+        a, b = target.place_factors(*(params[f"{weight}_lora_{f}"] for f in "ab"))
         adapter = LoraAdapter(target.equation, a, b, config.scale)
         setattr(target.layer, LORA_ATTRIBUTE, adapter)
 
@@ -169,15 +165,18 @@ def load_trained_lora(
     return model
 
 
-def check_trained_lora(model_config: Gemma3Config, trained: TrainedLora) -> None:
+def check_trained_loras(
+    model_config: Gemma3Config, trained: Iterable[TrainedLora]
+) -> None:
     """Refuses, before any weight or factor is read, a checkpoint whose
     factors `load_trained_lora` would refuse on a model of `model_config`
-    (another rank, module_path or model size): from the checkpoint's
-    metadata and an abstract model alone, so a sweep finds it before it
-    evaluates anything."""
+    (another rank, module_path or model size): from each checkpoint's
+    metadata and an abstract model alone, so a script or a sweep finds it
+    before it loads or evaluates anything."""
     model = nnx.eval_shape(lambda: Gemma3(model_config, rngs=nnx.Rngs(0)))
-    shapes = lora_factor_shapes(trained.params_path)
-    try:
-        check_factors_fit(model, shapes, trained.config)
-    except CheckpointError as e:  # Which of a sweep's checkpoints.
-        raise CheckpointError(f"{trained.params_path}: {e}") from e
+    for checkpoint in trained:
+        shapes = lora_factor_shapes(checkpoint.params_path)
+        try:
+            check_factors_fit(model, shapes, checkpoint.config)
+        except CheckpointError as e:  # Which of a sweep's checkpoints.
+            raise CheckpointError(f"{checkpoint.params_path}: {e}") from e

@@ -39,6 +39,7 @@ from gsm8k_jax.models.gemma3.params import CheckpointError
 
 ACTOR_DIR = "actor"
 PARAMS_DIR = "model_params"
+OPTIMIZER_DIR = "optimizer_state"  # Beside it in a step folder (Tunix, ours).
 _PYTREE_METADATA_FILE = "_METADATA"  # Written by Orbax in every PyTree checkpoint.
 # Written by Orbax's CheckpointManager into a step folder once it is complete.
 COMMIT_MARKER = "commit_success.txt"
@@ -83,11 +84,10 @@ def resolve_lora_checkpoint(path: str | os.PathLike) -> str:
             f" <root>/{ACTOR_DIR}/<step> or <root>/{ACTOR_DIR}): pass the folder."
         )
     if _is_pytree_checkpoint(folder):
-        beside = folder.parent / PARAMS_DIR
-        if folder.name != PARAMS_DIR and _is_pytree_checkpoint(beside):
-            raise CheckpointError(  # Tunix's optimizer_state, say.
-                f"{path} is the step's {folder.name}, not its LoRA factors: pass"
-                f" {beside} (or the step folder {folder.parent})."
+        if folder.name == OPTIMIZER_DIR:
+            raise CheckpointError(
+                f"{path} is the step's optimizer state, not its LoRA factors: pass"
+                f" {folder.parent / PARAMS_DIR} (or the step folder {folder.parent})."
             )
         return str(folder)
     params = folder / PARAMS_DIR
@@ -201,13 +201,12 @@ def lora_factor_shapes(
     enough to check the factors fit a model before anything is loaded."""
     params_dir = epath.Path(params_path)
     with _named_damage(params_dir):
-        tree = _metadata_tree(params_dir)
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        _key(p): jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
-        for p, meta in sorted(flat, key=lambda item: _key(item[0]))
-        if _is_factor(p)
-    }
+        flat = jax.tree_util.tree_flatten_with_path(_metadata_tree(params_dir))[0]
+        return {
+            _key(p): jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
+            for p, meta in sorted(flat, key=lambda item: _key(item[0]))
+            if _is_factor(p)
+        }
 
 
 def _metadata_tree(params_dir: epath.Path) -> Any:
@@ -289,7 +288,10 @@ def recorded_lora_config(actor_dir: str | os.PathLike) -> LoraConfig | None:
     recorded = epath.Path(actor_dir) / LORA_CONFIG_FILE
     if not storage_call(recorded, recorded.exists):
         return None
-    return LoraConfig(**json.loads(storage_call(recorded, recorded.read_text)))
+    try:
+        return LoraConfig(**json.loads(storage_call(recorded, recorded.read_text)))
+    except (ValueError, TypeError) as e:  # JSON, fields, values (alpha <= 0).
+        raise CheckpointError(f"{recorded} cannot be used: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)

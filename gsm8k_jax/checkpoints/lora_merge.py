@@ -55,11 +55,9 @@ def _merged(
 def _merge_weight(target: Target, a: Any, b: Any, scale: float) -> jax.Array:
     """The merged weight, its factors placed beside the weight's blocks."""
     w = target.variable.get_value()
-    a_sharding, b_sharding = target.factor_shardings(w)
     return _merged(
         w,
-        jax.device_put(a, a_sharding),
-        jax.device_put(b, b_sharding),
+        *target.place_factors(a, b),
         equation=target.delta_equation,
         scale=scale,
         sharding=w.sharding if w.committed else None,

@@ -74,17 +74,10 @@ class Target:
         return f"{self.a_axes}{r},{r}{self.b_axes}->{self.w_axes}"
 
     def factor_shardings(
-        self, weight: jax.Array
-    ) -> tuple[jax.sharding.Sharding | None, jax.sharding.Sharding | None]:
-        """Where lora_a and lora_b go beside `weight` (for `jax.device_put`):
-        each axis split as the weight's axis of the same letter, the rank
-        whole. None for a weight left uncommitted (one device, placed by
-        default, as `load_pretrained` places it): factors committed beside it
-        would commit every program output they touch, and the sampler's
-        programs, compiled ahead for uncommitted arguments, compile again."""
-        if not weight.committed:
-            return None, None
-        sharding = weight.sharding
+        self, sharding: jax.sharding.Sharding
+    ) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+        """Where lora_a and lora_b go for a weight placed with `sharding`: each
+        axis split as the weight's axis of the same letter, the rank whole."""
         if not isinstance(sharding, NamedSharding):  # One device.
             return sharding, sharding
         spec = sharding.spec + (None,) * (len(self.w_axes) - len(sharding.spec))
@@ -93,6 +86,21 @@ class Target:
         b_spec = PartitionSpec(None, *map(split.get, self.b_axes))
         mesh = sharding.mesh
         return NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
+
+    def place_factors(self, a: Any, b: Any) -> tuple[jax.Array, jax.Array]:
+        """lora_a and lora_b placed beside the weight: split as its blocks
+        (`factor_shardings`) where it is committed to its devices; on its
+        device and uncommitted too where it is not (one device, as
+        `load_pretrained` places it). Factors committed beside uncommitted
+        weights commit every program output they touch, and the sampler's
+        programs, compiled ahead for uncommitted arguments, compile again."""
+        weight = self.variable.get_value()
+        if weight.committed:
+            shardings = self.factor_shardings(weight.sharding)
+            return tuple(jax.device_put(x, s) for x, s in zip((a, b), shardings))
+        (device,) = weight.devices()
+        with jax.default_device(device):
+            return jax.device_put(np.asarray(a)), jax.device_put(np.asarray(b))
 
 
 def _target(module: nnx.Module) -> tuple[str, Target] | None:

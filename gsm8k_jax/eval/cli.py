@@ -140,7 +140,10 @@ def start_jax() -> None:
                 FLAGS.process_id,
                 heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
             )
-        except ValueError as e:  # No cluster JAX can detect, and no flags.
+        except ValueError as e:
+            if FLAGS.coordinator_address:
+                raise
+            # No coordinator given, and no cluster JAX can detect.
             raise ValueError(
                 f"--distributed: {e} Pass --coordinator_address=<host:port of"
                 " process 0>, --num_processes and --process_id, or run where"
@@ -207,6 +210,8 @@ def main(argv: list[str], *, lora: bool) -> dict[str, Any] | None:
     mesh = local_mesh(FLAGS.mesh_model)
     eval_config = eval_config_from_flags(model_dir)
     check_generation_limit(eval_config, weights_config, model_dir)
+    if lora:  # Its factors' shapes, before the weights load.
+        lora_lib.check_trained_loras(weights_config, [trained])
     tag = run_tag(
         cfg.model_name,
         lora_path,

@@ -30,7 +30,7 @@ from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.provenance import run_metadata
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
-from gsm8k_jax.eval.run_record import eval_record, flat_settings
+from gsm8k_jax.eval.run_record import differing_settings, eval_record, flat_settings
 from gsm8k_jax.eval.scoring import rescore, score, summarize
 from gsm8k_jax.eval.stopping import (
     cut_at_stop_sequences,
@@ -109,32 +109,54 @@ def _check_record_matches(
     evaluation settings, problem count, row tile, tensor parallelism, model
     dtype): the rows would go under the tag and record of a run they are not
     (a script run with the recorded settings would adopt them as its own).
-    A record of no run (`{}`) is not checked, nor a setting an older record
-    leaves unsaid."""
+    A record of no run (`{}`) is not checked, nor a setting a record leaves
+    unsaid (None, or absent in an older one); settings are compared as
+    `differing_settings` compares runs (a greedy run's unused ones aside)."""
     if "eval" not in run_info:
         return
-    recorded = flat_settings(run_info)
     mesh = sampler.mesh
+    dtype = jnp.dtype(sampler.model.dtype).name
+    model_parallel = mesh.shape[MODEL] if mesh else 1
+    # name: (this call's value, where it comes from, how to make them agree)
     running = {
-        "num_examples": (len(examples), "examples"),
-        "row_tile": (sampler.row_tile, "the sampler's row_tile"),
-        "mesh_model": (mesh.shape[MODEL] if mesh else 1, "the sampler's mesh"),
-        "model.dtype": (jnp.dtype(sampler.model.dtype).name, "the model's dtype"),
+        "num_examples": (len(examples), "examples", "num_examples=len(examples)"),
+        "row_tile": (
+            sampler.row_tile,
+            "the sampler",
+            f"EvalConfig(row_tile={sampler.row_tile}) for run_info and evaluate",
+        ),
+        "mesh_model": (
+            model_parallel,
+            "the sampler's mesh",
+            f"mesh_model={model_parallel}",
+        ),
+        "model.dtype": (
+            dtype,
+            "the model",
+            f"the model's dtype in its model config ({dtype!r})",
+        ),
     } | {
-        name: (value, "config")
+        name: (value, "config", "eval_config=config")
         for name, value in flat_settings({"eval": eval_record(config)}).items()
     }
-    differing = [
-        f"{name}={recorded[name]!r} in run_info but {value!r} in {source}"
-        for name, (value, source) in running.items()
-        if name in recorded and recorded[name] != value
-    ]
+    recorded = {
+        name: value
+        for name, value in flat_settings(run_info).items()
+        if name in running and value is not None
+    }
+    differing = differing_settings(
+        recorded, {name: running[name][0] for name in recorded}
+    )
     if differing:
+        found = "; ".join(
+            f"{name}={recorded[name]!r} in run_info but {running[name][0]!r} in"
+            f" {running[name][1]}"
+            for name in differing
+        )
+        remedies = ", ".join(dict.fromkeys(running[name][2] for name in differing))
         raise ValueError(
-            f"run_info does not record what this call runs: {'; '.join(differing)}."
-            " Make run_info for this run: gsm8k_jax.run_info(...,"
-            " num_examples=len(examples), eval_config=config) with the model's"
-            " model_config and dtype."
+            f"run_info does not record what this call runs: {found}. Make run_info"
+            f" for this run (gsm8k_jax.run_info) with {remedies}."
         )
 
 
@@ -282,13 +304,13 @@ def _evaluate_run(
             " checks the folder and records what produces the results)."
         )
     _check_lora_matches(sampler.model, run_info)
-    _check_record_matches(sampler, examples, config, run_info)
     if config.row_tile is not None and sampler.row_tile != config.row_tile:
         raise ValueError(
             f"The sampler decodes {sampler.row_tile} rows per tile, the evaluation"
             f" asks for {config.row_tile}: build it with Sampler(...,"
             f" row_tile={config.row_tile})."
         )
+    _check_record_matches(sampler, examples, config, run_info)
     if repeated := repeated_ids([e.id for e in examples]):
         raise ValueError(
             f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"

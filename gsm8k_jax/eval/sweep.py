@@ -275,10 +275,13 @@ def evaluate_checkpoints(
     weights_config = load_config(model_dir)
     check_model_parallelism(weights_config.num_heads, mesh_model)
     check_generation_limit(eval_config, weights_config, model_dir)
+    if not custom_loader:  # A loader of the user's may read other layouts.
+        lora_lib.check_trained_loras(weights_config, trained_loras.values())
     if warning := shape_warning(model_name, weights_config, model_dir):
         logging.warning("%s", warning)
 
     runs: list[_Run] = []
+    warned: set[str] = set()
     for raw_path, lora_path in checkpoints:
         model = model_config(model_name)
         model.model_path = model_path or ""
@@ -303,7 +306,9 @@ def evaluate_checkpoints(
             for warning in trained_lora_warnings(
                 trained, revision, model_dir, eval_config
             ):
-                logging.warning("%s", warning)
+                if warning not in warned:  # Steps of one training run: once.
+                    warned.add(warning)
+                    logging.warning("%s", warning)
         tag = run_tag_of(info)  # The tag the scripts give this record's run.
         files = RunFiles(output_dir, tag)
         runs.append((lora_path, files, info))
@@ -320,9 +325,6 @@ def evaluate_checkpoints(
             )
     if check_tags is not None:
         check_tags([files.tag for _, files, _ in runs])
-    if not custom_loader:  # A loader of the user's may read other layouts.
-        for trained in trained_loras.values():
-            lora_lib.check_trained_lora(weights_config, trained)
     mine = [(i, r) for i, r in enumerate(runs) if i % num_processes == process_index]
     # Each run is this process's (`run_lock`) from its prepare until its
     # evaluation ends, and no longer than this sweep.

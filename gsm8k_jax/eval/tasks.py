@@ -319,7 +319,7 @@ def training_prompt_warning(
     return (
         f"the LoRA checkpoint was trained on other prompts ({recorded_at}):"
         f" {'; '.join(differing)}. An adapter answers best in the format it"
-        " was trained on: leave these flags at the training run's."
+        " was trained on."
     )
 
 

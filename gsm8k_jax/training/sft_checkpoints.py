@@ -35,7 +35,7 @@ from gsm8k_jax.models.gemma3.params import (
 from gsm8k_jax.training.config import SFTConfig
 
 HF_DIR = "hf"  # Full fine-tune checkpoints: <root>/hf/<step>/.
-OPTIMIZER_DIR = "optimizer_state"
+OPTIMIZER_DIR = lora_checkpoint.OPTIMIZER_DIR
 # The run's settings (`run_settings`), beside its step folders.
 SETTINGS_FILE = lora_checkpoint.TRAINING_SETTINGS_FILE
 # SFTConfig fields a resumed run may change: how far it goes, how often it saves.

@@ -560,7 +560,7 @@ def test_missing_and_empty_paths(tmp_path):
         (tmp_path / "run" / "actor" / "5" / name / "_METADATA").write_text("{}")
     with pytest.raises(
         CheckpointError,
-        match=r"/5/optimizer_state is the step's optimizer_state, not its LoRA"
+        match=r"/5/optimizer_state is the step's optimizer state, not its LoRA"
         r" factors: pass .*/5/model_params \(or the step folder .*/5\)\.$",
     ):
         lora_checkpoint.resolve_lora_checkpoint(

@@ -4,6 +4,7 @@ project's flags, one line per problem, quickly. Nothing here loads a model."""
 import logging
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -172,13 +173,33 @@ def test_logging_is_quiet_unless_verbosity_given(monkeypatch, present):
     gcsfs_logger = logging.getLogger("gcsfs")
     levels = {name: logging.getLogger(name).level for name in ("gcsfs", "aiohttp")}
     verbosity = absl_logging.get_verbosity()
+    handler = absl_logging.get_absl_handler().python_handler
+    formatter = handler.formatter
     try:
         absl_logging.set_verbosity(absl_logging.INFO)
         quiet.quiet_logging()
         quiet_now = absl_logging.get_verbosity() == absl_logging.WARNING
         assert quiet_now == (not present)
         assert (gcsfs_logger.level == logging.CRITICAL) == (not present)
+        # Quiet: a warning is a plain line; a logged exception keeps its
+        # traceback after it.
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            record = logging.LogRecord(
+                "absl",
+                logging.WARNING,
+                __file__,
+                1,
+                "a %s",
+                ("warning",),
+                sys.exc_info(),
+            )
+        text = handler.format(record)
+        assert text.startswith("warning: a warning\n") == (not present), text
+        assert "Traceback" in text and "RuntimeError: boom" in text
     finally:
+        handler.setFormatter(formatter)
         absl_logging.set_verbosity(verbosity)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)

@@ -1,6 +1,7 @@
 """Comparing runs: statistics on constructed results against independent
 computations, loading, rendering, and real tiny-model runs end to end."""
 
+import copy
 import dataclasses
 import functools
 import json
@@ -1111,19 +1112,31 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_runs(tmp_path
         params = tmp_path / name / "actor" / "5" / "model_params"
         write_tunix_checkpoint(params, random_factors(hf_config, rank))
         checkpoints.append(str(params.parent.parent))
+    sweep = functools.partial(
+        evaluate_checkpoints,
+        "gemma3-tiny",
+        None,
+        lora_config=LoraConfig(rank=4, alpha=8.0),
+        eval_config=EvalConfig(),
+        output_dir=tmp_path / "out",
+    )
     with pytest.raises(
         CheckpointError,
         match=f"^{re.escape(str(params))}: LoRA rank mismatch: LoraConfig rank=4"
         " .*but checkpoint has rank 8",
     ):
-        evaluate_checkpoints(
-            "gemma3-tiny",
-            None,
-            checkpoints,
-            LoraConfig(rank=4, alpha=8.0),
-            EvalConfig(),
-            tmp_path / "out",
-        )
+        sweep(lora_paths=checkpoints)
+    # A checkpoint of a wider model (twice the hidden size).
+    wider = copy.deepcopy(hf_config)
+    wider.hidden_size *= 2
+    params = tmp_path / "wider" / "actor" / "5" / "model_params"
+    write_tunix_checkpoint(params, random_factors(wider, 4))
+    with pytest.raises(
+        CheckpointError,
+        match=f"^{re.escape(str(params))}: LoRA shape mismatch: .* a checkpoint for"
+        " another model size\\?",
+    ):
+        sweep(lora_paths=[checkpoints[0], str(params.parent.parent)])
     assert not (tmp_path / "out").exists()
 
 
@@ -1144,7 +1157,12 @@ def test_sweep_refuses_checkpoints_sharing_a_tag(tmp_path):
 
 
 def test_a_bad_baseline_is_refused_before_anything_is_evaluated(tmp_path):
-    checkpoint = str(fake_checkpoint(tmp_path / "a" / "run", 100))
+    hf_config = transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    actor = tmp_path / "a" / "run" / "actor"
+    write_tunix_checkpoint(
+        actor / "100" / "model_params", random_factors(hf_config, 16)
+    )
+    checkpoint = str(actor)
     proc = run_compare(
         f"--lora_checkpoints={checkpoint}",
         "--baseline=5",

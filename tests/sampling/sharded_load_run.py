@@ -165,7 +165,7 @@ def attached_beside_the_blocks(model) -> bool:
     for path, t in lora_targets.weight_targets(model, DEFAULT_MODULE_PATH).items():
         adapter = t.layer.lora
         w = t.variable.get_value()
-        a_sharding, b_sharding = t.factor_shardings(w)
+        a_sharding, b_sharding = t.factor_shardings(w.sharding)
         placed.append(
             w is before[path]
             and adapter.a[...].sharding == a_sharding
