@@ -200,7 +200,10 @@ def lora_factor_shapes(
     `model_params` folder, from Orbax's metadata alone (no array is read):
     enough to check the factors fit a model before anything is loaded."""
     params_dir = epath.Path(params_path)
-    with _named_damage(params_dir):
+    # Wrapped as a restore is: a metadata read outside the wrap, before a
+    # restore that fails, brought back the tracebacks the wrap stops (seen;
+    # the cause inside Orbax not traced).
+    with _named_damage(params_dir), orbax_reads.reads_finish_before_failing():
         flat = jax.tree_util.tree_flatten_with_path(_metadata_tree(params_dir))[0]
         return {
             _key(p): jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
