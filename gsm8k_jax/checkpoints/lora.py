@@ -103,7 +103,11 @@ def attach_lora(
     _remove_adapters(model)
     for weight in weights:
         target = targets[weight]
-        a, b = target.place_factors(*(params[f"{weight}_lora_{f}"] for f in "ab"))
+        w = target.variable.get_value()
+        a, b = (
+            jax.device_put(params[f"{weight}_lora_{f}"], sharding)
+            for f, sharding in zip("ab", target.factor_shardings(w.sharding))
+        )
         adapter = LoraAdapter(target.equation, a, b, config.scale)
         setattr(target.layer, LORA_ATTRIBUTE, adapter)
 

@@ -37,7 +37,7 @@ def _merged(
     *,
     equation: str,
     scale: float,
-    sharding: jax.sharding.Sharding | None,
+    sharding: jax.sharding.Sharding,
 ) -> jax.Array:
     """float32(W) + (a . b) * scale, all in float32, sharded as W."""
     delta = jnp.einsum(
@@ -47,20 +47,20 @@ def _merged(
         precision=jax.lax.Precision.HIGHEST,
     )
     merged = w.astype(jnp.float32) + delta * scale
-    if sharding is None:  # An uncommitted weight: so is the merged one.
-        return merged
     return jax.lax.with_sharding_constraint(merged, sharding)
 
 
 def _merge_weight(target: Target, a: Any, b: Any, scale: float) -> jax.Array:
     """The merged weight, its factors placed beside the weight's blocks."""
     w = target.variable.get_value()
+    a_sharding, b_sharding = target.factor_shardings(w.sharding)
     return _merged(
         w,
-        *target.place_factors(a, b),
+        jax.device_put(a, a_sharding),
+        jax.device_put(b, b_sharding),
         equation=target.delta_equation,
         scale=scale,
-        sharding=w.sharding if w.committed else None,
+        sharding=w.sharding,
     )
 
 

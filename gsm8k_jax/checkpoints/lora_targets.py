@@ -87,21 +87,6 @@ class Target:
         mesh = sharding.mesh
         return NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
 
-    def place_factors(self, a: Any, b: Any) -> tuple[jax.Array, jax.Array]:
-        """lora_a and lora_b placed beside the weight: split as its blocks
-        (`factor_shardings`) where it is committed to its devices; on its
-        device and uncommitted too where it is not (one device, as
-        `load_pretrained` places it). Factors committed beside uncommitted
-        weights commit every program output they touch, and the sampler's
-        programs, compiled ahead for uncommitted arguments, compile again."""
-        weight = self.variable.get_value()
-        if weight.committed:
-            shardings = self.factor_shardings(weight.sharding)
-            return tuple(jax.device_put(x, s) for x, s in zip((a, b), shardings))
-        (device,) = weight.devices()
-        with jax.default_device(device):
-            return jax.device_put(np.asarray(a)), jax.device_put(np.asarray(b))
-
 
 def _target(module: nnx.Module) -> tuple[str, Target] | None:
     """(param name, target) for the layer types qwix attaches LoRA to here."""

@@ -395,6 +395,16 @@ class Sampler:
             self.prefill_chunk,
             self.mesh,
         )
+        if self.mesh is None:
+            # Committed to the weights' device, as every program output is
+            # once any argument is committed (weights placed with
+            # jax.device_put, a LoRA's factors): the programs `compile`
+            # lowers then take the arguments a call passes them, however
+            # the weights are placed. (On a mesh the state is placed as its
+            # programs return it.)
+            embedding = self.model.embedder.input_embedding.get_value()
+            (device,) = embedding.devices()
+            state = jax.device_put(state, device)
         schedule = SlotScheduler(
             chunks, num_slots=num_slots, group_size=self.prefill_group
         )

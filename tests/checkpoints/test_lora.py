@@ -223,9 +223,9 @@ def test_lora_mode_names_the_way_a_model_carries_its_lora(tiny_actor):
 @pytest.mark.parametrize("merge", [False, True], ids=["attached", "merged"])
 def test_a_sampler_compiled_ahead_runs_a_lora_without_compiling(tiny_actor, merge):
     """In the default dtype on one device: factors committed to the device
-    (where the weights are not) made every program output committed, so
-    the eval scripts' prefill and decode compiled a second time during the
-    run (about 9 s, counted as generation)."""
+    made every program output committed, so the eval scripts' prefill and
+    decode compiled a second time during the run (about 9 s, counted as
+    generation), until the empty decode state was committed too."""
     model, tokenizer, _ = load_pretrained("gemma3-tiny")
     lora.load_lora(model, tiny_actor, CONFIG, merge=merge)
     sampler = Sampler(model, tokenizer)

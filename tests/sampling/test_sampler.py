@@ -322,6 +322,22 @@ def test_compiles_ahead_on_a_mesh(tiny_path):
     assert during_call == {}
 
 
+def test_compiles_ahead_for_weights_committed_to_their_device(tiny_path):
+    """Weights committed to their device (`jax.device_put`, as a LoRA's
+    factors are) commit every program output: the call after `compile`
+    compiled both programs again until the empty decode state was committed
+    to the weights' device too. In the default dtype."""
+    model = load_hf_model(tiny_path)
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    assert model.layers[0].mlp.down_proj.kernel[...].committed
+    sampler = Sampler(model, IdTokenizer(), row_tile=4)
+    prompts = [[2] * 5, [2] * 40]
+    sampler.compile(prompts, GREEDY, batch_size=4)
+    with count_compile_events() as during_call:
+        sampler.generate(prompts, GREEDY, batch_size=4)
+    assert during_call == {}
+
+
 @pytest.mark.parametrize("which", ["sampler", "bf16_sampler"], ids=["f32", "bf16"])
 def test_continuous_batching_equals_batch_size_one(request, which):
     """32 sequences through 4 slots, finishing at different times (a token
