@@ -18,10 +18,9 @@ Three ways to use an adapter, all importable from here:
 * merged (`merge_lora`, in `lora_merge`): W' = W + (a . b) * alpha / r, in
   place, in float32; those layers then compute in float32.
 * unmerged through qwix (`apply_lora`, `qwix_lora_model`, in `lora_qwix`),
-  as in training, in the activation dtype. On CPU in bfloat16, XLA cannot
-  run a Sampler's prefill of such a model (seen on gemma3-tiny with jax
-  0.10.2: "Unsupported element type for DotThunk::Execute: BF16 x BF16 =
-  F32", from qwix's own factor dots): attach, or use float32, there.
+  as in training: qwix adds the update to the layer's float32 accumulator
+  too. `apply_lora` keeps the factors in float32 (see there); in bfloat16
+  its samples are the attached adapter's, bit for bit (tested on CPU).
 
 `lora_mode(model)` says which of these a model carries, if any.
 

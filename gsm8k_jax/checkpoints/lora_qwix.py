@@ -40,6 +40,8 @@ from gsm8k_jax.models.gemma3.model import Gemma3
 from gsm8k_jax.models.gemma3.params import CheckpointError
 
 _EINSUM_STR_SUFFIX = "_lora_einsum_str"
+# The dtype `apply_lora` stores factors in (see there).
+FACTOR_DTYPE = jnp.float32
 _SAMPLEABLE_CLASSES: dict[type, type] = {}
 
 
@@ -108,10 +110,17 @@ def apply_lora(
 ) -> Gemma3:
     """A copy of `model` running the factors unmerged, through qwix.
 
-    Validates first. Base weights are shared with `model`, not copied. Factors
-    are stored in the dtype of the weights they adapt (as qwix creates them).
+    Validates first. Base weights are shared with `model`, not copied.
     Modules that `config.module_path` selects but the checkpoint has no
     factors for get zero factors (no update).
+
+    Factors are stored in float32, whatever the weights' dtype (qwix would
+    create them in it): qwix's factor einsum inherits the layer's float32
+    accumulation (`preferred_element_type`), and XLA:CPU has no kernel for
+    a bfloat16 x bfloat16 = float32 dot outside its fused matmuls, so a
+    bfloat16 model's prefill failed there. A bfloat16 factor's products and
+    its float32 sums are the same numbers either way (bfloat16 values are
+    exact in float32), and a float32 checkpoint's factors are not rounded.
     """
     validate_lora_params(model, params, config)
     check_no_adapter(model)
@@ -133,7 +142,7 @@ def apply_lora(
         elif not isinstance(variable, nnx.LoRAParam):
             raise CheckpointError(f"qwix added {key}, which is not a LoRA factor.")
         elif key not in params:
-            value = jnp.zeros(spec.shape, spec.dtype)
+            value = jnp.zeros(spec.shape, FACTOR_DTYPE)
         elif tuple(np.shape(params[key])) != spec.shape:
             # Validation mirrors qwix: this is a bug, not a user error.
             raise CheckpointError(
@@ -141,7 +150,7 @@ def apply_lora(
                 f" {format_shape(np.shape(params[key]))}."
             )
         else:
-            value = jnp.asarray(params[key], spec.dtype)
+            value = jnp.asarray(params[key], FACTOR_DTYPE)
         filled.append((path, variable.replace(value)))
     lora_model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     _make_sampleable(lora_model)

@@ -18,7 +18,8 @@ from eval.test_eval_scripts import BASE_SCRIPT, LORA_SCRIPT, run_script
 from flax import nnx
 from lora_checkpoints import factor_shapes, write_tunix_checkpoint
 
-from gsm8k_jax.checkpoints.lora import LoraConfig, detach_lora, load_lora
+from gsm8k_jax.checkpoints.lora import LoraConfig, apply_lora, detach_lora, load_lora
+from gsm8k_jax.checkpoints.lora_checkpoint import restore_lora_params
 from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.results import RunFiles
 from gsm8k_jax.eval.runner import EvalConfig, evaluate
@@ -202,6 +203,34 @@ def test_attaching_again_replaces_and_merging_on_top_is_refused(small_update):
     for merge in (False, True):
         with pytest.raises(ValueError, match="already has a LoRA update merged in"):
             load_lora(model, actor, CONFIG, merge=merge)
+
+
+def test_qwix_samples_a_bfloat16_model_as_the_attached_adapter(small_update):
+    """Unmerged through qwix (`apply_lora`, as in training) in the default
+    dtype, on CPU: the attached adapter's tokens and log-probabilities, to
+    the bit, which are not the base model's. (XLA:CPU once failed this
+    model's first prefill, and bfloat16 factors rounded a float32
+    checkpoint's.)"""
+    actor, _ = small_update
+    base, tokenizer, _ = load_pretrained("gemma3-tiny")
+    attached = nnx.clone(base)
+    load_lora(attached, actor, CONFIG)
+    through_qwix = apply_lora(base, restore_lora_params(actor), CONFIG)
+    prompts = [p.question for p in load_gsm8k(num_examples=4)]
+    params = SamplingParams(max_generation_steps=16)
+    runs = {
+        name: [
+            (c.tokens, c.logprob)
+            for c in Sampler(model, tokenizer).generate(prompts, params)
+        ]
+        for name, model in [
+            ("base", base),
+            ("attached", attached),
+            ("qwix", through_qwix),
+        ]
+    }
+    assert runs["qwix"] == runs["attached"]
+    assert runs["attached"] != runs["base"]
 
 
 def test_merge_keeps_the_update_in_float32_weights(small_update):
