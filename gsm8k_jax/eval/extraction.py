@@ -12,14 +12,17 @@ convention that instruction-tuned models use:
 
 Unlike lm-eval, answers are compared numerically after normalisation, so
 `18.00`, `$18`, `18 dollars` and `\\frac{36}{2}` all match a gold answer of
-`18`, and `1.5 million` one of `1500000`; an answer that is more than a
-number and its units (`\\sqrt{18}`, `not 18`, `2(3)`, `2,3`) is no number.
+`18`, `1.5 million` one of `1500000` and `2½` one of `2.5`; an answer that
+is more than a number and its units (`\\sqrt{18}`, `not 18`, `2(3)`, `2,3`,
+`3²`, `5 and a half`) is no number. A Unicode minus (`−5`) is a minus
+wherever the answer is found.
 """
 
 from __future__ import annotations
 
 import fractions
 import re
+import unicodedata
 from decimal import Decimal, InvalidOperation
 
 __all__ = [
@@ -37,7 +40,11 @@ EXTRACTION_METHODS = ("strict", "flexible")
 # lm-eval gsm8k strict-match and flexible-extract patterns; group 1 of a
 # final-answer pattern is the answer.
 HASH_FINAL_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
-_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# Vulgar fractions (`½`, `⅓`, ...), alone or after a whole number (`2½`).
+_VULGAR = "\u00bc-\u00be\u2150-\u215e\u2189"
+# lm-eval's flexible-extract, keeping a vulgar fraction after the number.
+_FLEXIBLE_RE = re.compile(rf"(?:(-?[$0-9.,]{{2,}})|(-?[0-9]+))[{_VULGAR}]?")
+_VULGAR_FRACTION_RE = re.compile(rf"(\d*)\s*([{_VULGAR}])")
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
 
 # LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `, `~`) and `{,}` thousands separators.
@@ -61,6 +68,16 @@ _NUMBER_RE = re.compile(
     rf"([+-]?)\s*\(?\s*({_DECIMAL})\s*\)?(?:\s*/\s*\(?\s*({_DECIMAL})\s*\)?)?"
     rf"\s*((?:{_WORD}(?:{_UNIT_SEPARATOR}{_WORD})*)?)[\s./-]*"
 )
+# Words that name an amount: after the number they make the answer more
+# than a number and its units (`5 and a half`, `2 thousand five hundred`).
+_NUMBER_WORDS = frozenset(
+    re.findall(
+        r"\w+",
+        "one two three four five six seven eight nine ten eleven twelve thirteen"
+        " fourteen fifteen sixteen seventeen eighteen nineteen twenty thirty"
+        " forty fifty sixty seventy eighty ninety half halves",
+    )
+)
 # The unit words that scale the number before them (`1.5 million`, `18k`).
 _SCALE_WORDS = {
     "hundred": 100,
@@ -70,6 +87,8 @@ _SCALE_WORDS = {
     "billion": 1_000_000_000,
     "trillion": 1_000_000_000_000,
 }
+# Scale words may open the units (`18 thousand dollars`), no amount follows.
+_AMOUNT_WORDS = _NUMBER_WORDS | _SCALE_WORDS.keys()
 
 
 def _last_boxed(text: str) -> str | None:
@@ -114,6 +133,7 @@ def extract_answer(
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
+    text = text.replace("\u2212", "-")  # The patterns know only "-".
     match = final_answer.search(text)
     if match:
         return match.group(1).strip()
@@ -132,8 +152,19 @@ def _clean(s: str) -> str:
     s = _CURRENCY_PERCENT_RE.sub("", s)
     s = _TEXT_COMMAND_RE.sub(r" \1 ", s)
     s = s.replace("\u2212", "-")
+    s = _VULGAR_FRACTION_RE.sub(_vulgar_to_division, s)
     s = " ".join(s.split()).rstrip(",. ")
     return s.casefold()
+
+
+def _vulgar_to_division(match: re.Match[str]) -> str:
+    """Rewrites a `_VULGAR_FRACTION_RE` match (`2½`) as ` p/q ` (` 5/2 `)."""
+    whole, vulgar = match.groups()
+    # unicodedata gives a float (0.333... for `⅓`); every vulgar fraction's
+    # denominator is at most 10.
+    part = fractions.Fraction(unicodedata.numeric(vulgar)).limit_denominator(10)
+    value = fractions.Fraction(int(whole or 0)) + part
+    return f" {value.numerator}/{value.denominator} "
 
 
 def _frac_to_division(match: re.Match[str]) -> str:
@@ -167,7 +198,11 @@ def _parse_number(s: str) -> fractions.Fraction | None:
             value /= _to_fraction(denominator)
     except (InvalidOperation, ZeroDivisionError):
         return None
-    first_unit = re.split(_UNIT_SEPARATOR, units, maxsplit=1)[0]
+    first_unit, *other_units = re.split(_UNIT_SEPARATOR, units) if units else [""]
+    if first_unit[:1].isnumeric():  # A power (`3²`) or another digit: not units.
+        return None
+    if first_unit in _NUMBER_WORDS or _AMOUNT_WORDS.intersection(other_units):
+        return None  # A second amount in words: `5 and a half`.
     scale = _SCALE_WORDS.get(first_unit, 1)
     return value * scale * (-1 if sign == "-" else 1)
 

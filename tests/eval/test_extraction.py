@@ -69,6 +69,8 @@ def test_boxed_beats_hash():
     [
         ("She makes $18 a day... so 9 * 2 = 18.", "18."),
         ("I have 3 apples and then 1,000 more", "1,000"),
+        ("The total is \u22125.", "-5."),  # A Unicode minus keeps its sign.
+        ("It costs 2\u00bd dollars", "2\u00bd"),
         ("owes -5 now", "-5"),
         ("It costs $25", "$25"),
         ("#### 4 and then 8", "4"),
@@ -142,6 +144,12 @@ def test_unknown_method():
         ("18k", "18000"),
         (r"\$18\text{k}", "18000"),
         ("18 ks", "18"),
+        ("18 m\u00b2", "18"),  # A power in the units is the units'.
+        # Vulgar fractions, alone or after a whole number.
+        ("2\u00bd", "2.5"),
+        ("-2 \u00bd dollars", "-2.5"),
+        ("\u2153", "1/3"),
+        ("2\u2154 cups", "8/3"),
     ],
 )
 def test_canonical_number(raw, expected):
@@ -169,6 +177,13 @@ def test_canonical_number(raw, expected):
         "2,3",
         "1,0000",
         "18 " + "a" * 40 + "1",  # (and no catastrophic backtracking)
+        # A power, or a second amount in words after the first.
+        "3\u00b2",
+        "10\u00b3",
+        "5 and a half",
+        "2 thousand five hundred",
+        "1 hundred and five",
+        "5 one",
     ],
 )
 def test_canonical_number_rejects_non_numbers(raw):
@@ -222,6 +237,24 @@ def test_is_correct(response, gold):
 )
 def test_is_not_correct(response, gold):
     assert not is_correct(response, gold)
+
+
+@pytest.mark.parametrize(
+    "response, method, gold, correct",
+    [
+        ("#### \u22125", "strict", "-5", True),
+        ("#### \u22125", "flexible", "5", False),
+        ("So she owes \u22125.", "flexible", "5", False),
+        ("The cost is 2\u00bd dollars.", "flexible", "2.5", True),
+        ("The cost is 2\u00bd dollars.", "flexible", "2", False),
+        (r"\boxed{2\u00bd}", "strict", "2", False),
+        (r"\boxed{5 and a half}", "strict", "5", False),
+    ],
+)
+def test_unicode_minus_fractions_and_amount_words(response, method, gold, correct):
+    """A sign, a fraction or a second amount never dropped: each of these
+    would score a wrong answer right."""
+    assert is_correct(response, gold, method) == correct
 
 
 def test_is_correct_with_commas_in_gold():
