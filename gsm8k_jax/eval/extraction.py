@@ -47,11 +47,13 @@ _FLEXIBLE_RE = re.compile(rf"(?:(-?[$0-9.,]{{2,}})|(-?[0-9]+))[{_VULGAR}]?")
 _VULGAR_FRACTION_RE = re.compile(rf"(\d*)\s*([{_VULGAR}])")
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
 
-# LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `, `~`) and `{,}` thousands separators.
-_LATEX_SPACING_RE = re.compile(r"\\+[!,;: ]|\{,\}|~")
+# LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `, `~`), `{,}` thousands separators
+# and style switches (`\displaystyle`).
+_LATEX_SPACING_RE = re.compile(r"\\+[!,;: ]|\{,\}|~|\\+(?:display|text|script)style\b")
 _CURRENCY_PERCENT_RE = re.compile(r"\\*[$%]")
 _TEXT_COMMAND_RE = re.compile(
-    r"\\+(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+    r"\\+(?:text|textbf|textit|textrm|emph|mathrm|mathbf|mathit|mbox|operatorname)"
+    r"\s*\{([^{}]*)\}"
 )
 # A comma between digits that groups thousands (`1,000`; not `2,3`).
 _THOUSANDS_SEPARATOR_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
