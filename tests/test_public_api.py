@@ -65,7 +65,9 @@ def test_plausible_misuse_is_a_clear_error():
         gsm8k_jax.SamplingParams(eos_ids=1)
     with pytest.raises(ValueError, match="row_tile must be >= 1"):
         gsm8k_jax.Sampler(None, None, row_tile=0)
-    with pytest.raises(TypeError, match=r"RunFiles\(output_dir, tag\)"):
+    with pytest.raises(TypeError, match=r"output folder or a RunFiles\(output_dir"):
+        gsm8k_jax.evaluate(None, [], gsm8k_jax.EvalConfig(), 5, run_info={})
+    with pytest.raises(ValueError, match=r"the record gsm8k_jax.run_info\(...\)"):
         gsm8k_jax.evaluate(None, [], gsm8k_jax.EvalConfig(), "results", run_info={})
     # A number as the gold answer is read as its text.
     assert gsm8k_jax.is_correct("\\boxed{18}", 18)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ import ml_collections
 
 from gsm8k_jax import storage
 from gsm8k_jax.checkpoints.lora_config import LORA_MODES, LoraConfig
+from gsm8k_jax.eval.data import BUNDLED_TEST_SET
 from gsm8k_jax.models.specs import model_spec
 
 if TYPE_CHECKING:
@@ -213,8 +215,8 @@ def run_info(
     model: Mapping[str, Any],
     *,
     model_dir: str | Path,
-    lora_path: str,
-    data_path: str,
+    lora_path: str = "",
+    data_path: str | os.PathLike[str] | None = None,
     num_examples: int,
     eval_config: EvalConfig,
     mesh_model: int = 1,
@@ -232,7 +234,8 @@ def run_info(
         rank, alpha and module path the trainer recorded beside it (else
         `model`'s), as `load_lora` uses them: a run of another step is
         another run.
-      data_path: the GSM8K file (local or gs://).
+      data_path: the GSM8K file (local or gs://); None for the bundled test
+        set.
       num_examples: how many problems are evaluated.
       eval_config: the evaluation settings.
       mesh_model: devices per tensor-parallel group (`--mesh_model`): it
@@ -260,6 +263,7 @@ def run_info(
         )
         lora_path = trained.params_path
         model = {**model, "lora_config": dataclasses.asdict(trained.config)}
+    data_path = os.fspath(BUNDLED_TEST_SET if data_path is None else data_path)
     return {
         "model": dict(model),
         "model_dir": str(model_dir),

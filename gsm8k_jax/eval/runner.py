@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +31,12 @@ from gsm8k_jax.eval.extraction import EXTRACTION_METHODS
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.provenance import run_metadata
 from gsm8k_jax.eval.results import ResultsError, Rollout, RunFiles
-from gsm8k_jax.eval.run_record import differing_settings, eval_record, flat_settings
+from gsm8k_jax.eval.run_record import (
+    differing_settings,
+    eval_record,
+    flat_settings,
+    run_tag_of,
+)
 from gsm8k_jax.eval.scoring import rescore, score, summarize
 from gsm8k_jax.eval.stopping import (
     cut_at_stop_sequences,
@@ -241,7 +247,7 @@ def evaluate(
     sampler: Sampler,
     examples: Sequence[GSM8KExample],
     config: EvalConfig,
-    files: RunFiles,
+    files: RunFiles | str | os.PathLike[str],
     *,
     run_info: dict[str, Any],
     show_progress: bool = True,
@@ -250,7 +256,11 @@ def evaluate(
 ) -> dict[str, Any] | None:
     """Evaluates `examples`, skipping those already in `files`; returns the summary.
 
-    `files.prepare` must have been called (it validates the output folder).
+    `files` is an output folder (local or gs://), where the run's files take
+    the tag `run_tag_of(run_info)` and a run there is resumed, as the
+    scripts do by default; or a `RunFiles` on which `prepare` has been
+    called (it validates the output folder), to choose the tag, resuming
+    or overwriting.
     In a multi-host run (num_processes > 1, `files.process_index` this
     process's index) a process evaluates only examples[process::num_processes],
     padded exactly as a single-host run pads them, and commits its own
@@ -266,10 +276,7 @@ def evaluate(
     parallelism or model dtype are not this call's.
     """
     if not isinstance(files, RunFiles):
-        raise TypeError(
-            f"files is a RunFiles(output_dir, tag), prepared with"
-            f" files.prepare(run_info, ...), not {files!r}."
-        )
+        files = _prepared_files(files, run_info, num_processes)
     try:
         return _evaluate_run(
             sampler,
@@ -283,6 +290,33 @@ def evaluate(
         )
     finally:
         files.release()  # Finished or failed, this process runs it no more.
+
+
+def _prepared_files(
+    output_dir: str | os.PathLike[str], run_info: dict[str, Any], num_processes: int
+) -> RunFiles:
+    """The run's files in `output_dir`, prepared to resume, as the scripts'
+    defaults do."""
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(
+            "files is an output folder or a RunFiles(output_dir, tag) prepared with"
+            f" files.prepare(run_info, ...), not {output_dir!r}."
+        )
+    if num_processes > 1:
+        raise ValueError(
+            "A multi-host run takes files=RunFiles(output_dir, tag), which process 0"
+            " prepares (files.prepare(run_info, ...)) and the others check, not an"
+            " output folder."
+        )
+    try:
+        tag = run_tag_of(run_info)
+    except (KeyError, TypeError) as e:
+        raise ValueError(
+            f"run_info is the record gsm8k_jax.run_info(...) returns; it lacks {e}."
+        ) from None
+    files = RunFiles(output_dir, tag)
+    files.prepare(run_info, resume=True, overwrite=False)
+    return files
 
 
 def _evaluate_run(

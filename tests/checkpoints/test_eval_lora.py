@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import operator
 import re
 from pathlib import Path
 
@@ -363,6 +364,30 @@ def only_the_run_record(files):
     """Whether the folder holds the run's record and no result."""
     names = sorted(p.name for p in Path(files.output_dir).iterdir())
     return names == [f"run_{files.tag}.json"] and not files.has_results()
+
+
+def test_evaluate_takes_an_output_folder(tmp_path):
+    """A folder for files: the run's files there under run_tag_of(run_info),
+    resumed when run again, the same rows as a prepared RunFiles writes; and
+    run_info's defaults are the base model and the bundled test set."""
+    model, tokenizer, _ = load_pretrained("gemma3-tiny")
+    sampler = Sampler(model, tokenizer)
+    info = run_info(
+        model_config("gemma3-tiny").to_dict(),
+        model_dir=TINY_MODEL_DIR,
+        num_examples=2,
+        eval_config=SHORT,
+    )
+    prepared_info, prepared = notebook_run(tmp_path / "prepared")
+    assert info == prepared_info
+    first = evaluate_short(sampler, tmp_path / "folder", info)
+    files = RunFiles(tmp_path / "folder", run_tag_of(info))
+    rows = files.read_rollouts()
+    again = evaluate_short(sampler, str(tmp_path / "folder"), info)
+    assert again["correct"] == first["correct"] and files.read_rollouts() == rows
+    evaluate_short(sampler, prepared, prepared_info)
+    response = operator.itemgetter("id", "response", "logprob")
+    assert list(map(response, prepared.read_rollouts())) == list(map(response, rows))
 
 
 def test_evaluate_refuses_a_run_record_of_other_settings(tmp_path):
