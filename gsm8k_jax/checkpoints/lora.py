@@ -18,9 +18,13 @@ Three ways to use an adapter, all importable from here:
 * merged (`merge_lora`, in `lora_merge`): W' = W + (a . b) * alpha / r, in
   place, in float32; those layers then compute in float32.
 * unmerged through qwix (`apply_lora`, `qwix_lora_model`, in `lora_qwix`),
-  as in training: qwix adds the update to the layer's float32 accumulator
-  too. `apply_lora` keeps the factors in float32 (see there); in bfloat16
-  its samples are the attached adapter's, bit for bit (tested on CPU).
+  as in training. `apply_lora` keeps the factors in float32, so its update
+  is the attached adapter's (in bfloat16, the same samples bit for bit,
+  tested on CPU). `qwix_lora_model` (training, in float32) makes factors in
+  the weights' dtype: in bfloat16 its MLP update is rounded before it is
+  added, and on CPU XLA cannot run a Sampler's prefill of it (seen with jax
+  0.10.2: "Unsupported element type for DotThunk::Execute: BF16 x BF16 =
+  F32").
 
 `lora_mode(model)` says which of these a model carries, if any.
 

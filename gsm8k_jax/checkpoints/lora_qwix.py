@@ -1,6 +1,6 @@
 """Running a LoRA adapter unmerged through qwix, as in training: qwix's
 provider intercepts the einsums / dot_generals of the layers `module_path`
-selects, in the activation dtype.
+selects and adds the factors' update to their outputs.
 
 The interception survives `nnx.split` / `nnx.merge` and `jax.jit` (the
 graphdef keeps qwix's subclass of the model), but qwix's LoRA einsum
@@ -114,13 +114,16 @@ def apply_lora(
     Modules that `config.module_path` selects but the checkpoint has no
     factors for get zero factors (no update).
 
-    Factors are stored in float32, whatever the weights' dtype (qwix would
-    create them in it): qwix's factor einsum inherits the layer's float32
-    accumulation (`preferred_element_type`), and XLA:CPU has no kernel for
-    a bfloat16 x bfloat16 = float32 dot outside its fused matmuls, so a
-    bfloat16 model's prefill failed there. A bfloat16 factor's products and
-    its float32 sums are the same numbers either way (bfloat16 values are
-    exact in float32), and a float32 checkpoint's factors are not rounded.
+    Factors are stored in float32, whatever the weights' dtype (qwix
+    creates them in it, as `qwix_lora_model` does), so every layer computes
+    its update in float32 and adds it before the layer's one rounding, as
+    the attached adapter does (in bfloat16, the same samples bit for bit,
+    tested on CPU), and a float32 checkpoint's factors are not rounded. In
+    bfloat16 factors, qwix's einsum update inherits the layer's float32
+    accumulation, which XLA:CPU cannot run outside its fused matmuls (a
+    Sampler's prefill failed: "Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32"), and its MLP (`nnx.Linear`)
+    update is rounded to bfloat16 before it is added.
     """
     validate_lora_params(model, params, config)
     check_no_adapter(model)

@@ -21,6 +21,7 @@ wherever the answer is found.
 from __future__ import annotations
 
 import fractions
+import itertools
 import re
 import unicodedata
 from decimal import Decimal, InvalidOperation
@@ -40,16 +41,22 @@ EXTRACTION_METHODS = ("strict", "flexible")
 # lm-eval gsm8k strict-match and flexible-extract patterns; group 1 of a
 # final-answer pattern is the answer.
 HASH_FINAL_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 # Vulgar fractions (`½`, `⅓`, ...), alone or after a whole number (`2½`).
 _VULGAR = "\u00bc-\u00be\u2150-\u215e\u2189"
-# lm-eval's flexible-extract, keeping a vulgar fraction after the number.
-_FLEXIBLE_RE = re.compile(rf"(?:(-?[$0-9.,]{{2,}})|(-?[0-9]+))[{_VULGAR}]?")
-_VULGAR_FRACTION_RE = re.compile(rf"(\d*)\s*([{_VULGAR}])")
+_VULGAR_FRACTION_RE = re.compile(rf"(?<!\d)(\d*)\s*([{_VULGAR}])")
+# What the patterns above stop short of but belongs to their number: a
+# vulgar fraction (`#### 2½`) or a power (`3²`, then no number).
+_TRAILING_NUMERALS_RE = re.compile(
+    rf"\s?[{_VULGAR}]|[\u00b2\u00b3\u00b9\u2070\u2074-\u2079]+"
+)
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
 
 # LaTeX spacing (`\!`, `\,`, `\;`, `\:`, `\ `, `~`), `{,}` thousands separators
 # and style switches (`\displaystyle`).
-_LATEX_SPACING_RE = re.compile(r"\\+[!,;: ]|\{,\}|~|\\+(?:display|text|script)style\b")
+_LATEX_SPACING_RE = re.compile(
+    r"\\+[!,;: ]|\{,\}|~|\\+(?:display|text|script|scriptscript)style(?![a-z])"
+)
 _CURRENCY_PERCENT_RE = re.compile(r"\\*[$%]")
 _TEXT_COMMAND_RE = re.compile(
     r"\\+(?:text|textbf|textit|textrm|emph|mathrm|mathbf|mathit|mbox|operatorname)"
@@ -70,6 +77,9 @@ _NUMBER_RE = re.compile(
     rf"([+-]?)\s*\(?\s*({_DECIMAL})\s*\)?(?:\s*/\s*\(?\s*({_DECIMAL})\s*\)?)?"
     rf"\s*((?:{_WORD}(?:{_UNIT_SEPARATOR}{_WORD})*)?)[\s./-]*"
 )
+# Longer answers are no number (Python prints no integer of over 4,300
+# digits; a response looping on digits could hold one).
+_MAX_NUMBER_CHARS = 1000
 # Words that name an amount: after the number they make the answer more
 # than a number and its units (`5 and a half`, `2 thousand five hundred`).
 _NUMBER_WORDS = frozenset(
@@ -89,7 +99,7 @@ _SCALE_WORDS = {
     "billion": 1_000_000_000,
     "trillion": 1_000_000_000_000,
 }
-# Scale words may open the units (`18 thousand dollars`), no amount follows.
+# Words that name an amount after a scale word or `and`.
 _AMOUNT_WORDS = _NUMBER_WORDS | _SCALE_WORDS.keys()
 
 
@@ -138,14 +148,25 @@ def extract_answer(
     text = text.replace("\u2212", "-")  # The patterns know only "-".
     match = final_answer.search(text)
     if match:
-        return match.group(1).strip()
+        return _with_trailing_numerals(text, match.group(1), match.end(1))
     if method == "flexible":
         # Skip matches without digits such as an ellipsis ("...").
-        numbers = [m.group(0) for m in _FLEXIBLE_RE.finditer(text)]
-        numbers = [n for n in numbers if any(c.isdigit() for c in n)]
+        numbers = [m for m in _FLEXIBLE_RE.finditer(text) if _has_digit(m.group(0))]
         if numbers:
-            return numbers[-1].strip()
+            return _with_trailing_numerals(
+                text, numbers[-1].group(0), numbers[-1].end()
+            )
     return None
+
+
+def _has_digit(s: str) -> bool:
+    return any(c.isdigit() for c in s)
+
+
+def _with_trailing_numerals(text: str, answer: str, end: int) -> str:
+    """`answer`, found in `text` up to `end`, with the numerals after it."""
+    trailing = _TRAILING_NUMERALS_RE.match(text, end)
+    return (answer + (trailing.group(0) if trailing else "")).strip()
 
 
 def _clean(s: str) -> str:
@@ -191,7 +212,7 @@ def _parse_number(s: str) -> fractions.Fraction | None:
     while s.startswith("{") and s.endswith("}"):
         s = s[1:-1].strip()
     match = _NUMBER_RE.fullmatch(s)
-    if match is None:
+    if match is None or len(s) > _MAX_NUMBER_CHARS:
         return None
     sign, numerator, denominator, units = match.groups()
     try:
@@ -200,13 +221,24 @@ def _parse_number(s: str) -> fractions.Fraction | None:
             value /= _to_fraction(denominator)
     except (InvalidOperation, ZeroDivisionError):
         return None
-    first_unit, *other_units = re.split(_UNIT_SEPARATOR, units) if units else [""]
-    if first_unit[:1].isnumeric():  # A power (`3²`) or another digit: not units.
-        return None
-    if first_unit in _NUMBER_WORDS or _AMOUNT_WORDS.intersection(other_units):
-        return None  # A second amount in words: `5 and a half`.
+    first_unit = re.split(_UNIT_SEPARATOR, units, maxsplit=1)[0]
+    if first_unit[:1].isnumeric() or _names_another_amount(units):
+        return None  # A power (`3²`), or `5 and a half`: not units.
     scale = _SCALE_WORDS.get(first_unit, 1)
     return value * scale * (-1 if sign == "-" else 1)
+
+
+def _names_another_amount(units: str) -> bool:
+    """Whether the words after a number name a second amount: a number word
+    first (`5 half`), after a leading scale word (`2 thousand five
+    hundred`) or after `and` (`5 and a half`, `1 hundred and five`).
+    Hyphenated words are units (`24 two-liter bottles`)."""
+    words = [w for w in units.split() if w not in ("a", "an")]
+    if words and words[0] in _NUMBER_WORDS:
+        return True
+    if len(words) > 1 and words[0] in _SCALE_WORDS and words[1] in _AMOUNT_WORDS:
+        return True
+    return any(a == "and" and b in _AMOUNT_WORDS for a, b in itertools.pairwise(words))
 
 
 def _format_number(value: fractions.Fraction) -> str:

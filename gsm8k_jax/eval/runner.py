@@ -14,10 +14,11 @@ import datetime
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
@@ -275,9 +276,18 @@ def evaluate(
     `run_info` whose evaluation settings, problem count, row tile, tensor
     parallelism or model dtype are not this call's.
     """
-    if not isinstance(files, RunFiles):
-        files = _prepared_files(files, run_info, num_processes)
+    in_folder = not isinstance(files, RunFiles)
+    if in_folder:
+        files = _folder_files(files, run_info, num_processes)
     try:
+        if in_folder:
+            # Refused before the folder changes: preparing may already
+            # rewrite its record and remove its summary (a longer run).
+            _check_call(sampler, examples, config, run_info)
+            _prepare_to_resume(files, run_info)
+        else:
+            _check_prepared(files)
+            _check_call(sampler, examples, config, run_info)
         return _evaluate_run(
             sampler,
             examples,
@@ -292,51 +302,62 @@ def evaluate(
         files.release()  # Finished or failed, this process runs it no more.
 
 
-def _prepared_files(
+def _folder_files(
     output_dir: str | os.PathLike[str], run_info: dict[str, Any], num_processes: int
 ) -> RunFiles:
-    """The run's files in `output_dir`, prepared to resume, as the scripts'
-    defaults do."""
+    """The run's files in `output_dir`, named as the scripts name them."""
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(
             "files is an output folder or a RunFiles(output_dir, tag) prepared with"
             f" files.prepare(run_info, ...), not {output_dir!r}."
         )
-    if num_processes > 1:
+    if num_processes > 1 or jax.process_count() > 1:
         raise ValueError(
-            "A multi-host run takes files=RunFiles(output_dir, tag), which process 0"
-            " prepares (files.prepare(run_info, ...)) and the others check, not an"
-            " output folder."
+            "A multi-host run takes files=RunFiles(output_dir, tag, process_index),"
+            " which process 0 prepares (files.prepare(run_info, ...)) and the others"
+            " check, not an output folder."
+        )
+    if not isinstance(run_info, Mapping):
+        raise TypeError(
+            f"run_info is the record gsm8k_jax.run_info(...) returns, not {run_info!r}."
         )
     try:
-        tag = run_tag_of(run_info)
-    except (KeyError, TypeError) as e:
+        return RunFiles(output_dir, run_tag_of(run_info))
+    except KeyError as e:
         raise ValueError(
             f"run_info is the record gsm8k_jax.run_info(...) returns; it lacks {e}."
         ) from None
-    files = RunFiles(output_dir, tag)
-    files.prepare(run_info, resume=True, overwrite=False)
-    return files
 
 
-def _evaluate_run(
-    sampler: Sampler,
-    examples: Sequence[GSM8KExample],
-    config: EvalConfig,
-    files: RunFiles,
-    *,
-    run_info: dict[str, Any],
-    show_progress: bool,
-    num_processes: int,
-    merge_timeout_s: float,
-) -> dict[str, Any] | None:
-    """`evaluate`, once `files` is known to be a RunFiles."""
+def _prepare_to_resume(files: RunFiles, run_info: dict[str, Any]) -> None:
+    """`files.prepare`, resuming, with the remedies named for Python callers
+    (the folder's own messages name the scripts' flags)."""
+    try:
+        files.prepare(run_info, resume=True, overwrite=False)
+    except ResultsError as e:
+        raise ResultsError(
+            f"{e} From Python: evaluate into another folder, or pass"
+            " files=RunFiles(output_dir, tag) prepared with overwrite=True."
+        ) from None
+
+
+def _check_prepared(files: RunFiles) -> None:
     if files.read_run_info() is None:
         raise ValueError(
             f"{files.output_dir} holds no run record of run '{files.tag}': call"
             " files.prepare(run_info, resume=..., overwrite=...) before evaluate (it"
             " checks the folder and records what produces the results)."
         )
+
+
+def _check_call(
+    sampler: Sampler,
+    examples: Sequence[GSM8KExample],
+    config: EvalConfig,
+    run_info: dict[str, Any],
+) -> None:
+    """Refuses a call whose model, settings or problems `run_info` does not
+    record, before any work."""
     _check_lora_matches(sampler.model, run_info)
     if config.row_tile is not None and sampler.row_tile != config.row_tile:
         raise ValueError(
@@ -350,6 +371,20 @@ def _evaluate_run(
             f"Problem ids {repeated[:5]} repeat: results are kept by id, so each"
             " problem needs its own (load_gsm8k numbers them by line)."
         )
+
+
+def _evaluate_run(
+    sampler: Sampler,
+    examples: Sequence[GSM8KExample],
+    config: EvalConfig,
+    files: RunFiles,
+    *,
+    run_info: dict[str, Any],
+    show_progress: bool,
+    num_processes: int,
+    merge_timeout_s: float,
+) -> dict[str, Any] | None:
+    """`evaluate`, once `files` is prepared and the call checked."""
     started_at = _now()
     params = config.sampling
     method = config.extraction_method

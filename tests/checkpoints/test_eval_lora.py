@@ -388,6 +388,20 @@ def test_evaluate_takes_an_output_folder(tmp_path):
     evaluate_short(sampler, prepared, prepared_info)
     response = operator.itemgetter("id", "response", "logprob")
     assert list(map(response, prepared.read_rollouts())) == list(map(response, rows))
+    # A refused call leaves the folder as it was (preparing a record of more
+    # problems would have removed the summary and rewritten the record) ...
+    folder = Path(files.output_dir)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    more = {**info, "num_examples": 4}
+    with pytest.raises(ValueError, match="num_examples=4 in run_info but 2"):
+        evaluate_short(sampler, folder, more)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert evaluate_short(sampler, folder, info)["correct"] == first["correct"]
+    # A record that cannot be written fails after the run's lock is taken:
+    # the lock is released, so the run is not left "already running".
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        evaluate_short(sampler, tmp_path / "new", {**info, "note": {"a set"}})
+    assert evaluate_short(sampler, tmp_path / "new", info)["total"] == 2
 
 
 def test_evaluate_refuses_a_run_record_of_other_settings(tmp_path):

@@ -71,6 +71,8 @@ def test_boxed_beats_hash():
         ("I have 3 apples and then 1,000 more", "1,000"),
         ("The total is \u22125.", "-5."),  # A Unicode minus keeps its sign.
         ("It costs 2\u00bd dollars", "2\u00bd"),
+        ("It costs 3 \u00bd dollars", "3 \u00bd"),
+        ("#### 3\u00b2", "3\u00b2"),
         ("owes -5 now", "-5"),
         ("It costs $25", "$25"),
         ("#### 4 and then 8", "4"),
@@ -123,6 +125,7 @@ def test_unknown_method():
         (r"\emph{18} dollars", "18"),
         (r"\displaystyle 18", "18"),
         (r"\displaystyle\frac{3}{4}", "0.75"),
+        (r"\displaystyle18", "18"),
         ("  18  ", "18"),
         (r"\text{\$}1{,}000", "1000"),
         (r"\frac{1}{2}", "0.5"),
@@ -149,6 +152,13 @@ def test_unknown_method():
         (r"\$18\text{k}", "18000"),
         ("18 ks", "18"),
         ("18 m\u00b2", "18"),  # A power in the units is the units'.
+        # Number words within units, hyphenated or after another word.
+        ("24 two-liter bottles", "24"),
+        ("8 half-dollars", "8"),
+        ("18 one-way tickets", "18"),
+        ("18 dollars per hundred", "18"),
+        ("18 each one", "18"),
+        ("18 a day", "18"),
         # Vulgar fractions, alone or after a whole number.
         ("2\u00bd", "2.5"),
         ("-2 \u00bd dollars", "-2.5"),
@@ -188,6 +198,9 @@ def test_canonical_number(raw, expected):
         "2 thousand five hundred",
         "1 hundred and five",
         "5 one",
+        "5 hundred thousand",
+        "18 dollars and fifty cents",
+        "1" * 5000,  # (too long for Python to print)
     ],
 )
 def test_canonical_number_rejects_non_numbers(raw):
@@ -248,6 +261,9 @@ def test_is_not_correct(response, gold):
     [
         ("#### \u22125", "strict", "-5", True),
         ("#### \u22125", "flexible", "5", False),
+        ("#### 2\u00bd", "strict", "2", False),
+        ("#### 2\u00bd", "strict", "2.5", True),
+        ("#### 3\u00b2", "strict", "3", False),
         ("So she owes \u22125.", "flexible", "5", False),
         ("The cost is 2\u00bd dollars.", "flexible", "2.5", True),
         ("The cost is 2\u00bd dollars.", "flexible", "2", False),
