@@ -29,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -281,6 +284,29 @@ def register() -> None:
         )
 
 
+def offline_if_the_hub_is_unreachable() -> bool:
+    """Turns on the hub libraries' offline mode where the hub's host name
+    does not resolve (and no proxy is set, which might resolve it); returns
+    whether it did.
+
+    Downloads fail there anyway, but `datasets` first retries each of a
+    task's files for about 25 s; offline it reads its cache at once (a
+    cached task still runs) or fails at once."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    if hub.HF_HUB_OFFLINE or any(os.environ.get(name) for name in proxies):
+        return False
+    try:
+        socket.getaddrinfo(urllib.parse.urlsplit(hub.ENDPOINT).hostname, None)
+        return False
+    except (socket.gaierror, UnicodeError):
+        hub.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's command line (`run --model gsm8k_jax ...`), our model
     registered; bad input is one line on stderr, exit status 1."""
@@ -289,12 +315,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     fix_gpu_kernels()
     register()
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    went_offline = offline_if_the_hub_is_unreachable()
     try:
         cli_evaluate()
     except USER_ERRORS as e:
+        unreachable = " (the hub's host does not resolve)" if went_offline else ""
         hint = (
-            " Offline, give lm-eval the task's data locally with --include_path"
-            " (README: lm-eval offline)."
+            f" Offline{unreachable}, give lm-eval the task's data locally with"
+            " --include_path (README: lm-eval offline)."
             if isinstance(e, ConnectionError)
             else ""
         )

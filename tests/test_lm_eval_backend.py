@@ -3,6 +3,7 @@ with a LoRA checkpoint and lm-eval's chat template; its registration and its
 refusals. The command line is exercised in tests/eval/test_lm_eval_parity.py."""
 
 import logging
+import socket
 import subprocess
 import sys
 
@@ -23,7 +24,12 @@ from gsm8k_jax.eval.data import load_gsm8k
 from gsm8k_jax.eval.prompts import DEFAULT_PROMPT_TEMPLATE
 from gsm8k_jax.eval.stopping import cut_at_stop_sequences, with_eos_text
 from gsm8k_jax.eval.tasks import TASKS, format_prompts
-from gsm8k_jax.lm_eval_backend import GSM8KJaxLM, main, register
+from gsm8k_jax.lm_eval_backend import (
+    GSM8KJaxLM,
+    main,
+    offline_if_the_hub_is_unreachable,
+    register,
+)
 from gsm8k_jax.models.registry import load_pretrained
 from gsm8k_jax.models.specs import TINY_MODEL_DIR
 from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
@@ -147,7 +153,26 @@ def test_without_lm_eval_the_command_line_says_how_to_install_it():
     )
 
 
-def test_an_unreachable_hub_points_to_the_offline_recipe(monkeypatch, capsys):
+@pytest.fixture
+def hub_offline_flags(monkeypatch):
+    """The hub libraries' offline flags, restored after the test (`main`
+    may turn them on)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    flags = [
+        (hub, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+    ]
+    for module, name in flags:
+        monkeypatch.setattr(module, name, getattr(module, name))
+    return flags
+
+
+def test_an_unreachable_hub_points_to_the_offline_recipe(
+    monkeypatch, capsys, hub_offline_flags
+):
     import lm_eval.__main__
 
     def offline():
@@ -162,3 +187,32 @@ def test_an_unreachable_hub_points_to_the_offline_recipe(monkeypatch, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "on the Hub" in err and "--include_path" in err
+
+
+def test_a_hub_that_does_not_resolve_turns_on_offline_mode(
+    monkeypatch, tmp_path, hub_offline_flags
+):
+    """Downloads fail there anyway, after `datasets` retried each for about
+    25 s: offline, a task's data is read from the cache or fails at once.
+    With a proxy (which may resolve the hub) or a resolving host, nothing
+    changes."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    def does_not_resolve(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, f"{host}: Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for module, name in hub_offline_flags:
+        setattr(module, name, False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+    assert not offline_if_the_hub_is_unreachable() and not hub.is_offline_mode()
+    monkeypatch.setattr(socket, "getaddrinfo", does_not_resolve)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert not offline_if_the_hub_is_unreachable() and not hub.is_offline_mode()
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert offline_if_the_hub_is_unreachable()
+    assert hub.is_offline_mode() and datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(ConnectionError, match="OfflineModeIsEnabled"):
+        datasets.load_dataset("openai/gsm8k", "main", cache_dir=str(tmp_path))
