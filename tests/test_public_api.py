@@ -76,6 +76,15 @@ def test_plausible_misuse_is_a_clear_error():
 
 def test_a_tokenizer_without_chat_template_names_the_fix_in_python_too():
     _, tokenizer, _ = gsm8k_jax.load_pretrained("gemma3-tiny")
+    # An empty system prompt is none, with the chat template or without.
+    for chat in (False, True):
+        plain = gsm8k_jax.format_prompt("2 + 3?", tokenizer, use_chat_template=chat)
+        assert (
+            gsm8k_jax.format_prompt(
+                "2 + 3?", tokenizer, system_prompt="", use_chat_template=chat
+            )
+            == plain
+        )
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match=r"use_chat_template=False from Python"):
         gsm8k_jax.format_prompt("What is 2 + 3?", tokenizer)

@@ -31,7 +31,7 @@ def format_prompt(
         raise ValueError("The prompt template must contain '{question}'.")
     user_text = template.replace("{question}", question)
     if not use_chat_template:
-        return user_text if system_prompt is None else f"{system_prompt}\n\n{user_text}"
+        return f"{system_prompt}\n\n{user_text}" if system_prompt else user_text
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "This tokenizer has no chat template; pass --nouse_chat_template"

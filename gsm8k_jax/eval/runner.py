@@ -53,25 +53,55 @@ from gsm8k_jax.sampling.sampler import Sampler, SamplingParams
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Settings of an evaluation that affect its results (batch_size does not,
-    by construction, but is recorded)."""
+    by construction, but is recorded).
+
+    `sampling` and `use_chat_template` left unset are the task's, as the
+    scripts' `--task` sets them: an lm-eval task generates at most its
+    `max_gen_toks` (256, as lm-eval) through its own prompt, chat or not
+    (its `_chat` form); `boxed` generates up to 768 tokens through the chat
+    template. An lm-eval task refuses a prompt template or chat setting of
+    its own, which its prompt would ignore.
+    """
 
     batch_size: int = 32
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    sampling: SamplingParams | None = None  # None: the task's (see above)
     extraction_method: str = "strict"
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     system_prompt: str | None = None
-    use_chat_template: bool = True
+    use_chat_template: bool | None = None  # None: the task's (see above)
     task: str = tasks.BOXED  # a preset of tasks.TASKS (see tasks.task_eval_config)
     # Slots per decode program (None: the platform's, `batching.ROW_TILES`).
     # Results are bitwise the same at any batch size for one row tile.
     row_tile: int | None = None
 
     def __post_init__(self):
+        task = tasks.get_task(self.task)
+        lm_eval = task.lm_eval_task is not None
+        if self.sampling is None:
+            sampling = SamplingParams(max_generation_steps=task.max_gen_toks)
+            object.__setattr__(self, "sampling", sampling)
+        if self.use_chat_template is None:
+            object.__setattr__(self, "use_chat_template", task.chat or not lm_eval)
+        if lm_eval and self.use_chat_template != task.chat:
+            form = (
+                f"{task.lm_eval_task}_chat"
+                if self.use_chat_template
+                else task.lm_eval_task
+            )
+            raise ValueError(
+                f"task={task.name!r} is lm-eval's {'chat' if task.chat else 'plain'}"
+                f" prompt: for the {'chat' if self.use_chat_template else 'plain'} one,"
+                f" use task={form!r} (and leave use_chat_template unset)."
+            )
+        if lm_eval and self.prompt_template != DEFAULT_PROMPT_TEMPLATE:
+            raise ValueError(
+                f"prompt_template applies to task='boxed'; task={task.name!r} uses"
+                " lm-eval's prompt."
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.row_tile is not None and self.row_tile < 1:
             raise ValueError(f"row_tile must be >= 1, got {self.row_tile}.")
-        tasks.get_task(self.task)
         if "{question}" not in self.prompt_template:
             raise ValueError(
                 "The prompt template (--prompt_template) must contain '{question}',"

@@ -94,6 +94,28 @@ def test_pretrained_models_default_to_lm_evals_gsm8k_and_instruction_tuned_to_bo
     assert tuned.sampling.max_generation_steps == 768 and tuned.use_chat_template
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_a_task_from_python_brings_its_length_and_prompt_form(name):
+    """EvalConfig(task=...) left to its defaults is what the scripts' --task
+    sets up: an lm-eval task generates at most lm-eval's max_gen_toks through
+    its own prompt (before, 768 tokens, and flexible-extract read answers
+    lm-eval never generates)."""
+    task = TASKS[name]
+    config = EvalConfig(task=name)
+    assert config.sampling.max_generation_steps == task.max_gen_toks
+    assert config.use_chat_template == (task.chat or task.lm_eval_task is None)
+    assert config == configure(name, instruction_tuned=True)
+    if task.lm_eval_task is not None:
+        other_form = "gsm8k_chat" if name == "gsm8k" else None
+        with pytest.raises(ValueError, match="is lm-eval's .* prompt: for the"):
+            EvalConfig(task=name, use_chat_template=not task.chat)
+        with pytest.raises(ValueError, match="prompt_template applies to task='boxed'"):
+            EvalConfig(task=name, prompt_template="Q: {question}")
+        if other_form:
+            with pytest.raises(ValueError, match=f"use task='{other_form}'"):
+                EvalConfig(task=name, use_chat_template=True)
+
+
 def test_an_explicit_generation_length_wins_over_the_presets():
     config = EvalConfig()
     config = dataclasses.replace(
