@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import socket
 import sys
 import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
@@ -295,8 +295,9 @@ def offline_if_the_hub_is_unreachable() -> bool:
     import datasets
     import huggingface_hub.constants as hub
 
-    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-    if hub.HF_HUB_OFFLINE or any(os.environ.get(name) for name in proxies):
+    # The environment's proxies and, on macOS and Windows, the system's.
+    proxies = urllib.request.getproxies()
+    if hub.HF_HUB_OFFLINE or proxies.get("https") or proxies.get("all"):
         return False
     try:
         socket.getaddrinfo(urllib.parse.urlsplit(hub.ENDPOINT).hostname, None)

@@ -100,7 +100,7 @@ _SCALE_WORDS = {
     "trillion": 1_000_000_000_000,
 }
 # Words that name an amount after a scale word or `and`.
-_AMOUNT_WORDS = _NUMBER_WORDS | _SCALE_WORDS.keys()
+_AMOUNT_WORDS = frozenset(_NUMBER_WORDS | _SCALE_WORDS.keys())
 
 
 def _last_boxed(text: str) -> str | None:
@@ -211,8 +211,10 @@ def _parse_number(s: str) -> fractions.Fraction | None:
     s = _FRAC_RE.sub(_frac_to_division, s).strip()
     while s.startswith("{") and s.endswith("}"):
         s = s[1:-1].strip()
+    if len(s) > _MAX_NUMBER_CHARS:
+        return None
     match = _NUMBER_RE.fullmatch(s)
-    if match is None or len(s) > _MAX_NUMBER_CHARS:
+    if match is None:
         return None
     sign, numerator, denominator, units = match.groups()
     try:
@@ -232,13 +234,20 @@ def _names_another_amount(units: str) -> bool:
     """Whether the words after a number name a second amount: a number word
     first (`5 half`), after a leading scale word (`2 thousand five
     hundred`) or after `and` (`5 and a half`, `1 hundred and five`).
-    Hyphenated words are units (`24 two-liter bottles`)."""
+    Hyphenated words are units (`24 two-liter bottles`) unless each part
+    names an amount (`1 hundred and twenty-five`)."""
     words = [w for w in units.split() if w not in ("a", "an")]
-    if words and words[0] in _NUMBER_WORDS:
+    if words and _is_amount(words[0], _NUMBER_WORDS):
         return True
-    if len(words) > 1 and words[0] in _SCALE_WORDS and words[1] in _AMOUNT_WORDS:
+    if len(words) > 1 and words[0] in _SCALE_WORDS and _is_amount(words[1]):
         return True
-    return any(a == "and" and b in _AMOUNT_WORDS for a, b in itertools.pairwise(words))
+    return any(a == "and" and _is_amount(b) for a, b in itertools.pairwise(words))
+
+
+def _is_amount(word: str, amounts: frozenset[str] = _AMOUNT_WORDS) -> bool:
+    """Whether every hyphenated part of `word` names an amount (`twenty-five`,
+    `one-half`; not `two-liter`)."""
+    return all(part in amounts for part in word.split("-"))
 
 
 def _format_number(value: fractions.Fraction) -> str:

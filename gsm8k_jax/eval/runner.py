@@ -55,12 +55,15 @@ class EvalConfig:
     """Settings of an evaluation that affect its results (batch_size does not,
     by construction, but is recorded).
 
-    `sampling` and `use_chat_template` left unset are the task's, as the
-    scripts' `--task` sets them: an lm-eval task generates at most its
-    `max_gen_toks` (256, as lm-eval) through its own prompt, chat or not
-    (its `_chat` form); `boxed` generates up to 768 tokens through the chat
-    template. An lm-eval task refuses a prompt template or chat setting of
-    its own, which its prompt would ignore.
+    `sampling` and `use_chat_template` left unset (None) are the task's, as
+    the scripts' `--task` sets them, and never None once made: an lm-eval
+    task generates at most its `max_gen_toks` (256, as lm-eval) through its
+    own prompt, chat or not (its `_chat` form); `boxed` generates up to 768
+    tokens through the chat template. A `SamplingParams` of your own brings
+    its own `max_generation_steps`. An lm-eval task refuses a prompt
+    template or chat setting of its own, which its prompt would ignore.
+    `dataclasses.replace(config, task=...)` keeps the other fields as they
+    are: pass `sampling=None, use_chat_template=None` for the new task's.
     """
 
     batch_size: int = 32
@@ -82,6 +85,8 @@ class EvalConfig:
             object.__setattr__(self, "sampling", sampling)
         if self.use_chat_template is None:
             object.__setattr__(self, "use_chat_template", task.chat or not lm_eval)
+        if self.system_prompt == "":  # As the scripts read an empty flag.
+            object.__setattr__(self, "system_prompt", None)
         if lm_eval and self.use_chat_template != task.chat:
             form = (
                 f"{task.lm_eval_task}_chat"
@@ -91,7 +96,8 @@ class EvalConfig:
             raise ValueError(
                 f"task={task.name!r} is lm-eval's {'chat' if task.chat else 'plain'}"
                 f" prompt: for the {'chat' if self.use_chat_template else 'plain'} one,"
-                f" use task={form!r} (and leave use_chat_template unset)."
+                f" use task={form!r} and leave use_chat_template unset (with"
+                " dataclasses.replace, pass use_chat_template=None, sampling=None)."
             )
         if lm_eval and self.prompt_template != DEFAULT_PROMPT_TEMPLATE:
             raise ValueError(
@@ -356,6 +362,11 @@ def _folder_files(
     except KeyError as e:
         raise ValueError(
             f"run_info is the record gsm8k_jax.run_info(...) returns; it lacks {e}."
+        ) from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(
+            f"run_info is the record gsm8k_jax.run_info(...) returns; reading its"
+            f" tag failed ({e})."
         ) from None
 
 

@@ -200,6 +200,9 @@ def test_canonical_number(raw, expected):
         "5 one",
         "5 hundred thousand",
         "18 dollars and fifty cents",
+        "1 hundred and twenty-five",
+        "5 and one-half",
+        "2 thousand five-hundred",
         "1" * 5000,  # (too long for Python to print)
     ],
 )
