@@ -310,7 +310,7 @@ def test_prompts_other_than_the_training_runs_warn(settings, differing):
     """Our trainer's prompts are its template as the user turn, chat-templated,
     with no system turn; a run on others (flags left at the default here)
     warns, naming each difference; Tunix's checkpoints record none."""
-    config = dataclasses.replace(EvalConfig(), **settings)
+    config = EvalConfig(**settings)
     warning = training_prompt_warning(DEFAULT_PROMPT_TEMPLATE, "where", config)
     assert training_prompt_warning(None, "where", config) == ""
     if differing is None:
