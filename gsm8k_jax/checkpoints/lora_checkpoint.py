@@ -204,7 +204,8 @@ def lora_factor_shapes(
     # restore that fails, brought back the tracebacks the wrap stops (seen;
     # the cause inside Orbax not traced).
     with _named_damage(params_dir), orbax_reads.reads_finish_before_failing():
-        flat = jax.tree_util.tree_flatten_with_path(_metadata_tree(params_dir))[0]
+        tree = _metadata_tree(ocp.PyTreeCheckpointHandler(), params_dir)
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {
             _key(p): jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype)
             for p, meta in sorted(flat, key=lambda item: _key(item[0]))
@@ -212,8 +213,8 @@ def lora_factor_shapes(
         }
 
 
-def _metadata_tree(params_dir: epath.Path) -> Any:
-    handler = ocp.PyTreeCheckpointHandler()
+def _metadata_tree(handler: ocp.PyTreeCheckpointHandler, params_dir: epath.Path) -> Any:
+    """Orbax's metadata of each leaf of the checkpoint (shapes, no arrays)."""
     return storage_call(params_dir, lambda: handler.metadata(params_dir).tree)
 
 
@@ -224,7 +225,7 @@ def _is_factor(keypath: tuple[Any, ...]) -> bool:
 def _restore_factors(params_dir: epath.Path) -> LoraParams:
     """The LoRA factors of a resolved `model_params` folder, sorted by key."""
     handler = ocp.PyTreeCheckpointHandler()
-    tree = _metadata_tree(params_dir)
+    tree = _metadata_tree(handler, params_dir)
 
     # Restore the factors only, as numpy (no device or sharding assumptions).
     item = jax.tree_util.tree_map_with_path(
